@@ -1,0 +1,72 @@
+"""The public functional API: checks the inputs once, picks a backend, runs the fused op."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from python_ref import AttentionPoolOutput, check_attention_inputs, check_perturbation_inputs
+
+from ._backend import resolve_backend
+from .ops import KIND
+
+_MODULES = {"cpu": "cpp", "cuda": "cpp", "triton": "triton_attention_pool", "reference": "reference"}
+
+
+def _backend_module(backend: str):
+    return importlib.import_module(f".ops.{_MODULES[backend]}", __package__)
+
+
+def _direction(kind, scores, grad, noise, generator):
+    """The tensor the kernel normalises: grad for AT/iAT, standard normal noise for RP."""
+    if kind == "rp":
+        if noise is None:
+            noise = torch.randn(scores.shape, generator=generator, dtype=scores.dtype, device=scores.device)
+        return noise.detach()
+    return None if grad is None else grad.detach()
+
+
+def attention_pool(
+    h: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    perturbation: str | None = None,
+    grad: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    eps: float = 1.0,
+    backend: str | None = None,
+    generator: torch.Generator | None = None,
+) -> AttentionPoolOutput:
+    """Attention pooling with an optional adversarial/random perturbation of the scores, in one fused kernel.
+
+    h [B, T, H] encoder states; scores [B, T]; mask [B, T] bool, True at real tokens (None: all real).
+    perturbation: None, "at" (needs grad = dL_clean/dscores), "iat" (needs grad) or "rp" (noise [B, T] standard
+    normal, or drawn from `generator`). Returns (context [B, H], attention [B, T]); the attention is the
+    perturbed one when a perturbation is asked for. Gradients flow to h and scores; the perturbation is a
+    constant. backend: None (best available), "cpu", "cuda", "triton" or "reference"; also $FUSED_ATTN_AT_BACKEND.
+    """
+    check_attention_inputs(h, scores, mask, perturbation, grad, noise, eps)
+    impl = _backend_module(resolve_backend(backend, h.device))
+    direction = _direction(perturbation, scores, grad, noise, generator)
+    context, attention = impl.attention_pool(h, scores, mask, direction, KIND[perturbation], float(eps))
+    return AttentionPoolOutput(context, attention)
+
+
+def perturbation(
+    kind: str,
+    scores: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    grad: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    eps: float = 1.0,
+    backend: str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The perturbation r [B, T] of `kind` ("at", "iat", "rp") that attention_pool adds to the scores.
+    Zero at padded positions, norm eps per row (zero where the direction is zero); no gradient."""
+    check_perturbation_inputs(kind, scores, mask, grad, noise, eps, required=True)
+    impl = _backend_module(resolve_backend(backend, scores.device))
+    direction = _direction(kind, scores, grad, noise, generator)
+    with torch.no_grad():
+        return impl.perturbation(scores.detach(), mask, direction, KIND[kind], float(eps))

@@ -1,0 +1,129 @@
+"""The score perturbations of the paper (SPEC "Perturbations of the scores"), written to be read.
+
+Every perturbation is a constant for autograd: it is built from detached tensors and no gradient flows
+into or through it. Values at padded positions (mask False) are never read, so they may hold anything.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .checks import check_perturbation_inputs
+
+# Guards every division by a norm; a zero vector normalises to zero (SPEC).
+DELTA = 1e-12
+
+
+def valid_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """`mask` as a bool tensor shaped like `like` [B, T]; None means every position is real."""
+    if mask is None:
+        return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+    return mask
+
+
+def normalize_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x / max(||x||_2, DELTA) per row over its valid positions, zero elsewhere.  # [B, T] -> [B, T]"""
+    x = x.masked_fill(~mask, 0.0)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(DELTA)
+
+
+def at_perturbation(grad: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1.0) -> torch.Tensor:
+    """Attention AT: r_b = eps * g_b / max(||g_b||, delta).  # [B, T] -> [B, T]"""
+    return eps * normalize_rows(grad.detach(), valid_mask(mask, grad))
+
+
+def rp_perturbation(noise: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1.0) -> torch.Tensor:
+    """Attention RP: the same normalisation applied to standard normal noise.  # [B, T] -> [B, T]"""
+    return eps * normalize_rows(noise.detach(), valid_mask(mask, noise))
+
+
+def iat_perturbation(
+    scores: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1.0
+) -> torch.Tensor:
+    """Attention iAT: the AT direction restricted to the span of score differences in the batch.
+
+    D_ij = (s_i - s_j) m_i m_j,  d_ij = D_ij / max(||D_ij||, delta),  k_ij = <g_i, d_ij>,
+    u_i = sum_j k_ij d_ij,  r_i = eps * u_i / max(||u_i||, delta).           # [B, T] -> [B, T]
+    This reference materialises [B, B, T]; the kernels do not.
+    """
+    m = valid_mask(mask, scores)
+    if scores.shape[0] == 1:
+        warnings.warn(
+            "iAT perturbation with a batch of one: there are no other examples to take score differences "
+            "from, so r = 0",
+            stacklevel=3,
+        )
+    s = scores.detach().masked_fill(~m, 0.0)
+    g = grad.detach().masked_fill(~m, 0.0)
+    both = m[:, None, :] & m[None, :, :]  # [B, B, T]
+    diff = (s[:, None, :] - s[None, :, :]).masked_fill(~both, 0.0)  # [B, B, T]
+    d = diff / diff.norm(dim=-1, keepdim=True).clamp_min(DELTA)  # [B, B, T]
+    k = (g[:, None, :] * d).sum(-1)  # [B, B]
+    u = (k[:, :, None] * d).sum(1)  # [B, T]
+    return eps * normalize_rows(u, m)
+
+
+def perturbation(
+    kind: str,
+    scores: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    grad: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    eps: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The perturbation r [B, T] of `kind` in {"at", "iat", "rp"} for the scores [B, T]."""
+    check_perturbation_inputs(kind, scores, mask, grad, noise, eps, required=True)
+    if kind == "at":
+        return at_perturbation(grad, mask, eps)
+    if kind == "iat":
+        return iat_perturbation(scores, grad, mask, eps)
+    if noise is None:
+        noise = torch.randn(scores.shape, generator=generator, dtype=scores.dtype, device=scores.device)
+    return rp_perturbation(noise, mask, eps)
+
+
+def word_at_perturbation(
+    grad: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1.0
+) -> torch.Tensor:
+    """Word AT (Miyato et al. 2017): one norm over all valid tokens and dimensions.  # [B, T, E] -> [B, T, E]"""
+    m = valid_mask(mask, grad[..., 0])
+    g = grad.detach().masked_fill(~m[..., None], 0.0)
+    norm = g.flatten(1).norm(dim=-1).clamp_min(DELTA)  # [B]
+    return eps * g / norm[:, None, None]
+
+
+def nearest_neighbours(weight: torch.Tensor, k: int = 10, chunk: int = 4096) -> torch.Tensor:
+    """For each vocabulary row, the indices of its k nearest other rows (Euclidean).  # [V, E] -> [V, k]"""
+    w = weight.detach()
+    sq = (w * w).sum(-1)
+    out = []
+    for start in range(0, w.shape[0], chunk):
+        block = w[start:start + chunk]
+        dist = sq[start:start + chunk, None] - 2.0 * block @ w.T + sq[None, :]  # [chunk, V]
+        rows = torch.arange(start, start + block.shape[0], device=w.device)
+        dist[torch.arange(block.shape[0], device=w.device), rows] = float("inf")  # exclude the word itself
+        out.append(dist.topk(k, dim=-1, largest=False).indices)
+    return torch.cat(out)
+
+
+def word_iat_perturbation(
+    embedded: torch.Tensor,
+    grad: torch.Tensor,
+    neighbour_vectors: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    eps: float = 1.0,
+) -> torch.Tensor:
+    """Word iAT (Sato et al. 2018): directions towards each token's K nearest vocabulary words.
+
+    embedded [B, T, E] (the token vectors w_t), grad [B, T, E], neighbour_vectors [B, T, K, E] (w_k).
+    d_tk = normalize(w_k - w_t), k_tk = <g_t, d_tk>, u_t = sum_k k_tk d_tk, r_b = eps * u_b / ||u_b||.
+    """
+    m = valid_mask(mask, grad[..., 0])
+    diff = neighbour_vectors.detach() - embedded.detach()[:, :, None, :]  # [B, T, K, E]
+    d = diff / diff.norm(dim=-1, keepdim=True).clamp_min(DELTA)
+    k = (grad.detach()[:, :, None, :] * d).sum(-1)  # [B, T, K]
+    u = (k[..., None] * d).sum(2)  # [B, T, E]
+    return word_at_perturbation(u, m, eps)
