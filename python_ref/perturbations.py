@@ -22,20 +22,26 @@ def valid_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """float16/bfloat16 are computed in float32, like the kernels do: DELTA = 1e-12 underflows to 0 in
+    float16 (0 / 0 = nan for a zero row) and a sum of squares overflows it from |x| ~ 256."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
 def normalize_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x / max(||x||_2, DELTA) per row over its valid positions, zero elsewhere.  # [B, T] -> [B, T]"""
-    x = x.masked_fill(~mask, 0.0)
+    x = x.to(_accumulation_dtype(x)).masked_fill(~mask, 0.0)
     return x / x.norm(dim=-1, keepdim=True).clamp_min(DELTA)
 
 
 def at_perturbation(grad: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1.0) -> torch.Tensor:
     """Attention AT: r_b = eps * g_b / max(||g_b||, delta).  # [B, T] -> [B, T]"""
-    return eps * normalize_rows(grad.detach(), valid_mask(mask, grad))
+    return (eps * normalize_rows(grad.detach(), valid_mask(mask, grad))).to(grad.dtype)
 
 
 def rp_perturbation(noise: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1.0) -> torch.Tensor:
     """Attention RP: the same normalisation applied to standard normal noise.  # [B, T] -> [B, T]"""
-    return eps * normalize_rows(noise.detach(), valid_mask(mask, noise))
+    return (eps * normalize_rows(noise.detach(), valid_mask(mask, noise))).to(noise.dtype)
 
 
 def iat_perturbation(
@@ -54,14 +60,15 @@ def iat_perturbation(
             "from, so r = 0",
             stacklevel=3,
         )
-    s = scores.detach().masked_fill(~m, 0.0)
-    g = grad.detach().masked_fill(~m, 0.0)
+    dtype = _accumulation_dtype(scores)
+    s = scores.detach().to(dtype).masked_fill(~m, 0.0)
+    g = grad.detach().to(dtype).masked_fill(~m, 0.0)
     both = m[:, None, :] & m[None, :, :]  # [B, B, T]
     diff = (s[:, None, :] - s[None, :, :]).masked_fill(~both, 0.0)  # [B, B, T]
     d = diff / diff.norm(dim=-1, keepdim=True).clamp_min(DELTA)  # [B, B, T]
     k = (g[:, None, :] * d).sum(-1)  # [B, B]
     u = (k[:, :, None] * d).sum(1)  # [B, T]
-    return eps * normalize_rows(u, m)
+    return (eps * normalize_rows(u, m)).to(scores.dtype)
 
 
 def perturbation(
@@ -90,9 +97,9 @@ def word_at_perturbation(
 ) -> torch.Tensor:
     """Word AT (Miyato et al. 2017): one norm over all valid tokens and dimensions.  # [B, T, E] -> [B, T, E]"""
     m = valid_mask(mask, grad[..., 0])
-    g = grad.detach().masked_fill(~m[..., None], 0.0)
+    g = grad.detach().to(_accumulation_dtype(grad)).masked_fill(~m[..., None], 0.0)
     norm = g.flatten(1).norm(dim=-1).clamp_min(DELTA)  # [B]
-    return eps * g / norm[:, None, None]
+    return (eps * g / norm[:, None, None]).to(grad.dtype)
 
 
 def nearest_neighbours(weight: torch.Tensor, k: int = 10, chunk: int = 4096) -> torch.Tensor:
@@ -122,8 +129,9 @@ def word_iat_perturbation(
     d_tk = normalize(w_k - w_t), k_tk = <g_t, d_tk>, u_t = sum_k k_tk d_tk, r_b = eps * u_b / ||u_b||.
     """
     m = valid_mask(mask, grad[..., 0])
-    diff = neighbour_vectors.detach() - embedded.detach()[:, :, None, :]  # [B, T, K, E]
+    dtype = _accumulation_dtype(grad)
+    diff = neighbour_vectors.detach().to(dtype) - embedded.detach().to(dtype)[:, :, None, :]  # [B, T, K, E]
     d = diff / diff.norm(dim=-1, keepdim=True).clamp_min(DELTA)
-    k = (grad.detach()[:, :, None, :] * d).sum(-1)  # [B, T, K]
+    k = (grad.detach().to(dtype)[:, :, None, :] * d).sum(-1)  # [B, T, K]
     u = (k[..., None] * d).sum(2)  # [B, T, E]
-    return word_at_perturbation(u, m, eps)
+    return word_at_perturbation(u, m, eps).to(grad.dtype)
