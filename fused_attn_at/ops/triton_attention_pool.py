@@ -1,0 +1,545 @@
+"""The Triton backend: kernels, launchers and torch.library registration of the fused perturbed attention
+pooling, in one module (Liger-Kernel style).
+
+Backend-module contract (see ops/__init__.py):
+    attention_pool(h, scores, mask, direction, kind, eps) -> (context [B, H], attention [B, T])
+    perturbation(scores, mask, direction, kind, eps) -> r [B, T]
+
+Kernels (each program owns one batch row, or one slice of it; strides are passed, offsets are 64-bit):
+  _iat_coeff_kernel      W[i, j] = <g_i, D_ij> / max(||D_ij||, delta)^2, D_ij = (s_i - s_j) m_i m_j.     O(B^2 T)
+  _perturbation_kernel   r_i = eps * v_i / max(||v_i||, delta), v_i = direction_i (AT/RP) or
+                         u_i = sum_j W[i, j] D_ij (iAT, rebuilt block by block from the scores: no [B, B, T]).
+  _fwd_kernel            online-softmax statistics of s + r over T blocks (r normalised inline for AT/RP, or
+                         read from _perturbation_kernel for iAT), the attention, and the context of an H slice.
+  _bwd_dh_da_kernel      da_t = <dc, h_t> (+ grad_attention_t) and dh_t = a_t dc over a slice of T.
+  _bwd_dscores_kernel    dscores = a * (da - sum_t a_t da_t).
+Why the forward takes the iAT r from a separate kernel: on a GPU the forward splits H over several programs per
+row to fill the chip at small batches, and each of them would otherwise rebuild u_i (O(B T) per program).
+
+float16/bfloat16 accumulate in float32, float64 in float64. Without a GPU the same functions run on CPU tensors
+under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), which is how CI tests them.
+The ops live in their own namespace, fused_attn_at_triton::{attention_pool_fwd, attention_pool_bwd,
+perturbation}, registered with torch.library.triton_op (torch.compile traces into the kernels; the fake
+implementation is the launcher itself, run on fake tensors) and an autograd formula.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator, Optional
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    AVAILABLE = True
+    UNAVAILABLE_REASON = ""
+except Exception as exc:  # ImportError, or a broken install that fails while loading its driver
+    AVAILABLE = False
+    UNAVAILABLE_REASON = f"triton is not importable: {type(exc).__name__}: {exc}"
+
+DELTA = 1e-12  # SPEC: guards every division by a norm (python_ref.DELTA)
+NAMESPACE = "fused_attn_at_triton"
+
+# Forward kernel's PERTURB: what is added to the scores.
+_PERTURB_NONE, _PERTURB_NORMALISE, _PERTURB_GIVEN = 0, 1, 2
+# Contract's kind: 0 none, 1 normalise the direction (AT/RP), 2 iAT.
+_KIND_NONE, _KIND_NORMALISE, _KIND_IAT = 0, 1, 2
+
+# Launch parameters forced by tests (small blocks so that the loops over T, H and j run several times under
+# the interpreter) or by a benchmark; see `launch_overrides`.
+_OVERRIDES: dict[str, int] = {}
+_OVERRIDE_KEYS = ("block_t", "block_h", "block_j", "split", "num_warps")
+
+
+@contextlib.contextmanager
+def launch_overrides(**values: int) -> Iterator[None]:
+    """Force launch parameters inside the block: block_t, block_h, block_j (powers of two), split (programs
+    per row along H in the forward, along T in the backward), num_warps."""
+    for key, value in values.items():
+        if key not in _OVERRIDE_KEYS:
+            raise ValueError(f"launch_overrides: unknown parameter {key!r}; expected one of {_OVERRIDE_KEYS}")
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"launch_overrides: {key} must be a positive int, got {value!r}")
+        if key.startswith("block_") and value & (value - 1):
+            raise ValueError(f"launch_overrides: {key} must be a power of two, got {value}")
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(values)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _num_programs_target(device: torch.device) -> int:
+    """Programs per launch that keep every multiprocessor busy (two per SM); 1 on the CPU interpreter, where
+    more programs only cost time."""
+    if device.type != "cuda":
+        return 1
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if AVAILABLE:
+    _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+    @triton.jit
+    def _valid_positions(mask_ptr, row_m, stride_mt, offs_t, in_bounds, HAS_MASK: tl.constexpr):
+        """In-bounds positions that are real tokens; masked positions are never loaded from anywhere."""
+        if HAS_MASK:
+            m = tl.load(mask_ptr + row_m + offs_t.to(tl.int64) * stride_mt, mask=in_bounds, other=0)
+            valid = in_bounds & (m != 0)
+        else:
+            valid = in_bounds
+        return valid
+
+    @triton.jit
+    def _masked_sumsq(x_ptr, row_x, stride_xt, mask_ptr, row_m, stride_mt, T,
+                      HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+        """sum_t x_t^2 over the valid positions of one row."""
+        acc = tl.zeros([BLOCK_T], ACC)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            valid = _valid_positions(mask_ptr, row_m, stride_mt, offs_t, offs_t < T, HAS_MASK)
+            x = tl.load(x_ptr + row_x + offs_t.to(tl.int64) * stride_xt, mask=valid, other=0).to(ACC)
+            acc += x * x
+        return tl.sum(acc, 0)
+
+    @triton.jit
+    def _iat_direction_block(s_ptr, mask_ptr, w_ptr, row_w, s_i, valid_i, offs_t, B,
+                             stride_sb, stride_st, stride_mb, stride_mt,
+                             HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                             BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
+        """u_i[t] = sum_j W[i, j] (s_i[t] - s_j[t]) m_i[t] m_j[t] on one block of positions.  # -> [BLOCK_T]"""
+        u = tl.zeros([BLOCK_T], ACC)
+        offs_t64 = offs_t.to(tl.int64)
+        for j0 in range(0, B, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            in_j = offs_j < B
+            w = tl.load(w_ptr + row_w + offs_j, mask=in_j, other=0)
+            both = in_j[:, None] & valid_i[None, :]  # [BLOCK_J, BLOCK_T]
+            rows_j = offs_j.to(tl.int64)
+            if HAS_MASK:
+                m_j = tl.load(mask_ptr + rows_j[:, None] * stride_mb + offs_t64[None, :] * stride_mt,
+                              mask=both, other=0)
+                both = both & (m_j != 0)
+            s_j = tl.load(s_ptr + rows_j[:, None] * stride_sb + offs_t64[None, :] * stride_st,
+                          mask=both, other=0).to(ACC)
+            diff = tl.where(both, s_i[None, :] - s_j, 0.0)
+            u += tl.sum(w[:, None] * diff, axis=0)
+        return u
+
+    @triton.jit
+    def _iat_coeff_kernel(s_ptr, mask_ptr, g_ptr, w_ptr, B, T,
+                          stride_sb, stride_st, stride_mb, stride_mt, stride_gb, stride_gt,
+                          HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                          BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One program per row i: W[i, :] (the iAT coefficient of every difference direction, divided once
+        more by its norm so that u_i = sum_j W[i, j] D_ij needs no normalised d_ij)."""
+        row_i = tl.program_id(0).to(tl.int64)
+        for j0 in range(0, B, BLOCK_J):
+            offs_j = j0 + tl.arange(0, BLOCK_J)
+            in_j = offs_j < B
+            rows_j = offs_j.to(tl.int64)
+            sq_norm = tl.zeros([BLOCK_J, BLOCK_T], ACC)
+            g_dot_d = tl.zeros([BLOCK_J, BLOCK_T], ACC)
+            for t0 in range(0, T, BLOCK_T):
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                offs_t64 = offs_t.to(tl.int64)
+                valid_i = _valid_positions(mask_ptr, row_i * stride_mb, stride_mt, offs_t, offs_t < T, HAS_MASK)
+                s_i = tl.load(s_ptr + row_i * stride_sb + offs_t64 * stride_st, mask=valid_i, other=0).to(ACC)
+                g_i = tl.load(g_ptr + row_i * stride_gb + offs_t64 * stride_gt, mask=valid_i, other=0).to(ACC)
+                both = in_j[:, None] & valid_i[None, :]
+                if HAS_MASK:
+                    m_j = tl.load(mask_ptr + rows_j[:, None] * stride_mb + offs_t64[None, :] * stride_mt,
+                                  mask=both, other=0)
+                    both = both & (m_j != 0)
+                s_j = tl.load(s_ptr + rows_j[:, None] * stride_sb + offs_t64[None, :] * stride_st,
+                              mask=both, other=0).to(ACC)
+                diff = tl.where(both, s_i[None, :] - s_j, 0.0)  # D_ij on this block  # [BLOCK_J, BLOCK_T]
+                sq_norm += diff * diff
+                g_dot_d += g_i[None, :] * diff
+            norm = tl.maximum(tl.sqrt(tl.sum(sq_norm, axis=1)), DELTA)
+            coeff = tl.sum(g_dot_d, axis=1) / (norm * norm)
+            tl.store(w_ptr + row_i * B + offs_j, coeff, mask=in_j)
+
+    @triton.jit
+    def _perturbation_kernel(s_ptr, mask_ptr, d_ptr, w_ptr, r_ptr, B, T, eps,
+                             stride_sb, stride_st, stride_mb, stride_mt, stride_db, stride_dt,
+                             stride_rb, stride_rt,
+                             KIND: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                             BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One program per row: r = eps * v / max(||v||, delta), zero at padded positions; v is the direction
+        (KIND 1) or the iAT combination u_i of the score differences (KIND 2, from W)."""
+        row = tl.program_id(0).to(tl.int64)
+        row_m = row * stride_mb
+        if KIND == 1:
+            sq_norm = _masked_sumsq(d_ptr, row * stride_db, stride_dt, mask_ptr, row_m, stride_mt, T,
+                                    HAS_MASK, ACC, BLOCK_T)
+        else:
+            sq_acc = tl.zeros([BLOCK_T], ACC)
+            for t0 in range(0, T, BLOCK_T):
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                valid = _valid_positions(mask_ptr, row_m, stride_mt, offs_t, offs_t < T, HAS_MASK)
+                s_i = tl.load(s_ptr + row * stride_sb + offs_t.to(tl.int64) * stride_st, mask=valid,
+                              other=0).to(ACC)
+                u = _iat_direction_block(s_ptr, mask_ptr, w_ptr, row * B, s_i, valid, offs_t, B,
+                                         stride_sb, stride_st, stride_mb, stride_mt,
+                                         HAS_MASK, ACC, BLOCK_J, BLOCK_T)
+                sq_acc += u * u
+            sq_norm = tl.sum(sq_acc, 0)
+        scale = eps / tl.maximum(tl.sqrt(sq_norm), DELTA)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            offs_t64 = offs_t.to(tl.int64)
+            in_t = offs_t < T
+            valid = _valid_positions(mask_ptr, row_m, stride_mt, offs_t, in_t, HAS_MASK)
+            if KIND == 1:
+                v = tl.load(d_ptr + row * stride_db + offs_t64 * stride_dt, mask=valid, other=0).to(ACC)
+            else:
+                s_i = tl.load(s_ptr + row * stride_sb + offs_t64 * stride_st, mask=valid, other=0).to(ACC)
+                v = _iat_direction_block(s_ptr, mask_ptr, w_ptr, row * B, s_i, valid, offs_t, B,
+                                         stride_sb, stride_st, stride_mb, stride_mt,
+                                         HAS_MASK, ACC, BLOCK_J, BLOCK_T)
+            r = tl.where(valid, v * scale, 0.0)
+            tl.store(r_ptr + row * stride_rb + offs_t64 * stride_rt, r.to(r_ptr.dtype.element_ty), mask=in_t)
+
+    @triton.jit
+    def _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
+                          PERTURB: tl.constexpr, ACC: tl.constexpr):
+        """s + r on one block, -inf at padded positions.  # -> [BLOCK_T]"""
+        offs_t64 = offs_t.to(tl.int64)
+        x = tl.load(s_ptr + row_s + offs_t64 * stride_st, mask=valid, other=0).to(ACC)
+        if PERTURB != 0:
+            x += scale * tl.load(d_ptr + row_d + offs_t64 * stride_dt, mask=valid, other=0).to(ACC)
+        return tl.where(valid, x, float("-inf"))
+
+    @triton.jit
+    def _fwd_kernel(h_ptr, s_ptr, mask_ptr, d_ptr, ctx_ptr, a_ptr, T, H, eps,
+                    stride_hb, stride_ht, stride_hh, stride_sb, stride_st, stride_mb, stride_mt,
+                    stride_db, stride_dt, stride_cb, stride_ch, stride_ab, stride_at,
+                    PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Program (row, k) of a grid (B, n): the softmax of row's perturbed scores and the context columns
+        [k BLOCK_H, (k+1) BLOCK_H) + multiples of n BLOCK_H. Program k = 0 also writes the attention.
+        PERTURB 0: none; 1: r = eps * d / max(||d||, delta) computed here; 2: r = d given (already scaled)."""
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        n_split = tl.num_programs(1)
+        row_s = row * stride_sb
+        row_m = row * stride_mb
+        row_d = row * stride_db
+        if PERTURB == 1:
+            sq_norm = _masked_sumsq(d_ptr, row_d, stride_dt, mask_ptr, row_m, stride_mt, T, HAS_MASK, ACC, BLOCK_T)
+            scale = eps / tl.maximum(tl.sqrt(sq_norm), DELTA)
+        else:
+            scale = 1.0
+
+        # Online softmax statistics, one running (max, sum) per lane, merged at the end.
+        lane_max = tl.full([BLOCK_T], float("-inf"), ACC)
+        lane_sum = tl.zeros([BLOCK_T], ACC)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            valid = _valid_positions(mask_ptr, row_m, stride_mt, offs_t, offs_t < T, HAS_MASK)
+            x = _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
+                                  PERTURB, ACC)
+            new_max = tl.maximum(lane_max, x)
+            # A lane that has seen only padding keeps max -inf; shift by 0 there so that no inf - inf appears.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
+            lane_max = new_max
+        row_max = tl.max(lane_max, 0)
+        row_shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        total = tl.sum(lane_sum * tl.exp(lane_max - row_shift), 0)
+        # A fully masked row has total 0: attention 0, context 0 (and no 1/0 evaluated in the other branch).
+        inv_total = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+
+        if split == 0:
+            for t0 in range(0, T, BLOCK_T):
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                in_t = offs_t < T
+                valid = _valid_positions(mask_ptr, row_m, stride_mt, offs_t, in_t, HAS_MASK)
+                x = _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
+                                      PERTURB, ACC)
+                a = tl.exp(x - row_shift) * inv_total
+                tl.store(a_ptr + row * stride_ab + offs_t.to(tl.int64) * stride_at, a.to(a_ptr.dtype.element_ty),
+                         mask=in_t)
+
+        for h0 in range(split * BLOCK_H, H, n_split * BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            in_h = offs_h < H
+            offs_h64 = offs_h.to(tl.int64)
+            acc = tl.zeros([BLOCK_T, BLOCK_H], ACC)
+            for t0 in range(0, T, BLOCK_T):
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                valid = _valid_positions(mask_ptr, row_m, stride_mt, offs_t, offs_t < T, HAS_MASK)
+                x = _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
+                                      PERTURB, ACC)
+                a = tl.exp(x - row_shift) * inv_total
+                # Padded rows of h are skipped: their weight is exactly 0.
+                h = tl.load(h_ptr + row * stride_hb + offs_t.to(tl.int64)[:, None] * stride_ht
+                            + offs_h64[None, :] * stride_hh,
+                            mask=valid[:, None] & in_h[None, :], other=0).to(ACC)
+                acc += a[:, None] * h
+            context = tl.sum(acc, axis=0)
+            tl.store(ctx_ptr + row * stride_cb + offs_h64 * stride_ch, context.to(ctx_ptr.dtype.element_ty),
+                     mask=in_h)
+
+    @triton.jit
+    def _bwd_dh_da_kernel(dc_ptr, ga_ptr, h_ptr, a_ptr, dh_ptr, da_ptr, T, H,
+                          stride_cb, stride_ch, stride_gb, stride_gt, stride_hb, stride_ht, stride_hh,
+                          stride_ab, stride_at, stride_xb, stride_xt, stride_xh,
+                          HAS_GA: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+        """Program (row, k) of a grid (B, n): T blocks k, k + n, ... of the row. da_t = <dc, h_t> + ga_t into a
+        [B, T] buffer (ACC, contiguous) and dh_t = a_t dc (strides stride_x*)."""
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        n_split = tl.num_programs(1)
+        for t0 in range(split * BLOCK_T, T, n_split * BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            offs_t64 = offs_t.to(tl.int64)
+            in_t = offs_t < T
+            a = tl.load(a_ptr + row * stride_ab + offs_t64 * stride_at, mask=in_t, other=0).to(ACC)
+            # Where a_t = 0 (padding, or underflow) dscores_t = a_t (...) = 0 and dh_t = 0: h_t is not needed.
+            weighted = in_t & (a != 0)
+            acc = tl.zeros([BLOCK_T, BLOCK_H], ACC)
+            for h0 in range(0, H, BLOCK_H):
+                offs_h = h0 + tl.arange(0, BLOCK_H)
+                offs_h64 = offs_h.to(tl.int64)
+                in_h = offs_h < H
+                dc = tl.load(dc_ptr + row * stride_cb + offs_h64 * stride_ch, mask=in_h, other=0).to(ACC)
+                h = tl.load(h_ptr + row * stride_hb + offs_t64[:, None] * stride_ht + offs_h64[None, :] * stride_hh,
+                            mask=weighted[:, None] & in_h[None, :], other=0).to(ACC)
+                acc += h * dc[None, :]
+                dh = a[:, None] * dc[None, :]
+                tl.store(dh_ptr + row * stride_xb + offs_t64[:, None] * stride_xt + offs_h64[None, :] * stride_xh,
+                         dh.to(dh_ptr.dtype.element_ty), mask=in_t[:, None] & in_h[None, :])
+            da = tl.sum(acc, axis=1)
+            if HAS_GA:
+                da += tl.load(ga_ptr + row * stride_gb + offs_t64 * stride_gt, mask=weighted, other=0).to(ACC)
+            tl.store(da_ptr + row * T + offs_t64, da, mask=in_t)
+
+    @triton.jit
+    def _bwd_dscores_kernel(a_ptr, da_ptr, ds_ptr, T, stride_ab, stride_at, stride_xb, stride_xt,
+                            ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One program per row: dscores = a * (da - sum_t a_t da_t)."""
+        row = tl.program_id(0).to(tl.int64)
+        dot_acc = tl.zeros([BLOCK_T], ACC)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            offs_t64 = offs_t.to(tl.int64)
+            in_t = offs_t < T
+            a = tl.load(a_ptr + row * stride_ab + offs_t64 * stride_at, mask=in_t, other=0).to(ACC)
+            da = tl.load(da_ptr + row * T + offs_t64, mask=in_t, other=0)
+            dot_acc += a * da
+        dot = tl.sum(dot_acc, 0)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            offs_t64 = offs_t.to(tl.int64)
+            in_t = offs_t < T
+            a = tl.load(a_ptr + row * stride_ab + offs_t64 * stride_at, mask=in_t, other=0).to(ACC)
+            da = tl.load(da_ptr + row * T + offs_t64, mask=in_t, other=0)
+            tl.store(ds_ptr + row * stride_xb + offs_t64 * stride_xt, (a * (da - dot)).to(ds_ptr.dtype.element_ty),
+                     mask=in_t)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+def _launch_params(B: int, T: int, H: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Block sizes and programs per row. A [BLOCK_T, BLOCK_H] tile of h is 16 KB in float32 (16-byte loads
+    along H); the forward splits H and the backward splits T over as many programs per row as fill the GPU."""
+    elem = dtype.itemsize
+    block_h = min(_next_pow2(H), max(16, 256 // elem))  # 64 fp32, 128 fp16/bf16, 32 fp64
+    block_t = min(_next_pow2(T), 64)
+    block_j = min(_next_pow2(B), 16)
+    params = {"block_t": block_t, "block_h": block_h, "block_j": block_j, "split": 0, "num_warps": 4}
+    params.update(_OVERRIDES)
+    return params
+
+
+def _split(requested: int, blocks: int, B: int, device: torch.device) -> int:
+    """Programs per row: the override if any (capped at the blocks there are), else enough for the GPU."""
+    if requested:
+        return max(1, min(requested, blocks))
+    return max(1, min(blocks, -(-_num_programs_target(device) // max(B, 1))))
+
+
+def _mask_arg(mask: Optional[torch.Tensor], scores: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
+    """(pointer tensor, stride_b, stride_t, has_mask). bool is read as uint8 (same bytes, no copy)."""
+    if mask is None:
+        return scores, 0, 0, False
+    m = mask.view(torch.uint8)
+    return m, m.stride(0), m.stride(1), True
+
+
+def _check_kind(kind: int, direction: Optional[torch.Tensor]) -> None:
+    if kind not in (_KIND_NONE, _KIND_NORMALISE, _KIND_IAT):
+        raise ValueError(f"kind must be 0 (none), 1 (AT/RP) or 2 (iAT), got {kind!r}")
+    if kind != _KIND_NONE and direction is None:
+        raise ValueError(f"direction [B, T] is required for kind={kind}")
+
+
+def _launch_perturbation(scores: torch.Tensor, mask: Optional[torch.Tensor], direction: torch.Tensor, kind: int,
+                         eps: float, out: torch.Tensor) -> None:
+    """r [B, T] of kind 1 or 2 into `out` (any float dtype and strides)."""
+    B, T = scores.shape
+    p = _launch_params(B, T, 1, scores.dtype, scores.device)
+    acc = _acc_dtype(scores.dtype)
+    mask_t, smb, smt, has_mask = _mask_arg(mask, scores)
+    # The iAT program holds a [BLOCK_J, BLOCK_T] tile of the other rows' scores.
+    block_t = p["block_t"] if kind == _KIND_NORMALISE else min(p["block_t"], max(16, 4096 // p["block_j"]))
+    if kind == _KIND_IAT:
+        coeff = torch.empty((B, B), dtype=acc, device=scores.device)  # W[i, j]
+        torch.library.wrap_triton(_iat_coeff_kernel)[(B,)](
+            scores, mask_t, direction, coeff, B, T,
+            scores.stride(0), scores.stride(1), smb, smt, direction.stride(0), direction.stride(1),
+            HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_J=p["block_j"], BLOCK_T=block_t, num_warps=p["num_warps"])
+    else:
+        coeff = scores  # unused
+    torch.library.wrap_triton(_perturbation_kernel)[(B,)](
+        scores, mask_t, direction, coeff, out, B, T, float(eps),
+        scores.stride(0), scores.stride(1), smb, smt, direction.stride(0), direction.stride(1),
+        out.stride(0), out.stride(1),
+        KIND=kind, HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_J=p["block_j"], BLOCK_T=block_t,
+        num_warps=p["num_warps"])
+
+
+def _forward(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor], direction: Optional[torch.Tensor],
+             kind: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_kind(kind, direction)
+    B, T, H = h.shape
+    context = torch.empty((B, H), dtype=h.dtype, device=h.device)
+    attention = torch.empty((B, T), dtype=h.dtype, device=h.device)
+    if B == 0:
+        return context, attention
+    if T == 0:
+        return context.zero_(), attention
+    acc = _acc_dtype(h.dtype)
+    p = _launch_params(B, T, H, h.dtype, h.device)
+    mask_t, smb, smt, has_mask = _mask_arg(mask, scores)
+    if kind == _KIND_IAT:
+        r = torch.empty((B, T), dtype=acc, device=h.device)
+        _launch_perturbation(scores, mask, direction, kind, eps, r)
+        perturb, d = _PERTURB_GIVEN, r
+    elif kind == _KIND_NORMALISE:
+        perturb, d = _PERTURB_NORMALISE, direction
+    else:
+        perturb, d = _PERTURB_NONE, scores  # unused
+    split = _split(p["split"], triton.cdiv(max(H, 1), p["block_h"]), B, h.device)
+    torch.library.wrap_triton(_fwd_kernel)[(B, split)](
+        h, scores, mask_t, d, context, attention, T, H, float(eps),
+        h.stride(0), h.stride(1), h.stride(2), scores.stride(0), scores.stride(1), smb, smt,
+        d.stride(0), d.stride(1), context.stride(0), context.stride(1), attention.stride(0), attention.stride(1),
+        PERTURB=perturb, HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_T=p["block_t"], BLOCK_H=p["block_h"],
+        num_warps=p["num_warps"])
+    return context, attention
+
+
+def _backward(grad_context: torch.Tensor, grad_attention: Optional[torch.Tensor], h: torch.Tensor,
+              attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, T, H = h.shape
+    grad_h = torch.empty_like(h, memory_format=torch.contiguous_format)
+    grad_scores = torch.empty((B, T), dtype=attention.dtype, device=h.device)
+    if B == 0 or T == 0:
+        return grad_h.zero_(), grad_scores
+    acc = _acc_dtype(h.dtype)
+    p = _launch_params(B, T, H, h.dtype, h.device)
+    da = torch.empty((B, T), dtype=acc, device=h.device)  # dL/da_t, contiguous
+    ga = grad_attention if grad_attention is not None else attention  # unused when None
+    split = _split(p["split"], triton.cdiv(T, p["block_t"]), B, h.device)
+    torch.library.wrap_triton(_bwd_dh_da_kernel)[(B, split)](
+        grad_context, ga, h, attention, grad_h, da, T, H,
+        grad_context.stride(0), grad_context.stride(1), ga.stride(0), ga.stride(1),
+        h.stride(0), h.stride(1), h.stride(2), attention.stride(0), attention.stride(1),
+        grad_h.stride(0), grad_h.stride(1), grad_h.stride(2),
+        HAS_GA=grad_attention is not None, ACC=_TL_ACC[acc], BLOCK_T=p["block_t"], BLOCK_H=p["block_h"],
+        num_warps=p["num_warps"])
+    torch.library.wrap_triton(_bwd_dscores_kernel)[(B,)](
+        attention, da, grad_scores, T, attention.stride(0), attention.stride(1),
+        grad_scores.stride(0), grad_scores.stride(1), ACC=_TL_ACC[acc], BLOCK_T=p["block_t"],
+        num_warps=p["num_warps"])
+    return grad_h, grad_scores
+
+
+# -------------------------------------------------------------------------------------- torch.library ops
+
+if AVAILABLE:
+
+    @torch.library.triton_op(f"{NAMESPACE}::attention_pool_fwd", mutates_args=())
+    def attention_pool_fwd(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor],
+                           direction: Optional[torch.Tensor], kind: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context [B, H], attention [B, T]) of masked_softmax(scores + r) over h [B, T, H]."""
+        return _forward(h, scores, mask, direction, kind, eps)
+
+    @torch.library.triton_op(f"{NAMESPACE}::attention_pool_bwd", mutates_args=())
+    def attention_pool_bwd(grad_context: torch.Tensor, grad_attention: Optional[torch.Tensor], h: torch.Tensor,
+                           attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grad_h [B, T, H], grad_scores [B, T]); r is a constant, so this is the softmax-pooling backward."""
+        return _backward(grad_context, grad_attention, h, attention)
+
+    @torch.library.triton_op(f"{NAMESPACE}::perturbation", mutates_args=())
+    def perturbation_op(scores: torch.Tensor, mask: Optional[torch.Tensor], direction: torch.Tensor, kind: int,
+                        eps: float) -> torch.Tensor:
+        """r [B, T] in the dtype of scores (kind 1: AT/RP, 2: iAT)."""
+        _check_kind(kind, direction)
+        if kind == _KIND_NONE:
+            raise ValueError("perturbation needs kind 1 (AT/RP) or 2 (iAT), got 0")
+        out = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+        if out.numel():
+            _launch_perturbation(scores, mask, direction, kind, eps, out)
+        return out
+
+    def _setup_context(ctx, inputs, output) -> None:
+        h, _scores, _mask, _direction, _kind, _eps = inputs
+        _context, attention = output
+        ctx.save_for_backward(h, attention)
+
+    def _attention_pool_backward(ctx, grad_context, grad_attention):
+        h, attention = ctx.saved_tensors
+        if grad_context is None:
+            grad_context = h.new_zeros((h.shape[0], h.shape[2]))
+        grad_h, grad_scores = attention_pool_bwd(grad_context, grad_attention, h, attention)
+        return grad_h, grad_scores, None, None, None, None
+
+    attention_pool_fwd.register_autograd(_attention_pool_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------- backend-module API
+
+def _require_available() -> None:
+    if not AVAILABLE:
+        raise RuntimeError(f"the Triton backend is not available: {UNAVAILABLE_REASON}")
+
+
+def _warn_single_row_iat(kind: int, batch: int) -> None:
+    if kind == _KIND_IAT and batch == 1:
+        warnings.warn("iAT perturbation with a batch of one: there are no other examples to take score "
+                      "differences from, so r = 0", stacklevel=3)
+
+
+def attention_pool(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor],
+                   direction: Optional[torch.Tensor], kind: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context [B, H], attention [B, T]), differentiable wrt h and scores (r is a constant)."""
+    _require_available()
+    _warn_single_row_iat(kind, h.shape[0])
+    if direction is not None:
+        direction = direction.detach()
+    return attention_pool_fwd(h, scores, mask, direction, int(kind), float(eps))
+
+
+def perturbation(scores: torch.Tensor, mask: Optional[torch.Tensor], direction: torch.Tensor, kind: int,
+                 eps: float) -> torch.Tensor:
+    """r [B, T] (called under no_grad)."""
+    _require_available()
+    _warn_single_row_iat(kind, scores.shape[0])
+    return perturbation_op(scores.detach(), mask, direction.detach(), int(kind), float(eps))
