@@ -1,0 +1,235 @@
+"""Shared test utilities: which fused backends must be tested, input generators, and the tolerance rule.
+
+Tolerance rule (flash-attention style): a backend's float32 result may be off from the float64 reference by at
+most twice what the reference itself loses in float32, plus a small absolute slack:
+
+    err(backend in float32) <= 2 * err(reference in float32) + ATOL
+
+where err(x) is the relative error of x against the reference computed in float64 from the very same
+(float32-representable) inputs, measured per tensor as max|x - x64| / max|x64|.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Callable
+
+import pytest
+import torch
+
+import fused_attn_at
+import python_ref
+from fused_attn_at._backend import why_unavailable
+
+# The fused backends a CPU machine runs: the C++ extension and Triton (under its interpreter, see conftest.py).
+# "reference" is not among them: it IS python_ref, and comparing it with python_ref would test nothing.
+FUSED_BACKENDS = ("cpu", "triton")
+KINDS = (None, "at", "iat", "rp")
+MASK_PATTERNS = ("none", "padding", "empty_row")
+# Relative slack of the tolerance rule; ~80 float32 ulps, far below any real bug.
+ATOL = 1e-5
+
+
+def require_backend(backend: str, device: torch.device | str = "cpu") -> None:
+    """Fail (not skip) when an expected backend is unavailable. The only allowed skips, with their reason
+    printed: "cpu" when the extension was deliberately not built (FUSED_ATTN_AT_NO_EXT=1), "triton" when
+    triton is not installed."""
+    reason = why_unavailable(backend, torch.device(device))
+    if reason is None:
+        return
+    if backend == "cpu" and os.environ.get("FUSED_ATTN_AT_NO_EXT") == "1":
+        pytest.skip(f"backend 'cpu' skipped because FUSED_ATTN_AT_NO_EXT=1: {reason}")
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip(f"backend 'triton' skipped because triton is not installed: {reason}")
+    pytest.fail(f"backend {backend!r} is expected on this machine but is unavailable: {reason}", pytrace=False)
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def backend(request) -> str:
+    """Each fused backend in turn (import this fixture into a test module to use it)."""
+    require_backend(request.param)
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    h: torch.Tensor  # [B, T, H]
+    scores: torch.Tensor  # [B, T]
+    mask: torch.Tensor | None  # [B, T] bool
+    grad: torch.Tensor  # [B, T], the "dL_clean/dscores" given to AT/iAT
+    noise: torch.Tensor  # [B, T], the standard normal draw given to RP
+
+    def to(self, dtype: torch.dtype) -> "Inputs":
+        """The same values in another float dtype (mask unchanged). Going up from float32 is exact."""
+        return Inputs(self.h.to(dtype), self.scores.to(dtype), self.mask, self.grad.to(dtype), self.noise.to(dtype))
+
+    def leaves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh leaf copies of (h, scores) that require grad."""
+        return self.h.detach().clone().requires_grad_(), self.scores.detach().clone().requires_grad_()
+
+    def kwargs(self, kind: str | None, eps: float = 1.0) -> dict:
+        """The perturbation keyword arguments of attention_pool / perturbation for `kind`."""
+        return dict(
+            perturbation=kind,
+            grad=self.grad if kind in ("at", "iat") else None,
+            noise=self.noise if kind == "rp" else None,
+            eps=eps,
+        )
+
+    def perturbation_kwargs(self, kind: str, eps: float = 1.0) -> dict:
+        kwargs = self.kwargs(kind, eps)
+        del kwargs["perturbation"]
+        return kwargs
+
+
+def make_mask(batch: int, length: int, pattern: str, generator: torch.Generator) -> torch.Tensor | None:
+    """ "none": None (all real); "padding": right padding with random lengths in [1, T], the last row full;
+    "empty_row": the same with row 0 fully masked; "scattered": random holes anywhere.  -> [B, T] bool"""
+    if pattern == "none":
+        return None
+    if pattern == "scattered":
+        mask = torch.rand(batch, length, generator=generator) < 0.7
+        mask[:, 0] = True
+        return mask
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    lengths[-1] = length
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    if pattern == "empty_row":
+        mask[0] = False
+    elif pattern != "padding":
+        raise ValueError(f"unknown mask pattern {pattern!r}")
+    return mask
+
+
+def make_inputs(
+    batch: int,
+    length: int,
+    hidden: int,
+    mask: str = "padding",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    score_scale: float = 2.0,
+) -> Inputs:
+    """Random inputs drawn in float32 (so that .to(torch.float64) holds the very same values)."""
+    generator = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, length, hidden, generator=generator)
+    scores = torch.randn(batch, length, generator=generator) * score_scale
+    grad = torch.randn(batch, length, generator=generator)
+    noise = torch.randn(batch, length, generator=generator)
+    return Inputs(h, scores, make_mask(batch, length, mask, generator), grad, noise).to(dtype)
+
+
+def fill_padding(inputs: Inputs, value: float) -> Inputs:
+    """`inputs` with `value` (e.g. nan or inf) in scores, grad and noise at the padded positions, which no
+    implementation may read."""
+    if inputs.mask is None:
+        return inputs
+    pad = ~inputs.mask
+    return dataclasses.replace(
+        inputs,
+        scores=inputs.scores.masked_fill(pad, value),
+        grad=inputs.grad.masked_fill(pad, value),
+        noise=inputs.noise.masked_fill(pad, value),
+    )
+
+
+def cotangents(inputs: Inputs, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random upstream gradients for (context [B, H], attention [B, T]), in the inputs' dtype."""
+    batch, length, hidden = inputs.h.shape
+    generator = torch.Generator().manual_seed(seed)
+    grad_context = torch.randn(batch, hidden, generator=generator)
+    grad_attention = torch.randn(batch, length, generator=generator)
+    return grad_context.to(inputs.h.dtype), grad_attention.to(inputs.h.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running an implementation and comparing with the reference
+
+
+def fused_pool(backend: str) -> Callable:
+    """fused_attn_at.attention_pool forced onto `backend`."""
+    def pool(h, scores, mask=None, **kwargs):
+        return fused_attn_at.attention_pool(h, scores, mask, backend=backend, **kwargs)
+    return pool
+
+
+def pool_with_grads(pool: Callable, inputs: Inputs, kind: str | None, eps: float = 1.0,
+                    used: tuple[str, ...] = ("context", "attention")) -> dict[str, torch.Tensor]:
+    """Forward and backward of `pool` (python_ref.attention_pool or fused_pool(b)): context, attention, and
+    the gradients wrt h and scores of the loss <dc, context> + <da, attention>, restricted to the outputs
+    named in `used` (the others get no gradient at all)."""
+    h, scores = inputs.leaves()
+    out = pool(h, scores, inputs.mask, **inputs.kwargs(kind, eps))
+    dc, da = cotangents(inputs)
+    loss = sum((getattr(out, name) * {"context": dc, "attention": da}[name]).sum() for name in used)
+    grad_h, grad_scores = torch.autograd.grad(loss, (h, scores), allow_unused=True)
+    # an output left unused may leave an input without gradient: that gradient is zero
+    grad_h = torch.zeros_like(h) if grad_h is None else grad_h
+    grad_scores = torch.zeros_like(scores) if grad_scores is None else grad_scores
+    return dict(context=out.context.detach(), attention=out.attention.detach(), grad_h=grad_h, grad_scores=grad_scores)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected| (in float64); 0 for empty tensors; nan if actual holds nan."""
+    if expected.numel() == 0:
+        return 0.0
+    a, e = actual.detach().double(), expected.detach().double()
+    scale = float(e.abs().max())
+    return float((a - e).abs().max()) / max(scale, torch.finfo(torch.float64).tiny)
+
+
+def assert_within_rule(actual: dict[str, torch.Tensor], reference64: dict[str, torch.Tensor],
+                       reference_low: dict[str, torch.Tensor], atol: float = ATOL, what: str = "") -> None:
+    """The tolerance rule, tensor by tensor; `actual` must also have the dtype of `reference_low`."""
+    failures = []
+    for name, expected in reference64.items():
+        got = actual[name]
+        if got.dtype != reference_low[name].dtype:
+            failures.append(f"{name}: dtype {got.dtype}, expected {reference_low[name].dtype}")
+            continue
+        if got.shape != expected.shape:
+            failures.append(f"{name}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+            continue
+        err = relative_error(got, expected)
+        bound = 2.0 * relative_error(reference_low[name], expected) + atol
+        if not err <= bound:  # also catches nan
+            failures.append(f"{name}: relative error {err:.3g} > bound {bound:.3g}")
+    assert not failures, f"{what}: " + "; ".join(failures)
+
+
+def check_against_reference(backend: str, inputs: Inputs, kind: str | None, eps: float = 1.0,
+                            used: tuple[str, ...] = ("context", "attention"), what: str = "") -> None:
+    """Forward and backward of `backend` on `inputs` (float32, or lower) against python_ref, under the
+    tolerance rule: the reference in the inputs' dtype and in float64 set the bound."""
+    actual = pool_with_grads(fused_pool(backend), inputs, kind, eps, used)
+    reference_low = pool_with_grads(python_ref.attention_pool, inputs, kind, eps, used)
+    reference64 = pool_with_grads(python_ref.attention_pool, inputs.to(torch.float64), kind, eps, used)
+    assert_within_rule(actual, reference64, reference_low, what=what or f"{backend} kind={kind} eps={eps}")
+
+
+def check_perturbation_against_reference(backend: str, inputs: Inputs, kind: str, eps: float = 1.0,
+                                         what: str = "") -> torch.Tensor:
+    """fused_attn_at.perturbation on `backend` against python_ref.perturbation under the tolerance rule;
+    returns the backend's r."""
+    r = fused_attn_at.perturbation(kind, inputs.scores, inputs.mask, backend=backend,
+                                   **inputs.perturbation_kwargs(kind, eps))
+    r32 = python_ref.perturbation(kind, inputs.scores, inputs.mask, **inputs.perturbation_kwargs(kind, eps))
+    inputs64 = inputs.to(torch.float64)
+    r64 = python_ref.perturbation(kind, inputs64.scores, inputs64.mask, **inputs64.perturbation_kwargs(kind, eps))
+    assert not r.requires_grad, "the perturbation must be a constant for autograd"
+    assert_within_rule(dict(r=r), dict(r=r64), dict(r=r32), what=what or f"{backend} perturbation {kind} eps={eps}")
+    return r
+
+
+def row_norms(r: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """||r_b||_2 over the valid positions of each row, in float64.  # [B, T] -> [B]"""
+    r = r.double()
+    if mask is not None:
+        r = r.masked_fill(~mask, 0.0)
+    return r.norm(dim=-1)
