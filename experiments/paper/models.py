@@ -1,0 +1,205 @@
+"""The paper's models (SPEC "Models", after Jain & Wallace 2019): an embedding, a BiLSTM or CNN encoder, an
+additive or scaled-dot attention scorer, and a single-sequence (binary classification) or pair (QA, NLI)
+decoder. Every attention pooling goes through fused_attn_at.attention_pool.
+
+The model is split so that a training method can share one encoder pass between its clean and adversarial
+losses:
+    enc = model.encode(batch)                        # Encoded(h [B,T,H], scores [B,T], mask [B,T], query [B,Hq]|None)
+    out = fused_attn_at.attention_pool(enc.h, enc.scores, enc.mask)
+    logits = model.head(out.context, enc.query)     # [B] (bc) or [B, n_labels] (qa, nli)
+    loss = model.loss(logits, batch)                 # scalar
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fused_attn_at
+
+ENCODERS = ("lstm", "cnn")
+ATTENTIONS = ("additive", "dot")
+KINDS = ("bc", "qa", "nli")
+PAD = 0  # the padding index of the vocabulary (paper.data.PAD)
+
+
+class Encoded(NamedTuple):
+    h: torch.Tensor  # [B, T, H] encoder states, zero at padded positions
+    scores: torch.Tensor  # [B, T] attention scores before the softmax
+    mask: torch.Tensor  # [B, T] bool, True at real tokens
+    query: torch.Tensor | None  # [B, Hq] question/hypothesis encoding (pair tasks), else None
+
+
+class ModelOutput(NamedTuple):
+    logits: torch.Tensor  # [B] (bc) or [B, n_labels]
+    attention: torch.Tensor  # [B, T]
+
+
+def _lengths(mask: torch.Tensor) -> torch.Tensor:
+    # pack_padded_sequence needs lengths >= 1 on the CPU; an empty row is run over one padding token and its
+    # states are zeroed by the mask afterwards.
+    return mask.sum(dim=1).clamp_min(1).cpu()
+
+
+class LSTMEncoder(nn.Module):
+    """One-layer BiLSTM, `hidden_size` per direction.  [B, T, E] -> states [B, T, 2*hidden], final [B, 2*hidden]"""
+
+    def __init__(self, embed_size: int, hidden_size: int = 128):
+        super().__init__()
+        self.rnn = nn.LSTM(embed_size, hidden_size, batch_first=True, bidirectional=True)
+        self.output_size = 2 * hidden_size
+
+    def forward(self, embedded: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = nn.utils.rnn.pack_padded_sequence(embedded, _lengths(mask), batch_first=True, enforce_sorted=False)
+        out, (h_n, _) = self.rnn(packed)
+        states, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=embedded.shape[1])
+        states = states * mask[..., None]
+        final = torch.cat([h_n[0], h_n[1]], dim=-1) * mask.any(dim=1, keepdim=True)  # forward and backward ends
+        return states, final
+
+
+class CNNEncoder(nn.Module):
+    """Convolutions of widths `kernel_sizes`, `channels` each, ReLU, "same" padding; states at padded positions
+    are zeroed. The final state (the query of pair tasks) is the max over the valid positions.
+    [B, T, E] -> states [B, T, channels*len(kernel_sizes)], final [B, same]"""
+
+    def __init__(self, embed_size: int, channels: int = 32, kernel_sizes: tuple[int, ...] = (1, 3, 5, 7)):
+        super().__init__()
+        if any(k % 2 == 0 for k in kernel_sizes):
+            raise ValueError(f"kernel_sizes must be odd (so 'same' padding keeps T), got {kernel_sizes}")
+        self.convs = nn.ModuleList(nn.Conv1d(embed_size, channels, k, padding=k // 2) for k in kernel_sizes)
+        self.output_size = channels * len(kernel_sizes)
+
+    def forward(self, embedded: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (embedded * mask[..., None]).transpose(1, 2)  # [B, E, T]; padding must not leak into the windows
+        states = torch.cat([torch.relu(conv(x)) for conv in self.convs], dim=1).transpose(1, 2)  # [B, T, H]
+        states = states * mask[..., None]
+        final = states.amax(dim=1)  # ReLU outputs are >= 0, so the zeroed padding never wins the max
+        return states, final
+
+
+def make_encoder(kind: str, embed_size: int, hidden_size: int, cnn_channels: int,
+                 kernel_sizes: tuple[int, ...]) -> nn.Module:
+    if kind == "lstm":
+        return LSTMEncoder(embed_size, hidden_size)
+    if kind == "cnn":
+        return CNNEncoder(embed_size, cnn_channels, kernel_sizes)
+    raise ValueError(f"encoder must be one of {ENCODERS}, got {kind!r}")
+
+
+class AttentionClassifier(nn.Module):
+    """Embedding -> encoder -> attention -> decoder (SPEC "Models").
+
+    kind "bc": single sequence, logit = Wo c + bo, BCE with logits (pos_weight optional).
+    kind "qa"/"nli": the question/hypothesis (batch.query) is encoded by a second encoder of the same type into
+    q; the scores use q; logits = Wy tanh(Wp c + Wq q); where the batch has a candidate_mask (QA on CNN news)
+    non-candidate answers are masked out; cross entropy.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        kind: str = "bc",
+        n_labels: int = 2,
+        embed_size: int = 300,
+        encoder: str = "lstm",
+        attention: str = "additive",
+        hidden_size: int = 128,
+        cnn_channels: int = 32,
+        kernel_sizes: tuple[int, ...] = (1, 3, 5, 7),
+        decoder_size: int = 128,
+        dropout: float = 0.0,
+        pretrained: torch.Tensor | None = None,
+        pos_weight: float | None = None,
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.kind, self.n_labels = kind, n_labels
+        if pretrained is not None:
+            if pretrained.dim() != 2 or pretrained.shape[0] != vocab_size:
+                raise ValueError(f"pretrained must be [vocab_size={vocab_size}, E], got {tuple(pretrained.shape)}")
+            embed_size = pretrained.shape[1]
+        self.embedding = nn.Embedding(vocab_size, embed_size, padding_idx=PAD)
+        if pretrained is not None:
+            with torch.no_grad():
+                self.embedding.weight.copy_(pretrained)
+                self.embedding.weight[PAD].zero_()
+        self.dropout = nn.Dropout(dropout)
+        self.encoder = make_encoder(encoder, embed_size, hidden_size, cnn_channels, kernel_sizes)
+        H = self.encoder.output_size
+        pair = kind != "bc"
+        self.query_encoder = make_encoder(encoder, embed_size, hidden_size, cnn_channels, kernel_sizes) if pair else None
+        if attention == "additive":
+            self.scorer = fused_attn_at.AdditiveScorer(H, query_size=H if pair else 0)
+        else:  # the pair form scores h_t . q, which needs q of size H: the question encoder has the same type
+            self.scorer = fused_attn_at.DotScorer(H, learned_query=not pair)
+        if pair:
+            self.context_proj = nn.Linear(H, decoder_size)  # Wp
+            self.query_proj = nn.Linear(H, decoder_size, bias=False)  # Wq
+            self.output = nn.Linear(decoder_size, n_labels)  # Wy
+        else:
+            self.output = nn.Linear(H, 1)  # Wo, bo
+        self.register_buffer("pos_weight", None if pos_weight is None else torch.tensor(float(pos_weight)),
+                             persistent=False)
+
+    def attention_parameters(self) -> list[nn.Parameter]:
+        """The attention's own parameters (the paper applies no weight decay to them)."""
+        return list(self.scorer.parameters())
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, E]
+        return self.embedding(tokens)
+
+    def encode(self, batch, embedded: torch.Tensor | None = None) -> Encoded:
+        """One encoder pass. `embedded` [B, T, E] replaces the embedding of batch.tokens (word-level
+        perturbations); the query, if any, is always embedded from batch.query."""
+        mask = batch.mask
+        if embedded is None:
+            embedded = self.embed(batch.tokens)
+        h, _ = self.encoder(self.dropout(embedded), mask)
+        query = None
+        if self.query_encoder is not None:
+            if batch.query is None:
+                raise ValueError(f"a {self.kind!r} model needs batch.query (the question/hypothesis tokens)")
+            _, query = self.query_encoder(self.dropout(self.embed(batch.query)), batch.query_mask)
+        scores = self.scorer(h, query)
+        return Encoded(h, scores, mask, query)
+
+    def head(self, context: torch.Tensor, query: torch.Tensor | None = None,
+             candidate_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder: context [B, H] (and query [B, Hq]) -> logits [B] (bc) or [B, n_labels]."""
+        context = self.dropout(context)
+        if self.query_encoder is None:
+            return self.output(context).squeeze(-1)
+        logits = self.output(torch.tanh(self.context_proj(context) + self.query_proj(query)))
+        if candidate_mask is not None:
+            logits = logits.masked_fill(~candidate_mask, torch.finfo(logits.dtype).min)
+        return logits
+
+    def loss(self, logits: torch.Tensor, batch) -> torch.Tensor:
+        if self.kind == "bc":
+            return F.binary_cross_entropy_with_logits(logits, batch.labels.to(logits.dtype), pos_weight=self.pos_weight)
+        return F.cross_entropy(logits, batch.labels)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(positive) [B] for bc, class probabilities [B, n_labels] otherwise."""
+        return torch.sigmoid(logits) if self.kind == "bc" else torch.softmax(logits, dim=-1)
+
+    def predicted_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """The probability of the predicted class [B] (the y of gradient importance)."""
+        p = self.probabilities(logits)
+        if self.kind == "bc":
+            return torch.where(p >= 0.5, p, 1.0 - p)
+        return p.max(dim=-1).values
+
+    def forward(self, batch, embedded: torch.Tensor | None = None) -> ModelOutput:
+        enc = self.encode(batch, embedded)
+        pooled = fused_attn_at.attention_pool(enc.h, enc.scores, enc.mask)
+        return ModelOutput(self.head(pooled.context, enc.query, batch.candidate_mask), pooled.attention)
