@@ -92,6 +92,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 if AVAILABLE:
     _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
+    _TL_DELTA = tl.constexpr(DELTA)  # a jit function may read a module global only as a constexpr
 
     @triton.jit
     def _valid_positions(mask_ptr, row_m, stride_mt, offs_t, in_bounds, HAS_MASK: tl.constexpr):
@@ -169,7 +170,7 @@ if AVAILABLE:
                 diff = tl.where(both, s_i[None, :] - s_j, 0.0)  # D_ij on this block  # [BLOCK_J, BLOCK_T]
                 sq_norm += diff * diff
                 g_dot_d += g_i[None, :] * diff
-            norm = tl.maximum(tl.sqrt(tl.sum(sq_norm, axis=1)), DELTA)
+            norm = tl.maximum(tl.sqrt(tl.sum(sq_norm, axis=1)), _TL_DELTA)
             coeff = tl.sum(g_dot_d, axis=1) / (norm * norm)
             tl.store(w_ptr + row_i * B + offs_j, coeff, mask=in_j)
 
@@ -198,7 +199,7 @@ if AVAILABLE:
                                          HAS_MASK, ACC, BLOCK_J, BLOCK_T)
                 sq_acc += u * u
             sq_norm = tl.sum(sq_acc, 0)
-        scale = eps / tl.maximum(tl.sqrt(sq_norm), DELTA)
+        scale = eps / tl.maximum(tl.sqrt(sq_norm), _TL_DELTA)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             offs_t64 = offs_t.to(tl.int64)
@@ -241,7 +242,7 @@ if AVAILABLE:
         row_d = row * stride_db
         if PERTURB == 1:
             sq_norm = _masked_sumsq(d_ptr, row_d, stride_dt, mask_ptr, row_m, stride_mt, T, HAS_MASK, ACC, BLOCK_T)
-            scale = eps / tl.maximum(tl.sqrt(sq_norm), DELTA)
+            scale = eps / tl.maximum(tl.sqrt(sq_norm), _TL_DELTA)
         else:
             scale = 1.0
 
