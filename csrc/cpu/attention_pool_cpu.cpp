@@ -1,0 +1,237 @@
+// The CPU implementations of the fused_attn_at ops: check the inputs, describe the tensors to the kernels
+// (pointers and strides, kernel_api.h), split the work over the threads (at::parallel_for) and run the
+// kernels of the best instruction set this CPU has (isa.h).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "../attention_pool.h"
+#include "isa.h"
+
+namespace fused_attn_at {
+namespace {
+
+using cpu::Dtype;
+
+// Smallest amount of work (elements of h, or of the iAT [B, T] sweeps) worth a task of its own: below it
+// the threads cost more than they save, and tiny calls run on the calling thread.
+constexpr int64_t GRAIN_WORK = 32768;
+// Features per work item when rows are split (a multiple of every vector width, and of a cache line).
+constexpr int64_t MIN_CHUNK = 64;
+// Fewer features than this and h contiguous along T: read along T (vectors over positions instead).
+constexpr int64_t NARROW_H = 8;
+
+Dtype dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return Dtype::f32;
+    case at::kDouble: return Dtype::f64;
+    case at::kHalf: return Dtype::f16;
+    case at::kBFloat16: return Dtype::bf16;
+    default: TORCH_CHECK_TYPE(false, "fused_attn_at CPU kernels: unsupported dtype ", x.scalar_type());
+  }
+}
+
+at::ScalarType acc_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_cpu(const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.device().is_cpu(), name, " must be a CPU tensor for the CPU kernels, got device ", x.device());
+}
+
+cpu::RowsView rows_view(const at::Tensor& x) { return {x.data_ptr(), x.stride(0), x.stride(1)}; }
+
+// `x` in `dtype` (a copy only when it differs): the kernels read one storage dtype per call.
+at::Tensor as_dtype(const at::Tensor& x, at::ScalarType dtype) {
+  return x.scalar_type() == dtype ? x : x.to(dtype);
+}
+
+// How the kernels read h: along H where its features are contiguous, along T where its positions are
+// (h given as a transposed [B, H, T] tensor), else a contiguous copy.
+struct HLayout {
+  at::Tensor tensor;  // h, or its contiguous copy
+  cpu::HView view;
+};
+
+HLayout read_layout(const at::Tensor& h) {
+  const int64_t T = h.size(1), H = h.size(2);
+  const bool unit_h = H <= 1 || h.stride(2) == 1;
+  const bool unit_t = T <= 1 || h.stride(1) == 1;
+  HLayout out;
+  out.tensor = (unit_h || unit_t) ? h : h.contiguous();
+  out.view.along_t = unit_t && (!unit_h || (H < NARROW_H && T > H));
+  out.view.data = out.tensor.data_ptr();
+  out.view.sb = out.tensor.stride(0);
+  out.view.st = out.tensor.stride(1);
+  out.view.sh = out.tensor.stride(2);
+  return out;
+}
+
+// Rows split into feature chunks only when the rows alone cannot keep the threads evenly busy.
+cpu::Split split_for(int64_t B, int64_t T, int64_t H) {
+  cpu::Split s;
+  s.chunk = H;
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || B == 0 || B % threads == 0 || B >= 4 * threads || B * T * H < 2 * GRAIN_WORK) return s;
+  int64_t n = std::min((4 * threads + B - 1) / B, H / MIN_CHUNK);
+  if (n <= 1) return s;
+  int64_t chunk = (H + n - 1) / n;
+  chunk = (chunk + 15) / 16 * 16;
+  s.chunk = chunk;
+  s.n_chunks = (H + chunk - 1) / chunk;
+  return s;
+}
+
+int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, GRAIN_WORK / std::max<int64_t>(1, work_per_item)); }
+
+template <class F> void parallel_over(int64_t n, int64_t work_per_item, const F& f) {
+  if (n <= 0) return;
+  at::parallel_for(0, n, grain(work_per_item), f);
+}
+
+void fill_perturbation_args(cpu::ForwardArgs& a, const at::Tensor& scores, const std::optional<at::Tensor>& mask,
+                            const at::Tensor& direction, int64_t kind, double eps, at::Tensor& iat_workspace) {
+  const int64_t B = scores.size(0), T = scores.size(1);
+  a.B = B;
+  a.T = T;
+  a.scores = rows_view(scores);
+  if (mask.has_value()) {
+    a.mask = mask->data_ptr<bool>();
+    a.mask_sb = mask->stride(0);
+    a.mask_st = mask->stride(1);
+  }
+  a.kind = static_cast<int>(kind);
+  a.eps = eps;
+  if (kind != KIND_NONE) a.direction = rows_view(direction);
+  if (kind == KIND_IAT) {
+    iat_workspace = at::empty({3, B, T}, scores.options().dtype(acc_dtype(scores)));
+    const int64_t plane = B * T * static_cast<int64_t>(iat_workspace.element_size());
+    char* base = static_cast<char*>(iat_workspace.data_ptr());
+    a.iat_scores = base;
+    a.iat_grad = base + plane;
+    a.iat_mask = base + 2 * plane;
+  }
+}
+
+// iAT needs every row's (zeroed) scores and grad before any row's perturbation.
+void prepare_iat(const cpu::Kernels& k, const cpu::ForwardArgs& a) {
+  if (a.kind != KIND_IAT) return;
+  parallel_over(a.B, a.T, [&](int64_t begin, int64_t end) { k.iat_prepare(a, begin, end); });
+}
+
+// Work of one row's perturbation: iAT sweeps all rows twice.
+int64_t perturbation_work(const cpu::ForwardArgs& a) { return a.kind == KIND_IAT ? 2 * a.B * a.T : a.T; }
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& h, const at::Tensor& scores,
+                                                          const std::optional<at::Tensor>& mask,
+                                                          const std::optional<at::Tensor>& direction, int64_t kind,
+                                                          double eps) {
+  check_forward_inputs(h, scores, mask, direction, kind, eps);
+  check_cpu("h", h);
+  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
+  const cpu::Kernels& kernels = cpu::select_kernels(dtype_of(h));
+  const HLayout layout = read_layout(h);
+  at::Tensor dir = kind != KIND_NONE ? as_dtype(*direction, scores.scalar_type()) : at::Tensor();
+  at::Tensor context = at::empty({B, H}, h.options());
+  at::Tensor attention = at::empty({B, T}, scores.options());
+  at::Tensor attention_acc =
+      acc_dtype(scores) == scores.scalar_type() ? attention : at::empty({B, T}, scores.options().dtype(at::kFloat));
+
+  cpu::ForwardArgs a;
+  at::Tensor iat_workspace;
+  fill_perturbation_args(a, scores, mask, dir, kind, eps, iat_workspace);
+  a.H = H;
+  a.h = layout.view;
+  a.attention_acc = attention_acc.data_ptr();
+  a.attention = attention.data_ptr();
+  a.context = context.data_ptr();
+  a.split = split_for(B, T, H);
+
+  prepare_iat(kernels, a);
+  const int64_t softmax_work = perturbation_work(a) + T;
+  if (a.split.n_chunks == 1) {
+    parallel_over(B, T * H + softmax_work, [&](int64_t begin, int64_t end) { kernels.forward_rows(a, begin, end); });
+  } else {
+    parallel_over(B, softmax_work, [&](int64_t begin, int64_t end) { kernels.attention_rows(a, begin, end); });
+    parallel_over(B * a.split.n_chunks, T * a.split.chunk,
+                  [&](int64_t begin, int64_t end) { kernels.context_items(a, begin, end); });
+  }
+  return {context, attention};
+}
+
+at::Tensor perturbation_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
+                            const at::Tensor& direction, int64_t kind, double eps) {
+  check_perturbation_inputs(scores, mask, direction, kind, eps);
+  check_cpu("scores", scores);
+  const cpu::Kernels& kernels = cpu::select_kernels(dtype_of(scores));
+  at::Tensor dir = as_dtype(direction, scores.scalar_type());
+  at::Tensor r = at::empty(scores.sizes(), scores.options());
+  cpu::ForwardArgs a;
+  at::Tensor iat_workspace;
+  fill_perturbation_args(a, scores, mask, dir, kind, eps, iat_workspace);
+  a.perturbation = r.data_ptr();
+  prepare_iat(kernels, a);
+  parallel_over(a.B, perturbation_work(a), [&](int64_t begin, int64_t end) { kernels.perturbation_rows(a, begin, end); });
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cpu(const at::Tensor& grad_context,
+                                                          const std::optional<at::Tensor>& grad_attention,
+                                                          const at::Tensor& h, const at::Tensor& attention) {
+  check_backward_inputs(grad_context, grad_attention, h, attention);
+  check_cpu("h", h);
+  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
+  const at::ScalarType dtype = h.scalar_type();
+  const cpu::Kernels& kernels = cpu::select_kernels(dtype_of(h));
+  const HLayout layout = read_layout(h);
+  const at::Tensor att = as_dtype(attention, dtype);
+  const at::Tensor gc = as_dtype(grad_context, dtype);
+  const at::Tensor ga = grad_attention.has_value() ? as_dtype(*grad_attention, dtype) : at::Tensor();
+
+  // grad_h has h's layout (as the fake op says); the kernels need it unit-stride along the dimension h is
+  // read along, else they write a buffer that is copied over.
+  at::Tensor grad_h = at::empty_like(h);
+  const bool grad_h_ok = layout.view.along_t ? (T <= 1 || grad_h.stride(1) == 1) : (H <= 1 || grad_h.stride(2) == 1);
+  at::Tensor grad_h_work = grad_h;
+  if (!grad_h_ok) {
+    grad_h_work = layout.view.along_t ? at::empty({B, H, T}, h.options()).transpose(1, 2) : at::empty({B, T, H}, h.options());
+  }
+  at::Tensor grad_scores = at::empty({B, T}, h.options());
+
+  cpu::BackwardArgs a;
+  a.B = B;
+  a.T = T;
+  a.H = H;
+  a.grad_context = rows_view(gc);
+  if (ga.defined()) a.grad_attention = rows_view(ga);
+  a.attention = rows_view(att);
+  a.h = layout.view;
+  a.grad_h = grad_h_work.data_ptr();
+  a.grad_h_sb = grad_h_work.stride(0);
+  a.grad_h_st = grad_h_work.stride(1);
+  a.grad_h_sh = grad_h_work.stride(2);
+  a.grad_scores = grad_scores.data_ptr();
+  a.split = split_for(B, T, H);
+  at::Tensor partial_da;
+  if (a.split.n_chunks > 1) {
+    partial_da = at::empty({B, a.split.n_chunks, T}, h.options().dtype(acc_dtype(h)));
+    a.partial_da = partial_da.data_ptr();
+  }
+  parallel_over(B * a.split.n_chunks, T * a.split.chunk + 2 * T,
+                [&](int64_t begin, int64_t end) { kernels.backward_items(a, begin, end); });
+  if (a.split.n_chunks > 1) {
+    parallel_over(B, T * a.split.n_chunks, [&](int64_t begin, int64_t end) { kernels.backward_finish_rows(a, begin, end); });
+  }
+  if (!grad_h_ok) grad_h.copy_(grad_h_work);
+  if (attention.scalar_type() != dtype) grad_scores = grad_scores.to(attention.scalar_type());
+  return {grad_h, grad_scores};
+}
+
+}  // namespace
+}  // namespace fused_attn_at
+
+TORCH_LIBRARY_IMPL(fused_attn_at, CPU, m) {
+  m.impl("attention_pool_fwd", &fused_attn_at::attention_pool_fwd_cpu);
+  m.impl("attention_pool_bwd", &fused_attn_at::attention_pool_bwd_cpu);
+  m.impl("perturbation", &fused_attn_at::perturbation_cpu);
+}

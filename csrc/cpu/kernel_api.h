@@ -1,0 +1,87 @@
+// The interface between the CPU op wrappers (which see torch tensors) and the kernels (which see only
+// pointers, sizes and element strides). The kernels are compiled once per instruction set (kernels_*.cpp);
+// nothing here depends on torch, so an AVX2 build of the kernels never compiles a torch header function.
+#pragma once
+
+#include <cstdint>
+
+namespace fused_attn_at::cpu {
+
+enum class Dtype : int { f32 = 0, f64 = 1, f16 = 2, bf16 = 3 };
+
+// A [B, T] tensor: element (b, t) is at data[b * sb + t * st]; data is null for an absent optional tensor.
+struct RowsView {
+  const void* data = nullptr;
+  int64_t sb = 0, st = 0;
+};
+
+// h [B, T, H] is read either along H (h_sh == 1: each position t is a contiguous H-vector) or along T
+// (h_st == 1: each feature k is a contiguous T-vector, e.g. h given as a transposed [B, H, T] tensor).
+struct HView {
+  const void* data = nullptr;
+  int64_t sb = 0, st = 0, sh = 0;
+  bool along_t = false;
+};
+
+// Work is split into B * n_chunks items: item i is row i / n_chunks, features [c * chunk, (c + 1) * chunk)
+// with c = i % n_chunks. n_chunks > 1 only when there are too few rows to keep the threads busy.
+struct Split {
+  int64_t n_chunks = 1, chunk = 0;
+};
+
+struct ForwardArgs {
+  int64_t B = 0, T = 0, H = 0;
+  HView h;
+  RowsView scores, direction;  // direction: grad (AT, iAT) or noise (RP), read when kind != 0
+  const bool* mask = nullptr;  // null: every position is real
+  int64_t mask_sb = 0, mask_st = 0;
+  int kind = 0;
+  double eps = 1.0;
+  // iAT workspace, accumulation dtype, contiguous [B, T] each, filled by iat_prepare: the scores and the
+  // grad zeroed at padded positions, and the mask as 0/1.
+  void* iat_scores = nullptr;
+  void* iat_grad = nullptr;
+  void* iat_mask = nullptr;
+  void* attention_acc = nullptr;  // [B, T] accumulation dtype (may be `attention` itself)
+  void* attention = nullptr;      // [B, T] output dtype
+  void* context = nullptr;        // [B, H] output dtype
+  void* perturbation = nullptr;   // [B, T] output dtype, written by perturbation_rows
+  Split split;
+};
+
+struct BackwardArgs {
+  int64_t B = 0, T = 0, H = 0;
+  RowsView grad_context;    // [B, H]: element (b, k) at data[b * sb + k * st]
+  RowsView grad_attention;  // optional [B, T]
+  RowsView attention;       // [B, T]
+  HView h;
+  // grad_h [B, T, H], unit stride along the dimension h is read along (h.along_t ? T : H).
+  void* grad_h = nullptr;
+  int64_t grad_h_sb = 0, grad_h_st = 0, grad_h_sh = 0;
+  void* grad_scores = nullptr;  // [B, T] contiguous, output dtype
+  void* partial_da = nullptr;   // [B, n_chunks, T] accumulation dtype, used when split.n_chunks > 1
+  Split split;
+};
+
+// One instruction set's kernels for one dtype. Each processes the rows (or items) [begin, end).
+struct Kernels {
+  void (*iat_prepare)(const ForwardArgs&, int64_t begin, int64_t end);
+  void (*perturbation_rows)(const ForwardArgs&, int64_t begin, int64_t end);
+  // perturbation + masked softmax, into attention_acc and attention
+  void (*attention_rows)(const ForwardArgs&, int64_t begin, int64_t end);
+  // context of the items; attention_acc must be complete for their rows
+  void (*context_items)(const ForwardArgs&, int64_t begin, int64_t end);
+  // attention_rows then the whole context of each row (split.n_chunks == 1)
+  void (*forward_rows)(const ForwardArgs&, int64_t begin, int64_t end);
+  // grad_h of the items and da = <dc, h_t> (partial per chunk); with n_chunks == 1 also grad_scores
+  void (*backward_items)(const BackwardArgs&, int64_t begin, int64_t end);
+  // grad_scores from the partial da of all chunks (n_chunks > 1)
+  void (*backward_finish_rows)(const BackwardArgs&, int64_t begin, int64_t end);
+};
+
+// The portable build (compiler's baseline instruction set) and the AVX2+FMA+F16C build (null where not
+// compiled, i.e. off x86-64).
+const Kernels& kernels_portable(Dtype dtype);
+const Kernels* kernels_avx2(Dtype dtype);
+
+}  // namespace fused_attn_at::cpu

@@ -1,0 +1,106 @@
+"""The compiled backends "cpu" and "cuda": the ops of fused_attn_at._C (csrc/), made differentiable and
+traceable here.
+
+Loading fused_attn_at._C registers three ops in the dispatcher (schemas in csrc/ops.cpp):
+    torch.ops.fused_attn_at.attention_pool_fwd(h, scores, mask, direction, kind, eps) -> (context, attention)
+    torch.ops.fused_attn_at.attention_pool_bwd(grad_context, grad_attention, h, attention) -> (grad_h, grad_scores)
+    torch.ops.fused_attn_at.perturbation(scores, mask, direction, kind, eps) -> r
+This module gives them fake (meta) implementations for torch.compile and an autograd formula (the
+backward op), and offers the backend-module calls of fused_attn_at.ops. Without the compiled module it
+imports all the same, with CPU_AVAILABLE = CUDA_AVAILABLE = False and the reason in UNAVAILABLE_REASON.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+CPU_AVAILABLE = False
+CUDA_AVAILABLE = False
+UNAVAILABLE_REASON = ""
+
+_OPS = ("attention_pool_fwd", "attention_pool_bwd", "perturbation")
+
+try:
+    from .. import _C  # noqa: F401  (registers the ops on import)
+except ImportError as exc:  # not built (FUSED_ATTN_AT_NO_EXT=1), or built against another torch
+    _C = None
+    UNAVAILABLE_REASON = f"import fused_attn_at._C failed: {exc}"
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn_at::{op}", dispatch_key) for op in _OPS)
+
+
+if _C is not None:
+    CPU_AVAILABLE = _has_kernel("CPU")
+    CUDA_AVAILABLE = _has_kernel("CUDA")
+    if not CPU_AVAILABLE:
+        UNAVAILABLE_REASON = "fused_attn_at._C loaded but registers no CPU kernel for the fused_attn_at ops"
+    elif not CUDA_AVAILABLE:
+        UNAVAILABLE_REASON = "fused_attn_at._C was built without the CUDA kernels"
+
+
+def cpu_isa() -> str | None:
+    """The instruction set the CPU kernels run with ("avx2" or "default"), None without the extension."""
+    return _C.cpu_isa() if _C is not None else None
+
+
+if _C is not None:
+    _ops = torch.ops.fused_attn_at
+
+    @torch.library.register_fake("fused_attn_at::attention_pool_fwd")
+    def _attention_pool_fwd_fake(h, scores, mask, direction, kind, eps):
+        B, T, H = h.shape
+        return h.new_empty((B, H)), scores.new_empty((B, T))
+
+    @torch.library.register_fake("fused_attn_at::attention_pool_bwd")
+    def _attention_pool_bwd_fake(grad_context, grad_attention, h, attention):
+        # grad_h keeps h's layout (empty_like), as the kernels do
+        return torch.empty_like(h), attention.new_empty(attention.shape)
+
+    @torch.library.register_fake("fused_attn_at::perturbation")
+    def _perturbation_fake(scores, mask, direction, kind, eps):
+        return scores.new_empty(scores.shape)
+
+    def _setup_context(ctx, inputs, output):
+        h, _scores, _mask, _direction, _kind, _eps = inputs
+        _context, attention = output
+        # The backward needs h and the (perturbed) attention only; r is a constant.
+        ctx.save_for_backward(h, attention)
+
+    def _backward(ctx, grad_context, grad_attention):
+        h, attention = ctx.saved_tensors
+        grad_h, grad_scores = _ops.attention_pool_bwd(grad_context, grad_attention, h, attention)
+        needs_h, needs_scores = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (grad_h if needs_h else None, grad_scores if needs_scores else None, None, None, None, None)
+
+    torch.library.register_autograd("fused_attn_at::attention_pool_fwd", _backward, setup_context=_setup_context)
+
+
+def _warn_iat_batch_of_one(kind: int, scores: torch.Tensor) -> None:
+    if kind == 2 and scores.shape[0] == 1 and not torch.compiler.is_compiling():
+        warnings.warn(
+            "iAT perturbation with a batch of one: there are no other examples to take score differences "
+            "from, so r = 0",
+            stacklevel=4,
+        )
+
+
+def _require_extension() -> None:
+    if _C is None:
+        raise RuntimeError(f"the compiled backend is not available: {UNAVAILABLE_REASON}")
+
+
+def attention_pool(h, scores, mask, direction, kind: int, eps: float):
+    """(context [B, H], attention [B, T]) of the fused op; differentiable wrt h and scores."""
+    _require_extension()
+    _warn_iat_batch_of_one(kind, scores)
+    return _ops.attention_pool_fwd(h, scores, mask, direction if kind else None, kind, eps)
+
+
+def perturbation(scores, mask, direction, kind: int, eps: float):
+    """The perturbation r [B, T] (kind 1 or 2) the fused op adds to the scores."""
+    _require_extension()
+    _warn_iat_batch_of_one(kind, scores)
+    return _ops.perturbation(scores, mask, direction, kind, eps)
