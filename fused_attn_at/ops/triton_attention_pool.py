@@ -25,6 +25,7 @@ implementation is the launcher itself, run on fake tensors) and an autograd form
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from typing import Iterator, Optional
 
@@ -47,6 +48,9 @@ NAMESPACE = "fused_attn_at_triton"
 _PERTURB_NONE, _PERTURB_NORMALISE, _PERTURB_GIVEN = 0, 1, 2
 # Contract's kind: 0 none, 1 normalise the direction (AT/RP), 2 iAT.
 _KIND_NONE, _KIND_NORMALISE, _KIND_IAT = 0, 1, 2
+
+# Under the interpreter the @triton.jit functions are InterpretedFunction objects (set before import).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Launch parameters forced by tests (small blocks so that the loops over T, H and j run several times under
 # the interpreter) or by a benchmark; see `launch_overrides`.
@@ -74,6 +78,16 @@ def launch_overrides(**values: int) -> Iterator[None]:
         _OVERRIDES.update(saved)
 
 
+def _skip_launch(x: torch.Tensor) -> bool:
+    """True for fake/meta tensors under the interpreter (torch.library.opcheck, fake-mode tracing): the launchers
+    then only allocate. Compiled kernels go through wrap_triton's traced path instead, which needs no skip."""
+    if not _INTERPRETING:
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return x.device.type == "meta" or is_fake(x)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -93,6 +107,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 if AVAILABLE:
     _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
     _TL_DELTA = tl.constexpr(DELTA)  # a jit function may read a module global only as a constexpr
+    # Triton's interpreter truncates float32 -> bfloat16 (and ignores fp_downcast_rounding) where the GPU
+    # rounds to nearest even; the kernels round by hand there so that CI checks the GPU's numbers.
+    _ROUND_BF16_BY_HAND = tl.constexpr(_INTERPRETING)
+
+    @triton.jit
+    def _cast(x, DTYPE: tl.constexpr):
+        """x in DTYPE (an output's element type), rounded to nearest even."""
+        if _ROUND_BF16_BY_HAND and DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(DTYPE)
 
     @triton.jit
     def _valid_positions(mask_ptr, row_m, stride_mt, offs_t, in_bounds, HAS_MASK: tl.constexpr):
@@ -213,7 +239,7 @@ if AVAILABLE:
                                          stride_sb, stride_st, stride_mb, stride_mt,
                                          HAS_MASK, ACC, BLOCK_J, BLOCK_T)
             r = tl.where(valid, v * scale, 0.0)
-            tl.store(r_ptr + row * stride_rb + offs_t64 * stride_rt, r.to(r_ptr.dtype.element_ty), mask=in_t)
+            tl.store(r_ptr + row * stride_rb + offs_t64 * stride_rt, _cast(r, r_ptr.dtype.element_ty), mask=in_t)
 
     @triton.jit
     def _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
@@ -273,7 +299,7 @@ if AVAILABLE:
                 x = _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
                                       PERTURB, ACC)
                 a = tl.exp(x - row_shift) * inv_total
-                tl.store(a_ptr + row * stride_ab + offs_t.to(tl.int64) * stride_at, a.to(a_ptr.dtype.element_ty),
+                tl.store(a_ptr + row * stride_ab + offs_t.to(tl.int64) * stride_at, _cast(a, a_ptr.dtype.element_ty),
                          mask=in_t)
 
         for h0 in range(split * BLOCK_H, H, n_split * BLOCK_H):
@@ -293,7 +319,7 @@ if AVAILABLE:
                             mask=valid[:, None] & in_h[None, :], other=0).to(ACC)
                 acc += a[:, None] * h
             context = tl.sum(acc, axis=0)
-            tl.store(ctx_ptr + row * stride_cb + offs_h64 * stride_ch, context.to(ctx_ptr.dtype.element_ty),
+            tl.store(ctx_ptr + row * stride_cb + offs_h64 * stride_ch, _cast(context, ctx_ptr.dtype.element_ty),
                      mask=in_h)
 
     @triton.jit
@@ -324,7 +350,7 @@ if AVAILABLE:
                 acc += h * dc[None, :]
                 dh = a[:, None] * dc[None, :]
                 tl.store(dh_ptr + row * stride_xb + offs_t64[:, None] * stride_xt + offs_h64[None, :] * stride_xh,
-                         dh.to(dh_ptr.dtype.element_ty), mask=in_t[:, None] & in_h[None, :])
+                         _cast(dh, dh_ptr.dtype.element_ty), mask=in_t[:, None] & in_h[None, :])
             da = tl.sum(acc, axis=1)
             if HAS_GA:
                 da += tl.load(ga_ptr + row * stride_gb + offs_t64 * stride_gt, mask=weighted, other=0).to(ACC)
@@ -350,7 +376,7 @@ if AVAILABLE:
             in_t = offs_t < T
             a = tl.load(a_ptr + row * stride_ab + offs_t64 * stride_at, mask=in_t, other=0).to(ACC)
             da = tl.load(da_ptr + row * T + offs_t64, mask=in_t, other=0)
-            tl.store(ds_ptr + row * stride_xb + offs_t64 * stride_xt, (a * (da - dot)).to(ds_ptr.dtype.element_ty),
+            tl.store(ds_ptr + row * stride_xb + offs_t64 * stride_xt, _cast(a * (da - dot), ds_ptr.dtype.element_ty),
                      mask=in_t)
 
 
@@ -421,7 +447,7 @@ def _forward(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor]
     B, T, H = h.shape
     context = torch.empty((B, H), dtype=h.dtype, device=h.device)
     attention = torch.empty((B, T), dtype=h.dtype, device=h.device)
-    if B == 0:
+    if B == 0 or _skip_launch(h):
         return context, attention
     if T == 0:
         return context.zero_(), attention
@@ -451,6 +477,8 @@ def _backward(grad_context: torch.Tensor, grad_attention: Optional[torch.Tensor]
     B, T, H = h.shape
     grad_h = torch.empty_like(h, memory_format=torch.contiguous_format)
     grad_scores = torch.empty((B, T), dtype=attention.dtype, device=h.device)
+    if _skip_launch(h):
+        return grad_h, grad_scores
     if B == 0 or T == 0:
         return grad_h.zero_(), grad_scores
     acc = _acc_dtype(h.dtype)
@@ -496,7 +524,7 @@ if AVAILABLE:
         if kind == _KIND_NONE:
             raise ValueError("perturbation needs kind 1 (AT/RP) or 2 (iAT), got 0")
         out = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
-        if out.numel():
+        if out.numel() and not _skip_launch(scores):
             _launch_perturbation(scores, mask, direction, kind, eps, out)
         return out
 
