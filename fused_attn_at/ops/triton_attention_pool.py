@@ -572,3 +572,59 @@ def perturbation(scores: torch.Tensor, mask: Optional[torch.Tensor], direction: 
     _require_available()
     _warn_single_row_iat(kind, scores.shape[0])
     return perturbation_op(scores.detach(), mask, direction.detach(), int(kind), float(eps))
+
+
+# ------------------------------------------------------------------------------ compiling without a GPU
+
+# Unit strides of the contiguous layouts (innermost dimension of each tensor argument), per kernel: the JIT
+# specialises a stride of 1 into a constant, which is what lets it emit 16-byte vector accesses.
+_UNIT_STRIDES = {
+    "_iat_coeff_kernel": ("stride_st", "stride_mt", "stride_gt"),
+    "_perturbation_kernel": ("stride_st", "stride_mt", "stride_dt", "stride_rt"),
+    "_fwd_kernel": ("stride_st", "stride_mt", "stride_dt", "stride_hh", "stride_ch", "stride_at"),
+    "_bwd_dh_da_kernel": ("stride_ch", "stride_gt", "stride_hh", "stride_at", "stride_xh"),
+    "_bwd_dscores_kernel": ("stride_at", "stride_xt"),
+}
+_TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def compile_for_gpu(name: str, dtype: torch.dtype = torch.float32, arch: int = 90, **constexprs):
+    """Compile kernel `name` ahead of time for CUDA compute capability `arch` (no GPU needed) as the JIT
+    would specialise it for contiguous inputs of `dtype` whose sizes are multiples of 16; returns Triton's
+    CompiledKernel (its .asm holds "ptx" and "cubin"). constexprs override the default launch constants.
+    Needs the real JIT: fails under TRITON_INTERPRET=1."""
+    _require_available()
+    if _INTERPRETING:
+        raise RuntimeError("compile_for_gpu needs TRITON_INTERPRET unset before triton is imported")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = globals()[name]
+    acc = _acc_dtype(dtype)
+    p = _launch_params(64, 1024, 256, dtype, torch.device("cpu"))
+    defaults = {"PERTURB": _PERTURB_NORMALISE, "KIND": _KIND_IAT, "HAS_MASK": True, "HAS_GA": True,
+                "ACC": _TL_ACC[acc], "BLOCK_T": p["block_t"], "BLOCK_H": p["block_h"], "BLOCK_J": p["block_j"]}
+    constants = {k: v for k, v in {**defaults, **constexprs}.items() if k in kernel.arg_names}
+    perturb_given = constants.get("PERTURB") == _PERTURB_GIVEN
+    signature, attrs = {}, {}
+    for index, arg in enumerate(kernel.arg_names):
+        if arg in constants:
+            signature[arg] = "constexpr"
+        elif arg in _UNIT_STRIDES[name]:
+            constants[arg] = 1
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            if arg == "mask_ptr":
+                signature[arg] = "*u8"
+            elif arg in ("w_ptr", "da_ptr") or (arg == "d_ptr" and perturb_given):
+                signature[arg] = "*" + _TRITON_TYPE[acc]
+            else:
+                signature[arg] = "*" + _TRITON_TYPE[dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]  # 16-byte aligned, as torch allocates
+        elif arg == "eps":
+            signature[arg] = "fp32"
+        else:  # sizes and the other strides
+            signature[arg] = "i32"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": p["num_warps"]})

@@ -1,0 +1,221 @@
+"""The Triton backend's own paths, under the interpreter on CPU (conftest.py sets TRITON_INTERPRET=1 without a GPU).
+
+The shared matrix (test_attention_pool.py, test_perturbation.py) runs the Triton backend at its default launch
+parameters, where the small test shapes fit one block. Here small blocks are forced so that every loop runs
+several times: over T blocks (online softmax across blocks), over H blocks, over blocks of other rows j (iAT),
+and rows split over several programs (H in the forward, T in the backward). Also: float64 gradcheck through
+those loops, float16/bfloat16, views, the torch.library registration, and the compile of every kernel for a
+Hopper GPU (sm_90) without one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+
+import fused_attn_at
+import python_ref
+from _helpers import (
+    KINDS,
+    Inputs,
+    check_against_reference,
+    check_perturbation_against_reference,
+    cotangents,
+    fused_pool,
+    make_inputs,
+    pool_with_grads,
+    require_backend,
+)
+from fused_attn_at.ops import triton_attention_pool as tri
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend():
+    require_backend("triton")
+
+
+# T = 37 is three T blocks of 16 (the last one partial), H = 10 three H blocks of 4 shared by two programs
+# (one of them loops over two), B = 5 three blocks of 2 other rows for iAT.
+SMALL_BLOCKS = dict(block_t=16, block_h=4, block_j=2, split=2)
+
+
+@pytest.mark.parametrize("mask_pattern", ("none", "padding", "empty_row"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_loops_match_reference(kind, mask_pattern):
+    inputs = make_inputs(5, 37, 10, mask_pattern, seed=21)
+    with tri.launch_overrides(**SMALL_BLOCKS):
+        check_against_reference("triton", inputs, kind, eps=0.7, what=f"small blocks kind={kind} {mask_pattern}")
+        if kind is not None:
+            check_perturbation_against_reference("triton", inputs, kind, eps=0.7,
+                                                 what=f"small blocks perturbation {kind} {mask_pattern}")
+
+
+@pytest.mark.parametrize("kind", ("at", "iat"))
+def test_long_rows(kind):
+    """T = 515 is 17 blocks of 32: the online softmax runs over many blocks, with scores spread widely so
+    that the running max moves."""
+    inputs = make_inputs(3, 515, 6, "padding", seed=22, score_scale=8.0)
+    with tri.launch_overrides(block_t=32, block_h=8, block_j=2):
+        check_against_reference("triton", inputs, kind, what=f"T=515 kind={kind}")
+
+
+def _transposed(inputs: Inputs) -> Inputs:
+    """The same values as views: h from a [B, H, T] tensor, the [B, T] tensors from [T, B] ones."""
+    def tr(x):
+        return None if x is None else x.transpose(0, 1).contiguous().transpose(0, 1)
+    return Inputs(inputs.h.transpose(1, 2).contiguous().transpose(1, 2), tr(inputs.scores), tr(inputs.mask),
+                  tr(inputs.grad), tr(inputs.noise))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_transposed_views_with_block_loops(kind):
+    inputs = _transposed(make_inputs(4, 21, 9, "padding", seed=23))
+    assert not (inputs.h.is_contiguous() or inputs.scores.is_contiguous() or inputs.mask.is_contiguous())
+    with tri.launch_overrides(**SMALL_BLOCKS):
+        check_against_reference("triton", inputs, kind, what=f"transposed kind={kind}")
+
+
+@pytest.mark.parametrize("kind", ("at", "iat"))  # "rp" runs the code of "at"; None is covered by both
+def test_float64_gradcheck_through_block_loops(kind):
+    inputs = make_inputs(3, 9, 5, "empty_row", seed=24, dtype=torch.float64)
+    h, scores = inputs.leaves()
+    pool = fused_pool("triton")
+    with tri.launch_overrides(block_t=4, block_h=2, block_j=2, split=2):
+        if kind != "iat":
+            def fn(h, scores):
+                return tuple(pool(h, scores, inputs.mask, **inputs.kwargs(kind)))
+            assert torch.autograd.gradcheck(fn, (h, scores), fast_mode=True)
+            return
+        # iAT's r depends on the scores but is a constant for autograd (SPEC): gradcheck h alone, and check
+        # the gradient wrt the scores against the reference's autograd through masked_softmax(s + r), r fixed.
+        def fn_h(h):
+            return tuple(pool(h, inputs.scores, inputs.mask, **inputs.kwargs("iat")))
+        assert torch.autograd.gradcheck(fn_h, (h,), fast_mode=True)
+        out = pool(h, scores, inputs.mask, **inputs.kwargs("iat"))
+        dc, da = cotangents(inputs)
+        grads = torch.autograd.grad((out.context * dc).sum() + (out.attention * da).sum(), (h, scores))
+    r = python_ref.iat_perturbation(inputs.scores, inputs.grad, inputs.mask)
+    assert r.abs().sum() > 0  # a perturbation that does something
+    h_ref, scores_ref = inputs.leaves()
+    attention_ref = python_ref.masked_softmax(scores_ref + r, inputs.mask)
+    context_ref = torch.bmm(attention_ref[:, None, :], h_ref).squeeze(1)
+    torch.testing.assert_close(out.attention, attention_ref, rtol=1e-10, atol=1e-12)
+    grads_ref = torch.autograd.grad((context_ref * dc).sum() + (attention_ref * da).sum(), (h_ref, scores_ref))
+    for name, got, expected in zip(("grad_h", "grad_scores"), grads, grads_ref):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_low_precision(dtype):
+    """float16/bfloat16 in and out, float32 inside, within the tolerance rule against the reference computed in
+    that dtype. (The interpreter truncates float32 -> bfloat16; the kernels round to nearest even as a GPU does.)"""
+    for kind in (None, "at", "iat"):
+        inputs = make_inputs(4, 37, 16, "padding", seed=25, dtype=dtype)
+        with tri.launch_overrides(block_t=16, block_h=8):
+            check_against_reference("triton", inputs, kind, what=f"{dtype} kind={kind}")
+
+
+def test_split_rows_are_deterministic():
+    """Rows split over programs still reduce in a fixed order: two runs are bit-identical."""
+    inputs = make_inputs(3, 40, 12, "padding", seed=26)
+    with tri.launch_overrides(block_t=8, block_h=4, split=3):
+        first = pool_with_grads(fused_pool("triton"), inputs, "at")
+        again = pool_with_grads(fused_pool("triton"), inputs, "at")
+    for name, tensor in first.items():
+        assert torch.equal(tensor, again[name]), name
+
+
+def test_batch_of_one_iat_with_split_rows():
+    inputs = make_inputs(1, 20, 6, "none", seed=27)
+    with tri.launch_overrides(**SMALL_BLOCKS), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = fused_attn_at.perturbation("iat", inputs.scores, inputs.mask, grad=inputs.grad, backend="triton")
+    assert torch.equal(r, torch.zeros_like(r))
+    assert any("batch of one" in str(w.message) for w in caught)
+
+
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")  # no torch.compile on the interpreter
+
+
+@pytest.mark.parametrize("kind", (0, 1, 2))
+def test_opcheck(kind):
+    """torch.library registration: schema, autograd and fake (meta) implementation agree with the kernels."""
+    inputs = make_inputs(3, 10, 4, "padding", seed=28, dtype=torch.float64)
+    h, scores = inputs.leaves()
+    direction = inputs.grad if kind else None
+    torch.library.opcheck(torch.ops.fused_attn_at_triton.attention_pool_fwd,
+                          (h, scores, inputs.mask, direction, kind, 0.5), test_utils=OPCHECK_UTILS)
+    if kind:
+        torch.library.opcheck(torch.ops.fused_attn_at_triton.perturbation,
+                              (inputs.scores, inputs.mask, inputs.grad, kind, 0.5), test_utils=OPCHECK_UTILS)
+
+
+def test_launch_overrides_are_checked():
+    with pytest.raises(ValueError, match="block_t must be a power of two"):
+        with tri.launch_overrides(block_t=12):
+            pass
+    with pytest.raises(ValueError, match="unknown parameter 'blok_t'"):
+        with tri.launch_overrides(blok_t=16):
+            pass
+    with tri.launch_overrides(block_t=16):
+        assert tri._launch_params(2, 100, 8, torch.float32, torch.device("cpu"))["block_t"] == 16
+    assert tri._launch_params(2, 100, 8, torch.float32, torch.device("cpu"))["block_t"] == 64
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiling for a Hopper GPU without one (Triton bundles ptxas)
+
+# (kernel, dtype, constexpr overrides); the forward with the inline AT/RP normalisation and with a given r (iAT).
+HOPPER_BUILDS = (
+    ("_fwd_kernel", "float32", {}), ("_fwd_kernel", "float32", {"PERTURB": 2}), ("_fwd_kernel", "bfloat16", {}),
+    ("_fwd_kernel", "float64", {}), ("_bwd_dh_da_kernel", "float32", {}), ("_bwd_dh_da_kernel", "bfloat16", {}),
+    ("_bwd_dh_da_kernel", "float64", {}), ("_bwd_dscores_kernel", "float32", {}),
+    ("_iat_coeff_kernel", "float32", {}), ("_perturbation_kernel", "float32", {"KIND": 1}),
+    ("_perturbation_kernel", "float32", {"KIND": 2}),
+)
+
+_COMPILE_SCRIPT = """
+import json, re, sys, time, torch
+from fused_attn_at.ops import triton_attention_pool as tri
+results = []
+for name, dtype, constexprs in json.loads(sys.argv[1]):
+    start = time.perf_counter()
+    compiled = tri.compile_for_gpu(name, getattr(torch, dtype), arch=90, **constexprs)
+    ptx = compiled.asm["ptx"]
+    results.append(dict(name=name, dtype=dtype, constexprs=constexprs, seconds=time.perf_counter() - start,
+                        target_sm90=".target sm_90" in ptx, cubin_bytes=len(compiled.asm["cubin"]),
+                        vector_loads=len(re.findall(r"ld\\.global[^\\n]*\\.v[24]\\.", ptx)),
+                        vector_stores=len(re.findall(r"st\\.global[^\\n]*\\.v[24]\\.", ptx))))
+print(json.dumps(results))
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """Every kernel compiles to PTX and a cubin for sm_90; the loads of h (forward, backward) and the stores of
+    dh are 16-byte vector accesses for contiguous inputs. Runs in a subprocess: the JIT must not be interpreted."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
+    package_root = str(pathlib.Path(fused_attn_at.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(HOPPER_BUILDS)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"compiled {len(results)} kernels for sm_90 in {time.perf_counter() - start:.1f} s")
+    assert len(results) == len(HOPPER_BUILDS)
+    for result in results:
+        what = f"{result['name']} {result['dtype']} {result['constexprs']}"
+        assert result["target_sm90"] and result["cubin_bytes"] > 0, what
+        if result["name"] in ("_fwd_kernel", "_bwd_dh_da_kernel"):
+            assert result["vector_loads"] > 0, f"{what}: no vector loads of h"
+        if result["name"] == "_bwd_dh_da_kernel":
+            assert result["vector_stores"] > 0, f"{what}: no vector stores of dh"
