@@ -115,7 +115,7 @@ def load_embeddings(path: str | os.PathLike, vocab: Vocab, *, seed: int = 0,
     line ``N E`` is recognised and skipped; .gz accepted).
 
     Returns (float32 [len(vocab), E], n_found). A vocabulary word takes the vector of the same word, else
-    (``lowercase_fallback``) of the first word whose lowercase form it is. Words not found, and the unknown
+    (``lowercase_fallback``) of the first word of the file equal to it up to case. Words not found, and the unknown
     token, get N(0, s^2) vectors with s the standard deviation of the vectors found (0.1 if none), drawn
     from a generator seeded with ``seed``; the padding row is zero. n_found counts vocabulary words (not
     the padding or unknown token) that received a pretrained vector."""
@@ -123,8 +123,14 @@ def load_embeddings(path: str | os.PathLike, vocab: Vocab, *, seed: int = 0,
     if not path.is_file():
         raise FileNotFoundError(f"embeddings file {path} does not exist (any GloVe or fastText .txt/.vec file)")
     wanted = {token: index for index, token in enumerate(vocab.itos) if index > UNK}
+    # case-insensitive fallback: vocabulary indices by lowercased token ("Mary" may take "mary"'s vector,
+    # "paris" may take "Paris"'s) for words the file does not hold exactly
+    by_lower: dict[str, list[int]] = {}
+    if lowercase_fallback:
+        for token, index in wanted.items():
+            by_lower.setdefault(token.lower(), []).append(index)
     found: dict[int, list[float]] = {}
-    by_lowercase: dict[int, list[float]] = {}
+    found_by_case: dict[int, list[float]] = {}
     dim = None
     with _open_vectors(path) as handle:
         for number, line in enumerate(handle, start=1):
@@ -143,12 +149,8 @@ def load_embeddings(path: str | os.PathLike, vocab: Vocab, *, seed: int = 0,
             # a few GloVe releases hold words with spaces: the vector is always the last dim fields
             word = parts[0] if len(parts) == dim + 1 else " ".join(parts[:-dim])
             index = wanted.get(word)
-            lower_index = None
-            if index is None and lowercase_fallback:
-                lower_index = wanted.get(word.lower())
-                if lower_index in found or lower_index in by_lowercase:
-                    lower_index = None
-            if index is None and lower_index is None:
+            case_matches = [i for i in by_lower.get(word.lower(), ()) if i != index and i not in found_by_case]
+            if index is None and not case_matches:
                 continue
             try:
                 vector = [float(value) for value in parts[-dim:]]
@@ -156,11 +158,11 @@ def load_embeddings(path: str | os.PathLike, vocab: Vocab, *, seed: int = 0,
                 raise DataFormatError(path, number, "a vector component is not a number") from None
             if index is not None:
                 found[index] = vector
-            else:
-                by_lowercase[lower_index] = vector
+            for i in case_matches:  # the first (most frequent) case variant in the file wins
+                found_by_case[i] = vector
     if dim is None:
         raise DataFormatError(path, None, "the file holds no vectors")
-    for index, vector in by_lowercase.items():
+    for index, vector in found_by_case.items():
         found.setdefault(index, vector)
     weights = torch.empty(len(vocab), dim, dtype=torch.float32)
     if found:

@@ -390,7 +390,7 @@ def _read_newsgroups(data_dir: Path) -> tuple[list[tuple[str, str]], Callable[[t
     members = {}
     with tarfile.open(archive, "r:*") as tar:
         for member in tar.getmembers():
-            parts = member.name.split("/")
+            parts = member.name.removeprefix("./").split("/")
             if not member.isfile() or len(parts) != 3:
                 continue
             subset = next((s for s, folder_name in subsets.items() if parts[0] == folder_name), None)

@@ -46,16 +46,26 @@ def is_punctuation(token: str) -> bool:
 
 
 def _tokens(text: str, keep_punctuation: bool) -> list[str]:
+    # IMDB alone has 12M tokens: method look-ups are hoisted, and the regular expression (slow in Python's
+    # engine) only sees chunks that the fast paths below cannot settle with the same result
     tokens: list[str] = []
+    append = tokens.append
+    findall = _TOKEN_RE.findall
+    has_digit = _DIGIT_RE.search
+    has_alnum = _ALNUM_RE.search
     for chunk in text.lower().split():
-        if chunk.isalpha():  # most chunks are plain words: skip the regular expression for them
-            tokens.append(chunk)
-            continue
-        for token in _TOKEN_RE.findall(chunk):
-            if _DIGIT_RE.search(token):
-                tokens.append(DIGIT_TOKEN)
-            elif keep_punctuation or _ALNUM_RE.search(token):
-                tokens.append(token)
+        if chunk.isalpha():  # a plain word
+            append(chunk)
+        elif chunk[:-1].isalpha() and not chunk[-1].isalnum():  # a word and one closing mark: "time," "film."
+            append(chunk[:-1])
+            if keep_punctuation:
+                append(chunk[-1])
+        else:
+            for token in findall(chunk):
+                if has_digit(token):
+                    append(DIGIT_TOKEN)
+                elif keep_punctuation or has_alnum(token):
+                    append(token)
     return tokens
 
 
