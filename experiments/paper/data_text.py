@@ -41,10 +41,6 @@ def replace_digit_tokens(tokens: list[str]) -> list[str]:
     return [DIGIT_TOKEN if _DIGIT_RE.search(token) else token for token in tokens]
 
 
-def is_punctuation(token: str) -> bool:
-    return _ALNUM_RE.search(token) is None
-
-
 def _tokens(text: str, keep_punctuation: bool) -> list[str]:
     # IMDB alone has 12M tokens: method look-ups are hoisted, and the regular expression (slow in Python's
     # engine) only sees chunks that the fast paths below cannot settle with the same result
@@ -95,9 +91,10 @@ def clean_agnews(text: str) -> str:
 
 
 def tokenize_newsgroups(text: str) -> list[str]:
-    """The authors' 20 Newsgroups clean-up: their ``cleaner`` (tokenise, lowercase, digits -> qqq), then every
-    run of non-word characters in the joined text becomes its last character alone, so ``don't`` ends up as
-    ``do n ' t`` and ``!!!`` as ``!``."""
+    """The authors' 20 Newsgroups clean-up: their ``cleaner`` (tokenise, lowercase, digits -> qqq), then in
+    the space-joined text every run of non-word characters becomes its last character alone. Since the
+    spaces belong to the runs, a punctuation token between spaces disappears ("great !" -> "great"), one at
+    the very end stays, and marks inside a token split it ("n't" -> "n ' t")."""
     joined = " ".join(tokenize(text))
     return _NON_WORD_RUN_RE.sub(r" \1 ", joined).split()
 
