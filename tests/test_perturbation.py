@@ -49,9 +49,8 @@ def _shape_cases():
 def test_matches_reference(backend_name, batch, length, kind, mask_pattern):
     require_backend(backend_name)
     inputs = make_inputs(batch, length, 1, mask_pattern, seed=batch * 7 + length)
-    for eps in (0.5, 3.0):
-        r = check_perturbation_against_reference(backend_name, inputs, kind, eps)
-        assert r.shape == inputs.scores.shape and r.dtype == inputs.scores.dtype
+    r = check_perturbation_against_reference(backend_name, inputs, kind, eps=2.5)
+    assert r.shape == inputs.scores.shape and r.dtype == inputs.scores.dtype
 
 
 def test_float64(backend):
