@@ -244,6 +244,8 @@ def _load_sst(data_dir: Path, max_examples: int | None, require_train: bool) -> 
         sources.append(str(path))
         examples = []
         for number, line in _lines(path):
+            if max_examples is not None and len(examples) == max_examples:
+                break  # the official splits need no global pass: stop reading early
             if not line.strip():
                 continue
             try:
@@ -253,7 +255,7 @@ def _load_sst(data_dir: Path, max_examples: int | None, require_train: bool) -> 
             if root == 2:
                 continue
             examples.append(Example(tokens=_sst_tokens(leaves), label=int(root >= 3)))
-        splits[split] = _truncate(examples, max_examples)
+        splits[split] = examples
     return TaskData("sst", "bc", ["negative", "positive"], splits["train"], splits["dev"],
                     {"test": splits["test"]}, "; ".join(sources), TASKS["sst"].min_df)
 
