@@ -27,8 +27,9 @@ def _triton_status() -> tuple[bool, str]:
 
 
 def _triton_runs_on(device: torch.device) -> bool:
-    # Triton runs CUDA tensors, or CPU tensors under its interpreter (TRITON_INTERPRET=1, used by the tests).
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    # Triton runs CUDA tensors, or CPU tensors under its interpreter (TRITON_INTERPRET=1, used by the tests);
+    # never meta tensors, which hold no data for the interpreter to run on.
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def why_unavailable(backend: str, device: torch.device) -> str | None:

@@ -59,8 +59,9 @@ def check_eps(eps) -> None:
 
 def check_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
     """Values at real positions must be finite (padded positions are never read). Skipped while tracing
-    under torch.compile, where a data-dependent check would break the graph."""
-    if _is_compiling():
+    under torch.compile, where a data-dependent check would break the graph, and for meta tensors, which
+    hold no values (shape inference)."""
+    if _is_compiling() or x.device.type == "meta":
         return
     bad = ~torch.isfinite(x)
     if mask is not None:
