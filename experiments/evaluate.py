@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Re-evaluate a saved run: load its best checkpoint and recompute the test metrics (task metrics,
+attention-vs-gradient-importance correlation, robustness), print them and write <run>/evaluation.json.
+
+    python experiments/evaluate.py runs/sst_attention_at_lstm_20260101-120000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from paper.data import DataFormatError, MissingDataError
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run directory written by train.py (holds best.pt)")
+    parser.add_argument("--data-dir", default=None,
+                        help="where the task's files are now (default: the folder the run was trained from)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--robustness-eps", type=non_negative_float, default=None,
+                        help="size of the test-time AT perturbation (default: the run's)")
+    parser.add_argument("--heatmaps", action="store_true", help="also rewrite the run's heat maps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    from paper.training import UsageError, evaluate_run
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    try:
+        result = evaluate_run(args.run_dir, data_dir=args.data_dir, device_arg=args.device,
+                              robustness_eps=args.robustness_eps, heatmaps=args.heatmaps)
+    except (UsageError, MissingDataError, DataFormatError) as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

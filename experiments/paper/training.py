@@ -1,0 +1,425 @@
+"""Training and evaluation of the paper's models: the loop, checkpoints (atomic, resumable, loadable with
+torch.load(weights_only=True)), DistributedDataParallel, and the test-time measurements.
+
+A run directory holds:
+    config.json    the resolved configuration (every value the run depends on)
+    metrics.json   per-epoch dev metrics, the best epoch, test metrics (task metrics, attention-vs-gradient
+                   correlation, robustness), times
+    best.pt        the model of the best dev epoch (+ vocabulary and config, plain data)
+    last.pt        everything needed to resume after the last finished epoch (model, optimizer, RNG states)
+    heatmaps/      attention and gradient importance of a few fixed test sentences (.html and .png)
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from . import interpret, methods
+from .data import Vocab, load_embeddings, load_task, make_batches
+from .heatmaps import write_heatmaps
+from .metrics import attention_gradient_correlation, classification_metrics, mean_total_variation
+from .models import AttentionClassifier
+
+EXPERIMENTS = Path(__file__).resolve().parents[1]
+# GloVe 6B 50d restricted to the SST training vocabulary (see experiments/data/glove/README.md).
+EMBEDDED_GLOVE = EXPERIMENTS / "data" / "glove" / "glove.6B.50d.sst.txt.gz"
+DEFAULT_EPOCHS = {"bc": 8, "qa": 10, "nli": 10}
+CHECKPOINT_FORMAT = 1
+HEATMAP_SENTENCES = 6
+EVAL_BATCH_SIZE = 128
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, without a traceback, with a non-zero exit."""
+
+
+# ----------------------------------------------------------------------------------------------- set-up
+
+def resolve_embeddings(value: str | None, dataset: str) -> str | None:
+    """--embeddings: a path, 'none' (random initialisation), or None = the default: the embedded GloVe
+    subset for SST, random initialisation for the other tasks (the subset holds SST's words only)."""
+    if value is None:
+        return str(EMBEDDED_GLOVE) if dataset == "sst" and EMBEDDED_GLOVE.is_file() else None
+    if value.lower() == "none":
+        return None
+    if not Path(value).is_file():
+        raise UsageError(f"--embeddings {value}: no such file (a GloVe or fastText text file, optionally .gz; "
+                         "e.g. glove.6B.300d.txt from https://nlp.stanford.edu/data/glove.6B.zip)")
+    return str(Path(value).resolve())
+
+
+def load_data(config: dict):
+    """The task after the paper's recipe, truncated as the config asks, and its vocabulary."""
+    limits = [n for n in (config["max_train_examples"], config["max_eval_examples"]) if n is not None]
+    # load_task's max_examples cuts every split; load enough for both limits and cut each below.
+    cut_all = max(limits) if len(limits) == 2 else None
+    task = load_task(config["dataset"], config["data_dir"], max_examples=cut_all)
+    if config["max_train_examples"] is not None:
+        task.train = task.train[:config["max_train_examples"]]
+    if config["max_eval_examples"] is not None:
+        n = config["max_eval_examples"]
+        task.dev = task.dev[:n]
+        task.tests = {name: examples[:n] for name, examples in task.tests.items()}
+    if not task.train or not task.dev:
+        raise UsageError(f"task {config['dataset']!r} has no training or dev examples in {task.source}")
+    return task, Vocab.build_for_task(task)
+
+
+def build_model(config: dict, vocab_size: int, pretrained: torch.Tensor | None = None) -> AttentionClassifier:
+    return AttentionClassifier(
+        vocab_size, kind=config["kind"], n_labels=config["n_labels"], embed_size=config["embed_size"],
+        encoder=config["encoder"], attention=config["attention"], hidden_size=config["hidden_size"],
+        cnn_channels=config["cnn_channels"], kernel_sizes=tuple(config["kernel_sizes"]),
+        decoder_size=config["decoder_size"], dropout=config["dropout"], pretrained=pretrained)
+
+
+def make_optimizer(model: AttentionClassifier, config: dict) -> torch.optim.Optimizer:
+    """Adam with amsgrad; weight decay on every parameter except the attention's (as in the paper)."""
+    attention = {id(p) for p in model.attention_parameters()}
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in attention], "weight_decay": config["weight_decay"]},
+        {"params": [p for p in model.parameters() if id(p) in attention], "weight_decay": 0.0},
+    ]
+    return torch.optim.Adam(groups, lr=config["lr"], amsgrad=True)
+
+
+class Distributed:
+    """rank / world size from torchrun's environment; a single process otherwise."""
+
+    def __init__(self, device_arg: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_arg == "auto":
+            device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device_arg)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {device_arg}: this torch ({torch.__version__}) sees no CUDA device")
+            if self.world > 1 or device.index is None:
+                device = torch.device("cuda", local_rank if self.world > 1 else torch.cuda.current_device())
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.world > 1:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def shard(self, batches: list) -> list:
+        """This rank's batches: every world-th batch, wrapping around so that every rank takes the same
+        number of steps (DDP needs them in lockstep)."""
+        if self.world == 1:
+            return batches
+        steps = math.ceil(len(batches) / self.world)
+        return [batches[(self.rank + k * self.world) % len(batches)] for k in range(steps)]
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then os.replace: a kill never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path}: not a checkpoint of this version (format {checkpoint.get('format')!r})")
+    return checkpoint
+
+
+def rng_state(shuffle: torch.Generator, noise: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state(), "noise": noise.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, shuffle: torch.Generator, noise: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    shuffle.set_state(state["shuffle"])
+    noise.set_state(state["noise"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def predict(model: AttentionClassifier, examples, vocab: Vocab, config: dict, device) -> dict:
+    """Task metrics on `examples` (forward passes only)."""
+    model.eval()
+    labels, logits = [], []
+    with torch.no_grad():
+        for batch in make_batches(examples, vocab, EVAL_BATCH_SIZE, shuffle=False, device=device,
+                                  num_labels=config["n_labels"]):
+            labels.append(batch.labels.cpu())
+            logits.append(model(batch).logits.float().cpu())
+    return classification_metrics(torch.cat(labels), torch.cat(logits), config["kind"], logits=True)
+
+
+def evaluate_test(model: AttentionClassifier, examples, vocab: Vocab, config: dict, device) -> dict:
+    """Task metrics, the attention-vs-gradient-importance correlation and the robustness to an AT
+    perturbation of the test scores (SPEC "Evaluation")."""
+    model.eval()
+    labels, logits, perturbed_logits = [], [], []
+    attentions, importances, perturbed_attentions = [], [], []
+    eps = config["robustness_eps"]
+    for batch in make_batches(examples, vocab, EVAL_BATCH_SIZE, shuffle=False, device=device,
+                              num_labels=config["n_labels"]):
+        found = interpret.gradient_importance(model, batch)
+        attacked = interpret.perturbed_predictions(model, batch, eps)
+        mask = batch.mask.cpu()
+        labels.append(batch.labels.cpu())
+        logits.append(found.logits.float().cpu())
+        perturbed_logits.append(attacked.logits.float().cpu())
+        for row, keep in enumerate(mask):
+            attentions.append(found.attention[row].cpu()[keep].double().numpy())
+            importances.append(found.importance[row].cpu()[keep].double().numpy())
+            perturbed_attentions.append(attacked.attention[row].cpu()[keep].double().numpy())
+    labels = torch.cat(labels)
+    result = classification_metrics(labels, torch.cat(logits), config["kind"], logits=True)
+    result["correlation"] = attention_gradient_correlation(attentions, importances)
+    attacked_metrics = classification_metrics(labels, torch.cat(perturbed_logits), config["kind"], logits=True)
+    result["robustness"] = {"eps": eps, "accuracy": attacked_metrics["accuracy"],
+                            "attention_tv_mean": mean_total_variation(attentions, perturbed_attentions)}
+    return result
+
+
+def heatmap_sentences(examples, count: int = HEATMAP_SENTENCES) -> list:
+    """The first `count` test examples of 6 to 30 tokens: fixed sentences, comparable across runs."""
+    chosen = [e for e in examples if 6 <= len(e.tokens) <= 30][:count]
+    return chosen or list(examples[:count])
+
+
+def write_run_heatmaps(model, examples, vocab, config, device, out_dir: Path, title: str):
+    chosen = heatmap_sentences(examples)
+    batch = make_batches(chosen, vocab, len(chosen), shuffle=False, sort_by_length=False, device=device,
+                         num_labels=config["n_labels"])[0]
+    model.eval()
+    found = interpret.gradient_importance(model, batch)
+    rows = []
+    for row, example in enumerate(chosen):
+        n = len(example.tokens)
+        rows.append((example.tokens, {"attention": found.attention[row, :n].cpu().tolist(),
+                                      "gradient x input": found.importance[row, :n].cpu().tolist()}))
+    return write_heatmaps(rows, out_dir, title, stem="heatmaps")
+
+
+def test_metrics(model, task, vocab, config, device) -> dict:
+    return {name: evaluate_test(model, examples, vocab, config, device) for name, examples in task.tests.items()}
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def default_output_dir(config: dict) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config['dataset']}_{config['method']}_{config['encoder']}_{stamp}"
+
+
+def _log(message: str) -> None:
+    tqdm.write(message, file=sys.stderr)
+
+
+def train(config: dict, output_dir: Path, *, resume: bool, device_arg: str = "auto", threads: int | None = None,
+          progress: bool = True) -> dict | None:
+    """Train as `config` says, writing the run directory; returns metrics (rank 0) or None (other ranks)."""
+    started, cpu_started = time.time(), time.process_time()
+    ddp = Distributed(device_arg)
+    try:
+        if threads is None and ddp.world > 1 and ddp.device.type == "cpu":
+            threads = max(1, (os.cpu_count() or 1) // ddp.world)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return _train(config, output_dir, resume, ddp, progress, started, cpu_started)
+    finally:
+        ddp.close()
+
+
+def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: bool, started, cpu_started):
+    device = ddp.device
+    last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
+    checkpoint = load_checkpoint(last_path) if resume and last_path.is_file() else None
+
+    torch.manual_seed(config["seed"])
+    task, vocab = load_data(config)
+    config["label_names"] = list(task.label_names)
+    config["n_labels"] = 1 if config["kind"] == "bc" else task.num_labels  # bc: one logit
+    pretrained = None
+    if checkpoint is None and config["embeddings"] is not None:
+        pretrained, n_found = load_embeddings(config["embeddings"], vocab, seed=config["seed"])
+        config["embeddings_found"] = n_found
+    if pretrained is not None:
+        config["embed_size"] = pretrained.shape[1]
+    config["vocab_size"] = len(vocab)
+    model = build_model(config, len(vocab), pretrained).to(device)
+    optimizer = make_optimizer(model, config)
+    shuffle_gen = torch.Generator().manual_seed(config["seed"])
+    noise_gen = torch.Generator(device=device).manual_seed(config["seed"] + 1)
+    objective = methods.Objective(model, config["method"], eps=config["eps"], lam=config["lam"],
+                                  compat=config["compat"], generator=noise_gen)
+    history, best, start_epoch = [], {"epoch": None, "dev": None}, 0
+    if checkpoint is not None:
+        if vocab.to_dict() != checkpoint["vocab"]:
+            raise UsageError(f"{last_path}: the data gives a different vocabulary than the checkpoint's")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        restore_rng(checkpoint["rng"], shuffle_gen, noise_gen)
+        history, best, start_epoch = checkpoint["history"], checkpoint["best"], checkpoint["epoch"]
+        if ddp.main:
+            _log(f"resuming {output_dir} after epoch {start_epoch}")
+    if ddp.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(config, output_dir / "config.json")
+        _log(f"{config['dataset']}: {len(task.train)} train / {len(task.dev)} dev / "
+             + " / ".join(f"{len(v)} {k}" for k, v in task.tests.items())
+             + f", vocabulary {len(vocab)}, device {device}, {torch.get_num_threads()} threads"
+             + (f", {ddp.world} processes" if ddp.world > 1 else ""))
+    trainer = DistributedDataParallel(objective) if ddp.world > 1 else objective
+
+    for epoch in range(start_epoch, config["epochs"]):
+        epoch_started = time.time()
+        model.train()
+        objective.refresh_neighbours()
+        batches = ddp.shard(make_batches(task.train, vocab, config["batch_size"], shuffle=True,
+                                         generator=shuffle_gen, device=device, num_labels=config["n_labels"]))
+        sums = [0.0, 0.0, 0.0, 0]  # loss, clean loss, adversarial loss, examples
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not (progress and ddp.main),
+                   leave=False, dynamic_ncols=True)
+        for batch in bar:
+            optimizer.zero_grad(set_to_none=True)
+            step = trainer(batch)
+            step.loss.backward()
+            optimizer.step()
+            n = len(batch)
+            sums[0] += step.loss.item() * n
+            sums[1] += step.clean_loss.item() * n
+            sums[2] += (0.0 if step.adversarial_loss is None else step.adversarial_loss.item()) * n
+            sums[3] += n
+            bar.set_postfix(loss=f"{sums[0] / sums[3]:.4f}")
+        sums = ddp.sum(sums)
+        record = {"epoch": epoch + 1, "train_loss": sums[0] / sums[3], "train_clean_loss": sums[1] / sums[3],
+                  "train_adversarial_loss": sums[2] / sums[3] if config["method"] != "vanilla" else None}
+        if ddp.main:
+            record["dev"] = predict(model, task.dev, vocab, config, device)
+            record["seconds"] = time.time() - epoch_started
+            history.append(record)
+            if best["dev"] is None or record["dev"]["accuracy"] > best["dev"]["accuracy"]:
+                best = {"epoch": epoch + 1, "dev": record["dev"]}
+                save_atomic({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "epoch": epoch + 1,
+                             "config": config, "vocab": vocab.to_dict(), "dev": record["dev"]}, best_path)
+            save_atomic({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch + 1, "rng": rng_state(shuffle_gen, noise_gen), "history": history,
+                         "best": best, "config": config, "vocab": vocab.to_dict()}, last_path)
+            _log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, dev " + _short(record["dev"])
+                 + f" ({record['seconds']:.1f} s)" + ("  *best*" if best["epoch"] == epoch + 1 else ""))
+        ddp.barrier()
+
+    if not ddp.main:
+        return None
+    train_seconds, train_cpu = time.time() - started, time.process_time() - cpu_started
+    model.load_state_dict(load_checkpoint(best_path)["model"])
+    tests = test_metrics(model, task, vocab, config, device)
+    first_test = next(iter(task.tests))
+    html, png = write_run_heatmaps(model, task.tests[first_test], vocab, config, device, output_dir / "heatmaps",
+                                   f"{config['dataset']} {config['method']} ({config['encoder']}, "
+                                   f"{config['attention']}): best epoch {best['epoch']}, {first_test} sentences")
+    metrics = {
+        "dataset": config["dataset"], "method": config["method"], "kind": config["kind"],
+        "epochs": history, "best_epoch": best["epoch"], "best_dev": best["dev"], "test": tests,
+        "heatmaps": {"html": str(html.relative_to(output_dir)), "png": str(png.relative_to(output_dir))},
+        # times of this invocation (a resumed run counts from its restart), rank 0's CPU time
+        "train_seconds": train_seconds, "train_cpu_seconds": train_cpu,
+        "total_seconds": time.time() - started, "total_cpu_seconds": time.process_time() - cpu_started,
+        "threads": torch.get_num_threads(), "world_size": ddp.world,
+        "backend": fused_backend(device),
+    }
+    write_json_atomic(metrics, output_dir / "metrics.json")
+    for name, result in tests.items():
+        _log(f"test ({name}): " + _short(result) + f"; attention/gradient Pearson "
+             f"{_fmt(result['correlation']['pearson_mean'])} +- {_fmt(result['correlation']['pearson_std'])}; "
+             f"robust accuracy {_fmt(result['robustness']['accuracy'])}")
+    _log(f"done in {metrics['total_seconds']:.1f} s ({metrics['total_cpu_seconds']:.1f} s CPU): {output_dir}")
+    return metrics
+
+
+def fused_backend(device) -> str:
+    import fused_attn_at
+
+    return fused_attn_at.resolve_backend(None, torch.device(device))
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _short(result: dict) -> str:
+    return ", ".join(f"{k} {_fmt(result[k])}" for k in ("accuracy", "f1", "roc_auc") if k in result)
+
+
+# ----------------------------------------------------------------------------------------------- re-evaluation
+
+def evaluate_run(run_dir: Path, *, data_dir: str | None = None, device_arg: str = "auto",
+                 robustness_eps: float | None = None, heatmaps: bool = False) -> dict:
+    """Recompute the test metrics of a saved run from its best checkpoint (its own vocabulary and config)."""
+    best_path = run_dir / "best.pt"
+    if not best_path.is_file():
+        raise UsageError(f"{best_path} does not exist: {run_dir} is not a finished or started run directory")
+    checkpoint = load_checkpoint(best_path)
+    config = dict(checkpoint["config"])
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise UsageError(f"--data-dir {data_dir} is not a folder")
+        config["data_dir"] = str(Path(data_dir).resolve())
+    if robustness_eps is not None:
+        config["robustness_eps"] = robustness_eps
+    device = Distributed(device_arg).device
+    vocab = Vocab.from_dict(checkpoint["vocab"])
+    task = load_task(config["dataset"], config["data_dir"], max_examples=config["max_eval_examples"],
+                     require_train=False)
+    model = build_model(config, len(vocab)).to(device)
+    model.load_state_dict(checkpoint["model"])
+    result = {"run": str(run_dir), "best_epoch": checkpoint["epoch"], "robustness_eps": config["robustness_eps"],
+              "backend": fused_backend(device),
+              "test": test_metrics(model, task, vocab, config, device)}
+    if heatmaps:
+        first = next(iter(task.tests))
+        html, png = write_run_heatmaps(model, task.tests[first], vocab, config, device, run_dir / "heatmaps",
+                                       f"{config['dataset']} {config['method']}: best epoch {checkpoint['epoch']}")
+        result["heatmaps"] = {"html": str(html), "png": str(png)}
+    write_json_atomic(result, run_dir / "evaluation.json")
+    return result

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Train one of the paper's models with one of its six training methods (Kitada & Iyatomi 2021).
+
+    python experiments/train.py --method attention_at                 # SST (embedded), BiLSTM, additive attention
+    python experiments/train.py --method attention_iat --dataset imdb --data-dir ~/data/aclImdb --embeddings glove.840B.300d.txt
+    torchrun --nproc_per_node 2 experiments/train.py --method attention_at   # DistributedDataParallel
+
+Writes config.json, metrics.json, best.pt, last.pt and heatmaps/ into --output-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from paper.data import TASKS, DataFormatError, MissingDataError
+from paper.methods import COMPAT_METHODS, METHODS
+from paper.models import ATTENTIONS, ENCODERS
+
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+# The values a run's results depend on; --resume keeps the saved ones (only --device, --threads and
+# --no-progress may change).
+RESULT_KEYS = ("dataset", "data_dir", "method", "encoder", "attention", "eps", "lam", "compat", "epochs",
+               "batch_size", "lr", "weight_decay", "seed", "embeddings", "embed_size", "hidden_size",
+               "cnn_channels", "kernel_sizes", "decoder_size", "dropout", "max_train_examples",
+               "max_eval_examples", "robustness_eps")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Datasets: " + "; ".join(f"{name} ({info.kind})" for name, info in TASKS.items())
+        + ". Only sst ships with the repository; the others need --data-dir (an error names the download).")
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--method", choices=METHODS, default="attention_at",
+                      help="training method: vanilla (no perturbation); word_at / word_iat (adversarial "
+                           "perturbation of the word embeddings, Miyato et al. 2017 / Sato et al. 2018); "
+                           "attention_rp (random perturbation of the attention scores); attention_at / "
+                           "attention_iat (the paper's adversarial perturbation of the attention scores)")
+    what.add_argument("--dataset", choices=list(TASKS), default="sst",
+                      help="task; sst is embedded in the repository, the others read --data-dir")
+    what.add_argument("--data-dir", default=None,
+                      help="folder with the task's original files (default: the embedded SST; required for "
+                           "every other dataset)")
+    what.add_argument("--embeddings", default=None,
+                      help="pretrained word vectors to initialise the (trainable) embedding: a GloVe or "
+                           "fastText text file (.gz allowed), or 'none' for random initialisation. Default: "
+                           "for sst the embedded GloVe 6B 50d subset (experiments/data/glove), else none")
+    what.add_argument("--encoder", choices=ENCODERS, default="lstm",
+                      help="BiLSTM (128 per direction) or CNN (kernels 1,3,5,7 x 32 channels)")
+    what.add_argument("--attention", choices=ATTENTIONS, default="additive",
+                      help="additive (tanh) or scaled dot-product attention scores")
+
+    adv = parser.add_argument_group("perturbation")
+    adv.add_argument("--eps", type=non_negative_float, default=1.0,
+                     help="norm of the perturbation (of the attention scores or of the embeddings)")
+    adv.add_argument("--lam", type=non_negative_float, default=1.0,
+                     help="weight of the adversarial loss: L = L_clean + lam * L_adv")
+    adv.add_argument("--compat", choices=["released"], default=None,
+                     help="'released' reproduces the authors' released code for attention_at/attention_iat: "
+                          "three network passes per step, gradient of 2 L_clean + lam L_adv, and iAT "
+                          "stepping along -g (see SPEC.md); default: the paper's method")
+    adv.add_argument("--robustness-eps", type=non_negative_float, default=None,
+                     help="size of the test-time AT perturbation of the attention scores for the robustness "
+                          "numbers (default: --eps)")
+
+    opt = parser.add_argument_group("optimisation (defaults of the paper)")
+    opt.add_argument("--epochs", type=positive_int, default=None,
+                     help="training epochs (default: 8 for binary classification, 10 for QA and NLI)")
+    opt.add_argument("--batch-size", type=positive_int, default=32, help="examples per step (per process with torchrun)")
+    opt.add_argument("--lr", type=positive_float, default=1e-3, help="Adam (amsgrad) learning rate")
+    opt.add_argument("--weight-decay", type=non_negative_float, default=1e-5,
+                     help="L2 weight decay of every parameter except the attention's")
+    opt.add_argument("--dropout", type=float, default=0.0,
+                     help="dropout on the embeddings and the context vector (the paper uses none)")
+    opt.add_argument("--seed", type=int, default=1, help="random seed (initialisation, shuffling, noise)")
+
+    size = parser.add_argument_group("model size")
+    size.add_argument("--embed-size", type=positive_int, default=300,
+                      help="embedding size when no pretrained vectors are used (else the vectors' size)")
+    size.add_argument("--hidden-size", type=positive_int, default=128, help="LSTM hidden size per direction")
+    size.add_argument("--cnn-channels", type=positive_int, default=32, help="CNN channels per kernel size")
+    size.add_argument("--kernel-sizes", type=positive_int, nargs="+", default=[1, 3, 5, 7],
+                      help="CNN kernel sizes (odd)")
+    size.add_argument("--decoder-size", type=positive_int, default=128, help="hidden size of the pair decoder")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", type=Path, default=None,
+                     help="run directory (default: runs/<dataset>_<method>_<encoder>_<timestamp>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --output-dir from its last finished epoch, with its saved "
+                          "configuration (a resumed run ends with the metrics of an uninterrupted one)")
+    run.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    run.add_argument("--threads", type=positive_int, default=None,
+                     help="torch CPU threads (default: torch's choice; with torchrun on CPU, cores / processes)")
+    run.add_argument("--max-train-examples", type=positive_int, default=None,
+                     help="keep only the first N training examples (quick tests)")
+    run.add_argument("--max-eval-examples", type=positive_int, default=None,
+                     help="keep only the first N examples of dev and of each test set (quick tests)")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return parser
+
+
+def resolve_config(args, parser) -> dict:
+    from paper.training import UsageError, resolve_embeddings
+
+    if args.compat is not None and args.method not in COMPAT_METHODS:
+        parser.error(f"--compat {args.compat} applies to {' and '.join(COMPAT_METHODS)} only, not --method {args.method}")
+    if not 0.0 <= args.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if any(k % 2 == 0 for k in args.kernel_sizes):
+        parser.error(f"--kernel-sizes must be odd, got {args.kernel_sizes}")
+    info = TASKS[args.dataset]
+    if args.data_dir is None and args.dataset != "sst":
+        raise UsageError(f"--dataset {args.dataset} needs --data-dir: {info} (expected layout: {info.layout})")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise UsageError(f"--data-dir {args.data_dir} is not a folder. {info} (expected layout: {info.layout})")
+    return {
+        "dataset": args.dataset, "kind": info.kind,
+        "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
+        "method": args.method, "encoder": args.encoder, "attention": args.attention,
+        "eps": args.eps, "lam": args.lam, "compat": args.compat,
+        "robustness_eps": args.eps if args.robustness_eps is None else args.robustness_eps,
+        "epochs": args.epochs or {"bc": 8, "qa": 10, "nli": 10}[info.kind],
+        "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "dropout": args.dropout,
+        "seed": args.seed, "embeddings": resolve_embeddings(args.embeddings, args.dataset),
+        "embed_size": args.embed_size, "hidden_size": args.hidden_size, "cnn_channels": args.cnn_channels,
+        "kernel_sizes": list(args.kernel_sizes), "decoder_size": args.decoder_size,
+        "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
+    }
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from paper.training import UsageError, default_output_dir, train
+
+    try:
+        if args.resume:
+            if args.output_dir is None:
+                raise UsageError("--resume needs --output-dir (the run directory to continue)")
+            saved = args.output_dir / "config.json"
+            if not saved.is_file():
+                raise UsageError(f"--resume: {saved} does not exist (nothing to resume)")
+            config = json.loads(saved.read_text(encoding="utf-8"))
+            output_dir = args.output_dir
+        else:
+            config = resolve_config(args, parser)
+            output_dir = args.output_dir or default_output_dir(config)
+            if (output_dir / "last.pt").exists() or (output_dir / "metrics.json").exists():
+                raise UsageError(f"{output_dir} already holds a run: pass --resume to continue it, or choose "
+                                 "another --output-dir")
+        train(config, output_dir, resume=args.resume, device_arg=args.device, threads=args.threads,
+              progress=not args.no_progress)
+    except (UsageError, MissingDataError, DataFormatError) as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
