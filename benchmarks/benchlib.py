@@ -119,10 +119,10 @@ def set_axes(bench_set: str) -> dict:
 
 
 def make_cases(shapes, perturbations, modes, dtypes, devices, backends=None, smoke=False) -> list[Case]:
-    """Cases ordered shape -> dtype -> perturbation -> mode -> backend, so that consecutive cases share one
-    torch.compile graph (a shape is compiled once, then reset) and the report can pair backends."""
+    """Cases ordered device -> shape -> dtype -> perturbation -> mode -> backend, so that consecutive cases
+    share one torch.compile graph (each is compiled once, then reset) and the report can pair backends."""
     cases = []
-    for (B, T, H), dtype, pert, mode, device in itertools.product(shapes, dtypes, perturbations, modes, devices):
+    for device, (B, T, H), dtype, pert, mode in itertools.product(devices, shapes, dtypes, perturbations, modes):
         if smoke and dtype != "float32" and pert != "none":
             continue
         for dev, backend in BACKENDS:
