@@ -59,7 +59,9 @@ def extensions():
     reason = _cuda_reason(torch)
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     if reason is None and cuda_sources:
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--use_fast_math", "-std=c++20", "-lineinfo"]
+        # no --use_fast_math: IEEE exp/sqrt/division cost nothing in these memory-bound kernels and keep them
+        # within the tolerance rule on every input
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]
         kwargs["define_macros"] = [("FUSED_ATTN_AT_WITH_CUDA", "1")]
         ext = cpp_extension.CUDAExtension("fused_attn_at._C", sources + cuda_sources, **kwargs)
         print("fused_attn_at: building the CPU and CUDA kernels", file=sys.stderr)

@@ -1,0 +1,158 @@
+// Torch binding of the CUDA kernels (attention_pool_kernels.cu, interface attention_pool_cuda.h): checks the
+// inputs, allocates outputs and workspaces with torch's caching allocator on the current stream, and registers
+// the three ops of csrc/ops.cpp under the CUDA dispatch key. Built only where torch has CUDA (setup.py).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../attention_pool.h"
+#include "attention_pool_cuda.h"
+
+namespace fused_attn_at {
+namespace {
+
+fa_dtype to_fa_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return FA_FLOAT32;
+    case at::kDouble:
+      return FA_FLOAT64;
+    case at::kHalf:
+      return FA_FLOAT16;
+    case at::kBFloat16:
+      return FA_BFLOAT16;
+    default:
+      TORCH_CHECK_TYPE(false, "fused_attn_at CUDA kernels take float16, bfloat16, float32 or float64, got ", dtype);
+  }
+}
+
+at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+fa_view view_of(const at::Tensor& x) {
+  fa_view view{x.data_ptr(), {0, 0, 0}};
+  for (int64_t d = 0; d < x.dim() && d < 3; ++d) view.stride[d] = x.stride(d);
+  return view;
+}
+
+fa_view mask_view(const std::optional<at::Tensor>& mask) {
+  return mask.has_value() ? view_of(*mask) : fa_view{nullptr, {0, 0, 0}};
+}
+
+void check_cuda(const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), name, " must be a CUDA tensor for the CUDA kernels, got device ", x.device());
+}
+
+void check_launch(int error, const char* what) {
+  TORCH_CHECK(error == 0, "fused_attn_at: CUDA ", what, " failed: ", fa_cuda_error_string(error));
+}
+
+// The kernels read every operand in the storage type of h/scores (the checks only require a float dtype).
+at::Tensor as_dtype(const at::Tensor& x, at::ScalarType dtype) { return x.scalar_type() == dtype ? x : x.to(dtype); }
+
+// (c10/cuda only: ATen/cuda/CUDAContext.h would pull in the cuBLAS/cuSPARSE headers, absent from minimal toolkits.)
+void* stream_handle() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
+
+int num_sms() {
+  int count = 0;
+  check_launch(fa_cuda_multiprocessor_count(c10::cuda::current_device(), &count), "multiprocessor count query");
+  return count;
+}
+
+// r of kind 1 (AT/RP) or 2 (iAT) into `out` ([B, T], in the scores' dtype, or in acc when out_is_acc).
+void launch_perturbation(const at::Tensor& scores, const std::optional<at::Tensor>& mask, const at::Tensor& direction,
+                         int64_t kind, double eps, const at::Tensor& out, bool out_is_acc) {
+  const int64_t B = scores.size(0), T = scores.size(1);
+  const fa_dtype dtype = to_fa_dtype(scores.scalar_type());
+  at::Tensor coeff;
+  if (kind == KIND_IAT) {
+    coeff = at::empty({B, B}, scores.options().dtype(acc_dtype(scores.scalar_type())));  // coeff[i, j]
+    check_launch(fa_cuda_iat_coefficients(dtype, B, T, view_of(scores), mask_view(mask), view_of(direction),
+                                          coeff.data_ptr(), stream_handle()),
+                 "iAT coefficient kernel");
+  }
+  check_launch(fa_cuda_perturbation(dtype, static_cast<int>(kind), out_is_acc ? 1 : 0, B, T, eps, view_of(scores),
+                                    mask_view(mask), view_of(direction), coeff.defined() ? coeff.data_ptr() : nullptr,
+                                    view_of(out), stream_handle()),
+               "perturbation kernel");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(const at::Tensor& h, const at::Tensor& scores,
+                                                           const std::optional<at::Tensor>& mask,
+                                                           const std::optional<at::Tensor>& direction, int64_t kind,
+                                                           double eps) {
+  check_forward_inputs(h, scores, mask, direction, kind, eps);
+  check_cuda("h", h);
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
+  const at::ScalarType dtype = h.scalar_type();
+  at::Tensor context = at::empty({B, H}, h.options());
+  at::Tensor attention = at::empty({B, T}, h.options());
+  if (B == 0) return {context, attention};
+  if (T == 0) return {context.zero_(), attention};
+  int perturb = FA_PERTURB_NONE;
+  at::Tensor r_or_direction;
+  if (kind == KIND_NORMALIZE) {
+    perturb = FA_PERTURB_NORMALIZE;
+    r_or_direction = as_dtype(*direction, dtype);
+  } else if (kind == KIND_IAT) {
+    perturb = FA_PERTURB_GIVEN;
+    r_or_direction = at::empty({B, T}, h.options().dtype(acc_dtype(dtype)));  // r, contiguous
+    launch_perturbation(scores, mask, as_dtype(*direction, dtype), kind, eps, r_or_direction, /*out_is_acc=*/true);
+  }
+  const fa_view direction_view = r_or_direction.defined() ? view_of(r_or_direction) : fa_view{nullptr, {0, 0, 0}};
+  check_launch(fa_cuda_attention_pool_fwd(to_fa_dtype(dtype), perturb, B, T, H, eps, view_of(h), view_of(scores),
+                                          mask_view(mask), direction_view, view_of(context), view_of(attention),
+                                          num_sms(), stream_handle()),
+               "attention_pool forward kernel");
+  return {context, attention};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cuda(const at::Tensor& grad_context,
+                                                           const std::optional<at::Tensor>& grad_attention,
+                                                           const at::Tensor& h, const at::Tensor& attention) {
+  check_backward_inputs(grad_context, grad_attention, h, attention);
+  check_cuda("h", h);
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
+  const at::ScalarType dtype = h.scalar_type();
+  // empty_like keeps h's layout where h is dense and non-overlapping (the fake implementation does the same)
+  at::Tensor grad_h = at::empty_like(h);
+  at::Tensor grad_scores = at::empty({B, T}, attention.options());
+  if (B == 0 || T == 0) return {grad_h.zero_(), grad_scores};
+  const at::Tensor dc = as_dtype(grad_context, dtype);
+  const at::Tensor a = as_dtype(attention, dtype);
+  std::optional<at::Tensor> ga;
+  if (grad_attention.has_value()) ga = as_dtype(*grad_attention, dtype);
+  const at::Tensor scores_out = attention.scalar_type() == dtype ? grad_scores : at::empty({B, T}, h.options());
+  at::Tensor da = at::empty({B, T}, h.options().dtype(acc_dtype(dtype)));  // dL/da_t, contiguous workspace
+  check_launch(fa_cuda_attention_pool_bwd(to_fa_dtype(dtype), B, T, H, view_of(dc), mask_view(ga), view_of(h),
+                                          view_of(a), view_of(grad_h), view_of(scores_out), da.data_ptr(), num_sms(),
+                                          stream_handle()),
+               "attention_pool backward kernels");
+  if (!scores_out.is_same(grad_scores)) grad_scores.copy_(scores_out);
+  return {grad_h, grad_scores};
+}
+
+at::Tensor perturbation_cuda(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
+                             const at::Tensor& direction, int64_t kind, double eps) {
+  check_perturbation_inputs(scores, mask, direction, kind, eps);
+  check_cuda("scores", scores);
+  const c10::cuda::CUDAGuard guard(scores.device());
+  at::Tensor out = at::empty(scores.sizes(), scores.options());
+  if (out.numel() == 0) return out;
+  launch_perturbation(scores, mask, as_dtype(direction, scores.scalar_type()), kind, eps, out, /*out_is_acc=*/false);
+  return out;
+}
+
+}  // namespace
+}  // namespace fused_attn_at
+
+TORCH_LIBRARY_IMPL(fused_attn_at, CUDA, m) {
+  m.impl("attention_pool_fwd", &fused_attn_at::attention_pool_fwd_cuda);
+  m.impl("attention_pool_bwd", &fused_attn_at::attention_pool_bwd_cuda);
+  m.impl("perturbation", &fused_attn_at::perturbation_cuda);
+}

@@ -1,0 +1,71 @@
+/* Launchers of the CUDA kernels of fused_attn_at (csrc/cuda/attention_pool_kernels.cu).
+ *
+ * Plain C, no torch and no CUDA headers: the device code compiles with nvcc alone (raw pointers, sizes and
+ * strides), and the torch binding (attention_pool_binding.cpp) calls these functions.
+ *
+ * Conventions: sizes and strides are in elements (not bytes) and 64-bit; B = batch, T = positions, H = hidden.
+ * A view of a [B, T] tensor uses stride[0] (batch) and stride[1] (position); [B, H] uses stride[0] and stride[1]
+ * (hidden); [B, T, H] uses all three. A mask view with data == NULL means "every position is real"; otherwise it
+ * points at bool bytes (nonzero = real token). Values at masked positions of scores/direction are never read.
+ * "acc" is the accumulation type: double for FA_FLOAT64, float for the others.
+ * Each launcher enqueues its kernels on `stream` (a cudaStream_t) and returns a cudaError_t value: 0 on success.
+ */
+#ifndef FUSED_ATTN_AT_CUDA_ATTENTION_POOL_CUDA_H_
+#define FUSED_ATTN_AT_CUDA_ATTENTION_POOL_CUDA_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum fa_dtype { FA_FLOAT32 = 0, FA_FLOAT64 = 1, FA_FLOAT16 = 2, FA_BFLOAT16 = 3 } fa_dtype;
+
+typedef struct fa_view {
+  void* data;
+  int64_t stride[3];
+} fa_view;
+
+/* What the forward adds to the scores. */
+enum { FA_PERTURB_NONE = 0, FA_PERTURB_NORMALIZE = 1, FA_PERTURB_GIVEN = 2 };
+/* The contract's kind (ops/__init__.py): 1 normalise the direction (AT/RP), 2 iAT. */
+enum { FA_KIND_NORMALIZE = 1, FA_KIND_IAT = 2 };
+
+/* Bytes of one acc element for `dtype`. */
+size_t fa_acc_size(fa_dtype dtype);
+
+/* A readable message for a cudaError_t value returned by the launchers. */
+const char* fa_cuda_error_string(int error);
+
+/* The number of multiprocessors of CUDA device `device` into *count (sizes the grids). */
+int fa_cuda_multiprocessor_count(int device, int* count);
+
+/* iAT coefficients: coeff[i * B + j] = <g_i, D_ij> / max(||D_ij||, 1e-12)^2 with D_ij = (s_i - s_j) m_i m_j,
+ * so that u_i = sum_j coeff[i, j] D_ij. coeff: [B, B] acc, contiguous. O(B^2 T), no [B, B, T] buffer. */
+int fa_cuda_iat_coefficients(fa_dtype dtype, int64_t B, int64_t T, fa_view scores, fa_view mask, fa_view grad,
+                             void* coeff, void* stream);
+
+/* r = eps * v / max(||v||, 1e-12) per row over the valid positions, 0 at padded ones; v = direction (kind 1, in
+ * `dtype`) or u_i = sum_j coeff[i, j] D_ij (kind 2). out: [B, T] in `dtype`, or in acc when out_is_acc. */
+int fa_cuda_perturbation(fa_dtype dtype, int kind, int out_is_acc, int64_t B, int64_t T, double eps, fa_view scores,
+                         fa_view mask, fa_view direction, const void* coeff, fa_view out, void* stream);
+
+/* context [B, H] and attention [B, T] (both `dtype`) of a = masked_softmax(scores + r), c = sum_t a_t h_t.
+ * perturb: FA_PERTURB_NONE; FA_PERTURB_NORMALIZE (r = eps * direction / max(||direction||, 1e-12), direction in
+ * `dtype`); FA_PERTURB_GIVEN (r = direction, in acc). num_sms sizes the grid. */
+int fa_cuda_attention_pool_fwd(fa_dtype dtype, int perturb, int64_t B, int64_t T, int64_t H, double eps, fa_view h,
+                               fa_view scores, fa_view mask, fa_view direction, fa_view context, fa_view attention,
+                               int num_sms, void* stream);
+
+/* grad_h [B, T, H] = a_t dc and grad_scores [B, T] = a * (da - sum_t a_t da_t), da_t = <dc, h_t> + grad_attention_t
+ * (grad_attention.data may be NULL). All tensors in `dtype`; da_workspace: [B, T] acc, contiguous. */
+int fa_cuda_attention_pool_bwd(fa_dtype dtype, int64_t B, int64_t T, int64_t H, fa_view grad_context,
+                               fa_view grad_attention, fa_view h, fa_view attention, fa_view grad_h,
+                               fa_view grad_scores, void* da_workspace, int num_sms, void* stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FUSED_ATTN_AT_CUDA_ATTENTION_POOL_CUDA_H_ */

@@ -1,0 +1,669 @@
+// CUDA kernels of fused_attn_at: perturbed masked-softmax attention pooling (forward, backward), the iAT
+// perturbation and the AT/RP normalisation (SPEC.md). Raw pointers, sizes and strides only: nvcc compiles this
+// file without torch (the torch binding is attention_pool_binding.cpp, the interface attention_pool_cuda.h).
+//
+// Work split (one thread block of 256 threads per row, or per slice of a row):
+//   iat_coeff_kernel       block i, one warp per other row j: coeff[i, j] = <g_i, D_ij> / max(||D_ij||, delta)^2.
+//   perturbation_kernel    block i: r_i = eps * v_i / max(||v_i||, delta), v_i = direction or sum_j coeff[i,j] D_ij.
+//   fwd_kernel             block (b, g): the online-softmax statistics of row b (per thread, merged by warp
+//                          shuffles), then the context columns of group g: the weights of 256 positions are staged
+//                          in shared memory and a [rows x cols] thread tile streams h in 16-byte vectors.
+//   bwd_dh_da_kernel       block (b, k): positions of chunk k, four rows per warp: da_t = <dc, h_t> (+ grad_attention)
+//                          by warp shuffle, dh_t = a_t dc.
+//   bwd_dscores_kernel     block b: dscores = a * (da - sum_t a_t da_t).
+// Every reduction has a fixed order (no atomics): results are bitwise reproducible. float16/bfloat16 accumulate
+// in float32, float64 in float64. Offsets are 64-bit. Positions where the mask is False are never read.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "attention_pool_cuda.h"
+
+namespace fused_attn_at_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr double kDelta = 1e-12;  // SPEC: guards every division by a norm
+constexpr int kUnroll = 4;        // forward: rows of h each thread has in flight
+constexpr int kRowsPerWarp = 4;   // backward: rows of h each warp reduces at once
+constexpr int kMaxGridY = 65535;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <bool Cond, typename A, typename B>
+struct Select {
+  using type = A;
+};
+template <typename A, typename B>
+struct Select<false, A, B> {
+  using type = B;
+};
+
+// Conversions between a storage type and its accumulation type (round to nearest even on the way out).
+template <typename T>
+struct Cvt;
+template <>
+struct Cvt<float> {
+  __device__ static float to(float x) { return x; }
+  __device__ static float from(float x) { return x; }
+};
+template <>
+struct Cvt<double> {
+  __device__ static double to(double x) { return x; }
+  __device__ static double from(double x) { return x; }
+};
+template <>
+struct Cvt<__half> {
+  __device__ static float to(__half x) { return __half2float(x); }
+  __device__ static __half from(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  __device__ static float to(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+};
+
+__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
+__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double acc_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float acc_max(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double acc_max(double a, double b) { return fmax(a, b); }
+
+// VEC consecutive elements, loaded or stored as one access (16 bytes when VEC = 16 / sizeof(T)).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// 16-byte packs go through uint4 so that the compiler emits one 128-bit access (a struct copy may be split).
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* ptr) {
+  Pack<T, VEC> pack;
+  if constexpr (sizeof(Pack<T, VEC>) == 16) {
+    *reinterpret_cast<uint4*>(&pack) = *reinterpret_cast<const uint4*>(ptr);
+  } else {
+    pack = *reinterpret_cast<const Pack<T, VEC>*>(ptr);
+  }
+  return pack;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* ptr, const Pack<T, VEC>& pack) {
+  if constexpr (sizeof(Pack<T, VEC>) == 16) {
+    // The words are gathered explicitly: NVVM splits a type-punned 16-byte copy into scalar stores.
+    uint32_t word[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const unsigned char* bytes = reinterpret_cast<const unsigned char*>(&pack) + 4 * w;
+      word[w] = *reinterpret_cast<const uint32_t*>(bytes);
+    }
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(word[0]), "r"(word[1]), "r"(word[2]),
+                 "r"(word[3])
+                 : "memory");
+  } else {
+    *reinterpret_cast<Pack<T, VEC>*>(ptr) = pack;
+  }
+}
+
+// Butterfly reductions: every lane ends with the same, bitwise identical value (IEEE + is commutative).
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+// Sum over the block, returned to every thread; scratch holds kWarps values.
+template <typename A>
+__device__ A block_sum(A v, A* scratch) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  A total = A(0);
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += scratch[w];
+  __syncthreads();  // scratch is free again
+  return total;
+}
+
+// Online softmax: merge (max2, sum2) into (max, sum), where sum counts exp(x - max). An empty side has
+// max = -inf and sum = 0; two empty sides stay empty without computing inf - inf.
+template <typename A>
+__device__ __forceinline__ void softmax_merge(A& max, A& sum, A max2, A sum2) {
+  const A new_max = acc_max(max, max2);
+  if (new_max == A(-INFINITY)) return;
+  sum = sum * acc_exp(max - new_max) + sum2 * acc_exp(max2 - new_max);
+  max = new_max;
+}
+
+template <typename A>
+__device__ void block_softmax_merge(A& max, A& sum, A* scratch_max, A* scratch_sum) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const A other_max = __shfl_xor_sync(kFullMask, max, offset);
+    const A other_sum = __shfl_xor_sync(kFullMask, sum, offset);
+    softmax_merge(max, sum, other_max, other_sum);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    scratch_max[threadIdx.x >> 5] = max;
+    scratch_sum[threadIdx.x >> 5] = sum;
+  }
+  __syncthreads();
+  max = A(-INFINITY);
+  sum = A(0);
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) softmax_merge(max, sum, scratch_max[w], scratch_sum[w]);
+  __syncthreads();
+}
+
+struct PerturbParams {
+  const void* scores;
+  int64_t s_sb, s_st;
+  const uint8_t* mask;  // nullptr: no mask
+  int64_t m_sb, m_st;
+  const void* direction;
+  int64_t d_sb, d_st;
+  const void* coeff;  // [B, B] acc
+  void* out;
+  int64_t o_sb, o_st;
+  int64_t B, T;
+  double eps;
+};
+
+__device__ __forceinline__ bool is_valid(const uint8_t* mask, int64_t m_sb, int64_t m_st, int64_t row, int64_t t) {
+  return mask == nullptr || mask[row * m_sb + t * m_st] != 0;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) iat_coeff_kernel(const PerturbParams p) {
+  using A = typename AccOf<T>::type;
+  const int64_t i = blockIdx.x;
+  const int lane = threadIdx.x & 31;
+  const T* scores = static_cast<const T*>(p.scores);
+  const T* grad = static_cast<const T*>(p.direction) + i * p.d_sb;
+  A* coeff = static_cast<A*>(const_cast<void*>(p.coeff)) + i * p.B;
+  for (int64_t j = threadIdx.x >> 5; j < p.B; j += kWarps) {
+    A sq_norm = A(0), g_dot_d = A(0);
+    for (int64_t t = lane; t < p.T; t += 32) {
+      if (is_valid(p.mask, p.m_sb, p.m_st, i, t) && is_valid(p.mask, p.m_sb, p.m_st, j, t)) {
+        const A diff = Cvt<T>::to(scores[i * p.s_sb + t * p.s_st]) - Cvt<T>::to(scores[j * p.s_sb + t * p.s_st]);
+        sq_norm += diff * diff;
+        g_dot_d += Cvt<T>::to(grad[t * p.d_st]) * diff;
+      }
+    }
+    sq_norm = warp_sum(sq_norm);
+    g_dot_d = warp_sum(g_dot_d);
+    if (lane == 0) {
+      const A norm = acc_max(acc_sqrt(sq_norm), A(kDelta));
+      coeff[j] = g_dot_d / (norm * norm);
+    }
+  }
+}
+
+template <typename T, typename OutT, int KIND>
+__global__ void __launch_bounds__(kThreads) perturbation_kernel(const PerturbParams p) {
+  using A = typename AccOf<T>::type;
+  __shared__ A scratch[kWarps];
+  const int64_t i = blockIdx.x;
+  const T* scores = static_cast<const T*>(p.scores);
+  const T* direction = static_cast<const T*>(p.direction) + i * p.d_sb;
+  const A* coeff = static_cast<const A*>(p.coeff) + i * p.B;
+  OutT* out = static_cast<OutT*>(p.out) + i * p.o_sb;
+  // The direction v_t at a valid position t of row i.
+  auto value = [&](int64_t t) -> A {
+    if constexpr (KIND == FA_KIND_NORMALIZE) {
+      return Cvt<T>::to(direction[t * p.d_st]);
+    } else {
+      const A s_i = Cvt<T>::to(scores[i * p.s_sb + t * p.s_st]);
+      A u = A(0);
+      for (int64_t j = 0; j < p.B; ++j) {
+        if (is_valid(p.mask, p.m_sb, p.m_st, j, t)) u += coeff[j] * (s_i - Cvt<T>::to(scores[j * p.s_sb + t * p.s_st]));
+      }
+      return u;
+    }
+  };
+  A sq_norm = A(0);
+  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
+    if (is_valid(p.mask, p.m_sb, p.m_st, i, t)) {
+      const A v = value(t);
+      sq_norm += v * v;
+    }
+  }
+  sq_norm = block_sum(sq_norm, scratch);
+  const A scale = A(p.eps) / acc_max(acc_sqrt(sq_norm), A(kDelta));
+  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
+    const A r = is_valid(p.mask, p.m_sb, p.m_st, i, t) ? scale * value(t) : A(0);
+    out[t * p.o_st] = Cvt<OutT>::from(r);
+  }
+}
+
+struct FwdParams {
+  const void* h;
+  int64_t h_sb, h_st, h_sh;
+  const void* scores;
+  int64_t s_sb, s_st;
+  const uint8_t* mask;
+  int64_t m_sb, m_st;
+  const void* direction;  // T for FA_PERTURB_NORMALIZE, acc for FA_PERTURB_GIVEN
+  int64_t d_sb, d_st;
+  void* context;
+  int64_t c_sb, c_sh;
+  void* attention;
+  int64_t a_sb, a_st;
+  int64_t T, H;
+  int64_t nvec;     // vector columns: H / VEC
+  int64_t ngroups;  // groups of `cols` vector columns
+  int cols;         // vector columns per group, a power of two <= kThreads
+  double eps;
+};
+
+template <typename T, int VEC, int PERTURB>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
+  using A = typename AccOf<T>::type;
+  using DirT = typename Select<PERTURB == FA_PERTURB_GIVEN, A, T>::type;
+  __shared__ A scratch_max[kWarps];
+  __shared__ A scratch_sum[kWarps];
+  __shared__ A weights[kThreads];
+  __shared__ A partial[kThreads * VEC];
+
+  const int64_t b = blockIdx.x;
+  const int tid = threadIdx.x;
+  const T* scores = static_cast<const T*>(p.scores) + b * p.s_sb;
+  const DirT* direction = static_cast<const DirT*>(p.direction) + b * p.d_sb;
+  const uint8_t* mask = p.mask == nullptr ? nullptr : p.mask + b * p.m_sb;
+  auto valid = [&](int64_t t) { return mask == nullptr || mask[t * p.m_st] != 0; };
+
+  A scale = A(0);
+  if constexpr (PERTURB == FA_PERTURB_NORMALIZE) {
+    A sq_norm = A(0);
+    for (int64_t t = tid; t < p.T; t += kThreads) {
+      if (valid(t)) {
+        const A v = Cvt<T>::to(direction[t * p.d_st]);
+        sq_norm += v * v;
+      }
+    }
+    sq_norm = block_sum(sq_norm, scratch_sum);
+    scale = A(p.eps) / acc_max(acc_sqrt(sq_norm), A(kDelta));
+  } else if constexpr (PERTURB == FA_PERTURB_GIVEN) {
+    scale = A(1);
+  }
+  // s_t + r_t at a valid position t.
+  auto perturbed = [&](int64_t t) -> A {
+    A x = Cvt<T>::to(scores[t * p.s_st]);
+    if constexpr (PERTURB != FA_PERTURB_NONE) x += scale * Cvt<DirT>::to(direction[t * p.d_st]);
+    return x;
+  };
+
+  A row_max = A(-INFINITY), row_sum = A(0);
+  for (int64_t t = tid; t < p.T; t += kThreads) {
+    if (valid(t)) softmax_merge(row_max, row_sum, perturbed(t), A(1));
+  }
+  block_softmax_merge(row_max, row_sum, scratch_max, scratch_sum);
+  const A shift = row_max == A(-INFINITY) ? A(0) : row_max;
+  const A inv_sum = row_sum > A(0) ? A(1) / row_sum : A(0);  // a fully masked row: attention 0, context 0
+
+  T* attention = static_cast<T*>(p.attention) + b * p.a_sb;
+  T* context = static_cast<T*>(p.context) + b * p.c_sb;
+  const T* h = static_cast<const T*>(p.h) + b * p.h_sb;
+  const int cols = p.cols;
+  const int rows = kThreads / cols;
+  const int my_row = tid / cols, my_col = tid % cols;
+  const int width = cols * VEC;  // elements of h per group
+  bool write_attention = blockIdx.y == 0;
+  for (int64_t group = blockIdx.y; group < p.ngroups; group += gridDim.y) {
+    const int64_t vcol = group * cols + my_col;
+    const bool col_ok = vcol < p.nvec;
+    const T* h_col = h + vcol * VEC * p.h_sh;
+    A acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = A(0);
+    for (int64_t t0 = 0; t0 < p.T; t0 += kThreads) {
+      const int64_t t = t0 + tid;
+      A w = A(0);
+      if (t < p.T) {
+        if (valid(t)) w = acc_exp(perturbed(t) - shift) * inv_sum;
+        if (write_attention) attention[t * p.a_st] = Cvt<T>::from(w);
+      }
+      weights[tid] = w;
+      __syncthreads();
+      const int n = static_cast<int>(p.T - t0 < kThreads ? p.T - t0 : kThreads);
+      if (col_ok) {
+        for (int k0 = my_row; k0 < n; k0 += rows * kUnroll) {
+          Pack<T, VEC> pack[kUnroll];
+          A wk[kUnroll];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int k = k0 + u * rows;
+            wk[u] = k < n ? weights[k] : A(0);
+            // a zero weight (padding, or underflow) needs no h: padded rows of h are never loaded
+            if (wk[u] != A(0)) pack[u] = load_pack<T, VEC>(h_col + (t0 + k) * p.h_st);
+          }
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (wk[u] != A(0)) {
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[e] += wk[u] * Cvt<T>::to(pack[u].v[e]);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    write_attention = false;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) partial[(my_row * cols + my_col) * VEC + e] = acc[e];
+    __syncthreads();
+    for (int i = tid; i < width; i += kThreads) {
+      A sum = A(0);
+      for (int r = 0; r < rows; ++r) sum += partial[r * width + i];
+      const int64_t column = group * width + i;
+      if (column < p.H) context[column * p.c_sh] = Cvt<T>::from(sum);
+    }
+    __syncthreads();
+  }
+  if (write_attention) {  // H == 0: no column group, the attention is still an output
+    for (int64_t t = tid; t < p.T; t += kThreads) {
+      const A w = valid(t) ? acc_exp(perturbed(t) - shift) * inv_sum : A(0);
+      attention[t * p.a_st] = Cvt<T>::from(w);
+    }
+  }
+}
+
+struct BwdParams {
+  const void* grad_context;
+  int64_t dc_sb, dc_sh;
+  const void* grad_attention;  // nullptr: none
+  int64_t ga_sb, ga_st;
+  const void* h;
+  int64_t h_sb, h_st, h_sh;
+  const void* attention;
+  int64_t a_sb, a_st;
+  void* grad_h;
+  int64_t dh_sb, dh_st, dh_sh;
+  void* grad_scores;
+  int64_t ds_sb, ds_st;
+  void* da;  // [B, T] acc, contiguous
+  int64_t T, H, nvec, chunk;
+};
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) bwd_dh_da_kernel(const BwdParams p) {
+  using A = typename AccOf<T>::type;
+  const int64_t b = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t_begin = blockIdx.y * p.chunk;
+  const int64_t t_end = t_begin + p.chunk < p.T ? t_begin + p.chunk : p.T;
+  const T* dc = static_cast<const T*>(p.grad_context) + b * p.dc_sb;
+  const T* ga = static_cast<const T*>(p.grad_attention);
+  const T* h = static_cast<const T*>(p.h) + b * p.h_sb;
+  const T* attention = static_cast<const T*>(p.attention) + b * p.a_sb;
+  T* dh = static_cast<T*>(p.grad_h) + b * p.dh_sb;
+  A* da = static_cast<A*>(p.da) + b * p.T;
+  for (int64_t t0 = t_begin + warp * kRowsPerWarp; t0 < t_end; t0 += kWarps * kRowsPerWarp) {
+    A a[kRowsPerWarp], part[kRowsPerWarp];
+#pragma unroll
+    for (int u = 0; u < kRowsPerWarp; ++u) {
+      a[u] = t0 + u < t_end ? Cvt<T>::to(attention[(t0 + u) * p.a_st]) : A(0);
+      part[u] = A(0);
+    }
+    for (int64_t vcol = lane; vcol < p.nvec; vcol += 32) {
+      const Pack<T, VEC> dc_pack = load_pack<T, VEC>(dc + vcol * VEC * p.dc_sh);
+      A g[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) g[e] = Cvt<T>::to(dc_pack.v[e]);
+      Pack<T, VEC> h_pack[kRowsPerWarp];
+#pragma unroll
+      for (int u = 0; u < kRowsPerWarp; ++u) {
+        // where a_t = 0 (padding, or underflow), dscores_t = a_t (...) = 0 and dh_t = 0: h_t is not needed
+        if (a[u] != A(0)) h_pack[u] = load_pack<T, VEC>(h + (t0 + u) * p.h_st + vcol * VEC * p.h_sh);
+      }
+#pragma unroll
+      for (int u = 0; u < kRowsPerWarp; ++u) {
+        if (t0 + u >= t_end) continue;
+        Pack<T, VEC> out;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          if (a[u] != A(0)) part[u] += Cvt<T>::to(h_pack[u].v[e]) * g[e];
+          out.v[e] = Cvt<T>::from(a[u] * g[e]);
+        }
+        store_pack<T, VEC>(dh + (t0 + u) * p.dh_st + vcol * VEC * p.dh_sh, out);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsPerWarp; ++u) part[u] = warp_sum(part[u]);
+    if (lane < kRowsPerWarp) {
+      A value = A(0);
+#pragma unroll
+      for (int u = 0; u < kRowsPerWarp; ++u) value = lane == u ? part[u] : value;
+      const int64_t t = t0 + lane;
+      A a_t = A(0);
+#pragma unroll
+      for (int u = 0; u < kRowsPerWarp; ++u) a_t = lane == u ? a[u] : a_t;
+      if (t < t_end) {
+        if (ga != nullptr && a_t != A(0)) value += Cvt<T>::to(ga[b * p.ga_sb + t * p.ga_st]);
+        da[t] = value;
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bwd_dscores_kernel(const BwdParams p) {
+  using A = typename AccOf<T>::type;
+  __shared__ A scratch[kWarps];
+  const int64_t b = blockIdx.x;
+  const T* attention = static_cast<const T*>(p.attention) + b * p.a_sb;
+  const A* da = static_cast<const A*>(p.da) + b * p.T;
+  T* ds = static_cast<T*>(p.grad_scores) + b * p.ds_sb;
+  A dot = A(0);
+  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) dot += Cvt<T>::to(attention[t * p.a_st]) * da[t];
+  dot = block_sum(dot, scratch);
+  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
+    const A a = Cvt<T>::to(attention[t * p.a_st]);
+    ds[t * p.ds_st] = Cvt<T>::from(a * (da[t] - dot));
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ launchers
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int next_pow2(int64_t n) {
+  int p = 1;
+  while (p < n && p < kThreads) p <<= 1;
+  return p;
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// A [B, T, H] (or [B, H]) view whose rows can be read in VEC-element vectors of 16 bytes.
+template <typename S>
+bool vectorizable(const fa_view& v, int dims, int64_t H) {
+  constexpr int64_t kVec = 16 / sizeof(S);
+  if (H % kVec != 0 || v.stride[dims - 1] != 1 || !aligned16(v.data)) return false;
+  for (int d = 0; d < dims - 1; ++d) {
+    if (v.stride[d] % kVec != 0) return false;
+  }
+  return true;
+}
+
+template <typename S>
+int launch_iat_coefficients(int64_t B, int64_t T, fa_view scores, fa_view mask, fa_view grad, void* coeff,
+                            cudaStream_t stream) {
+  PerturbParams p{scores.data, scores.stride[0], scores.stride[1], static_cast<const uint8_t*>(mask.data),
+                  mask.stride[0], mask.stride[1], grad.data, grad.stride[0], grad.stride[1], coeff, nullptr, 0, 0,
+                  B, T, 0.0};
+  iat_coeff_kernel<S><<<dim3(static_cast<unsigned>(B)), kThreads, 0, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename S, typename OutT>
+int launch_perturbation_as(int kind, int64_t B, int64_t T, double eps, fa_view scores, fa_view mask,
+                           fa_view direction, const void* coeff, fa_view out, cudaStream_t stream) {
+  PerturbParams p{scores.data, scores.stride[0], scores.stride[1], static_cast<const uint8_t*>(mask.data),
+                  mask.stride[0], mask.stride[1], direction.data, direction.stride[0], direction.stride[1], coeff,
+                  out.data, out.stride[0], out.stride[1], B, T, eps};
+  const dim3 grid(static_cast<unsigned>(B));
+  if (kind == FA_KIND_IAT) {
+    perturbation_kernel<S, OutT, FA_KIND_IAT><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    perturbation_kernel<S, OutT, FA_KIND_NORMALIZE><<<grid, kThreads, 0, stream>>>(p);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename S>
+int launch_perturbation(int kind, int out_is_acc, int64_t B, int64_t T, double eps, fa_view scores, fa_view mask,
+                        fa_view direction, const void* coeff, fa_view out, cudaStream_t stream) {
+  using A = typename AccOf<S>::type;
+  if (out_is_acc) return launch_perturbation_as<S, A>(kind, B, T, eps, scores, mask, direction, coeff, out, stream);
+  return launch_perturbation_as<S, S>(kind, B, T, eps, scores, mask, direction, coeff, out, stream);
+}
+
+template <typename S, int VEC>
+int launch_fwd_vec(int perturb, FwdParams p, int64_t B, int num_sms, cudaStream_t stream) {
+  p.nvec = p.H / VEC;
+  // 8 or 16 vector columns per group: 128 or 256 contiguous bytes of each row of h per group; the narrower
+  // groups when the wider ones would not give every multiprocessor four blocks.
+  int cols = VEC > 1 ? 16 : 32;
+  if (VEC > 1 && B * ceil_div(p.nvec, cols) < 4LL * num_sms) cols = 8;
+  cols = cols < next_pow2(p.nvec) ? cols : next_pow2(p.nvec);
+  p.cols = cols;
+  p.ngroups = ceil_div(p.nvec, cols);
+  const int64_t split = p.ngroups < 1 ? 1 : (p.ngroups < kMaxGridY ? p.ngroups : kMaxGridY);
+  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(split));
+  switch (perturb) {
+    case FA_PERTURB_NONE:
+      fwd_kernel<S, VEC, FA_PERTURB_NONE><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case FA_PERTURB_NORMALIZE:
+      fwd_kernel<S, VEC, FA_PERTURB_NORMALIZE><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    default:
+      fwd_kernel<S, VEC, FA_PERTURB_GIVEN><<<grid, kThreads, 0, stream>>>(p);
+      break;
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename S>
+int launch_fwd(int perturb, int64_t B, int64_t T, int64_t H, double eps, fa_view h, fa_view scores, fa_view mask,
+               fa_view direction, fa_view context, fa_view attention, int num_sms, cudaStream_t stream) {
+  FwdParams p{h.data, h.stride[0], h.stride[1], h.stride[2], scores.data, scores.stride[0], scores.stride[1],
+              static_cast<const uint8_t*>(mask.data), mask.stride[0], mask.stride[1], direction.data,
+              direction.stride[0], direction.stride[1], context.data, context.stride[0], context.stride[1],
+              attention.data, attention.stride[0], attention.stride[1], T, H, 0, 0, 0, eps};
+  constexpr int kVec = 16 / sizeof(S);
+  if (vectorizable<S>(h, 3, H)) return launch_fwd_vec<S, kVec>(perturb, p, B, num_sms, stream);
+  return launch_fwd_vec<S, 1>(perturb, p, B, num_sms, stream);
+}
+
+template <typename S, int VEC>
+int launch_bwd_vec(BwdParams p, int64_t B, int num_sms, cudaStream_t stream) {
+  p.nvec = p.H / VEC;
+  constexpr int64_t kRowsPerPass = kWarps * kRowsPerWarp;
+  // Chunks of positions (multiples of one pass of the block) so that every multiprocessor gets four blocks.
+  int64_t split = ceil_div(4LL * num_sms, B);
+  const int64_t max_split = ceil_div(p.T, kRowsPerPass);
+  split = split < 1 ? 1 : (split > max_split ? max_split : split);
+  p.chunk = ceil_div(ceil_div(p.T, split), kRowsPerPass) * kRowsPerPass;
+  if (ceil_div(p.T, p.chunk) > kMaxGridY) p.chunk = ceil_div(ceil_div(p.T, kMaxGridY), kRowsPerPass) * kRowsPerPass;
+  split = ceil_div(p.T, p.chunk);
+  bwd_dh_da_kernel<S, VEC><<<dim3(static_cast<unsigned>(B), static_cast<unsigned>(split)), kThreads, 0, stream>>>(p);
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) return static_cast<int>(error);
+  bwd_dscores_kernel<S><<<dim3(static_cast<unsigned>(B)), kThreads, 0, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+template <typename S>
+int launch_bwd(int64_t B, int64_t T, int64_t H, fa_view grad_context, fa_view grad_attention, fa_view h,
+               fa_view attention, fa_view grad_h, fa_view grad_scores, void* da, int num_sms, cudaStream_t stream) {
+  BwdParams p{grad_context.data, grad_context.stride[0], grad_context.stride[1], grad_attention.data,
+              grad_attention.stride[0], grad_attention.stride[1], h.data, h.stride[0], h.stride[1], h.stride[2],
+              attention.data, attention.stride[0], attention.stride[1], grad_h.data, grad_h.stride[0],
+              grad_h.stride[1], grad_h.stride[2], grad_scores.data, grad_scores.stride[0], grad_scores.stride[1],
+              da, T, H, 0, 0};
+  constexpr int kVec = 16 / sizeof(S);
+  if (vectorizable<S>(h, 3, H) && vectorizable<S>(grad_h, 3, H) && vectorizable<S>(grad_context, 2, H)) {
+    return launch_bwd_vec<S, kVec>(p, B, num_sms, stream);
+  }
+  return launch_bwd_vec<S, 1>(p, B, num_sms, stream);
+}
+
+}  // namespace
+}  // namespace fused_attn_at_cuda
+
+using namespace fused_attn_at_cuda;
+
+// Calls F<T>(args...) with T the storage type of `dtype`.
+#define FA_DISPATCH(dtype, CALL)                       \
+  switch (dtype) {                                     \
+    case FA_FLOAT32: {                                 \
+      using scalar_t = float;                          \
+      return CALL;                                     \
+    }                                                  \
+    case FA_FLOAT64: {                                 \
+      using scalar_t = double;                         \
+      return CALL;                                     \
+    }                                                  \
+    case FA_FLOAT16: {                                 \
+      using scalar_t = __half;                         \
+      return CALL;                                     \
+    }                                                  \
+    case FA_BFLOAT16: {                                \
+      using scalar_t = __nv_bfloat16;                  \
+      return CALL;                                     \
+    }                                                  \
+  }                                                    \
+  return static_cast<int>(cudaErrorInvalidValue);
+
+extern "C" {
+
+size_t fa_acc_size(fa_dtype dtype) { return dtype == FA_FLOAT64 ? sizeof(double) : sizeof(float); }
+
+const char* fa_cuda_error_string(int error) { return cudaGetErrorString(static_cast<cudaError_t>(error)); }
+
+int fa_cuda_multiprocessor_count(int device, int* count) {
+  return static_cast<int>(cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device));
+}
+
+int fa_cuda_iat_coefficients(fa_dtype dtype, int64_t B, int64_t T, fa_view scores, fa_view mask, fa_view grad,
+                             void* coeff, void* stream) {
+  FA_DISPATCH(dtype, launch_iat_coefficients<scalar_t>(B, T, scores, mask, grad, coeff,
+                                                       static_cast<cudaStream_t>(stream)))
+}
+
+int fa_cuda_perturbation(fa_dtype dtype, int kind, int out_is_acc, int64_t B, int64_t T, double eps, fa_view scores,
+                         fa_view mask, fa_view direction, const void* coeff, fa_view out, void* stream) {
+  FA_DISPATCH(dtype, launch_perturbation<scalar_t>(kind, out_is_acc, B, T, eps, scores, mask, direction, coeff, out,
+                                                   static_cast<cudaStream_t>(stream)))
+}
+
+int fa_cuda_attention_pool_fwd(fa_dtype dtype, int perturb, int64_t B, int64_t T, int64_t H, double eps, fa_view h,
+                               fa_view scores, fa_view mask, fa_view direction, fa_view context, fa_view attention,
+                               int num_sms, void* stream) {
+  FA_DISPATCH(dtype, launch_fwd<scalar_t>(perturb, B, T, H, eps, h, scores, mask, direction, context, attention,
+                                          num_sms, static_cast<cudaStream_t>(stream)))
+}
+
+int fa_cuda_attention_pool_bwd(fa_dtype dtype, int64_t B, int64_t T, int64_t H, fa_view grad_context,
+                               fa_view grad_attention, fa_view h, fa_view attention, fa_view grad_h,
+                               fa_view grad_scores, void* da_workspace, int num_sms, void* stream) {
+  FA_DISPATCH(dtype, launch_bwd<scalar_t>(B, T, H, grad_context, grad_attention, h, attention, grad_h, grad_scores,
+                                          da_workspace, num_sms, static_cast<cudaStream_t>(stream)))
+}
+
+}  // extern "C"
