@@ -1,10 +1,11 @@
 """One training step (forward + backward + optimizer) of the experiments' BiLSTM model, per training method.
 
-The model, objective and optimizer are the experiments' own (experiments/paper/models.py, methods.py; Adam
-lr 1e-3 amsgrad, weight decay 1e-5 except on the attention, as the paper). The batch is fixed: the embedded
-SST training set, vocabulary min_df 1, batched as the trainer does (seeded shuffle, length buckets, 32 per
-batch), and of those batches the one whose padded length is the median, i.e. a typical step. With
---bench-set smoke the batch is synthetic (SST-like lengths, small vocabulary) so that smoke runs in seconds.
+Everything is what `python experiments/train.py --method M` builds with its defaults (its own parser and
+config, paper.training.build_model / make_optimizer: SST, BiLSTM 128 per direction, additive attention,
+the embedded GloVe vectors, Adam 1e-3 amsgrad with weight decay except on the attention). The batch is
+fixed: of the trainer's seeded batches of 32 over the SST training set, the one whose padded length is the
+median, i.e. a typical step. With --bench-set smoke the batch is synthetic (SST-like lengths, small
+vocabulary, random embeddings) so that smoke runs in seconds.
 
     vanilla                L_clean
     attention_at           L_clean + L_adv sharing ONE encoder pass (fused_attn_at.adversarial_attention_loss)
@@ -38,32 +39,44 @@ STEP_METHODS = {
 
 
 @functools.lru_cache(maxsize=1)
-def _paper():
-    """The experiments' package, or the reason it cannot be used (experiments/ goes on sys.path, never the
-    repository root: the installed fused_attn_at must stay the one imported)."""
+def _experiments():
+    """(train.py module, paper package modules), or the reason they cannot be used. experiments/ goes on
+    sys.path, never the repository root: the installed fused_attn_at must stay the one imported."""
     import sys
 
     if str(EXPERIMENTS) not in sys.path:
         sys.path.insert(0, str(EXPERIMENTS))
     try:
-        from paper import data, methods, models  # noqa: F401
+        import train as train_cli
+        from paper import data, methods, training
     except Exception as exc:  # noqa: BLE001 - any failure means the case cannot run yet
-        return None, (f"experiments/paper (models.py + methods.py) is not importable: "
+        return None, (f"experiments/ (train.py, paper/models.py + methods.py + training.py) is not importable: "
                       f"{type(exc).__name__}: {exc}")
-    return (data, models, methods), None
+    return (train_cli, data, methods, training), None
 
 
-def _real_batch(data):
-    task = data.load_task("sst")
-    vocab = data.Vocab.build_for_task(task)
-    batches = data.make_batches(task.train, vocab, BATCH_SIZE, shuffle=True,
-                                generator=torch.Generator().manual_seed(0))
-    full = [b for b in batches if len(b) == BATCH_SIZE]
-    full.sort(key=lambda b: b.tokens.shape[1])
-    return full[len(full) // 2], len(vocab), "SST train, the median-length batch of the trainer's seeded batching"
+def _default_config(train_cli, method: str = "vanilla", compat: str | None = None) -> dict:
+    parser = train_cli.build_parser()
+    argv = ["--method", method] + (["--compat", compat] if compat else [])
+    config = train_cli.resolve_config(parser.parse_args(argv), parser)
+    config["n_labels"] = 1  # as the trainer sets for binary classification (one logit)
+    return config
 
 
-def _synthetic_batch(data):
+def _real_setup(train_cli, data, training):
+    config = _default_config(train_cli)
+    task, vocab = training.load_data(config)
+    pretrained = None
+    if config["embeddings"] is not None:
+        pretrained, _ = data.load_embeddings(config["embeddings"], vocab, seed=config["seed"])
+    batches = data.make_batches(task.train, vocab, config["batch_size"], shuffle=True,
+                                generator=torch.Generator().manual_seed(config["seed"]), num_labels=1)
+    full = sorted((b for b in batches if len(b) == config["batch_size"]), key=lambda b: b.tokens.shape[1])
+    source = "SST train: the median-length batch of the trainer's seeded batching"
+    return full[len(full) // 2], len(vocab), pretrained, source
+
+
+def _synthetic_setup(data):
     gen = torch.Generator().manual_seed(0)
     # SST's sentence lengths are ~19 tokens on average with a long tail to ~50.
     lengths = [max(2, min(50, round(19 + 9 * x))) for x in torch.randn(BATCH_SIZE, generator=gen).tolist()]
@@ -72,23 +85,19 @@ def _synthetic_batch(data):
                              label=k % 2) for k, n in enumerate(lengths)]
     vocab = data.Vocab(["<pad>", "<unk>"] + [f"w{i}" for i in range(2, vocab_size)])
     batch = data.make_batches(examples, vocab, BATCH_SIZE, shuffle=False, sort_by_length=False)[0]
-    return batch, len(vocab), "synthetic SST-like lengths (smoke)"
+    return batch, len(vocab), None, "synthetic SST-like lengths, random embeddings (smoke)"
 
 
 @pytest.fixture(scope="session")
-def step_batch(bench_settings):
-    modules, reason = _paper()
+def step_setup(bench_settings):
+    """(batch, vocabulary size, pretrained vectors or None, where the batch comes from)."""
+    modules, reason = _experiments()
     if modules is None:
         pytest.skip(reason)
-    data = modules[0]
-    return _synthetic_batch(data) if bench_settings["set"] == "smoke" else _real_batch(data)
-
-
-def _optimizer(model):
-    attention = {id(p) for p in model.attention_parameters()}
-    rest = [p for p in model.parameters() if id(p) not in attention]
-    return torch.optim.Adam([{"params": rest, "weight_decay": 1e-5},
-                             {"params": model.attention_parameters(), "weight_decay": 0.0}], lr=1e-3, amsgrad=True)
+    train_cli, data, _, training = modules
+    if bench_settings["set"] == "smoke":
+        return _synthetic_setup(data)
+    return _real_setup(train_cli, data, training)
 
 
 def _pool_backend() -> str:
@@ -102,14 +111,19 @@ def _pool_backend() -> str:
 
 @pytest.mark.filterwarnings("ignore:fused_attn_at. no fused kernel")
 @pytest.mark.parametrize("name", list(STEP_METHODS))
-def test_training_step(benchmark, name, step_batch, bench_settings):
-    (data, models, methods), _ = _paper()
-    batch, vocab_size, batch_source = step_batch
+def test_training_step(benchmark, name, step_setup, bench_settings):
+    (train_cli, _, methods, training), _ = _experiments()
+    batch, vocab_size, pretrained, batch_source = step_setup
     method, compat, description = STEP_METHODS[name]
-    torch.manual_seed(0)
-    model = models.AttentionClassifier(vocab_size, kind="bc", encoder="lstm", attention="additive")
-    objective = methods.Objective(model, method, eps=1.0, lam=1.0, compat=compat)
-    optimizer = _optimizer(model)
+    config = _default_config(train_cli, method, compat)
+    if pretrained is not None:
+        config["embed_size"] = pretrained.shape[1]
+    torch.manual_seed(config["seed"])
+    model = training.build_model(config, vocab_size, pretrained)
+    model.train()
+    optimizer = training.make_optimizer(model, config)
+    objective = methods.Objective(model, method, eps=config["eps"], lam=config["lam"], compat=compat,
+                                  generator=torch.Generator().manual_seed(config["seed"] + 1))
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -118,12 +132,13 @@ def test_training_step(benchmark, name, step_batch, bench_settings):
         optimizer.step()
         return result.loss.detach()
 
-    benchmark.group = "training step (BiLSTM, SST batch 32)"
+    benchmark.group = "training step (experiments/train.py defaults: BiLSTM, SST, batch 32)"
     info = benchmark.extra_info
     info.update(kind="training_step", method=name, description=description, batch=BATCH_SIZE,
                 padded_length=int(batch.tokens.shape[1]), lengths=f"{int(batch.lengths.min())}-{int(batch.lengths.max())}"
                 f" (mean {float(batch.lengths.float().mean()):.1f}), padded to {int(batch.tokens.shape[1])}",
-                batch_source=batch_source, vocab_size=vocab_size, pool_backend=_pool_backend(),
+                batch_source=batch_source, vocab_size=vocab_size, embed_size=config["embed_size"],
+                pool_backend=_pool_backend(),
                 parameters=sum(p.numel() for p in model.parameters()))
     info.update(benchlib.software_info())
     info["threads"] = torch.get_num_threads()
