@@ -25,7 +25,6 @@ from _helpers import (  # noqa: F401  (backend is a fixture)
     fused_pool,
     make_inputs,
     pool_with_grads,
-    relative_error,
     require_backend,
 )
 
@@ -162,14 +161,18 @@ def test_gradient_through_each_output(backend, kind, used):
     check_against_reference(backend, inputs, kind, used=used, what=f"{backend} kind={kind} loss on {used}")
 
 
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
-def test_low_precision_cpu(dtype):
-    """float16/bfloat16 inputs (accumulated in float32 by the kernel) give outputs of the input dtype within
-    the tolerance rule against the reference computed in that dtype."""
+@pytest.mark.parametrize("isa", ("best", "default"))
+@pytest.mark.parametrize("hidden", (8, 9, 15, 16, 17, 31, 33, 65))
+def test_cpu_vector_tails(monkeypatch, isa, hidden):
+    """H and T around the vector widths (4/8 lanes, unrolled by 2) on both instruction sets of the C++
+    kernel ("default" is the portable build, forced with FUSED_ATTN_AT_CPU_ISA)."""
     require_backend("cpu")
-    for kind in KINDS:
-        inputs = make_inputs(4, 37, 16, "padding", seed=2, dtype=dtype)
-        check_against_reference("cpu", inputs, kind, what=f"cpu {dtype} kind={kind}")
+    if isa == "default":
+        monkeypatch.setenv("FUSED_ATTN_AT_CPU_ISA", "default")
+    for length in (8, 9, 17, 33):
+        inputs = make_inputs(3, length, hidden, "scattered", seed=hidden * 100 + length)
+        for kind in ("at", "iat"):
+            check_against_reference("cpu", inputs, kind, what=f"{isa} T={length} H={hidden} kind={kind}")
 
 
 def test_requires_grad_combinations(backend):
