@@ -1,19 +1,27 @@
 """The public functional API: checks the inputs once, picks a backend, runs the fused op."""
 from __future__ import annotations
 
-import importlib
-
 import torch
 from python_ref import AttentionPoolOutput, check_attention_inputs, check_perturbation_inputs
 
 from ._backend import resolve_backend
 from .ops import KIND
 
-_MODULES = {"cpu": "cpp", "cuda": "cpp", "triton": "triton_attention_pool", "reference": "reference"}
-
 
 def _backend_module(backend: str):
-    return importlib.import_module(f".ops.{_MODULES[backend]}", __package__)
+    """The ops module of `backend`. Plain imports, not importlib: torch.compile(fullgraph=True) traces
+    them (importlib.import_module is a graph break)."""
+    if backend in ("cpu", "cuda"):
+        from .ops import cpp
+
+        return cpp
+    if backend == "triton":
+        from .ops import triton_attention_pool
+
+        return triton_attention_pool
+    from .ops import reference
+
+    return reference
 
 
 def _direction(kind, scores, grad, noise, generator):
