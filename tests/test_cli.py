@@ -1,0 +1,183 @@
+"""experiments/train.py and evaluate.py end to end, in subprocesses, on small SST subsets: the run directory,
+evaluation of a saved run, resume after SIGKILL, torchrun with two CPU processes, and bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fused_attn_at
+from conftest import REPO
+
+TRAIN = REPO / "experiments" / "train.py"
+EVALUATE = REPO / "experiments" / "evaluate.py"
+# Small and fast, but the real pipeline: embedded SST, BiLSTM, additive attention, attention AT.
+SMALL = ["--method", "attention_at", "--embeddings", "none", "--embed-size", "16", "--hidden-size", "16",
+         "--max-train-examples", "96", "--max-eval-examples", "40", "--batch-size", "16", "--epochs", "3",
+         "--threads", "1", "--no-progress"]
+
+
+def env() -> dict:
+    """The subprocesses import fused_attn_at from where this test process found it (the installed package,
+    or a source checkout on PYTHONPATH during development)."""
+    environ = dict(os.environ)
+    package_parent = str(Path(fused_attn_at.__file__).resolve().parents[1])
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in [package_parent, environ.get("PYTHONPATH")] if p)
+    environ.setdefault("OMP_NUM_THREADS", "1")
+    return environ
+
+
+def run(*args, check=True, timeout=180) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env(),
+                            timeout=timeout, cwd=REPO)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    return result
+
+
+def comparable(metrics: dict) -> dict:
+    """metrics.json without the wall/CPU times, which differ between runs."""
+    epochs = [{k: v for k, v in e.items() if k != "seconds"} for e in metrics["epochs"]]
+    return {"epochs": epochs, "best_epoch": metrics["best_epoch"], "best_dev": metrics["best_dev"],
+            "test": metrics["test"]}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "small"
+    run(TRAIN, *SMALL, "--output-dir", out)
+    return out
+
+
+def test_help_explains_every_flag():
+    text = run(TRAIN, "--help").stdout
+    parser_flags = ["--method", "--dataset", "--data-dir", "--embeddings", "--encoder", "--attention", "--eps",
+                    "--lam", "--compat", "--robustness-eps", "--epochs", "--batch-size", "--lr", "--weight-decay",
+                    "--dropout", "--seed", "--embed-size", "--hidden-size", "--cnn-channels", "--kernel-sizes",
+                    "--decoder-size", "--output-dir", "--resume", "--device", "--threads", "--max-train-examples",
+                    "--max-eval-examples", "--no-progress"]
+    for flag in parser_flags:
+        assert flag in text, flag
+    for method in ("vanilla", "word_at", "word_iat", "attention_rp", "attention_at", "attention_iat"):
+        assert method in text
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import train as train_module
+    finally:
+        sys.path.pop(0)
+    for action in train_module.build_parser()._actions:  # every flag carries a help text
+        assert action.help, action.option_strings
+
+
+def test_run_directory(finished_run):
+    out = finished_run
+    for name in ("config.json", "metrics.json", "best.pt", "last.pt", "heatmaps/heatmaps.html", "heatmaps/heatmaps.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not list(out.glob("*.tmp"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "attention_at" and config["dataset"] == "sst" and config["epochs"] == 3
+    assert config["batch_size"] == 16 and config["lr"] == 1e-3 and config["weight_decay"] == 1e-5
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
+    assert 1 <= metrics["best_epoch"] <= 3
+    test = metrics["test"]["test"]
+    assert test["n"] == 40 and 0.0 <= test["accuracy"] <= 1.0
+    assert {"accuracy", "f1", "roc_auc", "correlation", "robustness"} <= set(test)
+    corr = test["correlation"]
+    assert corr["n"] > 0 and -1 <= corr["pearson_mean"] <= 1 and corr["pearson_std"] >= 0
+    assert {"kendall_mean", "kendall_std"} <= set(corr)
+    assert test["robustness"]["eps"] == 1.0 and 0 <= test["robustness"]["attention_tv_mean"] <= 1
+    html = (out / "heatmaps" / "heatmaps.html").read_text()
+    assert "attention" in html and "gradient x input" in html
+    # Checkpoints load with weights_only=True (plain data: vocabulary and config as lists/dicts).
+    best = torch.load(out / "best.pt", weights_only=True)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert best["epoch"] == metrics["best_epoch"] and last["epoch"] == 3
+    assert best["vocab"]["itos"][:2] == ["<pad>", "<unk>"] and best["config"]["method"] == "attention_at"
+    assert {"torch", "shuffle", "noise"} <= set(last["rng"]) and "state" in last["optimizer"]
+
+
+def test_evaluate_reproduces_the_test_metrics(finished_run):
+    result = json.loads(run(EVALUATE, finished_run, "--threads", "1").stdout)
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert result["best_epoch"] == metrics["best_epoch"]
+    got, want = result["test"]["test"], metrics["test"]["test"]
+    for key in ("accuracy", "f1", "roc_auc"):
+        assert got[key] == pytest.approx(want[key], abs=1e-12)
+    for key in ("pearson_mean", "kendall_mean"):
+        assert got["correlation"][key] == pytest.approx(want["correlation"][key], abs=1e-9)
+    assert (finished_run / "evaluation.json").is_file()
+
+
+def test_resume_after_sigkill_gives_the_same_metrics(finished_run, tmp_path):
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(TRAIN), *SMALL, "--output-dir", str(out)], env=env(),
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 150
+    while not (out / "last.pt").exists():  # the first checkpoint (os.replace makes it appear complete)
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.time() < deadline, "no checkpoint within 150 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    killed_at = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert killed_at < 3 and not (out / "metrics.json").exists(), "the run ended before it could be killed"
+    run(TRAIN, "--resume", "--output-dir", out, "--threads", "1", "--no-progress")
+    resumed = json.loads((out / "metrics.json").read_text())
+    uninterrupted = json.loads((finished_run / "metrics.json").read_text())
+    assert comparable(resumed) == comparable(uninterrupted)
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    args = [a for a in SMALL if a not in ("--threads", "1")]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(TRAIN), *args, "--epochs", "2", "--output-dir", str(out), "--device", "cpu"],
+        capture_output=True, text=True, env=env(), timeout=240, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert {"accuracy", "f1", "roc_auc", "correlation", "robustness"} <= set(metrics["test"]["test"])
+    assert (out / "best.pt").is_file() and (out / "heatmaps" / "heatmaps.png").is_file()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--dataset", "nosuchtask"], "invalid choice: 'nosuchtask'"),
+    (["--method", "nosuchmethod"], "invalid choice: 'nosuchmethod'"),
+    (["--eps", "-0.5"], "--eps: must be a finite number >= 0"),
+    (["--dataset", "imdb"], "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"),
+    (["--dataset", "snli", "--data-dir", "/nonexistent/snli"], "https://nlp.stanford.edu/projects/snli/snli_1.0.zip"),
+    (["--method", "word_at", "--compat", "released"], "--compat released applies to"),
+    (["--embeddings", "/nonexistent/glove.txt"], "no such file"),
+])
+def test_bad_input_is_a_clean_error(args, expected):
+    result = run(TRAIN, *args, "--output-dir", "/nonexistent/never-written", check=False, timeout=120)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_files_in_data_dir_name_the_download(tmp_path):
+    result = run(TRAIN, "--dataset", "agnews", "--data-dir", tmp_path, "--output-dir", tmp_path / "out", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "https://s3.amazonaws.com/fast-ai-nlp/ag_news_csv.tgz" in result.stderr
+    assert "train.csv" in result.stderr  # the layout expected
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_one(finished_run, tmp_path):
+    result = run(TRAIN, *SMALL, "--output-dir", finished_run, check=False)
+    assert result.returncode != 0 and "--resume" in result.stderr and "Traceback" not in result.stderr
+    result = run(TRAIN, "--resume", "--output-dir", tmp_path / "empty", check=False)
+    assert result.returncode != 0 and "nothing to resume" in result.stderr
+    result = run(EVALUATE, tmp_path / "empty", check=False)
+    assert result.returncode != 0 and "best.pt" in result.stderr and "Traceback" not in result.stderr
