@@ -1,0 +1,554 @@
+#!/usr/bin/env python
+"""Collect the sweep's runs (runs/sweep/**/metrics.json + config.json) into RESULTS.md and results/*.png.
+
+    python experiments/report.py                      # RESULTS.md at the repository root, plots in results/
+
+The tables follow the grids (experiments/grids/main.json, eps.json, compat.json): every run a grid holds gets
+a cell, and a run that has not finished says "not run" (numbers are never filled in from anywhere else).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parent
+REPO = EXPERIMENTS.parent
+if str(EXPERIMENTS) not in sys.path:
+    sys.path.insert(0, str(EXPERIMENTS))
+
+from sweep import DEFAULT_OUT, Run, load_grid, status  # noqa: E402
+
+NOT_RUN = "not run"
+# Jain & Wallace 2019, vanilla BiLSTM with additive attention (their Table 2), as the issue quotes them.
+JAIN_WALLACE = {"sst": 0.808, "imdb": 0.898, "babi1": 1.00, "babi2": 0.653, "babi3": 0.643, "snli": 0.779}
+TASK_TITLES = {"sst": "SST (binary sentiment)", "imdb": "IMDB (binary sentiment)", "babi1": "bAbI task 1 (QA)",
+               "babi2": "bAbI task 2 (QA)", "babi3": "bAbI task 3 (QA)", "snli": "SNLI (NLI)"}
+ADVERSARIAL = ("attention_at", "attention_iat")
+WORD = ("word_at", "word_iat")
+HEATMAP_METHODS = ("vanilla", "attention_at", "attention_iat")
+
+
+# ----------------------------------------------------------------------------------------------- collecting
+
+class Results:
+    """The finished runs under a sweep root, looked up by the grid's runs."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cache: dict[str, dict | None] = {}
+
+    def metrics(self, run: Run) -> dict | None:
+        if run.name not in self.cache:
+            path = self.root / run.name / "metrics.json"
+            try:
+                metrics = json.loads(path.read_text(encoding="utf-8"))
+                config = json.loads((self.root / run.name / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                metrics = None
+            else:
+                metrics = metrics if metrics.get("test") else None
+                if metrics is not None:
+                    metrics["config"] = config
+            self.cache[run.name] = metrics
+        return self.cache[run.name]
+
+    def finished(self, runs) -> list[tuple[Run, dict]]:
+        return [(run, m) for run in runs if (m := self.metrics(run)) is not None]
+
+
+def first_test(metrics: dict) -> dict:
+    return next(iter(metrics["test"].values()))
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(values: list, digits: int = 3) -> str:
+    """mean +- std over seeds (n seeds shown when not 1); 'not run' when there is nothing; n/a for None."""
+    if not values:
+        return NOT_RUN
+    present = [v for v in values if v is not None]
+    if not present:
+        return "n/a"
+    mean, std = mean_std(present)
+    text = f"{mean:.{digits}f}"
+    if std is not None:
+        text += f" ± {std:.{digits}f}"
+    return text
+
+
+def seed_note(n_done: int, n_grid: int) -> str:
+    return f"{n_done}/{n_grid}"
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+def group_main(runs: list[Run]) -> dict[str, dict[str, list[Run]]]:
+    """dataset -> method -> the runs of its seeds (grid order)."""
+    grouped: dict[str, dict[str, list[Run]]] = {}
+    for run in runs:
+        grouped.setdefault(run.dataset, {}).setdefault(run.method, []).append(run)
+    return grouped
+
+
+def task_tables(results: Results, main: list[Run]) -> list[str]:
+    lines = []
+    for dataset, methods in group_main(main).items():
+        finished_any = any(results.metrics(r) for rs in methods.values() for r in rs)
+        kind = None
+        for rs in methods.values():
+            for _, m in results.finished(rs):
+                kind = m["kind"]
+        bc = kind == "bc" or (kind is None and dataset in ("sst", "imdb"))
+        lines += [f"### {TASK_TITLES.get(dataset, dataset)}", ""]
+        header = "| method | seeds done | test accuracy | " + ("test F1 | test ROC-AUC | " if bc else "") + \
+                 "best dev accuracy | best epoch |"
+        lines += [header, "|" + "---|" * (header.count("|") - 1)]
+        for method, rs in methods.items():
+            done = [m for _, m in results.finished(rs)]
+            tests = [first_test(m) for m in done]
+            cells = [method, seed_note(len(done), len(rs)), fmt([t["accuracy"] for t in tests])]
+            if bc:
+                cells += [fmt([t.get("f1") for t in tests]), fmt([t.get("roc_auc") for t in tests])]
+            cells += [fmt([m["best_dev"]["accuracy"] for m in done]),
+                      ", ".join(str(m["best_epoch"]) for m in done) or NOT_RUN]
+            lines.append("| " + " | ".join(cells) + " |")
+        if dataset in JAIN_WALLACE:
+            cells = ["Jain & Wallace 2019 vanilla (reported)", "", f"{JAIN_WALLACE[dataset]:.3f}"]
+            cells += ["", ""] if bc else []
+            cells += ["", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+        if not finished_any:
+            lines += ["", f"No {dataset} run has finished yet."]
+        lines.append("")
+    return lines
+
+
+def correlation_table(results: Results, main: list[Run]) -> list[str]:
+    lines = ["| task | method | seeds done | Pearson r (mean ± sd over test instances) | "
+             "Kendall τ (mean ± sd over test instances) |", "|---|---|---|---|---|"]
+    for dataset, methods in group_main(main).items():
+        for method, rs in methods.items():
+            done = [first_test(m)["correlation"] for _, m in results.finished(rs)]
+            lines.append(f"| {dataset} | {method} | {seed_note(len(done), len(rs))} | "
+                         f"{instance_cell(done, 'pearson')} | {instance_cell(done, 'kendall')} |")
+    return lines
+
+
+def instance_cell(correlations: list[dict], measure: str) -> str:
+    """The mean over test instances ± their sd, averaged over seeds (the paper's way of reporting it)."""
+    means = [c[f"{measure}_mean"] for c in correlations if c.get(f"{measure}_mean") is not None]
+    stds = [c[f"{measure}_std"] for c in correlations if c.get(f"{measure}_std") is not None]
+    if not correlations:
+        return NOT_RUN
+    if not means:
+        return "n/a"
+    text = f"{statistics.fmean(means):.3f} ± {statistics.fmean(stds):.3f}" if stds else f"{statistics.fmean(means):.3f}"
+    if len(means) > 1:
+        text += f" (seed sd of the mean {statistics.stdev(means):.3f})"
+    return text
+
+
+def robustness_table(results: Results, main: list[Run]) -> list[str]:
+    lines = ["| task | method | eps (test-time AT on the scores) | clean test accuracy | perturbed accuracy | "
+             "attention total variation |", "|---|---|---|---|---|---|"]
+    for dataset, methods in group_main(main).items():
+        for method, rs in methods.items():
+            tests = [first_test(m) for _, m in results.finished(rs)]
+            eps = {t["robustness"]["eps"] for t in tests}
+            lines.append(f"| {dataset} | {method} | {', '.join(f'{e:g}' for e in sorted(eps)) or NOT_RUN} | "
+                         f"{fmt([t['accuracy'] for t in tests])} | "
+                         f"{fmt([t['robustness']['accuracy'] for t in tests])} | "
+                         f"{fmt([t['robustness']['attention_tv_mean'] for t in tests])} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- eps
+
+def eps_curves(results: Results, eps_runs: list[Run]) -> dict[str, list[tuple[float, dict]]]:
+    """method -> [(eps, metrics)] sorted by eps (finished runs only; seed-averaging is not needed: one seed)."""
+    curves: dict[str, list[tuple[float, dict]]] = {}
+    for run in eps_runs:
+        curves.setdefault(run.method, [])
+        metrics = results.metrics(run)
+        if metrics is not None:
+            curves[run.method].append((run.eps, metrics))
+    return {method: sorted(points, key=lambda p: p[0]) for method, points in curves.items()}
+
+
+def pick_eps(points: list[tuple[float, dict]]) -> float | None:
+    """Highest best-dev accuracy; ties go to the eps closest to 1 (train.py's default) on a log scale."""
+    if not points:
+        return None
+    return max(points, key=lambda p: (round(p[1]["best_dev"]["accuracy"], 6), -abs(math.log10(p[0]))))[0]
+
+
+def eps_table(results: Results, eps_runs: list[Run]) -> tuple[list[str], dict[str, float | None]]:
+    grid_eps = sorted({run.eps for run in eps_runs if run.eps is not None})
+    curves = eps_curves(results, eps_runs)
+    picks = {method: pick_eps(points) for method, points in curves.items()}
+    lines = ["Test accuracy (SST, seed 1) by eps; **bold** = the eps picked on the SST dev set (best dev "
+             "accuracy, ties toward eps 1). The last columns give the spread of test accuracy over the eps "
+             "values done (max - min) and how many of the grid's eps values are done.", "",
+             "| method | " + " | ".join(f"eps {e:g}" for e in grid_eps) + " | picked eps (dev acc.) | spread | done |",
+             "|---|" + "---|" * (len(grid_eps) + 3)]
+    for method, points in curves.items():
+        by_eps = {e: m for e, m in points}
+        cells = []
+        for e in grid_eps:
+            if e in by_eps:
+                text = f"{first_test(by_eps[e])['accuracy']:.3f}"
+                cells.append(f"**{text}**" if picks[method] == e else text)
+            else:
+                cells.append(NOT_RUN)
+        accs = [first_test(m)["accuracy"] for _, m in points]
+        pick = picks[method]
+        pick_text = f"{pick:g} ({by_eps[pick]['best_dev']['accuracy']:.3f})" if pick is not None else NOT_RUN
+        spread = f"{max(accs) - min(accs):.3f}" if len(accs) > 1 else "n/a"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {pick_text} | {spread} | {len(points)}/{len(grid_eps)} |")
+    return lines, picks
+
+
+def eps_plot(results: Results, eps_runs: list[Run], vanilla: dict | None, path: Path) -> bool:
+    curves = {m: p for m, p in eps_curves(results, eps_runs).items() if p}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("test accuracy", lambda m: first_test(m)["accuracy"]),
+              ("best dev accuracy", lambda m: m["best_dev"]["accuracy"]),
+              ("attention-gradient Pearson r (test mean)", lambda m: first_test(m)["correlation"]["pearson_mean"])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.8), dpi=90)
+    for axis, (title, value) in zip(axes, panels):
+        for method, points in curves.items():
+            xs = [e for e, m in points if value(m) is not None]
+            ys = [value(m) for e, m in points if value(m) is not None]
+            style = "-o" if method in ADVERSARIAL else ("--s" if method in WORD else ":^")
+            axis.plot(xs, ys, style, label=method, markersize=4)
+        if vanilla is not None and value(vanilla) is not None:
+            axis.axhline(value(vanilla), color="grey", linewidth=1, label="vanilla")
+        axis.set_xscale("log")
+        axis.set_xlabel("eps")
+        axis.set_title(title, fontsize=10)
+        axis.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("SST, BiLSTM + additive attention, seed 1: sensitivity to the perturbation size eps", fontsize=11)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- compat
+
+def compat_table(results: Results, compat_runs: list[Run]) -> list[str]:
+    lines = ["| method | version | test accuracy | test F1 | test ROC-AUC | Pearson r | best dev accuracy | "
+             "seconds per epoch |", "|---|---|---|---|---|---|---|---|"]
+    for run in compat_runs:
+        metrics = results.metrics(run)
+        version = dict(run.args).get("compat")
+        label = f"released code (--compat {version})" if version else "paper / SPEC (default)"
+        if metrics is None:
+            lines.append(f"| {run.method} | {label} | " + " | ".join([NOT_RUN] * 6) + " |")
+            continue
+        test = first_test(metrics)
+        seconds = statistics.fmean(e["seconds"] for e in metrics["epochs"]) if metrics["epochs"] else None
+        lines.append(f"| {run.method} | {label} | {test['accuracy']:.3f} | {fmt([test.get('f1')])} | "
+                     f"{fmt([test.get('roc_auc')])} | {fmt([test['correlation']['pearson_mean']])} | "
+                     f"{metrics['best_dev']['accuracy']:.3f} | "
+                     f"{'n/a' if seconds is None else f'{seconds:.0f}'} |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- heat maps
+
+def copy_heatmap(run_dir: Path, metrics: dict, target: Path, max_width: int = 1100) -> bool:
+    """The run's heat-map PNG, shrunk by whole-pixel block averaging to at most max_width (results/ stays small)."""
+    source = run_dir / metrics.get("heatmaps", {}).get("png", "heatmaps/heatmaps.png")
+    if not source.is_file():
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    image = mpimg.imread(source)
+    factor = max(1, math.ceil(image.shape[1] / max_width))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if factor == 1:
+        shutil.copyfile(source, target)
+        return True
+    h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    blocks = image[:h, :w].reshape(h // factor, factor, w // factor, factor, -1).mean(axis=(1, 3))
+    mpimg.imsave(target, np.clip(blocks, 0, 1))
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- discussion
+
+def best_method(results: Results, methods: dict[str, list[Run]]) -> list[tuple[str, float, int]]:
+    """(method, mean test accuracy, seeds) for the methods with results, best first."""
+    ranked = []
+    for method, rs in methods.items():
+        accs = [first_test(m)["accuracy"] for _, m in results.finished(rs)]
+        if accs:
+            ranked.append((method, statistics.fmean(accs), len(accs)))
+    return sorted(ranked, key=lambda r: -r[1])
+
+
+def discussion(results: Results, main: list[Run], eps_runs: list[Run]) -> list[str]:
+    grouped = group_main(main)
+    lines = ["**Claim 1: attention AT/iAT gives the best prediction performance (9 of 10 tasks in the paper).**", ""]
+    complete_tasks, wins = 0, 0
+    for dataset, methods in grouped.items():
+        ranked = best_method(results, methods)
+        if not ranked:
+            lines.append(f"- {dataset}: no finished run.")
+            continue
+        complete = len(ranked) == len(methods)
+        complete_tasks += complete
+        top_method, top_acc, _ = ranked[0]
+        top = [m for m, a, _ in ranked if a >= top_acc - 1e-9]
+        adv = [(m, a) for m, a, _ in ranked if m in ADVERSARIAL]
+        win = any(m in ADVERSARIAL for m in top)
+        wins += win and complete
+        seeds = sorted({n for _, _, n in ranked})
+        text = (f"- {dataset} ({len(ranked)}/{len(methods)} methods done, {'/'.join(map(str, seeds))} seed(s)): best "
+                f"{', '.join(top)} ({top_acc:.3f})")
+        if adv:
+            text += "; " + ", ".join(f"{m} {a:.3f} ({a - top_acc:+.3f})" for m, a in adv)
+        vanilla = next((a for m, a, _ in ranked if m == "vanilla"), None)
+        if vanilla is not None:
+            text += f"; vanilla {vanilla:.3f}"
+        text += "." + ("" if complete else " Not all methods done: no verdict.")
+        lines.append(text)
+    lines += ["", f"Verdict so far: an attention AT/iAT method is the best (or tied best) on {wins} of the "
+                  f"{complete_tasks} task(s) with all six methods done. With one seed, differences below about one "
+                  "standard deviation of the seeds (see the SST rows with 3 seeds, where done) are not evidence "
+                  "either way.", ""]
+
+    lines += ["**Claim 2: attention AT/iAT attention agrees better with gradient importance (all tasks in the "
+              "paper).**", ""]
+    better, compared = 0, 0
+    for dataset, methods in grouped.items():
+        pearson = {}
+        for method, rs in methods.items():
+            values = [first_test(m)["correlation"]["pearson_mean"] for _, m in results.finished(rs)]
+            values = [v for v in values if v is not None]
+            if values:
+                pearson[method] = statistics.fmean(values)
+        if "vanilla" not in pearson or not any(m in pearson for m in ADVERSARIAL):
+            lines.append(f"- {dataset}: not enough runs (needs vanilla and attention_at or attention_iat).")
+            continue
+        parts = [f"vanilla {pearson['vanilla']:.3f}"]
+        for method in ADVERSARIAL:
+            if method in pearson:
+                compared += 1
+                better += pearson[method] > pearson["vanilla"]
+                parts.append(f"{method} {pearson[method]:.3f} ({pearson[method] - pearson['vanilla']:+.3f})")
+        others = [f"{m} {v:.3f}" for m, v in pearson.items() if m not in ADVERSARIAL and m != "vanilla"]
+        lines.append(f"- {dataset}: Pearson r " + ", ".join(parts) + (f"; others: {', '.join(others)}" if others else "")
+                     + ".")
+    lines += ["", f"Verdict so far: attention AT/iAT is above vanilla in {better} of {compared} (task, method) "
+                  "comparisons. The per-instance spread (sd column of the correlation table) is large compared "
+                  "with most of these differences.", ""]
+
+    lines += ["**Claim 3: attention AT/iAT is much less sensitive to eps than the word-level methods.**", ""]
+    curves = eps_curves(results, eps_runs)
+    spreads = {}
+    for method, points in curves.items():
+        accs = [first_test(m)["accuracy"] for _, m in points]
+        if len(accs) > 1:
+            spreads[method] = (max(accs) - min(accs), len(accs),
+                               min(points, key=lambda p: first_test(p[1])["accuracy"])[0])
+    if not spreads:
+        lines.append("- The eps grid has not run yet (at least two eps values per method are needed).")
+    else:
+        for method, (spread, n, worst) in spreads.items():
+            lines.append(f"- {method}: test accuracy spread {spread:.3f} over {n} eps values (worst at eps {worst:g}).")
+        adv = [spreads[m][0] for m in ADVERSARIAL if m in spreads]
+        word = [spreads[m][0] for m in WORD if m in spreads]
+        if adv and word:
+            verdict = "supports" if max(adv) < min(word) else "does not support"
+            lines += ["", f"Verdict so far: the largest attention AT/iAT spread ({max(adv):.3f}) vs the smallest "
+                          f"word AT/iAT spread ({min(word):.3f}) {verdict} the claim (one seed; compare with the "
+                          "seed-to-seed sd of SST)."]
+    lines.append("")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- document
+
+def remaining(root: Path, runs: list[Run]) -> list[str]:
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        state = status(run, root)
+        if state != "finished":
+            states.setdefault(state.split(" (")[0], []).append(run.name + ("" if "(" not in state else
+                                                                          " (" + state.split(" (", 1)[1]))
+    if not states:
+        return ["Every run of the grids has finished."]
+    lines = []
+    for state, names in states.items():
+        lines.append(f"- {state} ({len(names)}): " + ", ".join(f"`{n}`" for n in names))
+    return lines
+
+
+def build(args) -> str:
+    root = args.runs_root if args.runs_root.is_absolute() else REPO / args.runs_root
+    out_md = args.output if args.output.is_absolute() else REPO / args.output
+    results_dir = args.results_dir if args.results_dir.is_absolute() else REPO / args.results_dir
+    results = Results(root)
+    main = load_grid(args.main_grid)
+    eps_runs = [r for r in load_grid(args.eps_grid) if r.eps is not None]
+    compat_runs = load_grid(args.compat_grid)
+    all_runs = list({r.name: r for r in main + eps_runs + compat_runs}.values())
+    finished = results.finished(all_runs)
+    rel = lambda p: Path(p).relative_to(out_md.parent).as_posix() if Path(p).is_relative_to(out_md.parent) else str(p)  # noqa: E731
+
+    sst_vanilla = next((m for r, m in results.finished(main) if r.dataset == "sst" and r.method == "vanilla"
+                        and r.seed == 1), None)
+    eps_png = results_dir / "eps_sensitivity_sst.png"
+    has_eps_plot = eps_plot(results, eps_runs, sst_vanilla, eps_png)
+    eps_lines, picks = eps_table(results, eps_runs)
+
+    heatmaps = []
+    for method in HEATMAP_METHODS:
+        run = next((r for r in main if r.dataset == "sst" and r.method == method and r.seed == 1), None)
+        metrics = results.metrics(run) if run else None
+        target = results_dir / f"heatmaps_sst_{method}.png"
+        if metrics is not None and copy_heatmap(root / run.name, metrics, target):
+            heatmaps.append((method, run, target))
+        else:
+            heatmaps.append((method, run, None))
+
+    cpu_hours = sum(m.get("total_cpu_seconds", 0.0) for _, m in finished) / 3600
+    wall_hours = sum(m.get("total_seconds", 0.0) for _, m in finished) / 3600
+    backends = sorted({m.get("backend", "?") for _, m in finished})
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    doc = ["# Results: reproducing Kitada & Iyatomi (2021) on the data available here", "",
+           f"Generated by `python experiments/report.py` on {now} from {len(finished)} finished runs of the "
+           f"{len(all_runs)} the grids hold (`{root.relative_to(REPO) if root.is_relative_to(REPO) else root}`; "
+           f"{wall_hours:.1f} h wall, {cpu_hours:.1f} h CPU of the finished runs on a shared 2-core CPU machine; "
+           f"attention backend: {', '.join(backends) or 'n/a'}). Do not edit by hand: rerun the commands at the end. "
+           f"A cell that says \"{NOT_RUN}\" is a run that has not finished; no number here comes from anywhere but "
+           "this project's own runs, except the Jain & Wallace rows, which quote their paper.", "",
+           "Setting (all tables unless said otherwise): one-layer BiLSTM (128 per direction), additive attention, "
+           "batch 32, Adam lr 1e-3 amsgrad, weight decay 1e-5 except the attention, 8 epochs (binary "
+           "classification) or 10 (QA, NLI), the best dev-accuracy epoch evaluated on test, lambda = 1, eps = 1 "
+           "for every perturbation method in the main grid (the per-method pick from the SST dev set is in the "
+           "eps section; it came later in the schedule than the main runs). ± is the standard deviation over "
+           "seeds where more than one seed is done (the \"seeds done\" column).", "",
+           "## 1. Prediction performance per task", ""]
+    doc += task_tables(results, main)
+    sst_v = [first_test(m)["accuracy"] for r, m in results.finished(main) if r.dataset == "sst" and r.method == "vanilla"]
+    if sst_v:
+        gap = statistics.fmean(sst_v) - JAIN_WALLACE["sst"]
+        doc += [f"SST vanilla vs Jain & Wallace: {statistics.fmean(sst_v):.3f} vs 0.808 ({gap * 100:+.1f} points; "
+                f"{'within' if abs(gap) <= 0.015 else 'outside'} the 1.5-point target). Our embeddings are the "
+                "embedded GloVe 6B 50-d subset (Jain & Wallace: 300-d pretrained vectors), the tokeniser differs "
+                "slightly (experiments/data/README.md).", ""]
+    doc += ["## 2. Attention vs gradient importance", "",
+            "Per test instance, the correlation over its tokens between the attention and Jain & Wallace's "
+            "gradient x input importance (attention held constant, predicted-class probability); mean ± sd over "
+            "the test instances (the paper's convention), averaged over the seeds done.", ""]
+    doc += correlation_table(results, main)
+    doc += ["", "### Robustness (beyond the paper)", "",
+            "Test accuracy and mean total-variation change of the attention when the test-time attention scores "
+            "get the AT perturbation of size eps (the run's eps; vanilla: 1).", ""]
+    doc += robustness_table(results, main)
+    doc += ["", "## 3. Sensitivity to eps (SST)", ""]
+    doc += eps_lines
+    if has_eps_plot:
+        doc += ["", f"![eps sensitivity]({rel(eps_png)})", "",
+                "Solid: attention AT/iAT; dashed: word AT/iAT; dotted: attention RP; grey: vanilla (seed 1)."]
+    else:
+        doc += ["", "No eps-grid run has finished yet: no plot."]
+    picked = [f"{m} {e:g}" for m, e in picks.items() if e is not None]
+    doc += ["", "Default eps per method picked on the SST dev set: " + (", ".join(picked) if picked else NOT_RUN)
+            + ". (The main grid was run at eps 1 for every method; rerunning it at the picked values is left "
+              "for a longer session.)", ""]
+    doc += ["## 4. The released code's behaviour vs the paper (SPEC)", "",
+            "`--compat released` reproduces the authors' released code (SPEC, last section): three network "
+            "passes per step, a parameter gradient of 2 L_clean + lambda L_adv, and iAT stepping along -g. "
+            "SST, seed 1, eps 1. Seconds per epoch are wall time on a machine shared with other jobs, so only "
+            "large ratios mean anything.", ""]
+    doc += compat_table(results, compat_runs)
+    doc += ["", "## 5. Heat maps: attention vs gradient importance on the same SST test sentences", "",
+            "The first six SST test sentences of 6 to 30 tokens, for the seed-1 main-grid models; each row is "
+            "scaled by its own maximum (train.py writes these; an HTML version with the raw values on hover is in "
+            "each run's heatmaps/ folder).", ""]
+    for method, run, target in heatmaps:
+        if target is not None:
+            doc += [f"**{method}** (`{run.name}`)", "", f"![{method} heat map]({rel(target)})", ""]
+        else:
+            doc += [f"**{method}**: {NOT_RUN}.", ""]
+    doc += ["## 6. The paper's three claims, against these runs", ""]
+    doc += discussion(results, main, eps_runs)
+    doc += ["## 7. Deviations from the paper", "",
+            "- Word vectors: SST uses the embedded GloVe 6B 50-d subset (experiments/data/glove), not 300-d "
+            "vectors; the other tasks start from random 300-d embeddings (no pretrained vectors in this "
+            "environment).",
+            "- bAbI 3: trained on the 1k training file (850 train / 150 dev after the recipe's 15% split) because "
+            "the en-10k training file is not available here; bAbI 1 and 2 use en-10k (8500 / 1500); all use the "
+            "official 1000-question test file.",
+            "- SNLI: no training split here. The e-SNLI copy of the SNLI dev split is split by premise (15% of the "
+            "premises, seed 16377, with all their hypotheses) into a held-out dev set for early stopping and a "
+            "training set (experiments/sweep.py, `prepare_nli_train_from_dev`; the prepared folder records the "
+            "sizes in PREPARED.json); the official SNLI test split is the test set. About 8.4k training pairs "
+            "instead of 550k: far below the paper's setting, so absolute accuracies are not comparable.",
+            "- IMDB: the original reviews (aclImdb), not the Keras copy the authors started from, so the seeded "
+            "splits select other reviews; tokenisation differs (experiments/data/README.md).",
+            "- eps: the main grid uses eps = 1 for every method instead of a per-method value picked on dev.",
+            "- Seeds: 3 seeds where the time allowed (SST first, then bAbI), else 1 (see \"seeds done\").",
+            "- Hardware: CPU only, 2 cores shared with other work; nothing was tuned.", "",
+            "## 8. Runs not finished yet", ""]
+    doc += remaining(root, all_runs)
+    doc += ["", "## 9. Regenerating everything", "",
+            "```",
+            "python experiments/sweep.py --grid paper --jobs 1 --threads 2   # all runs, in priority order; resumable",
+            "python experiments/report.py                                    # this file and results/*.png",
+            "```", "",
+            "Slices: `python experiments/sweep.py --grid main --datasets sst --seeds 1`, `--grid eps`, "
+            "`--grid compat`; `--list` shows each run's state. The non-SST tasks read `../shared/data` "
+            "(`--data-root` to change it); runs land in `runs/sweep/<task>/<method>[_eps<eps>]_seed<seed>[...]`.",
+            ""]
+    return "\n".join(doc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--runs-root", type=Path, default=DEFAULT_OUT, help="the sweep's run directories")
+    parser.add_argument("--output", type=Path, default=Path("RESULTS.md"), help="the report (relative: to the repo)")
+    parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where the PNGs go")
+    parser.add_argument("--main-grid", default="main", help="grid of the per-task and correlation tables")
+    parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot")
+    parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    text = build(args)
+    out = args.output if args.output.is_absolute() else REPO / args.output
+    out.write_text(text, encoding="utf-8")
+    print(f"report: wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

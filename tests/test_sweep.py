@@ -1,0 +1,169 @@
+"""experiments/sweep.py and experiments/report.py: grids, run naming, skipping, resuming, failure reporting,
+the SNLI train-from-dev preparation, and RESULTS.md from real (tiny) runs."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+import report  # noqa: E402
+import sweep  # noqa: E402
+
+
+def write_grid(path: Path, spec: dict) -> Path:
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- grids, names
+
+def test_named_grids_load_and_cover_the_issue():
+    main = sweep.load_grid("main")
+    assert {r.dataset for r in main} == {"sst", "babi1", "babi2", "babi3", "imdb", "snli"}
+    assert {r.method for r in main} == {"vanilla", "word_at", "word_iat", "attention_rp", "attention_at", "attention_iat"}
+    assert {r.seed for r in main if r.dataset == "sst"} == {1, 2, 3}
+    eps = sweep.load_grid("eps")
+    assert sorted({r.eps for r in eps}) == [0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0]
+    assert len(eps) == 5 * 8
+    compat = sweep.load_grid("compat")
+    assert sorted(dict(r.args).get("compat", "spec") for r in compat) == ["released", "released", "spec", "spec"]
+    paper = sweep.load_grid("paper")
+    names = [r.name for r in paper]
+    assert len(names) == len(set(names))
+    # the shared runs (eps 1 in both main and eps, the SPEC side of compat) are trained once
+    assert set(names) == {r.name for r in main + eps + compat}
+    # the priority order of issue 6: SST seed 1 first, bAbI seed 1 next, IMDB last
+    assert [r.dataset for r in paper[:6]] == ["sst"] * 6 and {r.seed for r in paper[:6]} == {1}
+    assert paper[6].dataset == "babi1" and paper[-1].dataset == "imdb"
+
+
+def test_run_names_are_a_function_of_the_settings():
+    run = sweep.Run("sst", "attention_at", 2, 0.5, (("compat", "released"), ("kernel-sizes", [1, 3])))
+    assert run.name == "sst/attention_at_eps0.5_seed2_compat-released_kernel-sizes-1-3"
+    assert run.name == sweep.Run("sst", "attention_at", 2, 0.5, (("compat", "released"), ("kernel-sizes", [1, 3])),
+                                 data="ignored").name
+    assert sweep.Run("sst", "vanilla", 1, None).name == "sst/vanilla_seed1"
+    assert run.train_args() == ["--dataset", "sst", "--method", "attention_at", "--seed", "2", "--eps", "0.5",
+                                "--compat", "released", "--kernel-sizes", "1", "3"]
+
+
+def test_vanilla_has_no_eps_and_filters(tmp_path):
+    grid = write_grid(tmp_path / "g.json", {"blocks": [
+        {"datasets": ["sst"], "methods": ["vanilla", "attention_at"], "seeds": [1, 2], "eps": [0.1, 1]}]})
+    runs = sweep.load_grid(str(grid))
+    assert [r.name for r in runs] == ["sst/vanilla_seed1", "sst/attention_at_eps0.1_seed1", "sst/attention_at_eps1_seed1",
+                                      "sst/vanilla_seed2", "sst/attention_at_eps0.1_seed2", "sst/attention_at_eps1_seed2"]
+    kept = sweep.filter_runs(runs, seeds=[2], eps=[1.0])
+    assert [r.name for r in kept] == ["sst/vanilla_seed2", "sst/attention_at_eps1_seed2"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"blocks": [{"datasets": ["sst"], "methods": [], "seeds": [1]}]}, "'methods' must be a non-empty list"),
+    ({"blocks": [{"datasets": ["sst"], "methods": ["vanilla"], "seeds": [1], "epsilon": [1]}]}, "unknown keys"),
+    ({"runs": []}, "a list 'blocks'"),
+    ({"blocks": [{"grid": "no_such_grid"}]}, "no file"),
+])
+def test_bad_grids_are_rejected_with_the_reason(tmp_path, spec, message):
+    grid = write_grid(tmp_path / "bad.json", spec)
+    with pytest.raises(sweep.GridError, match=message):
+        sweep.load_grid(str(grid))
+
+
+def test_unfinished_runs_resume_and_held_runs_are_left_alone(tmp_path):
+    run = sweep.Run("sst", "attention_at", 1, 1.0)
+    run_dir = tmp_path / run.name
+    plan = sweep.Sweep([run], out_root=tmp_path, data_root=tmp_path, jobs=1, threads=1, resume=True,
+                       extra=["--device=cpu"])
+    fresh = plan.command(run, run_dir, resume=False)
+    assert "--resume" not in fresh and fresh[fresh.index("--method") + 1] == "attention_at"
+    assert "--device=cpu" in fresh and fresh[fresh.index("--threads") + 1] == "1"
+    resumed = plan.command(run, run_dir, resume=True)
+    assert "--resume" in resumed and "--method" not in resumed  # the saved config decides
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.pt").write_bytes(b"")
+    (run_dir / "sweep.log").write_text("epoch 1: ...\nepoch 2: ...\n")
+    assert sweep.status(run, tmp_path) == "unfinished (2 epochs)"
+    # a live process holding the run (here: pytest's parent) makes the sweep skip it
+    (run_dir / sweep.LOCK).write_text(f"{__import__('os').getppid()}\n")
+    assert sweep.status(run, tmp_path).startswith("running (pid")
+    assert plan.run_one(run) == "busy"
+
+
+def test_snli_train_from_dev_is_split_by_premise(tmp_path):
+    source = tmp_path / "esnli"
+    source.mkdir()
+    premises = [f"premise {i} ." for i in range(20) for _ in range(3)]
+    for split, n in (("dev", len(premises)), ("test", 5)):
+        (source / f"s1.{split}").write_text("".join(f"{p}\n" for p in premises[:n]))
+        (source / f"s2.{split}").write_text("".join(f"hypothesis {i} .\n" for i in range(n)))
+        (source / f"labels.{split}").write_text("".join(["entailment\n", "neutral\n", "contradiction\n"][i % 3]
+                                                        for i in range(n)))
+    target = sweep.prepare_nli_train_from_dev(source, tmp_path / "out", dev_fraction=0.15, seed=16377)
+    read = {name: (target / name).read_text().splitlines() for name in
+            [f"{s}.{p}" for s in ("s1", "s2", "labels") for p in ("train", "dev", "test")]}
+    assert len(read["s1.train"]) + len(read["s1.dev"]) == 60
+    assert len(read["s1.dev"]) == 3 * 3  # ceil(0.15 * 20) = 3 premises, 3 hypotheses each
+    assert not set(read["s1.train"]) & set(read["s1.dev"])
+    assert sorted(read["s2.train"] + read["s2.dev"]) == sorted(f"hypothesis {i} ." for i in range(60))
+    assert read["s1.test"] == premises[:5]
+    assert json.loads((target / "PREPARED.json").read_text())["examples"] == {"train": 51, "dev": 9, "test": 5}
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    """The smoke grid's vanilla run (tiny SST subset, one epoch) and a run that fails (missing data), run once."""
+    root = tmp_path_factory.mktemp("sweep")
+    grid = write_grid(root / "grid.json", {
+        "data": {"babi1": "no_such_folder"},
+        "blocks": [{"grid": "smoke", "methods": ["vanilla"]},
+                   {"datasets": ["babi1"], "methods": ["vanilla"], "seeds": [1], "args": {"epochs": 1}}]})
+    command = [sys.executable, str(EXPERIMENTS / "sweep.py"), "--grid", str(grid), "--out-root", str(root / "runs"),
+               "--data-root", str(root), "--jobs", "2", "--threads", "1", "--no-progress"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return root, grid, command, first
+
+
+def test_sweep_runs_reports_failures_and_skips_finished_runs(smoke_sweep):
+    root, _, command, first = smoke_sweep
+    good = root / "runs" / "sst" / "vanilla_seed1_epochs-1_max-eval-examples-32_max-train-examples-64"
+    assert first.returncode == 1, first.stderr
+    assert "1 failed" in first.stderr and "1 finished" in first.stderr
+    assert "FAILED babi1/vanilla_seed1_epochs-1" in first.stderr
+    metrics = json.loads((good / "metrics.json").read_text())
+    assert metrics["test"]["test"]["n"] == 32 and metrics["epochs"][-1]["epoch"] == 1  # the grid's flags
+    assert "no_such_folder" in (root / "runs" / "babi1" / "vanilla_seed1_epochs-1" / "sweep.log").read_text()
+    assert not (good / sweep.LOCK).exists()
+
+    second = subprocess.run(command + ["--datasets", "sst"], capture_output=True, text=True, timeout=120)
+    assert "1 already finished, 0 to run" in second.stderr and "1 skipped" in second.stderr
+    assert second.returncode == 0
+    assert (good / "metrics.json").read_text() == json.dumps(metrics, indent=2) + "\n"
+
+
+def test_report_builds_results_md_from_the_runs(smoke_sweep, tmp_path):
+    root, grid, _, _ = smoke_sweep
+    good = root / "runs" / "sst" / "vanilla_seed1_epochs-1_max-eval-examples-32_max-train-examples-64"
+    metrics = json.loads((good / "metrics.json").read_text())
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--runs-root", str(root / "runs"), "--output", str(out), "--results-dir",
+                        str(tmp_path / "results"), "--main-grid", str(grid), "--eps-grid", "smoke",
+                        "--compat-grid", "compat"]) == 0
+    text = out.read_text()
+    test = metrics["test"]["test"]
+    assert f"| vanilla | 1/1 | {test['accuracy']:.3f} | {test['f1']:.3f} |" in text
+    assert f"{test['correlation']['pearson_mean']:.3f} ± {test['correlation']['pearson_std']:.3f}" in text
+    assert "| Jain & Wallace 2019 vanilla (reported) |  | 0.808 |" in text
+    assert "No babi1 run has finished yet." in text
+    # runs the grids hold but nobody ran say so, with no number
+    assert "| attention_at | paper / SPEC (default) | not run |" in text
+    assert "**attention_at**: not run." in text
+    assert (tmp_path / "results" / "heatmaps_sst_vanilla.png").stat().st_size > 1000
+    assert "![vanilla heat map](results/heatmaps_sst_vanilla.png)" in text
+    assert "python experiments/report.py" in text
