@@ -10,6 +10,8 @@
 #include "../attention_pool.h"
 #include "isa.h"
 
+#include <cstdlib>
+
 namespace fused_attn_at {
 namespace {
 
@@ -20,6 +22,8 @@ using cpu::Dtype;
 constexpr int64_t GRAIN_WORK = 32768;
 // Features per work item when rows are split (a multiple of every vector width, and of a cache line).
 constexpr int64_t MIN_CHUNK = 64;
+// grad_h at least this large is written with non-temporal stores (see stream_min_bytes).
+constexpr int64_t STREAM_MIN_BYTES = 8 << 20;
 // Fewer features than this and h contiguous along T: read along T (vectors over positions instead).
 constexpr int64_t NARROW_H = 8;
 
@@ -80,6 +84,13 @@ cpu::Split split_for(int64_t B, int64_t T, int64_t H) {
   s.chunk = chunk;
   s.n_chunks = (H + chunk - 1) / chunk;
   return s;
+}
+
+// A grad_h too large to stay in the cache next to h is streamed to memory: no read-for-ownership of its
+// lines, and h (read in the same sweep) is not evicted. FUSED_ATTN_AT_STREAM_MB overrides the threshold.
+int64_t stream_min_bytes() {
+  const char* env = std::getenv("FUSED_ATTN_AT_STREAM_MB");
+  return env != nullptr ? static_cast<int64_t>(std::atof(env) * (1 << 20)) : STREAM_MIN_BYTES;
 }
 
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, GRAIN_WORK / std::max<int64_t>(1, work_per_item)); }
@@ -212,6 +223,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cpu(const at::Tensor& grad
   a.grad_h_sh = grad_h_work.stride(2);
   a.grad_scores = grad_scores.data_ptr();
   a.split = split_for(B, T, H);
+  a.stream_grad_h = grad_h_work.numel() * static_cast<int64_t>(grad_h_work.element_size()) >= stream_min_bytes();
   at::Tensor partial_da;
   if (a.split.n_chunks > 1) {
     partial_da = at::empty({B, a.split.n_chunks, T}, h.options().dtype(acc_dtype(h)));
