@@ -170,6 +170,48 @@ def robustness_table(results: Results, main: list[Run]) -> list[str]:
     return lines
 
 
+def cost_table(results: Results, runs: list[Run]) -> list[str]:
+    """Measured wall seconds per epoch and per run, by task and method (finished runs of every grid)."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for run, metrics in results.finished(runs):
+        grouped.setdefault((run.dataset, run.method + (" (released)" if dict(run.args).get("compat") else "")),
+                           []).append(metrics)
+    lines = ["| task | method | runs | seconds per epoch (mean) | wall seconds per run (mean) | CPU seconds per run "
+             "(mean) | threads |", "|---|---|---|---|---|---|---|"]
+    for (dataset, method), ms in sorted(grouped.items()):
+        per_epoch = [e["seconds"] for m in ms for e in m["epochs"] if e.get("seconds") is not None]
+        lines.append(f"| {dataset} | {method} | {len(ms)} | {statistics.fmean(per_epoch):.0f} | "
+                     f"{statistics.fmean(m['total_seconds'] for m in ms):.0f} | "
+                     f"{statistics.fmean(m['total_cpu_seconds'] for m in ms):.0f} | "
+                     f"{', '.join(sorted({str(m.get('threads')) for m in ms}))} |")
+    return lines
+
+
+# full-size runs the probe estimates: training examples after the recipe (experiments/data/README.md) and epochs
+FULL_SIZE = {"imdb": (17220, 8)}
+
+
+def imdb_estimate(results: Results, probe_runs: list[Run]) -> list[str]:
+    """Seconds of a full run = (the probe's epoch seconds) x (full train size / probe train size) x epochs.
+    The probe's epoch includes its dev evaluation (300 of 4305 reviews, scaled by the train ratio instead of
+    the dev ratio): an estimate, not a measurement of the full run."""
+    lines = []
+    for run, metrics in results.finished(probe_runs):
+        if run.dataset not in FULL_SIZE:
+            continue
+        n_full, epochs = FULL_SIZE[run.dataset]
+        n_probe = dict(run.args).get("max-train-examples") or n_full
+        per_epoch = statistics.fmean(e["seconds"] for e in metrics["epochs"])
+        full = per_epoch * n_full / n_probe
+        lines.append(f"- {run.dataset} {run.method}: one epoch on {n_probe} training examples took {per_epoch:.0f} s "
+                     f"({metrics['threads']} thread(s)), so a full epoch ({n_full} examples) takes about "
+                     f"{full / 60:.0f} min and a full {epochs}-epoch run about {full * epochs / 3600:.1f} h here "
+                     f"(`{run.name}`).")
+    if not lines:
+        return ["The IMDB cost probe (`--grid imdb_probe`) has not run yet."]
+    return ["Estimated cost of the full IMDB runs, from one-epoch probes on a subset (same machine):", ""] + lines
+
+
 # ----------------------------------------------------------------------------------------------- eps
 
 def eps_curves(results: Results, eps_runs: list[Run]) -> dict[str, list[tuple[float, dict]]]:
@@ -335,7 +377,7 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run]) -> list[s
         text += "." + ("" if complete else " Not all methods done: no verdict.")
         lines.append(text)
     lines += ["", f"Verdict so far: an attention AT/iAT method is the best (or tied best) on {wins} of the "
-                  f"{complete_tasks} task(s) with all six methods done. With one seed, differences below about one "
+                  f"{complete_tasks} task(s) with all of the grid's methods done. With one seed, differences below about one "
                   "standard deviation of the seeds (see the SST rows with 3 seeds, where done) are not evidence "
                   "either way.", ""]
 
@@ -415,6 +457,10 @@ def build(args) -> str:
     eps_runs = [r for r in load_grid(args.eps_grid) if r.eps is not None]
     compat_runs = load_grid(args.compat_grid)
     all_runs = list({r.name: r for r in main + eps_runs + compat_runs}.values())
+    # "what remains" in the order the sweep will run it (the paper grid's priority order), then the rest
+    in_grids = {r.name for r in all_runs}
+    order = [r for r in load_grid(args.order_grid) if r.name in in_grids] if args.order_grid else []
+    ordered = list({r.name: r for r in order + all_runs}.values())
     finished = results.finished(all_runs)
     rel = lambda p: Path(p).relative_to(out_md.parent).as_posix() if Path(p).is_relative_to(out_md.parent) else str(p)  # noqa: E731
 
@@ -515,11 +561,16 @@ def build(args) -> str:
             "- eps: the main grid uses eps = 1 for every method instead of a per-method value picked on dev.",
             "- Seeds: 3 seeds where the time allowed (SST first, then bAbI), else 1 (see \"seeds done\").",
             "- Hardware: CPU only, 2 cores shared with other work; nothing was tuned.", "",
-            "## 8. Runs not finished yet", ""]
-    doc += remaining(root, all_runs)
-    doc += ["", "## 9. Regenerating everything", "",
+            "## 8. Cost of the runs", "",
+            "Wall time on a 2-core CPU machine shared with other jobs (so an upper bound of what the runs need); "
+            "a resumed run counts from its restart.", ""]
+    doc += cost_table(results, all_runs)
+    doc += [""] + imdb_estimate(results, load_grid(args.probe_grid)) + ["", "## 9. Runs not finished yet", ""]
+    doc += remaining(root, ordered)
+    doc += ["", "## 10. Regenerating everything", "",
             "```",
             "python experiments/sweep.py --grid paper --jobs 1 --threads 2   # all runs, in priority order; resumable",
+            "python experiments/sweep.py --grid imdb_probe --threads 1       # the IMDB cost probe (section 8)",
             "python experiments/report.py                                    # this file and results/*.png",
             "```", "",
             "Slices: `python experiments/sweep.py --grid main --datasets sst --seeds 1`, `--grid eps`, "
@@ -538,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--main-grid", default="main", help="grid of the per-task and correlation tables")
     parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot")
     parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison")
+    parser.add_argument("--order-grid", default="paper",
+                        help="the unfinished runs are listed in this grid's order (the sweep's schedule); '' = none")
+    parser.add_argument("--probe-grid", default="imdb_probe",
+                        help="one-epoch runs on a subset, scaled up to estimate the cost of full runs")
     return parser
 
 
