@@ -380,6 +380,8 @@ class Sweep:
             self.stopping = True
             for child in list(self.children):
                 child.terminate()
+        print(f"sweep: stopped by signal {signum}; the interrupted runs continue from their last finished epoch "
+              "next time", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     def run(self, progress: bool = True) -> int:
