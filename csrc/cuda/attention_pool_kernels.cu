@@ -109,9 +109,14 @@ __device__ __forceinline__ void store_pack(T* ptr, const Pack<T, VEC>& pack) {
       const unsigned char* bytes = reinterpret_cast<const unsigned char*>(&pack) + 4 * w;
       word[w] = *reinterpret_cast<const uint32_t*>(bytes);
     }
+#if defined(__CUDA_ARCH__)
     asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(word[0]), "r"(word[1]), "r"(word[2]),
                  "r"(word[3])
                  : "memory");
+#else
+    uint32_t* out = reinterpret_cast<uint32_t*>(ptr);
+    for (int w = 0; w < 4; ++w) out[w] = word[w];
+#endif
   } else {
     *reinterpret_cast<Pack<T, VEC>*>(ptr) = pack;
   }
@@ -478,6 +483,19 @@ __global__ void __launch_bounds__(kThreads) bwd_dscores_kernel(const BwdParams p
 
 // ------------------------------------------------------------------------------------------------ launchers
 
+// Every kernel launch goes through here. FA_CPU_EMULATION is the CPU emulation the tests build this file with
+// (csrc/cuda/cpu_emulation/): it runs each block's threads as host threads.
+template <typename Params>
+int launch_kernel(void (*kernel)(Params), dim3 grid, cudaStream_t stream, const Params& params) {
+#ifdef FA_CPU_EMULATION
+  (void)stream;
+  fa_emulation::launch(kernel, grid, kThreads, params);
+#else
+  kernel<<<grid, kThreads, 0, stream>>>(params);
+#endif
+  return static_cast<int>(cudaGetLastError());
+}
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int next_pow2(int64_t n) {
@@ -505,8 +523,7 @@ int launch_iat_coefficients(int64_t B, int64_t T, fa_view scores, fa_view mask, 
   PerturbParams p{scores.data, scores.stride[0], scores.stride[1], static_cast<const uint8_t*>(mask.data),
                   mask.stride[0], mask.stride[1], grad.data, grad.stride[0], grad.stride[1], coeff, nullptr, 0, 0,
                   B, T, 0.0};
-  iat_coeff_kernel<S><<<dim3(static_cast<unsigned>(B)), kThreads, 0, stream>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_kernel(&iat_coeff_kernel<S>, dim3(static_cast<unsigned>(B)), stream, p);
 }
 
 template <typename S, typename OutT>
@@ -516,12 +533,8 @@ int launch_perturbation_as(int kind, int64_t B, int64_t T, double eps, fa_view s
                   mask.stride[0], mask.stride[1], direction.data, direction.stride[0], direction.stride[1], coeff,
                   out.data, out.stride[0], out.stride[1], B, T, eps};
   const dim3 grid(static_cast<unsigned>(B));
-  if (kind == FA_KIND_IAT) {
-    perturbation_kernel<S, OutT, FA_KIND_IAT><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    perturbation_kernel<S, OutT, FA_KIND_NORMALIZE><<<grid, kThreads, 0, stream>>>(p);
-  }
-  return static_cast<int>(cudaGetLastError());
+  if (kind == FA_KIND_IAT) return launch_kernel(&perturbation_kernel<S, OutT, FA_KIND_IAT>, grid, stream, p);
+  return launch_kernel(&perturbation_kernel<S, OutT, FA_KIND_NORMALIZE>, grid, stream, p);
 }
 
 template <typename S>
@@ -546,16 +559,12 @@ int launch_fwd_vec(int perturb, FwdParams p, int64_t B, int num_sms, cudaStream_
   const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(split));
   switch (perturb) {
     case FA_PERTURB_NONE:
-      fwd_kernel<S, VEC, FA_PERTURB_NONE><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_NONE>, grid, stream, p);
     case FA_PERTURB_NORMALIZE:
-      fwd_kernel<S, VEC, FA_PERTURB_NORMALIZE><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_NORMALIZE>, grid, stream, p);
     default:
-      fwd_kernel<S, VEC, FA_PERTURB_GIVEN><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_GIVEN>, grid, stream, p);
   }
-  return static_cast<int>(cudaGetLastError());
 }
 
 template <typename S>
@@ -581,11 +590,10 @@ int launch_bwd_vec(BwdParams p, int64_t B, int num_sms, cudaStream_t stream) {
   p.chunk = ceil_div(ceil_div(p.T, split), kRowsPerPass) * kRowsPerPass;
   if (ceil_div(p.T, p.chunk) > kMaxGridY) p.chunk = ceil_div(ceil_div(p.T, kMaxGridY), kRowsPerPass) * kRowsPerPass;
   split = ceil_div(p.T, p.chunk);
-  bwd_dh_da_kernel<S, VEC><<<dim3(static_cast<unsigned>(B), static_cast<unsigned>(split)), kThreads, 0, stream>>>(p);
-  const cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess) return static_cast<int>(error);
-  bwd_dscores_kernel<S><<<dim3(static_cast<unsigned>(B)), kThreads, 0, stream>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  const int error = launch_kernel(&bwd_dh_da_kernel<S, VEC>,
+                                  dim3(static_cast<unsigned>(B), static_cast<unsigned>(split)), stream, p);
+  if (error != 0) return error;
+  return launch_kernel(&bwd_dscores_kernel<S>, dim3(static_cast<unsigned>(B)), stream, p);
 }
 
 template <typename S>
