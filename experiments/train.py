@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "configuration (a resumed run ends with the metrics of an uninterrupted one)")
     run.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     run.add_argument("--threads", type=positive_int, default=None,
-                     help="torch CPU threads (default: torch's choice; with torchrun on CPU, cores / processes)")
+                     help="torch intra-op CPU threads per process (default 1 on the CPU: the models are small, "
+                          "and extra threads slow down badly when other processes share the cores)")
     run.add_argument("--max-train-examples", type=positive_int, default=None,
                      help="keep only the first N training examples (quick tests)")
     run.add_argument("--max-eval-examples", type=positive_int, default=None,

@@ -147,6 +147,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert metrics["ddp_replicas_identical"] is True  # the gradients were averaged across the processes
     assert {"accuracy", "f1", "roc_auc", "correlation", "robustness"} <= set(metrics["test"]["test"])
     assert (out / "best.pt").is_file() and (out / "heatmaps" / "heatmaps.png").is_file()
 

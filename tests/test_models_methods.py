@@ -24,6 +24,16 @@ V, E, HIDDEN = 23, 8, 5
 SMALL = dict(embed_size=E, hidden_size=HIDDEN, cnn_channels=3, kernel_sizes=(1, 3), decoder_size=6)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds synchronisation, which turns into long
+    waits when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_batch(kind: str = "bc", B: int = 6, T: int = 7, Tq: int = 4, n_labels: int = 3, seed: int = 0,
                empty_row: bool = False) -> Batch:
     g = torch.Generator().manual_seed(seed)
@@ -107,6 +117,29 @@ def test_lstm_states_ignore_padding():
         a, b = model(batch), model(wider)
         torch.testing.assert_close(a.logits, b.logits)
         torch.testing.assert_close(a.attention, b.attention[:, :6])
+
+
+def test_lstm_encoder_equals_packed_bilstm():
+    """The two-direction LSTM over right-padded rows gives the packed BiLSTM's states and final states."""
+    from paper.models import LSTMEncoder
+
+    torch.manual_seed(3)
+    encoder = LSTMEncoder(E, HIDDEN).double()
+    packed_lstm = torch.nn.LSTM(E, HIDDEN, batch_first=True, bidirectional=True).double()
+    with torch.no_grad():
+        for name, p in encoder.forward_rnn.named_parameters():
+            getattr(packed_lstm, name).copy_(p)
+        for name, p in encoder.backward_rnn.named_parameters():
+            getattr(packed_lstm, name + "_reverse").copy_(p)
+    batch = make_batch(B=5, T=9)
+    x = torch.randn(5, 9, E, dtype=torch.float64)
+    states, final = encoder(x, batch.mask)
+    lengths = batch.mask.sum(1)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, (h_n, _) = packed_lstm(packed)
+    expected, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=9)
+    torch.testing.assert_close(states, expected)
+    torch.testing.assert_close(final, torch.cat([h_n[0], h_n[1]], -1))
 
 
 def test_pretrained_embeddings_are_copied_and_trainable():
