@@ -10,7 +10,12 @@
 #include "../attention_pool.h"
 #include "isa.h"
 
+#include <cstdint>
 #include <cstdlib>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace fused_attn_at {
 namespace {
@@ -22,8 +27,6 @@ using cpu::Dtype;
 constexpr int64_t GRAIN_WORK = 32768;
 // Features per work item when rows are split (a multiple of every vector width, and of a cache line).
 constexpr int64_t MIN_CHUNK = 64;
-// grad_h at least this large is written with non-temporal stores (see stream_min_bytes).
-constexpr int64_t STREAM_MIN_BYTES = 8 << 20;
 // Fewer features than this and h contiguous along T: read along T (vectors over positions instead).
 constexpr int64_t NARROW_H = 8;
 
@@ -86,11 +89,23 @@ cpu::Split split_for(int64_t B, int64_t T, int64_t H) {
   return s;
 }
 
-// A grad_h too large to stay in the cache next to h is streamed to memory: no read-for-ownership of its
-// lines, and h (read in the same sweep) is not evicted. FUSED_ATTN_AT_STREAM_MB overrides the threshold.
-int64_t stream_min_bytes() {
-  const char* env = std::getenv("FUSED_ATTN_AT_STREAM_MB");
-  return env != nullptr ? static_cast<int64_t>(std::atof(env) * (1 << 20)) : STREAM_MIN_BYTES;
+// A large fresh output (grad_h) comes from mmap: touching it page by page costs one fault per 4 KB, which
+// at T = 1024 (64 MB) took longer than the kernel itself. Ask for transparent huge pages instead (a hint;
+// no effect where THP is off, "always" already, or the memory is not fresh).
+constexpr int64_t HUGE_PAGE = 2 << 20;
+constexpr int64_t HUGE_PAGE_MIN_BYTES = 8 * HUGE_PAGE;
+
+void advise_huge_pages(const at::Tensor& x) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const int64_t bytes = x.numel() * static_cast<int64_t>(x.element_size());
+  if (bytes < HUGE_PAGE_MIN_BYTES || std::getenv("FUSED_ATTN_AT_NO_THP") != nullptr) return;
+  const auto start = reinterpret_cast<uintptr_t>(x.data_ptr());
+  const uintptr_t first = (start + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+  const uintptr_t last = (start + bytes) / HUGE_PAGE * HUGE_PAGE;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)x;
+#endif
 }
 
 int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, GRAIN_WORK / std::max<int64_t>(1, work_per_item)); }
@@ -202,10 +217,12 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cpu(const at::Tensor& grad
   // grad_h has h's layout (as the fake op says); the kernels need it unit-stride along the dimension h is
   // read along, else they write a buffer that is copied over.
   at::Tensor grad_h = at::empty_like(h);
+  advise_huge_pages(grad_h);
   const bool grad_h_ok = layout.view.along_t ? (T <= 1 || grad_h.stride(1) == 1) : (H <= 1 || grad_h.stride(2) == 1);
   at::Tensor grad_h_work = grad_h;
   if (!grad_h_ok) {
     grad_h_work = layout.view.along_t ? at::empty({B, H, T}, h.options()).transpose(1, 2) : at::empty({B, T, H}, h.options());
+    advise_huge_pages(grad_h_work);
   }
   at::Tensor grad_scores = at::empty({B, T}, h.options());
 
@@ -223,7 +240,6 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cpu(const at::Tensor& grad
   a.grad_h_sh = grad_h_work.stride(2);
   a.grad_scores = grad_scores.data_ptr();
   a.split = split_for(B, T, H);
-  a.stream_grad_h = grad_h_work.numel() * static_cast<int64_t>(grad_h_work.element_size()) >= stream_min_bytes();
   at::Tensor partial_da;
   if (a.split.n_chunks > 1) {
     partial_da = at::empty({B, a.split.n_chunks, T}, h.options().dtype(acc_dtype(h)));

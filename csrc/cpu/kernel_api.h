@@ -58,7 +58,6 @@ struct BackwardArgs {
   // grad_h [B, T, H], unit stride along the dimension h is read along (h.along_t ? T : H).
   void* grad_h = nullptr;
   int64_t grad_h_sb = 0, grad_h_st = 0, grad_h_sh = 0;
-  bool stream_grad_h = false;   // write grad_h with non-temporal stores (large tensors)
   void* grad_scores = nullptr;  // [B, T] contiguous, output dtype
   void* partial_da = nullptr;   // [B, n_chunks, T] accumulation dtype, used when split.n_chunks > 1
   Split split;

@@ -451,72 +451,41 @@ template <class S> void finish_row(const BackwardArgs& a, int64_t b, const Acc<S
   for (int64_t t = 0; t < T; ++t) out[t] = from_acc<S>(att[t] == 0 ? A(0) : att[t] * (da[t] - w));
 }
 
-// Non-temporal ("streaming") vector stores: they write grad_h without first reading each cache line and
-// without evicting h from the cache, which the backward reads in the same sweep. Need 32-byte alignment.
-#if defined(FAA_F16C)
-template <class S> constexpr bool CAN_STREAM = sizeof(S) >= 4;
-inline void store_stream(float* p, vfloat v) { _mm256_stream_ps(p, (__m256)v); }
-inline void store_stream(double* p, vdouble v) { _mm256_stream_pd(p, (__m256d)v); }
-template <class S> inline void store_stream(S* p, Vec<Acc<S>> v) { store(p, v); }
-inline void stream_fence() { _mm_sfence(); }
-#else
-template <class S> constexpr bool CAN_STREAM = false;
-template <class S> inline void store_stream(S* p, Vec<Acc<S>> v) { store(p, v); }
-inline void stream_fence() {}
-#endif
-
-template <bool STREAM, class S, class V> inline void put(S* p, V v) {
-  if constexpr (STREAM) {
-    store_stream(p, v);
-  } else {
-    store(p, v);
-  }
-}
-
 // Features [k0, k0 + kc) of row b, h read along H: one sweep over h_t computes <dc, h_t> and writes
-// dh_t = a_t dc. Positions with a_t == 0 get dh_t = 0 and h_t is not read.
-template <class S, bool STREAM>
+// dh_t = a_t dc. Positions with a_t == 0 get dh_t = 0 and h_t is not read. (Non-temporal stores for a
+// large grad_h were tried: no gain in the op, and 2.7x slower under memory contention.)
+template <class S>
 void backward_along_h(const BackwardArgs& a, int64_t b, int64_t k0, int64_t kc, const Acc<S>* att, const Acc<S>* dc,
                       Acc<S>* da) {
   using A = Acc<S>;
   constexpr int64_t N = LANES<A>;
   const S* hb = static_cast<const S*>(a.h.data) + b * a.h.sb + k0;
   S* gb = static_cast<S*>(a.grad_h) + b * a.grad_h_sb + k0;
-  const Vec<A> zero{};
   for (int64_t t = 0; t < a.T; ++t) {
     S* out = gb + t * a.grad_h_st;
     const A at = att[t];
-    const S* p = hb + t * a.h.st;
-    int64_t k = 0;
-    A s = 0;
-    // streaming stores need an aligned start: the first elements up to the boundary are stored plainly
-    const int64_t peel = STREAM ? (((FAA_VEC_BYTES - reinterpret_cast<uintptr_t>(out) % FAA_VEC_BYTES) % FAA_VEC_BYTES) / sizeof(S)) : 0;
     if (at == 0) {
-      for (; k < peel && k < kc; ++k) out[k] = from_acc<S>(A(0));
-      for (; k + N <= kc; k += N) put<STREAM>(out + k, zero);
-      for (; k < kc; ++k) out[k] = from_acc<S>(A(0));
+      std::memset(static_cast<void*>(out), 0, static_cast<size_t>(kc) * sizeof(S));
       da[t] = 0;
       continue;
     }
-    for (; k < peel && k < kc; ++k) {
-      s += dc[k] * to_acc<A>(p[k]);
-      out[k] = from_acc<S>(at * dc[k]);
-    }
+    const S* p = hb + t * a.h.st;
     const Vec<A> va = splat<A>(at);
     Vec<A> s0{}, s1{};
+    int64_t k = 0;
     for (; k + 2 * N <= kc; k += 2 * N) {
       const Vec<A> d0 = load(dc + k), d1 = load(dc + k + N);
       s0 += d0 * load(p + k);
       s1 += d1 * load(p + k + N);
-      put<STREAM>(out + k, va * d0);
-      put<STREAM>(out + k + N, va * d1);
+      store(out + k, va * d0);
+      store(out + k + N, va * d1);
     }
     for (; k + N <= kc; k += N) {
       const Vec<A> d0 = load(dc + k);
       s0 += d0 * load(p + k);
-      put<STREAM>(out + k, va * d0);
+      store(out + k, va * d0);
     }
-    s += hsum<A>(s0 + s1);
+    A s = hsum<A>(s0 + s1);
     for (; k < kc; ++k) {
       s += dc[k] * to_acc<A>(p[k]);
       out[k] = from_acc<S>(at * dc[k]);
@@ -599,16 +568,10 @@ template <class S> void backward_items(const BackwardArgs& a, int64_t begin, int
     if (a.h.along_t) {
       backward_along_t<S>(a, b, k0, kc, att, dc, da);
     } else {
-      if (CAN_STREAM<S> && a.stream_grad_h) {
-        backward_along_h<S, CAN_STREAM<S>>(a, b, k0, kc, att, dc, da);
-      } else {
-        backward_along_h<S, false>(a, b, k0, kc, att, dc, da);
-      }
+      backward_along_h<S>(a, b, k0, kc, att, dc, da);
     }
     if (n_chunks == 1) finish_row<S>(a, b, att, da);
   }
-  // streamed stores must be visible before another thread (or the caller) reads grad_h
-  if (a.stream_grad_h) stream_fence();
 }
 
 template <class S> void backward_finish_rows(const BackwardArgs& a, int64_t begin, int64_t end) {
