@@ -1,0 +1,419 @@
+"""The GPU benchmark of benchmarks/gpu_check.sh, and its report: one JSON and one markdown table.
+
+    python benchmarks/gpu_check.py --out DIR [--budget-s 300] [--lengths 64,256,1024,4096,8192] [--hiddens 256,512]
+        [--batch 64] [--dtype float32] [--kind at] [--backends cuda,triton,eager,compile] [--passes fwd,bwd,fwdbwd]
+        [--junit tests.xml] [--build-status ok] [--build-seconds 95] [--device cuda]
+
+Per shape (B, T, H) and backend (fused CUDA, fused Triton, the eager reference python_ref.attention_pool and
+torch.compile of it) it times the forward (with autograd recording, as in training), the backward alone (on a
+fresh graph each time) and both, with triton.testing.do_bench (median, L2 flushed before each call; CUDA
+events around the backward alone) on a GPU, and
+reports ms, effective GB/s over the ideal byte count (benchlib.ideal_bytes: h read once per pass, dh written
+once) and that as a % of the device copy bandwidth measured at the start of the same run
+(bandwidth.measure_bandwidth). Each fused backend is first checked against the eager result (loose, untimed:
+tests/ checks accuracy). Cases are run in priority order (the main grid, then extras) until --budget-s is
+spent; the rest are reported as skipped. Writes DIR/gpu_check.json and DIR/gpu_check.md.
+With --device cpu (and CPU backends: eager, compile, cpu) it runs the same code on the CPU: the tests use it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+
+HERE = pathlib.Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import bandwidth  # noqa: E402
+import benchlib  # noqa: E402
+
+PASSES = ("fwd", "bwd", "fwdbwd")
+BACKENDS = ("cuda", "triton", "eager", "compile")
+FUSED = ("cuda", "triton", "cpu")
+# The issue's goal on a GPU: at large shapes >= 70% of the measured copy bandwidth and >= 3x eager.
+GOAL_COPY_FRACTION = 0.70
+GOAL_EAGER_SPEEDUP = 3.0
+GOAL_MIN_T = 4096
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _choice_list(allowed: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(item.strip() for item in text.split(",") if item.strip())
+        bad = [v for v in values if v not in allowed]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"expected a comma list among {','.join(allowed)}, got {text!r}")
+        return values
+    return parse
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(os.environ.get("OUT", "gpu_check_out")),
+                        help="folder for gpu_check.json and gpu_check.md (default $OUT, else ./gpu_check_out)")
+    parser.add_argument("--budget-s", type=float, default=300.0,
+                        help="seconds for the whole benchmark; cases left when it is spent are reported skipped")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lengths", type=_int_list, default=(64, 256, 1024, 4096, 8192))
+    parser.add_argument("--hiddens", type=_int_list, default=(256, 512))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--kind", choices=benchlib.PERTURBATIONS, default="at",
+                        help="perturbation of the main grid (default at: the paper's method)")
+    parser.add_argument("--backends", type=_choice_list(BACKENDS + ("cpu",)), default=BACKENDS)
+    parser.add_argument("--passes", type=_choice_list(PASSES), default=PASSES)
+    parser.add_argument("--no-extras", action="store_true",
+                        help="skip the extra rows (bfloat16, iat, none at two lengths) run after the main grid")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--warmup-ms", type=float, default=10.0)
+    parser.add_argument("--rep-ms", type=float, default=60.0)
+    parser.add_argument("--copy-mib", type=int, default=1024, help="array size of the copy-bandwidth measurement")
+    parser.add_argument("--junit", type=pathlib.Path, help="pytest --junitxml file of the GPU tests, summarised")
+    parser.add_argument("--build-status", default="not run", help="what gpu_check.sh's build step reported")
+    parser.add_argument("--build-seconds", type=float)
+    args = parser.parse_args(argv)
+    if args.batch <= 0:
+        parser.error(f"--batch must be positive, got {args.batch}")
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    return args
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One (dtype, kind, B, T, H): every backend and pass of it is timed together."""
+    dtype: str
+    kind: str
+    B: int
+    T: int
+    H: int
+    extra: bool = False
+
+
+def plan_rows(args: argparse.Namespace) -> list[Row]:
+    """The main grid (args.dtype, args.kind, every T x H), then extras that widen the picture at two lengths."""
+    # Longest rows first: the goal is judged there, and a spent budget should cut the small ones.
+    rows = [Row(args.dtype, args.kind, args.batch, T, H) for T in sorted(args.lengths, reverse=True)
+            for H in args.hiddens]
+    if args.no_extras:
+        return rows
+    lengths = sorted({min(args.lengths), max(args.lengths)} | ({1024} & set(args.lengths)))
+    H = max(args.hiddens)
+    extras = [Row(dtype, kind, args.batch, T, H, extra=True)
+              for dtype, kind in (("bfloat16", args.kind), (args.dtype, "iat"), (args.dtype, "none"))
+              for T in lengths if (dtype, kind) != (args.dtype, args.kind)]
+    return rows + extras
+
+
+def parse_junit(path: pathlib.Path | None) -> dict | None:
+    """{'tests', 'failures', 'errors', 'skipped', 'passed', 'seconds', 'failed': [names]} of a pytest junit file."""
+    if path is None:
+        return None
+    if not path.exists():
+        return {"missing": str(path)}
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    total = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "seconds": 0.0}
+    failed = []
+    for suite in suites:
+        for key in ("tests", "failures", "errors", "skipped"):
+            total[key] += int(suite.get(key, 0))
+        total["seconds"] += float(suite.get("time", 0.0))
+        for case in suite.iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{case.get('classname', '')}::{case.get('name', '')}")
+    total["passed"] = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
+    total["failed"] = failed
+    return total
+
+
+# ------------------------------------------------------------------------------------------------- timing
+
+def time_ms(run, device: str, warmup_ms: float, rep_ms: float, setup=None) -> float:
+    """Median milliseconds of one call of run() (run(setup()) when setup is given: setup runs untimed before each
+    call). On a GPU: triton.testing.do_bench, or CUDA events around run alone, the L2 flushed before each call."""
+    if device == "cuda" and setup is None:
+        from triton.testing import do_bench
+
+        return float(do_bench(run, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    call = run if setup is None else (lambda: run(setup()))
+    call()  # warm-up: first-call costs stay out
+    start = time.perf_counter()
+    call()
+    estimate_ms = max((time.perf_counter() - start) * 1e3, 1e-3)
+    reps = max(5, min(500, int(rep_ms / estimate_ms)))
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        call()
+    if device == "cuda":
+        import torch
+
+        flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+        times = []
+        for _ in range(reps):
+            argument = setup()
+            flush.zero_()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            run(argument)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        return statistics.median(times)
+    times = []
+    for _ in range(reps):
+        argument = None if setup is None else setup()
+        start = time.perf_counter()
+        run() if setup is None else run(argument)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def pass_callables(mode: str, pool, case: benchlib.Case, inputs: dict):
+    """(setup, run) of one timed pass: the forward (recording autograd, as in training), the backward alone (setup:
+    an untimed forward before each call, so no graph is back-propagated twice), or both. run does not synchronise
+    the GPU: the timers do."""
+    import torch
+
+    h, scores, mask, dc = inputs["h"], inputs["scores"], inputs["mask"], inputs["dcontext"]
+    kwargs = benchlib.pool_kwargs(case, inputs)
+    if mode == "fwd":
+        return None, lambda: pool(h, scores, mask, **kwargs)
+    if mode == "bwd":
+        return (lambda: pool(h, scores, mask, **kwargs).context,
+                lambda context: torch.autograd.grad(context, (h, scores), dc))
+    if mode == "fwdbwd":
+        def run():
+            out = pool(h, scores, mask, **kwargs)
+            return torch.autograd.grad(out.context, (h, scores), dc)
+        return None, run
+    raise ValueError(f"mode must be one of {PASSES}, got {mode!r}")
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def run_row(row: Row, args, compiled: benchlib.CompiledReference, copy_gbps: float, deadline: float) -> list[dict]:
+    """Every backend and pass of one row: check each fused backend against eager, then time."""
+    import torch
+
+    results = []
+    base = benchlib.Case(args.device, row.dtype, row.B, row.T, row.H, row.kind, "fwdbwd", "eager")
+    inputs = benchlib.make_inputs(base)
+    eager_out = benchlib.outputs_of(base, benchlib.pool_function(base, None, inputs), inputs)
+    for backend in args.backends:
+        case = dataclasses.replace(base, backend=backend)
+        record = dict(dtype=row.dtype, kind=row.kind, B=row.B, T=row.T, H=row.H, extra=row.extra, backend=backend)
+        reason = benchlib.unavailable_reason(args.device, backend, row.dtype)
+        if reason is not None:
+            results += [dict(record, mode=mode, skipped=reason) for mode in args.passes]
+            continue
+        if time.monotonic() > deadline:
+            results += [dict(record, mode=mode, skipped="time budget spent") for mode in args.passes]
+            continue
+        try:
+            pool = benchlib.pool_function(case, compiled, inputs)
+            check = None
+            if backend != "eager":
+                got = benchlib.outputs_of(case, pool, inputs)
+                check = max(benchlib.relative_error(g, e) for g, e in zip(got, eager_out))
+        except Exception as exc:  # noqa: BLE001 - one failing backend must not end the run (OOM, compile error)
+            results += [dict(record, mode=mode, error=_error_text(exc)) for mode in args.passes]
+            continue
+        for mode in args.passes:
+            if time.monotonic() > deadline:
+                results.append(dict(record, mode=mode, skipped="time budget spent"))
+                continue
+            try:
+                setup, timed = pass_callables(mode, pool, case, inputs)
+                ms = time_ms(timed, args.device, args.warmup_ms, args.rep_ms, setup=setup)
+            except Exception as exc:  # noqa: BLE001
+                results.append(dict(record, mode=mode, error=_error_text(exc)))
+                continue
+            finally:
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+            nbytes = benchlib.ideal_bytes(row.B, row.T, row.H, row.dtype, row.kind, mode)
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            results.append(dict(record, mode=mode, ms=ms, bytes=nbytes, gbps=gbps,
+                                copy_fraction=gbps / copy_gbps if copy_gbps else None,
+                                max_rel_err_vs_eager=check,
+                                check_ok=None if check is None else check <= benchlib.SANITY_RTOL[row.dtype]))
+    del inputs, eager_out
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def add_speedups(cases: list[dict]) -> None:
+    """speedup_vs_eager (eager ms / ms) on every timed case whose eager twin was timed."""
+    eager = {(c["dtype"], c["kind"], c["B"], c["T"], c["H"], c["mode"]): c["ms"]
+             for c in cases if c["backend"] == "eager" and "ms" in c}
+    for c in cases:
+        key = (c["dtype"], c["kind"], c["B"], c["T"], c["H"], c["mode"])
+        if "ms" in c and key in eager:
+            c["speedup_vs_eager"] = eager[key] / c["ms"]
+
+
+def goal_summary(cases: list[dict]) -> dict:
+    """Per fused backend, over the timed main-grid cases with T >= GOAL_MIN_T: the worst copy fraction and the
+    worst speedup vs eager, and whether both goals hold."""
+    summary = {}
+    for backend in FUSED:
+        rows = [c for c in cases if c["backend"] == backend and not c["extra"] and c["T"] >= GOAL_MIN_T and "ms" in c]
+        if not rows:
+            continue
+        worst_fraction = min(c["copy_fraction"] for c in rows if c.get("copy_fraction") is not None)
+        speedups = [c["speedup_vs_eager"] for c in rows if "speedup_vs_eager" in c]
+        worst_speedup = min(speedups) if speedups else None
+        summary[backend] = dict(cases=len(rows), worst_copy_fraction=worst_fraction, worst_speedup_vs_eager=worst_speedup,
+                                met=worst_fraction >= GOAL_COPY_FRACTION
+                                and worst_speedup is not None and worst_speedup >= GOAL_EAGER_SPEEDUP)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _cell(case: dict | None, what: str) -> str:
+    if case is None:
+        return ""
+    if "error" in case:
+        return "error"
+    if "skipped" in case:
+        return "skip"
+    if what == "ms":
+        flag = "" if case.get("check_ok") in (None, True) else " (!)"
+        return f"{case['ms']:.3f}{flag}"
+    if what == "gbps":
+        return f"{case['gbps']:.0f} ({100 * case['copy_fraction']:.0f}%)" if case.get("copy_fraction") else \
+            f"{case['gbps']:.0f}"
+    if what == "speedup":
+        return _fmt(case.get("speedup_vs_eager"), ".1f")
+    raise ValueError(what)
+
+
+def render_markdown(report: dict) -> str:
+    meta = report["meta"]
+    lines = [f"# GPU check: {meta['device_name']}", "",
+             f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, commit {meta['commit']}; "
+             f"benchmark {report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s budget.", ""]
+    build = report.get("build") or {}
+    seconds = build.get("seconds")
+    lines.append(f"- build: {build.get('status', 'not run')}" + (f" ({seconds:.0f} s)" if seconds else ""))
+    tests = report.get("tests")
+    if tests is None:
+        lines.append("- GPU tests: not run")
+    elif "missing" in tests:
+        lines.append(f"- GPU tests: no result file ({tests['missing']})")
+    else:
+        lines.append(f"- GPU tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
+                     f"{tests['skipped']} skipped ({tests['seconds']:.0f} s)"
+                     + (": " + ", ".join(tests["failed"][:10]) if tests["failed"] else ""))
+    lines.append(f"- device copy bandwidth (read + write, {meta['copy_mib']} MiB, same run): "
+                 f"{meta['copy_gbps']:.0f} GB/s; % below = effective GB/s (ideal bytes) / that")
+    lines.append("")
+    cases = report["cases"]
+    backends = [b for b in report["backends"]]
+    fused = [b for b in backends if b in FUSED]
+    groups = sorted({(c["dtype"], c["kind"], c["B"], c["extra"]) for c in cases}, key=lambda g: (g[3], g[0], g[1]))
+    for dtype, kind, B, extra in groups:
+        lines += [f"## {dtype}, perturbation {kind}, B={B}" + (" (extra rows)" if extra else ""), ""]
+        header = ["pass", "T", "H"] + [f"{b} ms" for b in backends] + [f"{b} GB/s (% copy)" for b in fused] + \
+                 [f"{b} x eager" for b in fused]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        keys = sorted({(c["mode"], c["T"], c["H"]) for c in cases
+                       if (c["dtype"], c["kind"], c["B"], c["extra"]) == (dtype, kind, B, extra)},
+                      key=lambda k: (PASSES.index(k[0]), k[2], k[1]))
+        for mode, T, H in keys:
+            by_backend = {c["backend"]: c for c in cases
+                          if (c["dtype"], c["kind"], c["B"], c["extra"], c["mode"], c["T"], c["H"])
+                          == (dtype, kind, B, extra, mode, T, H)}
+            cells = [mode, str(T), str(H)] + [_cell(by_backend.get(b), "ms") for b in backends] + \
+                    [_cell(by_backend.get(b), "gbps") for b in fused] + [_cell(by_backend.get(b), "speedup") for b in fused]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    goals = report.get("goals") or {}
+    if goals:
+        lines.append(f"Goal (T >= {GOAL_MIN_T}, main grid): >= {100 * GOAL_COPY_FRACTION:.0f}% of the copy "
+                     f"bandwidth and >= {GOAL_EAGER_SPEEDUP:.0f}x eager.")
+        for backend, g in goals.items():
+            lines.append(f"- {backend}: worst {100 * g['worst_copy_fraction']:.0f}% of copy, worst "
+                         f"{_fmt(g['worst_speedup_vs_eager'], '.1f')}x eager over {g['cases']} cases: "
+                         + ("met" if g["met"] else "NOT met"))
+        lines.append("")
+    problems = [c for c in cases if "error" in c or c.get("check_ok") is False]
+    if problems:
+        lines.append("Problems: " + "; ".join(
+            f"{c['backend']} {c['dtype']} {c['kind']} T={c['T']} H={c['H']} {c['mode']}: "
+            + (c["error"] if "error" in c else f"differs from eager by {c['max_rel_err_vs_eager']:.2e} (!)")
+            for c in problems[:12]))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / "gpu_check.json", out / "gpu_check.md"
+    json_path.write_text(json.dumps(report, indent=1, sort_keys=True))
+    md_path.write_text(render_markdown(report))
+    return json_path, md_path
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check.py: no CUDA device (torch.cuda.is_available() is False); use --device cpu "
+                         "to exercise the script on a CPU")
+    copy = bandwidth.measure_bandwidth(threads=torch.get_num_threads(), mib=args.copy_mib, reps=20, device=args.device)
+    info = benchlib.software_info()
+    meta = dict(device=args.device, copy_mib=args.copy_mib, copy_gbps=copy["copy_gbps"],
+                read_gbps=copy["read_gbps"], torch=info["torch"], triton=info["triton"], commit=info["commit"],
+                cuda=torch.version.cuda or "none",
+                device_name=torch.cuda.get_device_name(0) if args.device == "cuda" else info["cpu_model"])
+    compiled = benchlib.CompiledReference()
+    cases = []
+    for row in plan_rows(args):
+        cases += run_row(row, args, compiled, copy["copy_gbps"], deadline)
+        print(f"[gpu_check] {time.monotonic() - start:6.1f} s  {row}", flush=True)
+    add_speedups(cases)
+    return dict(meta=meta, budget_s=args.budget_s, elapsed_s=time.monotonic() - start, backends=list(args.backends),
+                passes=list(args.passes), cases=cases, goals=goal_summary(cases),
+                build=dict(status=args.build_status, seconds=args.build_seconds), tests=parse_junit(args.junit))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    json_path, md_path = write_report(report, args.out)
+    print(md_path.read_text())
+    print(f"[gpu_check] wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
