@@ -212,6 +212,49 @@ def imdb_estimate(results: Results, probe_runs: list[Run]) -> list[str]:
     return ["Estimated cost of the full IMDB runs, from one-epoch probes on a subset (same machine):", ""] + lines
 
 
+def attention_sharpness(results: Results, runs: list[Run]) -> list[str]:
+    """How peaked the attention of each trained model is on its test set: mean max attention, mean entropy,
+    and the mean range (max - min) of the scores before the softmax. A perturbation of fixed norm eps moves
+    a softmax less when the scores are spread wider, so this shows whether a model answered the attention
+    perturbation by scaling its scores up. Recomputed from best.pt (forward passes only)."""
+    import torch
+
+    from paper.data import Vocab, load_task, make_batches
+    from paper.training import build_model, load_checkpoint
+
+    lines = ["| task | method | mean max attention | mean attention entropy (nats) | mean score range (max - min) |",
+             "|---|---|---|---|---|"]
+    tasks = {}
+    for run in runs:
+        metrics = results.metrics(run)
+        if metrics is None:
+            lines.append(f"| {run.dataset} | {run.method} | {NOT_RUN} | {NOT_RUN} | {NOT_RUN} |")
+            continue
+        checkpoint = load_checkpoint(results.root / run.name / "best.pt")
+        config = checkpoint["config"]
+        key = (config["dataset"], config["data_dir"], config["max_eval_examples"])
+        if key not in tasks:
+            tasks[key] = load_task(config["dataset"], config["data_dir"], max_examples=config["max_eval_examples"],
+                                   require_train=False)
+        vocab = Vocab.from_dict(checkpoint["vocab"])
+        model = build_model(config, len(vocab))
+        model.load_state_dict(checkpoint["model"])
+        model.eval()
+        peak, entropy, spread = [], [], []
+        with torch.no_grad():
+            for batch in make_batches(next(iter(tasks[key].tests.values())), vocab, 256, shuffle=False,
+                                      num_labels=config["n_labels"]):
+                scores, attention = model.encode(batch).scores, model(batch).attention  # [B, T] each
+                for row, keep in enumerate(batch.mask):
+                    a, s = attention[row][keep], scores[row][keep]
+                    peak.append(a.max().item())
+                    entropy.append(-(a * a.clamp_min(1e-30).log()).sum().item())
+                    spread.append((s.max() - s.min()).item())
+        lines.append(f"| {run.dataset} | {run.method} | {statistics.fmean(peak):.3f} | {statistics.fmean(entropy):.3f} | "
+                     f"{statistics.fmean(spread):.1f} |")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------- eps
 
 def eps_curves(results: Results, eps_runs: list[Run]) -> dict[str, list[tuple[float, dict]]]:
@@ -512,6 +555,15 @@ def build(args) -> str:
             "gradient x input importance (attention held constant, predicted-class probability); mean ± sd over "
             "the test instances (the paper's convention), averaged over the seeds done.", ""]
     doc += correlation_table(results, main)
+    if args.attention_stats:
+        sst_seed1 = [r for r in main if r.dataset == "sst" and r.seed == 1]
+        doc += ["", "### How peaked the attention is (SST, seed 1)", "",
+                "Recomputed from each run's best checkpoint over the SST test set (forward passes only). A "
+                "perturbation of the scores with a fixed norm eps changes the softmax less when the scores are "
+                "spread wider: a model can meet the attention perturbation by scaling its scores up, which makes "
+                "the attention nearly one-hot and can lower its correlation with the (smoother) gradient "
+                "importance.", ""]
+        doc += attention_sharpness(results, sst_seed1)
     doc += ["", "### Robustness (beyond the paper)", "",
             "Test accuracy and mean total-variation change of the attention when the test-time attention scores "
             "get the AT perturbation of size eps (the run's eps; vanilla: 1).", ""]
@@ -592,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--main-grid", default="main", help="grid of the per-task and correlation tables")
     parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot")
     parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison")
+    parser.add_argument("--attention-stats", action=argparse.BooleanOptionalAction, default=True,
+                        help="recompute how peaked each SST seed-1 model's attention is (loads best.pt; ~1 min)")
     parser.add_argument("--order-grid", default="paper",
                         help="the unfinished runs are listed in this grid's order (the sweep's schedule); '' = none")
     parser.add_argument("--probe-grid", default="imdb_probe",

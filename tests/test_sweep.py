@@ -167,3 +167,4 @@ def test_report_builds_results_md_from_the_runs(smoke_sweep, tmp_path):
     assert (tmp_path / "results" / "heatmaps_sst_vanilla.png").stat().st_size > 1000
     assert "![vanilla heat map](results/heatmaps_sst_vanilla.png)" in text
     assert "python experiments/report.py" in text
+    assert "| sst | vanilla | " in text.split("### How peaked")[1]  # recomputed from the run's best.pt
