@@ -230,15 +230,20 @@ def attention_sharpness(results: Results, runs: list[Run]) -> list[str]:
         if metrics is None:
             lines.append(f"| {run.dataset} | {run.method} | {NOT_RUN} | {NOT_RUN} | {NOT_RUN} |")
             continue
-        checkpoint = load_checkpoint(results.root / run.name / "best.pt")
-        config = checkpoint["config"]
+        try:
+            checkpoint = load_checkpoint(results.root / run.name / "best.pt")
+            config = checkpoint["config"]
+            vocab = Vocab.from_dict(checkpoint["vocab"])
+            model = build_model(config, len(vocab))
+            model.load_state_dict(checkpoint["model"])
+        except Exception as error:  # noqa: BLE001 - e.g. a checkpoint of an older model layout
+            lines.append(f"| {run.dataset} | {run.method} | n/a: best.pt does not load with the current code "
+                         f"({type(error).__name__}) | | |")
+            continue
         key = (config["dataset"], config["data_dir"], config["max_eval_examples"])
         if key not in tasks:
             tasks[key] = load_task(config["dataset"], config["data_dir"], max_examples=config["max_eval_examples"],
                                    require_train=False)
-        vocab = Vocab.from_dict(checkpoint["vocab"])
-        model = build_model(config, len(vocab))
-        model.load_state_dict(checkpoint["model"])
         model.eval()
         peak, entropy, spread = [], [], []
         with torch.no_grad():
@@ -278,7 +283,8 @@ def pick_eps(points: list[tuple[float, dict]]) -> float | None:
 def eps_table(results: Results, eps_runs: list[Run]) -> tuple[list[str], dict[str, float | None]]:
     grid_eps = sorted({run.eps for run in eps_runs if run.eps is not None})
     curves = eps_curves(results, eps_runs)
-    picks = {method: pick_eps(points) for method, points in curves.items()}
+    # a pick needs a choice: at least two eps values done
+    picks = {method: pick_eps(points) if len(points) > 1 else None for method, points in curves.items()}
     lines = ["Test accuracy (SST, seed 1) by eps; **bold** = the eps picked on the SST dev set (best dev "
              "accuracy, ties toward eps 1). The last columns give the spread of test accuracy over the eps "
              "values done (max - min) and how many of the grid's eps values are done.", "",
@@ -295,7 +301,8 @@ def eps_table(results: Results, eps_runs: list[Run]) -> tuple[list[str], dict[st
                 cells.append(NOT_RUN)
         accs = [first_test(m)["accuracy"] for _, m in points]
         pick = picks[method]
-        pick_text = f"{pick:g} ({by_eps[pick]['best_dev']['accuracy']:.3f})" if pick is not None else NOT_RUN
+        pick_text = (f"{pick:g} ({by_eps[pick]['best_dev']['accuracy']:.3f})" if pick is not None
+                     else "needs 2+ eps done")
         spread = f"{max(accs) - min(accs):.3f}" if len(accs) > 1 else "n/a"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {pick_text} | {spread} | {len(points)}/{len(grid_eps)} |")
     return lines, picks
@@ -303,8 +310,8 @@ def eps_table(results: Results, eps_runs: list[Run]) -> tuple[list[str], dict[st
 
 def eps_plot(results: Results, eps_runs: list[Run], vanilla: dict | None, path: Path) -> bool:
     curves = {m: p for m, p in eps_curves(results, eps_runs).items() if p}
-    if not curves:
-        return False
+    if not any(len(p) > 1 for p in curves.values()):
+        return False  # no curve yet
     import matplotlib
 
     matplotlib.use("Agg")
@@ -447,8 +454,11 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run]) -> list[s
         lines.append(f"- {dataset}: Pearson r " + ", ".join(parts) + (f"; others: {', '.join(others)}" if others else "")
                      + ".")
     lines += ["", f"Verdict so far: attention AT/iAT is above vanilla in {better} of {compared} (task, method) "
-                  "comparisons. The per-instance spread (sd column of the correlation table) is large compared "
-                  "with most of these differences.", ""]
+                  "comparisons. The per-instance spread (sd column of the correlation table) is large; compare "
+                  "the differences with it. Section 2's peakedness table shows whether the adversarially trained "
+                  "models answered the fixed-norm score perturbation by spreading their scores wider (nearly "
+                  "one-hot attention), which is one way the correlation with the smoother gradient importance "
+                  "can fall; the eps grid (larger eps) is the test of that explanation.", ""]
 
     lines += ["**Claim 3: attention AT/iAT is much less sensitive to eps than the word-level methods.**", ""]
     curves = eps_curves(results, eps_runs)
@@ -472,6 +482,20 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run]) -> list[s
                           "seed-to-seed sd of SST)."]
     lines.append("")
     return lines
+
+
+def code_summary(results: Results, runs: list[Run]) -> str:
+    """Which code the finished runs were trained with (sweep_code.json, written by sweep.py at each start)."""
+    states: dict[str, int] = {}
+    for run, _ in results.finished(runs):
+        try:
+            last = (results.root / run.name / "sweep_code.json").read_text(encoding="utf-8").strip().splitlines()[-1]
+            code = json.loads(last)
+            key = code["commit"][:7] + (" + uncommitted " + ", ".join(code["modified"]) if code["modified"] else "")
+        except (OSError, ValueError, IndexError, KeyError):
+            key = "not recorded (started before sweep.py recorded the code version)"
+        states[key] = states.get(key, 0) + 1
+    return "; ".join(f"{n} run(s): {key}" for key, n in sorted(states.items())) or "no finished runs"
 
 
 # ----------------------------------------------------------------------------------------------- document
@@ -574,9 +598,10 @@ def build(args) -> str:
         doc += ["", f"![eps sensitivity]({rel(eps_png)})", "",
                 "Solid: attention AT/iAT; dashed: word AT/iAT; dotted: attention RP; grey: vanilla (seed 1)."]
     else:
-        doc += ["", "No eps-grid run has finished yet: no plot."]
+        doc += ["", "No method has two eps values done yet: no plot."]
     picked = [f"{m} {e:g}" for m, e in picks.items() if e is not None]
-    doc += ["", "Default eps per method picked on the SST dev set: " + (", ".join(picked) if picked else NOT_RUN)
+    doc += ["", "Default eps per method picked on the SST dev set: " + (", ".join(picked) if picked else
+                                                                       "none yet (needs two or more eps values done)")
             + ". (The main grid was run at eps 1 for every method; rerunning it at the picked values is left "
               "for a longer session.)", ""]
     doc += ["## 4. The released code's behaviour vs the paper (SPEC)", "",
@@ -612,7 +637,12 @@ def build(args) -> str:
             "splits select other reviews; tokenisation differs (experiments/data/README.md).",
             "- eps: the main grid uses eps = 1 for every method instead of a per-method value picked on dev.",
             "- Seeds: 3 seeds where the time allowed (SST first, then bAbI), else 1 (see \"seeds done\").",
-            "- Hardware: CPU only, 2 cores shared with other work; nothing was tuned.", "",
+            "- Hardware: CPU only, 2 cores shared with other work; nothing was tuned.",
+            "- Code: the experiment code was still being polished while these runs were made (same model and "
+            "method definitions, but e.g. the optimizer implementation changed to PyTorch's fused Adam at "
+            "commit 1ccf5f1, in the working tree from 15:46 UTC on 2026-11-29: the SST seed-1 vanilla, attention_at "
+            "and attention_iat runs and the IMDB probes started before that, every later run after it). Code state per finished run: "
+            + code_summary(results, all_runs) + ".", "",
             "## 8. Cost of the runs", "",
             "Wall time on a 2-core CPU machine shared with other jobs (so an upper bound of what the runs need); "
             "a resumed run counts from its restart.", ""]

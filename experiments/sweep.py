@@ -304,6 +304,21 @@ def status(run: Run, out_root: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------- running
 
+CODE_PATHS = ("experiments", "fused_attn_at", "python_ref", "csrc", "setup.py")
+
+
+def code_version() -> dict:
+    """The commit and the uncommitted code files a run starts from (the code may change between runs)."""
+    def git(*args) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    modified = [line[3:] for line in git("status", "--porcelain", "--", *CODE_PATHS).splitlines()
+                if line[3:].endswith((".py", ".cpp", ".h", ".cu")) and not line.startswith("??")]
+    return {"commit": git("rev-parse", "HEAD").strip() or "unknown", "modified": modified}
+
+
 class Sweep:
     def __init__(self, runs, *, out_root: Path, data_root: Path, jobs: int, threads: int, resume: bool,
                  python: str = sys.executable, extra: list[str] | None = None):
@@ -349,9 +364,14 @@ class Sweep:
                     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} cannot start: {error}\n")
                 return "failed"
             started = time.time()
+            code = code_version()
+            with open(run_dir / "sweep_code.json", "a", encoding="utf-8") as record:
+                record.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resume": resume, **code}) + "\n")
             with open(run_dir / LOG, "a", encoding="utf-8") as log:
                 log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}: "
-                          + " ".join(argv) + "\n")
+                          + " ".join(argv) + f"\n=== code: {code['commit']}"
+                          + (f" + uncommitted changes to {', '.join(code['modified'])}" if code["modified"] else "")
+                          + "\n")
                 log.flush()
                 env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
                 with self.lock:
