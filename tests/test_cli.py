@@ -56,8 +56,9 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_help_explains_every_flag():
-    text = run(TRAIN, "--help").stdout
+def test_help_explains_every_flag(capsys):
+    assert main_exit_code(script("train"), ["--help"]) == 0
+    text = capsys.readouterr().out
     parser_flags = ["--method", "--dataset", "--data-dir", "--embeddings", "--encoder", "--attention", "--eps",
                     "--lam", "--compat", "--robustness-eps", "--epochs", "--batch-size", "--lr", "--weight-decay",
                     "--dropout", "--seed", "--embed-size", "--hidden-size", "--cnn-channels", "--kernel-sizes",
@@ -67,12 +68,7 @@ def test_help_explains_every_flag():
         assert flag in text, flag
     for method in ("vanilla", "word_at", "word_iat", "attention_rp", "attention_at", "attention_iat"):
         assert method in text
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        import train as train_module
-    finally:
-        sys.path.pop(0)
-    for action in train_module.build_parser()._actions:  # every flag carries a help text
+    for action in script("train").build_parser()._actions:  # every flag carries a help text
         assert action.help, action.option_strings
 
 
@@ -152,33 +148,63 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert (out / "best.pt").is_file() and (out / "heatmaps" / "heatmaps.png").is_file()
 
 
-@pytest.mark.parametrize("args,expected", [
+def script(name: str):
+    """experiments/<name>.py imported as a module, for in-process calls of its main()."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def main_exit_code(module, argv) -> int:
+    try:
+        return module.main([str(a) for a in argv])
+    except SystemExit as exit_:  # argparse's errors
+        return exit_.code
+
+
+BAD_INPUT = [
     (["--dataset", "nosuchtask"], "invalid choice: 'nosuchtask'"),
     (["--method", "nosuchmethod"], "invalid choice: 'nosuchmethod'"),
     (["--eps", "-0.5"], "--eps: must be a finite number >= 0"),
+    (["--lam", "nan"], "--lam: must be a finite number >= 0"),
     (["--dataset", "imdb"], "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"),
     (["--dataset", "snli", "--data-dir", "/nonexistent/snli"], "https://nlp.stanford.edu/projects/snli/snli_1.0.zip"),
     (["--method", "word_at", "--compat", "released"], "--compat released applies to"),
     (["--embeddings", "/nonexistent/glove.txt"], "no such file"),
-])
-def test_bad_input_is_a_clean_error(args, expected):
-    result = run(TRAIN, *args, "--output-dir", "/nonexistent/never-written", check=False, timeout=120)
-    assert result.returncode != 0
-    assert expected in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    (["--resume"], "--resume needs --output-dir"),
+]
 
 
-def test_missing_files_in_data_dir_name_the_download(tmp_path):
-    result = run(TRAIN, "--dataset", "agnews", "--data-dir", tmp_path, "--output-dir", tmp_path / "out", check=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "https://s3.amazonaws.com/fast-ai-nlp/ag_news_csv.tgz" in result.stderr
-    assert "train.csv" in result.stderr  # the layout expected
+@pytest.mark.parametrize("args,expected", BAD_INPUT)
+def test_bad_input_is_a_clean_error(args, expected, capsys):
+    code = main_exit_code(script("train"), args)
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err
 
 
-def test_refuses_to_overwrite_a_run_and_resume_needs_one(finished_run, tmp_path):
-    result = run(TRAIN, *SMALL, "--output-dir", finished_run, check=False)
-    assert result.returncode != 0 and "--resume" in result.stderr and "Traceback" not in result.stderr
-    result = run(TRAIN, "--resume", "--output-dir", tmp_path / "empty", check=False)
-    assert result.returncode != 0 and "nothing to resume" in result.stderr
-    result = run(EVALUATE, tmp_path / "empty", check=False)
-    assert result.returncode != 0 and "best.pt" in result.stderr and "Traceback" not in result.stderr
+def test_bad_input_in_a_real_process(tmp_path):
+    """The same errors from the command line: one line of message, exit status 2, no traceback."""
+    for args, expected in [(["--eps", "-1"], "--eps: must be a finite number >= 0"),
+                           (["--dataset", "agnews", "--data-dir", tmp_path], "https://s3.amazonaws.com/fast-ai-nlp/ag_news_csv.tgz")]:
+        result = run(TRAIN, *args, "--output-dir", tmp_path / "out", check=False, timeout=120)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_missing_files_in_data_dir_name_the_download_and_layout(tmp_path, capsys):
+    code = main_exit_code(script("train"), ["--dataset", "agnews", "--data-dir", tmp_path, "--output-dir", tmp_path / "out"])
+    err = capsys.readouterr().err
+    assert code == 2 and "https://s3.amazonaws.com/fast-ai-nlp/ag_news_csv.tgz" in err
+    assert "train.csv" in err  # the layout expected
+
+
+def test_refuses_to_overwrite_a_run_and_resume_needs_one(finished_run, tmp_path, capsys):
+    train = script("train")
+    assert main_exit_code(train, [*SMALL, "--output-dir", finished_run]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main_exit_code(train, ["--resume", "--output-dir", tmp_path / "empty"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    assert main_exit_code(script("evaluate"), [tmp_path / "empty"]) == 2
+    assert "best.pt" in capsys.readouterr().err
