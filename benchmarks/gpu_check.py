@@ -41,6 +41,8 @@ FUSED = ("cuda", "triton", "cpu")
 GOAL_COPY_FRACTION = 0.70
 GOAL_EAGER_SPEEDUP = 3.0
 GOAL_MIN_T = 4096
+# Triton launch parameters tried at the longest rows (block_t, block_h, num_warps): data for tuning the defaults.
+TRITON_SWEEP = ((64, 64, 4), (128, 32, 4), (64, 32, 4), (128, 64, 8), (32, 128, 4))
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -80,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--passes", type=_choice_list(PASSES), default=PASSES)
     parser.add_argument("--no-extras", action="store_true",
                         help="skip the extra rows (bfloat16, iat, none at two lengths) run after the main grid")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="skip the Triton launch-parameter sweep at the longest rows (run after the main grid)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=60.0)
@@ -261,6 +265,40 @@ def run_row(row: Row, args, compiled: benchlib.CompiledReference, copy_gbps: flo
     return results
 
 
+def run_triton_sweep(args, copy_gbps: float, deadline: float) -> list[dict]:
+    """fwd and bwd of the Triton backend at the longest T, for each H, under each TRITON_SWEEP setting."""
+    if args.no_sweep or args.device != "cuda" or "triton" not in args.backends:
+        return []
+    if benchlib.unavailable_reason(args.device, "triton", args.dtype) is not None:
+        return []
+    from fused_attn_at.ops import triton_attention_pool as tri
+
+    T = max(args.lengths)
+    results = []
+    for H in args.hiddens:
+        case = benchlib.Case(args.device, args.dtype, args.batch, T, H, args.kind, "fwd", "triton")
+        inputs = benchlib.make_inputs(case)
+        pool = benchlib.pool_function(case, None, inputs)
+        for block_t, block_h, num_warps in TRITON_SWEEP:
+            for mode in ("fwd", "bwd"):
+                record = dict(dtype=args.dtype, kind=args.kind, B=args.batch, T=T, H=H, mode=mode, block_t=block_t,
+                              block_h=block_h, num_warps=num_warps)
+                if time.monotonic() > deadline:
+                    results.append(dict(record, skipped="time budget spent"))
+                    continue
+                try:
+                    with tri.launch_overrides(block_t=block_t, block_h=block_h, num_warps=num_warps):
+                        setup, timed = pass_callables(mode, pool, case, inputs)
+                        ms = time_ms(timed, args.device, args.warmup_ms, args.rep_ms, setup=setup)
+                except Exception as exc:  # noqa: BLE001
+                    results.append(dict(record, error=_error_text(exc)))
+                    continue
+                gbps = benchlib.ideal_bytes(args.batch, T, H, args.dtype, args.kind, mode) / (ms * 1e-3) / 1e9
+                results.append(dict(record, ms=ms, gbps=gbps, copy_fraction=gbps / copy_gbps))
+        del inputs
+    return results
+
+
 def add_speedups(cases: list[dict]) -> None:
     """speedup_vs_eager (eager ms / ms) on every timed case whose eager twin was timed."""
     eager = {(c["dtype"], c["kind"], c["B"], c["T"], c["H"], c["mode"]): c["ms"]
@@ -361,6 +399,19 @@ def render_markdown(report: dict) -> str:
                          f"{_fmt(g['worst_speedup_vs_eager'], '.1f')}x eager over {g['cases']} cases: "
                          + ("met" if g["met"] else "NOT met"))
         lines.append("")
+    sweep = report.get("triton_sweep") or []
+    if sweep:
+        lines += ["## Triton launch parameters at the longest rows (defaults: see fused_attn_at/ops/"
+                  "triton_attention_pool.py _launch_params)", "",
+                  "| pass | T | H | block_t | block_h | warps | ms | GB/s (% copy) |", "|---|---|---|---|---|---|---|---|"]
+        for c in sweep:
+            result = c.get("error", c.get("skipped")) or \
+                f"{c['ms']:.3f} | {c['gbps']:.0f} ({100 * c['copy_fraction']:.0f}%)"
+            if "ms" not in c:
+                result = f"{result} |"
+            lines.append(f"| {c['mode']} | {c['T']} | {c['H']} | {c['block_t']} | {c['block_h']} | {c['num_warps']} "
+                         f"| {result} |")
+        lines.append("")
     problems = [c for c in cases if "error" in c or c.get("check_ok") is False]
     if problems:
         lines.append("Problems: " + "; ".join(
@@ -396,13 +447,17 @@ def run(args: argparse.Namespace) -> dict:
                 cuda=torch.version.cuda or "none",
                 device_name=torch.cuda.get_device_name(0) if args.device == "cuda" else info["cpu_model"])
     compiled = benchlib.CompiledReference()
-    cases = []
-    for row in plan_rows(args):
+    cases, sweep, swept = [], [], False
+    for row in plan_rows(args) + [None]:
+        if (row is None or row.extra) and not swept:  # the sweep goes between the main grid and the extra rows
+            sweep, swept = run_triton_sweep(args, copy["copy_gbps"], deadline), True
+        if row is None:
+            break
         cases += run_row(row, args, compiled, copy["copy_gbps"], deadline)
         print(f"[gpu_check] {time.monotonic() - start:6.1f} s  {row}", flush=True)
     add_speedups(cases)
     return dict(meta=meta, budget_s=args.budget_s, elapsed_s=time.monotonic() - start, backends=list(args.backends),
-                passes=list(args.passes), cases=cases, goals=goal_summary(cases),
+                passes=list(args.passes), cases=cases, goals=goal_summary(cases), triton_sweep=sweep,
                 build=dict(status=args.build_status, seconds=args.build_seconds), tests=parse_junit(args.junit))
 
 

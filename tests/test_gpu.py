@@ -318,7 +318,11 @@ def _fake_report(gpu_check, tmp_path):
                           torch="2.11.0", triton="3.6.0", cuda="13.0", commit="abc1234"),
                 budget_s=300.0, elapsed_s=42.0, backends=["cuda", "triton", "eager", "compile"],
                 passes=["fwd", "bwd"], cases=cases, goals=gpu_check.goal_summary(cases),
-                build=dict(status="ok", seconds=61.0), tests=gpu_check.parse_junit(junit))
+                build=dict(status="ok", seconds=61.0), tests=gpu_check.parse_junit(junit),
+                triton_sweep=[dict(mode="fwd", T=8192, H=256, block_t=128, block_h=32, num_warps=4, ms=0.5,
+                                   gbps=4500.0, copy_fraction=0.9),
+                              dict(mode="bwd", T=8192, H=256, block_t=128, block_h=32, num_warps=4,
+                                   skipped="time budget spent")])
 
 
 def test_gpu_check_report_files(gpu_check, tmp_path):
@@ -337,6 +341,8 @@ def test_gpu_check_report_files(gpu_check, tmp_path):
     assert "- cuda: worst 80% of copy, worst 4.0x eager over 1 cases: met" in text
     assert "- triton: worst 40% of copy, worst 2.0x eager over 1 cases: NOT met" in text
     assert "OutOfMemoryError" in text and "differs from eager by 1.00e+00 (!)" in text
+    assert "| fwd | 8192 | 256 | 128 | 32 | 4 | 0.500 | 4500 (90%) |" in text
+    assert "| bwd | 8192 | 256 | 128 | 32 | 4 | time budget spent | |" in text
 
 
 def test_gpu_check_runs_on_cpu(gpu_check, tmp_path):

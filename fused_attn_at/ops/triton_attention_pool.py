@@ -93,11 +93,11 @@ def _next_pow2(n: int) -> int:
 
 
 def _num_programs_target(device: torch.device) -> int:
-    """Programs per launch that keep every multiprocessor busy (two per SM); 1 on the CPU interpreter, where
-    more programs only cost time."""
+    """Programs per launch that keep every multiprocessor streaming (four 4-warp programs per SM); 1 on the CPU
+    interpreter, where more programs only cost time."""
     if device.type != "cuda":
         return 1
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -383,22 +383,34 @@ if AVAILABLE:
 # ----------------------------------------------------------------------------------------------- launchers
 
 def _launch_params(B: int, T: int, H: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """Block sizes and programs per row. A [BLOCK_T, BLOCK_H] tile of h is 16 KB in float32 (16-byte loads
-    along H); the forward splits H and the backward splits T over as many programs per row as fill the GPU."""
+    """Block sizes and programs per row. A [block_t, block_h] tile of h is 16 KB (16-byte loads along H, 256
+    contiguous bytes per row). The forward splits H over programs and the backward splits T; where B times the
+    H blocks would leave the GPU short of programs, the forward takes 128-byte H slices and longer T blocks
+    (fwd_block_h, fwd_block_t). launch_overrides' block_t/block_h set both passes."""
     elem = dtype.itemsize
-    block_h = min(_next_pow2(H), max(16, 256 // elem))  # 64 fp32, 128 fp16/bf16, 32 fp64
+    wide, narrow = max(16, 256 // elem), max(16, 128 // elem)  # fp32: 64 / 32, fp16/bf16: 128 / 64
+    block_h = min(_next_pow2(H), wide)
     block_t = min(_next_pow2(T), 64)
-    block_j = min(_next_pow2(B), 16)
-    params = {"block_t": block_t, "block_h": block_h, "block_j": block_j, "split": 0, "num_warps": 4}
+    fwd_block_h, fwd_block_t = block_h, block_t
+    if device.type == "cuda" and B * triton.cdiv(H, block_h) < _num_programs_target(device):
+        fwd_block_h, fwd_block_t = min(block_h, narrow), min(_next_pow2(T), 128)
+    params = {"block_t": block_t, "block_h": block_h, "fwd_block_t": fwd_block_t, "fwd_block_h": fwd_block_h,
+              "block_j": min(_next_pow2(B), 16), "split": 0, "num_warps": 4}
     params.update(_OVERRIDES)
+    for key in ("block_t", "block_h"):
+        if key in _OVERRIDES:
+            params["fwd_" + key] = _OVERRIDES[key]
     return params
 
 
 def _split(requested: int, blocks: int, B: int, device: torch.device) -> int:
-    """Programs per row: the override if any (capped at the blocks there are), else enough for the GPU."""
+    """Programs per row: the override if any (capped at the blocks there are), else enough to fill the GPU,
+    with the blocks spread evenly (8 blocks for 5 wanted programs: 4 programs of 2 blocks, not 5 of 1 or 2)."""
     if requested:
         return max(1, min(requested, blocks))
-    return max(1, min(blocks, -(-_num_programs_target(device) // max(B, 1))))
+    wanted = max(1, min(blocks, -(-_num_programs_target(device) // max(B, 1))))
+    per_program = -(-blocks // wanted)
+    return -(-blocks // per_program)
 
 
 def _mask_arg(mask: Optional[torch.Tensor], scores: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
@@ -462,12 +474,12 @@ def _forward(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor]
         perturb, d = _PERTURB_NORMALISE, direction
     else:
         perturb, d = _PERTURB_NONE, scores  # unused
-    split = _split(p["split"], triton.cdiv(max(H, 1), p["block_h"]), B, h.device)
+    split = _split(p["split"], triton.cdiv(max(H, 1), p["fwd_block_h"]), B, h.device)
     torch.library.wrap_triton(_fwd_kernel)[(B, split)](
         h, scores, mask_t, d, context, attention, T, H, float(eps),
         h.stride(0), h.stride(1), h.stride(2), scores.stride(0), scores.stride(1), smb, smt,
         d.stride(0), d.stride(1), context.stride(0), context.stride(1), attention.stride(0), attention.stride(1),
-        PERTURB=perturb, HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_T=p["block_t"], BLOCK_H=p["block_h"],
+        PERTURB=perturb, HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_T=p["fwd_block_t"], BLOCK_H=p["fwd_block_h"],
         num_warps=p["num_warps"])
     return context, attention
 
