@@ -44,7 +44,7 @@ def load(path: pathlib.Path) -> dict:
         elif "backend" in info:
             key = (info["device"], info["dtype"], info["B"], info["T"], info["H"], info["perturbation"],
                    info["mode"], info["backend"])
-            pool[key] = {"median": median, "rounds": bench["stats"]["rounds"],
+            pool[key] = {"median": median, "rounds": bench["stats"]["rounds"], "iqr": bench["stats"].get("iqr"),
                          "iterations": bench["stats"]["iterations"], **info}
     return {"raw": data, "pool": pool, "steps": steps}
 
@@ -71,6 +71,13 @@ def ratio(numerator: dict | None, denominator: dict | None) -> float | None:
     if numerator is None or denominator is None:
         return None
     return numerator["median"] / denominator["median"]
+
+
+def spread(entry: dict | None) -> str:
+    """IQR / median of a case's rounds: a few % on a quiet machine; tens of % mean the timing is noise."""
+    if entry is None or not entry.get("iqr") or not entry["median"]:
+        return NONE
+    return f"{100 * entry['iqr'] / entry['median']:.0f}%"
 
 
 def gbps(entry: dict | None) -> float | None:
@@ -164,7 +171,8 @@ def shape_tables(res: dict) -> list[str]:
             lines.append(f"No fused {device} backend was measured in this run (see the skipped cases below).\n")
         head = ["perturbation", "mode", "eager", "compile"] + fused_names
         for name in fused_names:
-            head += [f"{name} vs eager", f"{name} vs compile", f"{name} GB/s", f"{name} % read BW"]
+            head += [f"{name} vs eager", f"{name} vs compile", f"{name} GB/s", f"{name} % read BW",
+                     f"{name} IQR/median"]
         if not fused_names:
             head += ["compile vs eager", "eager GB/s"]
         shapes = sorted({k[2:5] for k in pool if k[0] == device and k[1] == dtype})
@@ -184,7 +192,7 @@ def shape_tables(res: dict) -> list[str]:
                     for f in fused.values():
                         g = gbps(f)
                         row += [fmt_ratio(ratio(eager, f)), fmt_ratio(ratio(compiled, f)), fmt_num(g),
-                                NONE if g is None or bw is None else f"{100 * g / bw:.0f}%"]
+                                NONE if g is None or bw is None else f"{100 * g / bw:.0f}%", spread(f)]
                     if not fused_names:
                         row += [fmt_ratio(ratio(eager, compiled)), fmt_num(gbps(eager))]
                     lines.append("| " + " | ".join(row) + " |")
@@ -198,8 +206,11 @@ def step_table(res: dict) -> list[str]:
         return ["Not measured in this run (see the skipped cases below).", ""]
     vanilla = steps.get("vanilla")
     first = next(iter(steps.values()))
-    lines = [f"One step (forward + backward + optimizer) of the experiments' BiLSTM model on a fixed SST-like batch "
-             f"(batch {first.get('batch')}, lengths {first.get('lengths')}); fused backend: {first.get('pool_backend')}.",
+    lines = [f"One step (zero_grad, forward, backward, optimizer step) of the model `experiments/train.py` builds by "
+             f"default (BiLSTM, additive attention, embed size {first.get('embed_size')}, vocabulary "
+             f"{first.get('vocab_size')}) on a fixed batch: {first.get('batch_source')}; {first.get('batch')} "
+             f"sentences, lengths {first.get('lengths')}; torch threads {first.get('threads')}; attention pooling "
+             f"backend: {first.get('pool_backend')}.",
              "", "| method | what runs | median | vs vanilla |", "|---|---|---|---|"]
     for method, entry in steps.items():
         lines.append(f"| {method} | {entry.get('description', '')} | {fmt_time(entry['median'])} | "
@@ -222,7 +233,7 @@ def machine_lines(res: dict) -> tuple[list[str], list[str]]:
     warnings = []
     for device, bw in raw.get("fused_attn_at_bandwidth", {}).items():
         start, end = bw.get("start", {}), bw.get("end", {})
-        lines.append(f"- {device} bandwidth ({start.get('threads')} threads, {start.get('array_mib')} MiB, median): "
+        lines.append(f"- {device} bandwidth (threads={start.get('threads')}, {start.get('array_mib')} MiB arrays, median): "
                      f"read {fmt_num(start.get('read_gbps'))} GB/s, copy {fmt_num(start.get('copy_gbps'))} GB/s at the "
                      f"start; read {fmt_num(end.get('read_gbps'))}, copy {fmt_num(end.get('copy_gbps'))} at the end")
         if start.get("read_gbps") and end.get("read_gbps"):
