@@ -207,7 +207,7 @@ def step_table(res: dict) -> list[str]:
     vanilla = steps.get("vanilla")
     first = next(iter(steps.values()))
     lines = [f"One step (zero_grad, forward, backward, optimizer step) of the model `experiments/train.py` builds by "
-             f"default (BiLSTM, additive attention, embed size {first.get('embed_size')}, vocabulary "
+             f"default (BiLSTM, additive attention, embed size {first.get('embed_size', 'not recorded')}, vocabulary "
              f"{first.get('vocab_size')}) on a fixed batch: {first.get('batch_source')}; {first.get('batch')} "
              f"sentences, lengths {first.get('lengths')}; torch threads {first.get('threads')}; attention pooling "
              f"backend: {first.get('pool_backend')}.",
