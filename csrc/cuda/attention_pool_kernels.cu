@@ -8,7 +8,7 @@
 //   fwd_kernel             block (b, g): the online-softmax statistics of row b (per thread, merged by warp
 //                          shuffles), then the context columns of group g: the weights of 256 positions are staged
 //                          in shared memory and a [rows x cols] thread tile streams h in 16-byte vectors.
-//   bwd_dh_da_kernel       block (b, k): positions of chunk k, four rows per warp: da_t = <dc, h_t> (+ grad_attention)
+//   bwd_dh_da_kernel       block (b, k): positions of chunk k, eight rows per warp: da_t = <dc, h_t> (+ grad_attention)
 //                          by warp shuffle, dh_t = a_t dc.
 //   bwd_dscores_kernel     block b: dscores = a * (da - sum_t a_t da_t).
 // Every reduction has a fixed order (no atomics): results are bitwise reproducible. float16/bfloat16 accumulate
@@ -28,8 +28,8 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr double kDelta = 1e-12;  // SPEC: guards every division by a norm
-constexpr int kUnroll = 4;        // forward: rows of h each thread has in flight
-constexpr int kRowsPerWarp = 4;   // backward: rows of h each warp reduces at once
+constexpr int kUnroll = 8;        // forward: rows of h each thread has in flight
+constexpr int kRowsPerWarp = 8;   // backward: rows of h each warp reduces at once
 constexpr int kMaxGridY = 65535;
 
 template <typename T>

@@ -563,7 +563,7 @@ def _require_available() -> None:
 
 
 def _warn_single_row_iat(kind: int, batch: int) -> None:
-    if kind == _KIND_IAT and batch == 1:
+    if kind == _KIND_IAT and batch == 1 and not torch.compiler.is_compiling():
         warnings.warn("iAT perturbation with a batch of one: there are no other examples to take score "
                       "differences from, so r = 0", stacklevel=3)
 
