@@ -310,19 +310,26 @@ def add_speedups(cases: list[dict]) -> None:
 
 
 def goal_summary(cases: list[dict]) -> dict:
-    """Per fused backend, over the timed main-grid cases with T >= GOAL_MIN_T: the worst copy fraction and the
-    worst speedup vs eager, and whether both goals hold."""
+    """Per fused backend over the timed main-grid cases: at T >= GOAL_MIN_T the worst copy fraction and the worst
+    speedup vs eager (the issue's goals, judged there), and the range of speedups over every T.
+    At long rows eager's batched GEMVs already stream h about once per pass, so the speedup there is bounded
+    by eager's own distance from the bandwidth floor; the small rows show the saved launches."""
     summary = {}
     for backend in FUSED:
-        rows = [c for c in cases if c["backend"] == backend and not c["extra"] and c["T"] >= GOAL_MIN_T and "ms" in c]
-        if not rows:
+        timed = [c for c in cases if c["backend"] == backend and not c["extra"] and "ms" in c]
+        large = [c for c in timed if c["T"] >= GOAL_MIN_T]
+        if not large:
             continue
-        worst_fraction = min(c["copy_fraction"] for c in rows if c.get("copy_fraction") is not None)
-        speedups = [c["speedup_vs_eager"] for c in rows if "speedup_vs_eager" in c]
-        worst_speedup = min(speedups) if speedups else None
-        summary[backend] = dict(cases=len(rows), worst_copy_fraction=worst_fraction, worst_speedup_vs_eager=worst_speedup,
-                                met=worst_fraction >= GOAL_COPY_FRACTION
-                                and worst_speedup is not None and worst_speedup >= GOAL_EAGER_SPEEDUP)
+        fractions = [c["copy_fraction"] for c in large if c.get("copy_fraction") is not None]
+        large_speedups = [c["speedup_vs_eager"] for c in large if "speedup_vs_eager" in c]
+        all_speedups = [c["speedup_vs_eager"] for c in timed if "speedup_vs_eager" in c]
+        worst_fraction = min(fractions) if fractions else None
+        worst_speedup = min(large_speedups) if large_speedups else None
+        summary[backend] = dict(
+            cases=len(large), worst_copy_fraction=worst_fraction, worst_speedup_vs_eager=worst_speedup,
+            speedup_range=[min(all_speedups), max(all_speedups)] if all_speedups else None,
+            bandwidth_met=worst_fraction is not None and worst_fraction >= GOAL_COPY_FRACTION,
+            speedup_met=worst_speedup is not None and worst_speedup >= GOAL_EAGER_SPEEDUP)
     return summary
 
 
@@ -395,9 +402,13 @@ def render_markdown(report: dict) -> str:
         lines.append(f"Goal (T >= {GOAL_MIN_T}, main grid): >= {100 * GOAL_COPY_FRACTION:.0f}% of the copy "
                      f"bandwidth and >= {GOAL_EAGER_SPEEDUP:.0f}x eager.")
         for backend, g in goals.items():
-            lines.append(f"- {backend}: worst {100 * g['worst_copy_fraction']:.0f}% of copy, worst "
-                         f"{_fmt(g['worst_speedup_vs_eager'], '.1f')}x eager over {g['cases']} cases: "
-                         + ("met" if g["met"] else "NOT met"))
+            fraction = None if g["worst_copy_fraction"] is None else 100 * g["worst_copy_fraction"]
+            speedups = g["speedup_range"]
+            lines.append(f"- {backend}: worst {_fmt(fraction, '.0f')}% of copy ("
+                         + ("met" if g["bandwidth_met"] else "NOT met") + f"), worst "
+                         f"{_fmt(g['worst_speedup_vs_eager'], '.1f')}x eager (" + ("met" if g["speedup_met"] else "NOT met")
+                         + f") over {g['cases']} cases"
+                         + (f"; {speedups[0]:.1f}x to {speedups[1]:.1f}x eager over every T" if speedups else ""))
         lines.append("")
     sweep = report.get("triton_sweep") or []
     if sweep:
