@@ -274,6 +274,18 @@ def test_layouts_and_splits_match_float64_reference(monkeypatch, isa, layout, sh
         torch.set_num_threads(threads)
 
 
+def test_large_grad_h_is_written_completely(extension):
+    """A 32 MB grad_h is fresh memory given the huge-page hint (madvise) before the kernel writes it."""
+    generator = torch.Generator().manual_seed(12)
+    h = torch.randn(1, 8192, 1024, generator=generator).requires_grad_()
+    scores = torch.randn(1, 8192, generator=generator).requires_grad_()
+    context, attention = extension.attention_pool_fwd(h, scores, None, torch.randn(1, 8192, generator=generator), 1, 1.0)
+    grad_context = torch.randn(1, 1024, generator=generator)
+    grad_h, _ = torch.autograd.grad(context, (h, scores), grad_context)
+    assert grad_h.shape == h.shape and grad_h.stride() == h.stride()
+    torch.testing.assert_close(grad_h, attention.detach()[:, :, None] * grad_context[:, None, :], rtol=0, atol=0)
+
+
 def test_empty_sizes(extension):
     for B, T, H in [(0, 4, 3), (2, 0, 3), (2, 4, 0)]:
         h, scores = torch.randn(B, T, H), torch.randn(B, T)
