@@ -5,7 +5,7 @@
         [--junit tests.xml] [--build-status ok] [--build-seconds 95] [--device cuda]
 
 Per shape (B, T, H) and backend (fused CUDA, fused Triton, the eager reference python_ref.attention_pool and
-torch.compile of it) it times the forward (with autograd recording, as in training), the backward alone (on a
+torch.compile of it, dynamic shapes: one compile) it times the forward (with autograd recording, as in training), the backward alone (on a
 fresh graph each time) and both, with triton.testing.do_bench (median, L2 flushed before each call; CUDA
 events around the backward alone) on a GPU, and
 reports ms, effective GB/s over the ideal byte count (benchlib.ideal_bytes: h read once per pass, dh written
@@ -89,6 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=float, default=60.0)
     parser.add_argument("--copy-mib", type=int, default=1024, help="array size of the copy-bandwidth measurement")
     parser.add_argument("--junit", type=pathlib.Path, help="pytest --junitxml file of the GPU tests, summarised")
+    parser.add_argument("--tests-status", help="what gpu_check.sh's test step reported when it left no junit file")
     parser.add_argument("--build-status", default="not run", help="what gpu_check.sh's build step reported")
     parser.add_argument("--build-seconds", type=float)
     args = parser.parse_args(argv)
@@ -209,11 +210,34 @@ def pass_callables(mode: str, pool, case: benchlib.Case, inputs: dict):
     raise ValueError(f"mode must be one of {PASSES}, got {mode!r}")
 
 
+class DynamicCompiledReference:
+    """torch.compile(python_ref.attention_pool, dynamic=True): one graph for every shape of the run (benchlib's
+    CompiledReference compiles each shape statically, about 10 s apiece on a GPU host: the 8-minute budget
+    cannot afford ten of them). Each new shape is warmed up, forward and backward, before it is timed."""
+
+    def __init__(self):
+        self.fn = None
+        self.warm = set()
+
+    def get(self, case: benchlib.Case, inputs: dict):
+        import torch
+
+        import python_ref
+
+        if self.fn is None:
+            self.fn = torch.compile(python_ref.attention_pool, dynamic=True)
+        if case.compile_key not in self.warm:
+            out = self.fn(inputs["h"], inputs["scores"], inputs["mask"], **benchlib.pool_kwargs(case, inputs))
+            torch.autograd.grad(out.context, (inputs["h"], inputs["scores"]), inputs["dcontext"])
+            self.warm.add(case.compile_key)
+        return self.fn
+
+
 def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-def run_row(row: Row, args, compiled: benchlib.CompiledReference, copy_gbps: float, deadline: float) -> list[dict]:
+def run_row(row: Row, args, compiled: DynamicCompiledReference, copy_gbps: float, deadline: float) -> list[dict]:
     """Every backend and pass of one row: check each fused backend against eager, then time."""
     import torch
 
@@ -369,7 +393,8 @@ def render_markdown(report: dict) -> str:
     if tests is None:
         lines.append("- GPU tests: not run")
     elif "missing" in tests:
-        lines.append(f"- GPU tests: no result file ({tests['missing']})")
+        lines.append(f"- GPU tests: no result file ({tests['missing']})"
+                     + (f": {report['tests_status']}" if report.get("tests_status") else ""))
     else:
         lines.append(f"- GPU tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
                      f"{tests['skipped']} skipped ({tests['seconds']:.0f} s)"
@@ -457,7 +482,7 @@ def run(args: argparse.Namespace) -> dict:
                 read_gbps=copy["read_gbps"], torch=info["torch"], triton=info["triton"], commit=info["commit"],
                 cuda=torch.version.cuda or "none",
                 device_name=torch.cuda.get_device_name(0) if args.device == "cuda" else info["cpu_model"])
-    compiled = benchlib.CompiledReference()
+    compiled = DynamicCompiledReference()
     cases, sweep, swept = [], [], False
     for row in plan_rows(args) + [None]:
         if (row is None or row.extra) and not swept:  # the sweep goes between the main grid and the extra rows
@@ -469,7 +494,8 @@ def run(args: argparse.Namespace) -> dict:
     add_speedups(cases)
     return dict(meta=meta, budget_s=args.budget_s, elapsed_s=time.monotonic() - start, backends=list(args.backends),
                 passes=list(args.passes), cases=cases, goals=goal_summary(cases), triton_sweep=sweep,
-                build=dict(status=args.build_status, seconds=args.build_seconds), tests=parse_junit(args.junit))
+                build=dict(status=args.build_status, seconds=args.build_seconds), tests=parse_junit(args.junit),
+                tests_status=args.tests_status)
 
 
 def main(argv=None) -> int:
