@@ -498,8 +498,11 @@ def main(argv=None) -> int:
         return 2
     out_root = args.out_root if args.out_root.is_absolute() else REPO / args.out_root
     if args.list:
-        for run in runs:
-            print(f"{status(run, out_root):<22} {run.name}")
+        try:
+            for run in runs:
+                print(f"{status(run, out_root):<22} {run.name}", flush=True)
+        except BrokenPipeError:  # e.g. piped into head
+            sys.stderr.close()
         return 0
     sweep = Sweep(runs, out_root=out_root, data_root=args.data_root.resolve(), jobs=args.jobs, threads=threads,
                   resume=args.resume, extra=args.train_arg)
