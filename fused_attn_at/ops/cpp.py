@@ -8,6 +8,11 @@ Loading fused_attn_at._C registers three ops in the dispatcher (schemas in csrc/
 This module gives them fake (meta) implementations for torch.compile and an autograd formula (the
 backward op), and offers the backend-module calls of fused_attn_at.ops. Without the compiled module it
 imports all the same, with CPU_AVAILABLE = CUDA_AVAILABLE = False and the reason in UNAVAILABLE_REASON.
+
+The CPU kernels are built twice, for the compiler's baseline and for AVX2+FMA+F16C, and the AVX2 build runs
+where the CPU has it (cpu_isa() says which). Environment, read at every call:
+    FUSED_ATTN_AT_CPU_ISA=default   run the baseline build (to test it, or to compare)
+    FUSED_ATTN_AT_NO_THP=1          no transparent-huge-page hint for outputs of 32 MB or more
 """
 from __future__ import annotations
 
