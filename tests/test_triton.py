@@ -219,3 +219,17 @@ def test_kernels_compile_for_hopper():
             assert result["vector_loads"] > 0, f"{what}: no vector loads of h"
         if result["name"] == "_bwd_dh_da_kernel":
             assert result["vector_stores"] > 0, f"{what}: no vector stores of dh"
+
+
+def test_float64_eps_is_not_rounded_to_float32():
+    """Triton passes Python floats as float32: eps = 0.7 must still reach float64 kernels unrounded."""
+    inputs = make_inputs(3, 20, 4, "padding", seed=29, dtype=torch.float64)
+    for kind in ("at", "iat"):
+        r = fused_attn_at.perturbation(kind, inputs.scores, inputs.mask, grad=inputs.grad, eps=0.7, backend="triton")
+        expected = python_ref.perturbation(kind, inputs.scores, inputs.mask, grad=inputs.grad, eps=0.7)
+        torch.testing.assert_close(r, expected, rtol=1e-13, atol=1e-15)
+        out = fused_attn_at.attention_pool(inputs.h, inputs.scores, inputs.mask, perturbation=kind, grad=inputs.grad,
+                                           eps=0.7, backend="triton")
+        reference = python_ref.attention_pool(inputs.h, inputs.scores, inputs.mask, perturbation=kind,
+                                              grad=inputs.grad, eps=0.7)
+        torch.testing.assert_close(out.attention, reference.attention, rtol=1e-13, atol=1e-15)

@@ -29,6 +29,7 @@ import os
 import warnings
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 try:
@@ -121,6 +122,12 @@ if AVAILABLE:
         return x.to(DTYPE)
 
     @triton.jit
+    def _eps(eps_hi, eps_lo, ACC: tl.constexpr):
+        """eps in ACC: Triton passes Python floats as float32, so float64 gets it as a sum of two (_eps_parts)."""
+        # (scalar args are tensors when compiled and Python floats under the interpreter: promote by addition)
+        return (tl.zeros([], ACC) + eps_hi) + eps_lo
+
+    @triton.jit
     def _valid_positions(mask_ptr, row_m, stride_mt, offs_t, in_bounds, HAS_MASK: tl.constexpr):
         """In-bounds positions that are real tokens; masked positions are never loaded from anywhere."""
         if HAS_MASK:
@@ -201,7 +208,7 @@ if AVAILABLE:
             tl.store(w_ptr + row_i * B + offs_j, coeff, mask=in_j)
 
     @triton.jit
-    def _perturbation_kernel(s_ptr, mask_ptr, d_ptr, w_ptr, r_ptr, B, T, eps,
+    def _perturbation_kernel(s_ptr, mask_ptr, d_ptr, w_ptr, r_ptr, B, T, eps_hi, eps_lo,
                              stride_sb, stride_st, stride_mb, stride_mt, stride_db, stride_dt,
                              stride_rb, stride_rt,
                              KIND: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
@@ -225,7 +232,7 @@ if AVAILABLE:
                                          HAS_MASK, ACC, BLOCK_J, BLOCK_T)
                 sq_acc += u * u
             sq_norm = tl.sum(sq_acc, 0)
-        scale = eps / tl.maximum(tl.sqrt(sq_norm), _TL_DELTA)
+        scale = _eps(eps_hi, eps_lo, ACC) / tl.maximum(tl.sqrt(sq_norm), _TL_DELTA)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             offs_t64 = offs_t.to(tl.int64)
@@ -252,7 +259,7 @@ if AVAILABLE:
         return tl.where(valid, x, float("-inf"))
 
     @triton.jit
-    def _fwd_kernel(h_ptr, s_ptr, mask_ptr, d_ptr, ctx_ptr, a_ptr, T, H, eps,
+    def _fwd_kernel(h_ptr, s_ptr, mask_ptr, d_ptr, ctx_ptr, a_ptr, T, H, eps_hi, eps_lo,
                     stride_hb, stride_ht, stride_hh, stride_sb, stride_st, stride_mb, stride_mt,
                     stride_db, stride_dt, stride_cb, stride_ch, stride_ab, stride_at,
                     PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
@@ -268,7 +275,7 @@ if AVAILABLE:
         row_d = row * stride_db
         if PERTURB == 1:
             sq_norm = _masked_sumsq(d_ptr, row_d, stride_dt, mask_ptr, row_m, stride_mt, T, HAS_MASK, ACC, BLOCK_T)
-            scale = eps / tl.maximum(tl.sqrt(sq_norm), _TL_DELTA)
+            scale = _eps(eps_hi, eps_lo, ACC) / tl.maximum(tl.sqrt(sq_norm), _TL_DELTA)
         else:
             scale = 1.0
 
@@ -382,6 +389,14 @@ if AVAILABLE:
 
 # ----------------------------------------------------------------------------------------------- launchers
 
+def _eps_parts(eps: float) -> tuple[float, float]:
+    """(hi, lo), both exact in float32, with hi + lo == eps to about 1e-16 relative: a float64 eps for kernels
+    whose float arguments are float32."""
+    # numpy, not torch: this runs while torch.compile traces the op, where a torch.tensor would be fake.
+    hi = float(np.float32(eps))
+    return hi, float(np.float32(eps - hi))
+
+
 def _launch_params(B: int, T: int, H: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
     """Block sizes and programs per row. A [block_t, block_h] tile of h is 16 KB (16-byte loads along H, 256
     contiguous bytes per row). The forward splits H over programs and the backward splits T; where B times the
@@ -446,7 +461,7 @@ def _launch_perturbation(scores: torch.Tensor, mask: Optional[torch.Tensor], dir
     else:
         coeff = scores  # unused
     torch.library.wrap_triton(_perturbation_kernel)[(B,)](
-        scores, mask_t, direction, coeff, out, B, T, float(eps),
+        scores, mask_t, direction, coeff, out, B, T, *_eps_parts(eps),
         scores.stride(0), scores.stride(1), smb, smt, direction.stride(0), direction.stride(1),
         out.stride(0), out.stride(1),
         KIND=kind, HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_J=p["block_j"], BLOCK_T=block_t,
@@ -476,7 +491,7 @@ def _forward(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor]
         perturb, d = _PERTURB_NONE, scores  # unused
     split = _split(p["split"], triton.cdiv(max(H, 1), p["fwd_block_h"]), B, h.device)
     torch.library.wrap_triton(_fwd_kernel)[(B, split)](
-        h, scores, mask_t, d, context, attention, T, H, float(eps),
+        h, scores, mask_t, d, context, attention, T, H, *_eps_parts(eps),
         h.stride(0), h.stride(1), h.stride(2), scores.stride(0), scores.stride(1), smb, smt,
         d.stride(0), d.stride(1), context.stride(0), context.stride(1), attention.stride(0), attention.stride(1),
         PERTURB=perturb, HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_T=p["fwd_block_t"], BLOCK_H=p["fwd_block_h"],
@@ -633,7 +648,7 @@ def compile_for_gpu(name: str, dtype: torch.dtype = torch.float32, arch: int = 9
             else:
                 signature[arg] = "*" + _TRITON_TYPE[dtype]
             attrs[(index,)] = [["tt.divisibility", 16]]  # 16-byte aligned, as torch allocates
-        elif arg == "eps":
+        elif arg in ("eps_hi", "eps_lo"):
             signature[arg] = "fp32"
         else:  # sizes and the other strides
             signature[arg] = "i32"
