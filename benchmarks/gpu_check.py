@@ -396,9 +396,11 @@ def render_markdown(report: dict) -> str:
         lines.append(f"- GPU tests: no result file ({tests['missing']})"
                      + (f": {report['tests_status']}" if report.get("tests_status") else ""))
     else:
+        status = report.get("tests_status")
         lines.append(f"- GPU tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
                      f"{tests['skipped']} skipped ({tests['seconds']:.0f} s)"
-                     + (": " + ", ".join(tests["failed"][:10]) if tests["failed"] else ""))
+                     + (": " + ", ".join(tests["failed"][:10]) if tests["failed"] else "")
+                     + (f"; pytest {status}" if status and status != "exit status 0" else ""))
     lines.append(f"- device copy bandwidth (read + write, {meta['copy_mib']} MiB, same run): "
                  f"{meta['copy_gbps']:.0f} GB/s; % below = effective GB/s (ideal bytes) / that")
     lines.append("")

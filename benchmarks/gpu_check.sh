@@ -9,7 +9,7 @@
 #      torch.compile(reference); fwd, bwd, fwd+bwd; B=64, T in 64..8192, H 256/512; GB/s and % of the device
 #      copy bandwidth measured in the same run) with the time that is left,
 # and writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md (printed last) and build.log, tests.log, tests.xml,
-# bench.log beside them. Everything fits in GPU_CHECK_BUDGET_S seconds (default 450, under 8 minutes).
+# bench.log beside them. Everything fits in GPU_CHECK_BUDGET_S seconds (default 470, under 8 minutes).
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]          OUT_DIR defaults to $OUT, else ./gpu_check_out
 #
@@ -26,7 +26,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT_DIR="${1:-${OUT:-$PWD/gpu_check_out}}"
 mkdir -p "$OUT_DIR" && OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 PY="${PYTHON:-python3}"
-BUDGET="${GPU_CHECK_BUDGET_S:-450}"
+BUDGET="${GPU_CHECK_BUDGET_S:-470}"
 START=$(date +%s)
 STATUS=0
 export PYTHONUNBUFFERED=1
@@ -96,12 +96,15 @@ say "build: $BUILD_STATUS (${BUILD_SECONDS}s)"
 TEST_LIMIT=$(( BUDGET * 7 / 15 ))
 say "GPU tests (limit ${TEST_LIMIT}s) -> $OUT_DIR/tests.log"
 # From OUT_DIR (not the checkout), so `import fused_attn_at` finds the installed package.
-(cd "$OUT_DIR" && timeout "$TEST_LIMIT" "$PY" -m pytest "$REPO/tests/test_gpu.py" -q -ra -p no:cacheprovider -p no:benchmark \
+# SIGINT first: pytest then stops like on Ctrl-C and still writes its summary and tests.xml.
+(cd "$OUT_DIR" && timeout -s INT -k 20 "$TEST_LIMIT" "$PY" -m pytest "$REPO/tests/test_gpu.py" -q -ra -p no:cacheprovider -p no:benchmark \
   --junitxml="$OUT_DIR/tests.xml" ${GPU_CHECK_PYTEST_ARGS:-}) >"$OUT_DIR/tests.log" 2>&1
 TEST_RC=$?
 tail -n 25 "$OUT_DIR/tests.log"
 TESTS_STATUS="exit status $TEST_RC"
-if [ "$TEST_RC" -eq 124 ]; then TESTS_STATUS="timed out after ${TEST_LIMIT}s (tests.log)"; fi
+if [ "$TEST_RC" -eq 124 ] || [ "$TEST_RC" -eq 137 ] || [ "$TEST_RC" -eq 2 ]; then
+  TESTS_STATUS="stopped after ${TEST_LIMIT}s or interrupted (exit status $TEST_RC, tests.log)"
+fi
 if [ "$TEST_RC" -ne 0 ]; then STATUS=1; say "GPU tests: $TESTS_STATUS"; fi
 
 # --- 3. benchmark with the time left ------------------------------------------------------------------------
