@@ -9,7 +9,6 @@ Hopper GPU (sm_90) without one.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
