@@ -4,15 +4,16 @@
         [--batch 64] [--dtype float32] [--kind at] [--backends cuda,triton,eager,compile] [--passes fwd,bwd,fwdbwd]
         [--junit tests.xml] [--build-status ok] [--build-seconds 95] [--device cuda]
 
-Per shape (B, T, H) and backend (fused CUDA, fused Triton, the eager reference python_ref.attention_pool and
-torch.compile of it, dynamic shapes: one compile) it times the forward (with autograd recording, as in training), the backward alone (on a
-fresh graph each time) and both, with triton.testing.do_bench (median, L2 flushed before each call; CUDA
-events around the backward alone) on a GPU, and
-reports ms, effective GB/s over the ideal byte count (benchlib.ideal_bytes: h read once per pass, dh written
+Per shape (B, T, H) and backend (fused CUDA, fused Triton, the eager reference python_ref.attention_pool, and
+torch.compile of it with dynamic shapes: one compile for the run) it times the forward (recording autograd, as
+in training), the backward alone (an untimed forward builds a fresh graph before each call) and both: on a GPU
+with triton.testing.do_bench (median, L2 flushed before each call) and CUDA events around the backward alone.
+It reports ms, effective GB/s over the ideal byte count (benchlib.ideal_bytes: h read once per pass, dh written
 once) and that as a % of the device copy bandwidth measured at the start of the same run
 (bandwidth.measure_bandwidth). Each fused backend is first checked against the eager result (loose, untimed:
-tests/ checks accuracy). Cases are run in priority order (the main grid, then extras) until --budget-s is
-spent; the rest are reported as skipped. Writes DIR/gpu_check.json and DIR/gpu_check.md.
+tests/ checks accuracy). Cases run in priority order (the main grid, longest rows first; a Triton
+launch-parameter sweep; extra rows) until --budget-s is spent; the rest are reported as skipped.
+Writes DIR/gpu_check.json and DIR/gpu_check.md.
 With --device cpu (and CPU backends: eager, compile, cpu) it runs the same code on the CPU: the tests use it.
 """
 from __future__ import annotations
@@ -420,8 +421,9 @@ def render_markdown(report: dict) -> str:
             by_backend = {c["backend"]: c for c in cases
                           if (c["dtype"], c["kind"], c["B"], c["extra"], c["mode"], c["T"], c["H"])
                           == (dtype, kind, B, extra, mode, T, H)}
-            cells = [mode, str(T), str(H)] + [_cell(by_backend.get(b), "ms") for b in backends] + \
-                    [_cell(by_backend.get(b), "gbps") for b in fused] + [_cell(by_backend.get(b), "speedup") for b in fused]
+            cells = ([mode, str(T), str(H)] + [_cell(by_backend.get(b), "ms") for b in backends]
+                     + [_cell(by_backend.get(b), "gbps") for b in fused]
+                     + [_cell(by_backend.get(b), "speedup") for b in fused])
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     goals = report.get("goals") or {}
@@ -431,17 +433,19 @@ def render_markdown(report: dict) -> str:
         for backend, g in goals.items():
             fraction = None if g["worst_copy_fraction"] is None else 100 * g["worst_copy_fraction"]
             speedups = g["speedup_range"]
-            lines.append(f"- {backend}: worst {_fmt(fraction, '.0f')}% of copy ("
-                         + ("met" if g["bandwidth_met"] else "NOT met") + f"), worst "
-                         f"{_fmt(g['worst_speedup_vs_eager'], '.1f')}x eager (" + ("met" if g["speedup_met"] else "NOT met")
-                         + f") over {g['cases']} cases"
+            bandwidth_verdict = "met" if g["bandwidth_met"] else "NOT met"
+            speedup_verdict = "met" if g["speedup_met"] else "NOT met"
+            worst_speedup = _fmt(g["worst_speedup_vs_eager"], ".1f")
+            lines.append(f"- {backend}: worst {_fmt(fraction, '.0f')}% of copy ({bandwidth_verdict}), worst "
+                         f"{worst_speedup}x eager ({speedup_verdict}) over {g['cases']} cases"
                          + (f"; {speedups[0]:.1f}x to {speedups[1]:.1f}x eager over every T" if speedups else ""))
         lines.append("")
     sweep = report.get("triton_sweep") or []
     if sweep:
         lines += ["## Triton launch parameters at the longest rows (defaults: see fused_attn_at/ops/"
                   "triton_attention_pool.py _launch_params)", "",
-                  "| pass | T | H | block_t | block_h | warps | ms | GB/s (% copy) |", "|---|---|---|---|---|---|---|---|"]
+                  "| pass | T | H | block_t | block_h | warps | ms | GB/s (% copy) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in sweep:
             result = c.get("error", c.get("skipped")) or \
                 f"{c['ms']:.3f} | {c['gbps']:.0f} ({100 * c['copy_fraction']:.0f}%)"

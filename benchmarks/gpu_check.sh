@@ -97,7 +97,8 @@ TEST_LIMIT=$(( BUDGET * 7 / 15 ))
 say "GPU tests (limit ${TEST_LIMIT}s) -> $OUT_DIR/tests.log"
 # From OUT_DIR (not the checkout), so `import fused_attn_at` finds the installed package.
 # SIGINT first: pytest then stops like on Ctrl-C and still writes its summary and tests.xml.
-(cd "$OUT_DIR" && timeout -s INT -k 20 "$TEST_LIMIT" "$PY" -m pytest "$REPO/tests/test_gpu.py" -q -ra -p no:cacheprovider -p no:benchmark \
+(cd "$OUT_DIR" && timeout -s INT -k 20 "$TEST_LIMIT" "$PY" -m pytest "$REPO/tests/test_gpu.py" -q -ra \
+  -p no:cacheprovider -p no:benchmark \
   --junitxml="$OUT_DIR/tests.xml" ${GPU_CHECK_PYTEST_ARGS:-}) >"$OUT_DIR/tests.log" 2>&1
 TEST_RC=$?
 tail -n 25 "$OUT_DIR/tests.log"

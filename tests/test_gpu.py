@@ -72,7 +72,8 @@ def check_on_gpu(backend: str, inputs: Inputs, kind, eps=1.0, used=("context", "
 # inline AT/RP normalisation, iAT's given r) with a fully masked row. (Each new variant costs a JIT compile on a
 # fresh machine: the matrix is sized for gpu_check.sh's time budget.)
 MATCH_CASES = ([(torch.float32, kind, mask) for kind in KINDS for mask in ("none", "empty_row")]
-               + [(dtype, kind, "empty_row") for dtype in (torch.float16, torch.bfloat16) for kind in (None, "at", "iat")])
+               + [(dtype, kind, "empty_row") for dtype in (torch.float16, torch.bfloat16)
+                  for kind in (None, "at", "iat")])
 
 
 @needs_gpu
@@ -387,8 +388,8 @@ def test_gpu_check_sh_runs_on_cpu(tmp_path):
                GPU_CHECK_PYTEST_ARGS="-k test_gpu_check_arguments",
                GPU_CHECK_BENCH_ARGS="--device cpu --backends eager --lengths 8 --hiddens 4 --batch 2 --no-extras "
                                     "--copy-mib 4 --rep-ms 2 --warmup-ms 1",
-               PYTHONPATH=os.pathsep.join([package_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                            if p and p != "."]))
+               PYTHONPATH=os.pathsep.join([package_root] + [
+                   p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != "."]))
     proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh"), str(tmp_path / "out")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

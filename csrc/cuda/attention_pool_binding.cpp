@@ -38,8 +38,8 @@ fa_view view_of(const at::Tensor& x) {
   return view;
 }
 
-fa_view mask_view(const std::optional<at::Tensor>& mask) {
-  return mask.has_value() ? view_of(*mask) : fa_view{nullptr, {0, 0, 0}};
+fa_view optional_view(const std::optional<at::Tensor>& x) {
+  return x.has_value() ? view_of(*x) : fa_view{nullptr, {0, 0, 0}};
 }
 
 void check_cuda(const char* name, const at::Tensor& x) {
@@ -70,13 +70,14 @@ void launch_perturbation(const at::Tensor& scores, const std::optional<at::Tenso
   at::Tensor coeff;
   if (kind == KIND_IAT) {
     coeff = at::empty({B, B}, scores.options().dtype(acc_dtype(scores.scalar_type())));  // coeff[i, j]
-    check_launch(fa_cuda_iat_coefficients(dtype, B, T, view_of(scores), mask_view(mask), view_of(direction),
+    check_launch(fa_cuda_iat_coefficients(dtype, B, T, view_of(scores), optional_view(mask), view_of(direction),
                                           coeff.data_ptr(), stream_handle()),
                  "iAT coefficient kernel");
   }
+  const void* coeff_data = coeff.defined() ? coeff.data_ptr() : nullptr;
   check_launch(fa_cuda_perturbation(dtype, static_cast<int>(kind), out_is_acc ? 1 : 0, B, T, eps, view_of(scores),
-                                    mask_view(mask), view_of(direction), coeff.defined() ? coeff.data_ptr() : nullptr,
-                                    view_of(out), stream_handle()),
+                                    optional_view(mask), view_of(direction), coeff_data, view_of(out),
+                                    stream_handle()),
                "perturbation kernel");
 }
 
@@ -105,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(const at::Tensor& h, 
   }
   const fa_view direction_view = r_or_direction.defined() ? view_of(r_or_direction) : fa_view{nullptr, {0, 0, 0}};
   check_launch(fa_cuda_attention_pool_fwd(to_fa_dtype(dtype), perturb, B, T, H, eps, view_of(h), view_of(scores),
-                                          mask_view(mask), direction_view, view_of(context), view_of(attention),
+                                          optional_view(mask), direction_view, view_of(context), view_of(attention),
                                           num_sms(), stream_handle()),
                "attention_pool forward kernel");
   return {context, attention};
@@ -129,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cuda(const at::Tensor& gra
   if (grad_attention.has_value()) ga = as_dtype(*grad_attention, dtype);
   const at::Tensor scores_out = attention.scalar_type() == dtype ? grad_scores : at::empty({B, T}, h.options());
   at::Tensor da = at::empty({B, T}, h.options().dtype(acc_dtype(dtype)));  // dL/da_t, contiguous workspace
-  check_launch(fa_cuda_attention_pool_bwd(to_fa_dtype(dtype), B, T, H, view_of(dc), mask_view(ga), view_of(h),
+  check_launch(fa_cuda_attention_pool_bwd(to_fa_dtype(dtype), B, T, H, view_of(dc), optional_view(ga), view_of(h),
                                           view_of(a), view_of(grad_h), view_of(scores_out), da.data_ptr(), num_sms(),
                                           stream_handle()),
                "attention_pool backward kernels");

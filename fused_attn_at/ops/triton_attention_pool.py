@@ -533,7 +533,8 @@ if AVAILABLE:
 
     @torch.library.triton_op(f"{NAMESPACE}::attention_pool_fwd", mutates_args=())
     def attention_pool_fwd(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor],
-                           direction: Optional[torch.Tensor], kind: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                           direction: Optional[torch.Tensor], kind: int,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B, H], attention [B, T]) of masked_softmax(scores + r) over h [B, T, H]."""
         return _forward(h, scores, mask, direction, kind, eps)
 
