@@ -118,7 +118,8 @@ def task_tables(results: Results, main: list[Run]) -> list[str]:
             if bc:
                 cells += [fmt([t.get("f1") for t in tests]), fmt([t.get("roc_auc") for t in tests])]
             cells += [fmt([m["best_dev"]["accuracy"] for m in done]),
-                      ", ".join(str(m["best_epoch"]) for m in done) or NOT_RUN]
+                      ", ".join(str(m["best_epoch"]) + ("†" if m["best_epoch"] == len(m["epochs"]) else "")
+                                for m in done) or NOT_RUN]
             lines.append("| " + " | ".join(cells) + " |")
         if dataset in JAIN_WALLACE:
             cells = ["Jain & Wallace 2019 vanilla (reported)", "", f"{JAIN_WALLACE[dataset]:.3f}"]
@@ -127,6 +128,9 @@ def task_tables(results: Results, main: list[Run]) -> list[str]:
             lines.append("| " + " | ".join(cells) + " |")
         if not finished_any:
             lines += ["", f"No {dataset} run has finished yet."]
+        elif any(m["best_epoch"] == len(m["epochs"]) for rs in methods.values() for _, m in results.finished(rs)):
+            lines += ["", "† best dev accuracy at the last epoch: that run may still have been improving when the "
+                          "paper's epoch budget ended."]
         lines.append("")
     return lines
 
