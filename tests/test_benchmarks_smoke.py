@@ -3,6 +3,7 @@ hand-made pytest-benchmark JSON whose ratios are known. (The benchmarks themselv
 `pytest benchmarks/ --benchmark-disable --bench-set smoke`.)"""
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import sys
@@ -13,7 +14,18 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import benchlib  # noqa: E402
-import report  # noqa: E402
+
+
+def _load_by_path(name: str, path: pathlib.Path):
+    # experiments/report.py is imported as `report` by test_sweep.py; a plain `import report` here would let
+    # whichever test module runs first shadow the other's module in sys.modules.
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load_by_path("benchmarks_report", BENCHMARKS / "report.py")
 
 
 def test_ideal_bytes_by_hand():
