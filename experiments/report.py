@@ -428,6 +428,10 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run]) -> list[s
         vanilla = next((a for m, a, _ in ranked if m == "vanilla"), None)
         if vanilla is not None:
             text += f"; vanilla {vanilla:.3f}"
+        still_rising = sorted({r.method for r, m in results.finished([x for rs in methods.values() for x in rs])
+                               if r.method in ADVERSARIAL and m["best_epoch"] == len(m["epochs"])})
+        if still_rising:
+            text += f"; {' and '.join(still_rising)} had their best dev accuracy at the last epoch (†)"
         text += "." + ("" if complete else " Not all methods done: no verdict.")
         lines.append(text)
     lines += ["", f"Verdict so far: an attention AT/iAT method is the best (or tied best) on {wins} of the "
