@@ -150,6 +150,20 @@ if AVAILABLE:
         return tl.sum(acc, 0)
 
     @triton.jit
+    def _score_differences(s_ptr, mask_ptr, s_i, valid_i, rows_j, in_j, offs_t64,
+                           stride_sb, stride_st, stride_mb, stride_mt,
+                           HAS_MASK: tl.constexpr, ACC: tl.constexpr):
+        """D_ij = (s_i - s_j) m_i m_j for a block of rows j on one block of positions.  # -> [BLOCK_J, BLOCK_T]"""
+        both = in_j[:, None] & valid_i[None, :]
+        if HAS_MASK:
+            m_j = tl.load(mask_ptr + rows_j[:, None] * stride_mb + offs_t64[None, :] * stride_mt,
+                          mask=both, other=0)
+            both = both & (m_j != 0)
+        s_j = tl.load(s_ptr + rows_j[:, None] * stride_sb + offs_t64[None, :] * stride_st,
+                      mask=both, other=0).to(ACC)
+        return tl.where(both, s_i[None, :] - s_j, 0.0)
+
+    @triton.jit
     def _iat_direction_block(s_ptr, mask_ptr, w_ptr, row_w, s_i, valid_i, offs_t, B,
                              stride_sb, stride_st, stride_mb, stride_mt,
                              HAS_MASK: tl.constexpr, ACC: tl.constexpr,
@@ -161,15 +175,8 @@ if AVAILABLE:
             offs_j = j0 + tl.arange(0, BLOCK_J)
             in_j = offs_j < B
             w = tl.load(w_ptr + row_w + offs_j, mask=in_j, other=0)
-            both = in_j[:, None] & valid_i[None, :]  # [BLOCK_J, BLOCK_T]
-            rows_j = offs_j.to(tl.int64)
-            if HAS_MASK:
-                m_j = tl.load(mask_ptr + rows_j[:, None] * stride_mb + offs_t64[None, :] * stride_mt,
-                              mask=both, other=0)
-                both = both & (m_j != 0)
-            s_j = tl.load(s_ptr + rows_j[:, None] * stride_sb + offs_t64[None, :] * stride_st,
-                          mask=both, other=0).to(ACC)
-            diff = tl.where(both, s_i[None, :] - s_j, 0.0)
+            diff = _score_differences(s_ptr, mask_ptr, s_i, valid_i, offs_j.to(tl.int64), in_j, offs_t64,
+                                      stride_sb, stride_st, stride_mb, stride_mt, HAS_MASK, ACC)
             u += tl.sum(w[:, None] * diff, axis=0)
         return u
 
@@ -193,14 +200,8 @@ if AVAILABLE:
                 valid_i = _valid_positions(mask_ptr, row_i * stride_mb, stride_mt, offs_t, offs_t < T, HAS_MASK)
                 s_i = tl.load(s_ptr + row_i * stride_sb + offs_t64 * stride_st, mask=valid_i, other=0).to(ACC)
                 g_i = tl.load(g_ptr + row_i * stride_gb + offs_t64 * stride_gt, mask=valid_i, other=0).to(ACC)
-                both = in_j[:, None] & valid_i[None, :]
-                if HAS_MASK:
-                    m_j = tl.load(mask_ptr + rows_j[:, None] * stride_mb + offs_t64[None, :] * stride_mt,
-                                  mask=both, other=0)
-                    both = both & (m_j != 0)
-                s_j = tl.load(s_ptr + rows_j[:, None] * stride_sb + offs_t64[None, :] * stride_st,
-                              mask=both, other=0).to(ACC)
-                diff = tl.where(both, s_i[None, :] - s_j, 0.0)  # D_ij on this block  # [BLOCK_J, BLOCK_T]
+                diff = _score_differences(s_ptr, mask_ptr, s_i, valid_i, rows_j, in_j, offs_t64,
+                                          stride_sb, stride_st, stride_mb, stride_mt, HAS_MASK, ACC)
                 sq_norm += diff * diff
                 g_dot_d += g_i[None, :] * diff
             norm = tl.maximum(tl.sqrt(tl.sum(sq_norm, axis=1)), _TL_DELTA)
