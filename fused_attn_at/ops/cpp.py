@@ -5,8 +5,9 @@ Loading fused_attn_at._C registers three ops in the dispatcher (schemas in csrc/
     torch.ops.fused_attn_at.attention_pool_fwd(h, scores, mask, direction, kind, eps) -> (context, attention)
     torch.ops.fused_attn_at.attention_pool_bwd(grad_context, grad_attention, h, attention) -> (grad_h, grad_scores)
     torch.ops.fused_attn_at.perturbation(scores, mask, direction, kind, eps) -> r
-This module gives them fake (meta) implementations for torch.compile and an autograd formula (the
-backward op), and offers the backend-module calls of fused_attn_at.ops. Without the compiled module it
+The derivative of attention_pool_fwd (the backward op) is registered in C++ (csrc/autograd.cpp); this module
+gives the ops fake (meta) implementations for torch.compile and offers the backend-module calls of
+fused_attn_at.ops. Without the compiled module it
 imports all the same, with CPU_AVAILABLE = CUDA_AVAILABLE = False and the reason in UNAVAILABLE_REASON.
 
 The CPU kernels are built twice, for the compiler's baseline and for AVX2+FMA+F16C, and the AVX2 build runs
@@ -67,20 +68,6 @@ if _C is not None:
     @torch.library.register_fake("fused_attn_at::perturbation")
     def _perturbation_fake(scores, mask, direction, kind, eps):
         return scores.new_empty(scores.shape)
-
-    def _setup_context(ctx, inputs, output):
-        h, _scores, _mask, _direction, _kind, _eps = inputs
-        _context, attention = output
-        # The backward needs h and the (perturbed) attention only; r is a constant.
-        ctx.save_for_backward(h, attention)
-
-    def _backward(ctx, grad_context, grad_attention):
-        h, attention = ctx.saved_tensors
-        grad_h, grad_scores = _ops.attention_pool_bwd(grad_context, grad_attention, h, attention)
-        needs_h, needs_scores = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        return (grad_h if needs_h else None, grad_scores if needs_scores else None, None, None, None, None)
-
-    torch.library.register_autograd("fused_attn_at::attention_pool_fwd", _backward, setup_context=_setup_context)
 
 
 def _warn_iat_batch_of_one(kind: int, scores: torch.Tensor) -> None:
