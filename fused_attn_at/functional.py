@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from python_ref import AttentionPoolOutput, check_attention_inputs, check_perturbation_inputs
+from python_ref.checks import check_values
 
 from ._backend import resolve_backend
 from .ops import KIND
@@ -22,6 +23,28 @@ def _backend_module(backend: str):
     from .ops import reference
 
     return reference
+
+
+# Backends whose kernels check the values they read (NaN or inf at real positions raise ValueError): the
+# separate check (isfinite & mask, any, per tensor) cost ~25 us per tensor, more than the whole CPU kernel at
+# small shapes. The other backends get the check here, before the call.
+_KERNEL_CHECKS_VALUES = ("cpu",)
+
+
+def _check_or_defer_values(backend, scores, mask, grad, noise) -> None:
+    if backend not in _KERNEL_CHECKS_VALUES:
+        check_values(scores, mask, grad, noise)
+
+
+def _run_kernel(call, kind, *args):
+    """call(*args), with the op's name for a non-finite direction replaced by the user's argument."""
+    try:
+        return call(*args)
+    except ValueError as exc:
+        text = str(exc)
+        if not text.startswith("direction holds NaN"):
+            raise
+        raise ValueError(("noise" if kind == "rp" else "grad") + text[len("direction"):]) from None
 
 
 def _direction(kind, scores, grad, noise, generator):
@@ -53,10 +76,13 @@ def attention_pool(
     perturbed one when a perturbation is asked for. Gradients flow to h and scores; the perturbation is a
     constant. backend: None (best available), "cpu", "cuda", "triton" or "reference"; also $FUSED_ATTN_AT_BACKEND.
     """
-    check_attention_inputs(h, scores, mask, perturbation, grad, noise, eps)
-    impl = _backend_module(resolve_backend(backend, h.device))
+    check_attention_inputs(h, scores, mask, perturbation, grad, noise, eps, values=False)
+    name = resolve_backend(backend, h.device)
+    _check_or_defer_values(name, scores, mask, grad, noise)
+    impl = _backend_module(name)
     direction = _direction(perturbation, scores, grad, noise, generator)
-    context, attention = impl.attention_pool(h, scores, mask, direction, KIND[perturbation], float(eps))
+    context, attention = _run_kernel(impl.attention_pool, perturbation, h, scores, mask, direction,
+                                     KIND[perturbation], float(eps))
     return AttentionPoolOutput(context, attention)
 
 
@@ -73,8 +99,10 @@ def perturbation(
 ) -> torch.Tensor:
     """The perturbation r [B, T] of `kind` ("at", "iat", "rp") that attention_pool adds to the scores.
     Zero at padded positions, norm eps per row (zero where the direction is zero); no gradient."""
-    check_perturbation_inputs(kind, scores, mask, grad, noise, eps, required=True)
-    impl = _backend_module(resolve_backend(backend, scores.device))
+    check_perturbation_inputs(kind, scores, mask, grad, noise, eps, required=True, values=False)
+    name = resolve_backend(backend, scores.device)
+    _check_or_defer_values(name, scores, mask, grad, noise)
+    impl = _backend_module(name)
     direction = _direction(kind, scores, grad, noise, generator)
     with torch.no_grad():
-        return impl.perturbation(scores.detach(), mask, direction, KIND[kind], float(eps))
+        return _run_kernel(impl.perturbation, kind, scores.detach(), mask, direction, KIND[kind], float(eps))

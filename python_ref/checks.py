@@ -70,8 +70,19 @@ def check_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         raise ValueError(f"{name} holds NaN or inf at real (unmasked) positions; expected finite values")
 
 
-def check_perturbation_inputs(kind, scores, mask, grad, noise, eps, *, required: bool) -> None:
-    """Checks for `perturbation(kind, ...)`; with required=False, kind may also be None (no perturbation)."""
+def check_values(scores, mask, grad, noise) -> None:
+    """The finiteness checks of the inputs' values (after their shapes and dtypes were checked)."""
+    check_finite("scores", scores, mask)
+    if grad is not None:
+        check_finite("grad", grad, mask)
+    if noise is not None:
+        check_finite("noise", noise, mask)
+
+
+def check_perturbation_inputs(kind, scores, mask, grad, noise, eps, *, required: bool, values: bool = True) -> None:
+    """Checks for `perturbation(kind, ...)`; with required=False, kind may also be None (no perturbation).
+    values=False leaves out the finiteness of the values (check_values), for a kernel that checks them
+    while it reads them."""
     if kind is None and not required:
         pass
     elif not isinstance(kind, str) or kind not in PERTURBATIONS:
@@ -81,7 +92,6 @@ def check_perturbation_inputs(kind, scores, mask, grad, noise, eps, *, required:
     _check_float("scores", scores)
     check_mask(mask, scores)
     check_eps(eps)
-    check_finite("scores", scores, mask)
     if kind in ("at", "iat"):
         if grad is None:
             raise ValueError(
@@ -89,20 +99,21 @@ def check_perturbation_inputs(kind, scores, mask, grad, noise, eps, *, required:
                 "torch.autograd.grad(loss_clean, scores, retain_graph=True)"
             )
         _check_like_scores("grad", grad, scores)
-        check_finite("grad", grad, mask)
     elif grad is not None and kind is not None:
         raise ValueError(f"grad is only used by perturbation='at' or 'iat', not {kind!r}; pass grad=None")
     if kind == "rp" and noise is not None:
         _check_like_scores("noise", noise, scores)
-        check_finite("noise", noise, mask)
     elif noise is not None:
         raise ValueError(f"noise is only used by perturbation='rp', not {kind!r}; pass noise=None")
     if kind is None and grad is not None:
         raise ValueError("grad was given but perturbation is None; pass perturbation='at' or 'iat'")
+    if values:
+        check_values(scores, mask, grad, noise)
 
 
-def check_attention_inputs(h, scores, mask, kind, grad, noise, eps) -> None:
-    """Checks for `attention_pool(h, scores, mask, perturbation=kind, ...)`."""
+def check_attention_inputs(h, scores, mask, kind, grad, noise, eps, *, values: bool = True) -> None:
+    """Checks for `attention_pool(h, scores, mask, perturbation=kind, ...)` (values: see
+    check_perturbation_inputs)."""
     _check_tensor("h", h, 3, "[B, T, H]")
     _check_float("h", h)
     _check_tensor("scores", scores, 2, "[B, T]")
@@ -114,4 +125,4 @@ def check_attention_inputs(h, scores, mask, kind, grad, noise, eps) -> None:
         raise ValueError(f"h and scores must be on one device: h is on {h.device}, scores on {scores.device}")
     if h.dtype != scores.dtype:
         raise TypeError(f"scores must have the dtype of h ({h.dtype}), got {scores.dtype}")
-    check_perturbation_inputs(kind, scores, mask, grad, noise, eps, required=False)
+    check_perturbation_inputs(kind, scores, mask, grad, noise, eps, required=False, values=values)

@@ -199,6 +199,45 @@ def test_perturbation_and_backward_checks_name_the_argument(extension):
         extension.attention_pool_bwd(torch.randn(2, 3), None, h[0], attention)
 
 
+@pytest.mark.parametrize("isa", ["best", "default"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 7, 5), (1, 64, 1024)], ids=str)  # the second splits rows over H
+def test_kernels_reject_nonfinite_values_at_real_positions(monkeypatch, extension, isa, dtype, shape):
+    """The kernels check the values they read (the Python API no longer checks them for this backend):
+    NaN or inf at a real position of scores or direction raises, for the fused forward and the perturbation
+    op and every kind; the same values at a padded position are accepted."""
+    if isa == "default":
+        monkeypatch.setenv("FUSED_ATTN_AT_CPU_ISA", "default")
+        assert cpp.cpu_isa() == "default"
+    B, T, H = shape
+    gen = torch.Generator().manual_seed(T)
+    h = torch.randn(B, T, H, generator=gen).to(dtype)
+    scores = torch.randn(B, T, generator=gen).to(dtype)
+    direction = torch.randn(B, T, generator=gen).to(dtype)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[B - 1, T - 1] = False  # the last position of the last row is padding
+    real, pad = (0, T // 2), (B - 1, T - 1)
+    for kind in (0, 1, 2):
+        for target, bad in (("scores", float("nan")), ("scores", float("inf")), ("direction", float("-inf")),
+                            ("direction", float("nan"))):
+            if kind == 0 and target == "direction":
+                continue
+            for where, should_raise in ((real, True), (pad, False)):
+                s, d = scores.clone(), direction.clone()
+                (s if target == "scores" else d)[where] = bad
+                calls = [lambda: extension.attention_pool_fwd(h, s, mask, d if kind else None, kind, 1.0)]
+                if kind:
+                    calls.append(lambda: extension.perturbation(s, mask, d, kind, 1.0))
+                for call in calls:
+                    if should_raise:
+                        with pytest.raises(ValueError, match=f"{target} holds NaN or inf at real"):
+                            call()
+                    else:
+                        out = call()
+                        for x in (out if isinstance(out, tuple) else (out,)):
+                            assert torch.isfinite(x).all(), f"kind {kind}: {bad} in padded {target} leaked"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # layouts, threading splits, fully masked rows, non-finite padding: the kernels' own code paths
 

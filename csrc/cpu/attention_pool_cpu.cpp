@@ -141,6 +141,15 @@ void fill_perturbation_args(cpu::ForwardArgs& a, const at::Tensor& scores, const
   }
 }
 
+// After the kernels: what they found at real positions (ForwardArgs::nonfinite). The Python API renames
+// "direction" to the argument the user passed (grad or noise).
+void raise_if_nonfinite(int flags) {
+  TORCH_CHECK_VALUE(!(flags & cpu::NONFINITE_SCORES),
+                    "scores holds NaN or inf at real (unmasked) positions; expected finite values");
+  TORCH_CHECK_VALUE(!(flags & cpu::NONFINITE_DIRECTION),
+                    "direction holds NaN or inf at real (unmasked) positions; expected finite values");
+}
+
 // iAT needs every row's (zeroed) scores and grad before any row's perturbation.
 void prepare_iat(const cpu::Kernels& k, const cpu::ForwardArgs& a) {
   if (a.kind != KIND_IAT) return;
@@ -168,6 +177,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& h, c
   cpu::ForwardArgs a;
   at::Tensor iat_workspace;
   fill_perturbation_args(a, scores, mask, dir, kind, eps, iat_workspace);
+  int nonfinite = 0;
+  a.nonfinite = &nonfinite;
   a.H = H;
   a.h = layout.view;
   a.attention_acc = attention_acc.data_ptr();
@@ -184,6 +195,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& h, c
     parallel_over(B * a.split.n_chunks, T * a.split.chunk,
                   [&](int64_t begin, int64_t end) { kernels.context_items(a, begin, end); });
   }
+  raise_if_nonfinite(nonfinite);
   return {context, attention};
 }
 
@@ -197,9 +209,12 @@ at::Tensor perturbation_cpu(const at::Tensor& scores, const std::optional<at::Te
   cpu::ForwardArgs a;
   at::Tensor iat_workspace;
   fill_perturbation_args(a, scores, mask, dir, kind, eps, iat_workspace);
+  int nonfinite = 0;
+  a.nonfinite = &nonfinite;
   a.perturbation = r.data_ptr();
   prepare_iat(kernels, a);
   parallel_over(a.B, perturbation_work(a), [&](int64_t begin, int64_t end) { kernels.perturbation_rows(a, begin, end); });
+  raise_if_nonfinite(nonfinite);
   return r;
 }
 

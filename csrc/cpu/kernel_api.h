@@ -47,7 +47,14 @@ struct ForwardArgs {
   void* context = nullptr;        // [B, H] output dtype
   void* perturbation = nullptr;   // [B, T] output dtype, written by perturbation_rows
   Split split;
+  // The kernels read every real (unmasked) score and direction value anyway, so they check them: a NaN or
+  // inf there sets NONFINITE_SCORES / NONFINITE_DIRECTION in *nonfinite (atomically; never cleared), and the
+  // op raises once the kernels are done. Cheaper than a separate pass (isfinite & mask, any) before the call.
+  int* nonfinite = nullptr;
 };
+
+constexpr int NONFINITE_SCORES = 1;
+constexpr int NONFINITE_DIRECTION = 2;
 
 struct BackwardArgs {
   int64_t B = 0, T = 0, H = 0;

@@ -134,6 +134,25 @@ class Scratch {
 inline const bool* mask_row(const ForwardArgs& a, int64_t b) { return a.mask ? a.mask + b * a.mask_sb : nullptr; }
 inline bool is_valid(const bool* m, int64_t st, int64_t t) { return m == nullptr || m[t * st]; }
 
+// x - x is 0 for every finite x and NaN for NaN and +-inf (no -ffast-math in this build).
+template <class A> inline bool is_finite(A x) { return x - x == A(0); }
+inline void flag_nonfinite(const ForwardArgs& a, int what) { __atomic_fetch_or(a.nonfinite, what, __ATOMIC_RELAXED); }
+
+// Sets `what` in *a.nonfinite if the real positions of row b of `x` hold a NaN or inf.
+template <class S> void check_row_finite(const ForwardArgs& a, const RowsView& x, int64_t b, int what) {
+  using A = Acc<S>;
+  const S* p = static_cast<const S*>(x.data) + b * x.sb;
+  const bool* m = mask_row(a, b);
+  A acc = 0;  // x - x summed: 0 unless some term is NaN
+  for (int64_t t = 0; t < a.T; ++t) {
+    if (is_valid(m, a.mask_st, t)) {
+      const A v = to_acc<A>(p[t * x.st]);
+      acc += v - v;
+    }
+  }
+  if (!(acc == A(0))) flag_nonfinite(a, what);
+}
+
 // ---- the perturbation r (shared by the forward and the perturbation op) -------------------------------
 
 // r <- eps * r / max(||r||, DELTA)  (the norm over the row; r is already zero at padded positions)
@@ -155,12 +174,17 @@ template <class S> void iat_prepare(const ForwardArgs& a, int64_t begin, int64_t
     A* so = static_cast<A*>(a.iat_scores) + b * T;
     A* go = static_cast<A*>(a.iat_grad) + b * T;
     A* mo = static_cast<A*>(a.iat_mask) + b * T;
+    A s_check = 0, g_check = 0;  // x - x summed: 0 unless a real value is NaN or inf
     for (int64_t t = 0; t < T; ++t) {
       const bool v = is_valid(m, a.mask_st, t);
       so[t] = v ? to_acc<A>(s[t * a.scores.st]) : A(0);
       go[t] = v ? to_acc<A>(g[t * a.direction.st]) : A(0);
       mo[t] = v ? A(1) : A(0);
+      s_check += so[t] - so[t];
+      g_check += go[t] - go[t];
     }
+    if (!(s_check == A(0))) flag_nonfinite(a, NONFINITE_SCORES);
+    if (!(g_check == A(0))) flag_nonfinite(a, NONFINITE_DIRECTION);
   }
 }
 
@@ -217,7 +241,12 @@ template <class S> void perturbation_row(const ForwardArgs& a, int64_t b, Acc<S>
   if (a.kind == KIND_NORMALIZE) {
     const S* d = static_cast<const S*>(a.direction.data) + b * a.direction.sb;
     const bool* m = mask_row(a, b);
-    for (int64_t t = 0; t < T; ++t) r[t] = is_valid(m, a.mask_st, t) ? to_acc<A>(d[t * a.direction.st]) : A(0);
+    A check = 0;  // r - r summed: 0 unless a real value is NaN or inf
+    for (int64_t t = 0; t < T; ++t) {
+      r[t] = is_valid(m, a.mask_st, t) ? to_acc<A>(d[t * a.direction.st]) : A(0);
+      check += r[t] - r[t];
+    }
+    if (!(check == A(0))) flag_nonfinite(a, NONFINITE_DIRECTION);
   } else {
     iat_direction_row<A>(a, b, r, coef);
   }
@@ -230,6 +259,8 @@ template <class S> void perturbation_rows(const ForwardArgs& a, int64_t begin, i
   A* r = scratch.take<A>(a.T);
   A* coef = scratch.take<A>(a.B);
   for (int64_t b = begin; b < end; ++b) {
+    // AT/RP do not read the scores (iAT checks them in iat_prepare), but the op's contract is the same
+    if (a.kind == KIND_NORMALIZE) check_row_finite<S>(a, a.scores, b, NONFINITE_SCORES);
     perturbation_row<S>(a, b, r, coef);
     S* out = static_cast<S*>(a.perturbation) + b * a.T;
     for (int64_t t = 0; t < a.T; ++t) out[t] = from_acc<S>(r[t]);
@@ -252,6 +283,7 @@ template <class S> void attention_row(const ForwardArgs& a, int64_t b, Acc<S>* r
   for (int64_t t = 0; t < T; ++t) {
     if (!is_valid(m, a.mask_st, t)) continue;
     A v = to_acc<A>(s[t * a.scores.st]);
+    if (!is_finite(v)) flag_nonfinite(a, NONFINITE_SCORES);
     if (a.kind != 0) v += r[t];
     z[t] = v;
     row_max = max_of(row_max, v);
