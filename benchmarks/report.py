@@ -133,6 +133,39 @@ def goal_rows(res: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def limit_rows(res: dict) -> list[str]:
+    """The goal shape against the memory floor: the time an ideal kernel needs to move its bytes at the read
+    bandwidth measured in the same run, and so the largest speedup over eager / compile any CPU kernel could
+    show here (a speedup goal above it cannot be met by a kernel that reads h and writes dh once)."""
+    pool, bw = res["pool"], read_bw(res["raw"], "cpu")
+    B, T, H = benchlib.GOAL_SHAPE
+    if bw is None:
+        return ["Not measured (no bandwidth in this run).", ""]
+    lines = [f"The goal shape B={B} T={T} H={H}, float32, fwd+bwd. Floor = ideal bytes / read bandwidth "
+             f"({bw:.3g} GB/s, measured at the start of this run): no kernel that must read h twice and write "
+             "dh once can be faster. The bound on a speedup is baseline median / floor.",
+             "",
+             "| perturbation | ideal bytes | floor | fused | fused / floor | eager | bound vs eager | compile "
+             "| bound vs compile |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for perturbation in benchlib.PERTURBATIONS:
+        base = ("cpu", "float32", B, T, H, perturbation, "fwdbwd")
+        fused, eager, comp = (pool.get(base + (b,)) for b in ("cpu", "eager", "compile"))
+        nbytes = benchlib.ideal_bytes(B, T, H, "float32", perturbation, "fwdbwd")
+        floor = nbytes / (bw * 1e9)
+
+        def med(entry):
+            return entry["median"] if entry else None
+
+        def over_floor(entry):
+            return fmt_ratio(med(entry) / floor) if entry else NONE
+
+        lines.append(f"| {perturbation} | {nbytes / 2**20:.1f} MiB | {fmt_time(floor)} | {fmt_time(med(fused))} | "
+                     f"{over_floor(fused)} | {fmt_time(med(eager))} | {over_floor(eager)} | "
+                     f"{fmt_time(med(comp))} | {over_floor(comp)} |")
+    return lines + [""]
+
+
 def _met(value: float | None, target: float, below: bool = False) -> str:
     if value is None:
         return "not measured"
@@ -358,6 +391,9 @@ def render(res: dict, json_path: pathlib.Path, out: pathlib.Path, plots: list[pa
         "|---|---|---|---|",
         *("| " + " | ".join(row) + " |" for row in goal_rows(res)),
         "",
+        "### Where the limit is",
+        "",
+        *limit_rows(res),
         "## Training step",
         "",
         *step_table(res),
