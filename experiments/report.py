@@ -16,6 +16,7 @@ import shutil
 import statistics
 import sys
 from pathlib import Path
+from typing import Iterator
 
 EXPERIMENTS = Path(__file__).resolve().parent
 REPO = EXPERIMENTS.parent
@@ -135,14 +136,20 @@ def task_tables(results: Results, main: list[Run]) -> list[str]:
     return lines
 
 
+def main_test_results(results: Results, main: list[Run]) -> Iterator[tuple[str, str, list[Run], list[dict]]]:
+    """(task, method, its runs of the main grid, the test results of the finished ones), in table order."""
+    for dataset, methods in group_main(main).items():
+        for method, rs in methods.items():
+            yield dataset, method, rs, [first_test(m) for _, m in results.finished(rs)]
+
+
 def correlation_table(results: Results, main: list[Run]) -> list[str]:
     lines = ["| task | method | seeds done | Pearson r (mean ± sd over test instances) | "
              "Kendall τ (mean ± sd over test instances) |", "|---|---|---|---|---|"]
-    for dataset, methods in group_main(main).items():
-        for method, rs in methods.items():
-            done = [first_test(m)["correlation"] for _, m in results.finished(rs)]
-            lines.append(f"| {dataset} | {method} | {seed_note(len(done), len(rs))} | "
-                         f"{instance_cell(done, 'pearson')} | {instance_cell(done, 'kendall')} |")
+    for dataset, method, rs, tests in main_test_results(results, main):
+        done = [t["correlation"] for t in tests]
+        lines.append(f"| {dataset} | {method} | {seed_note(len(done), len(rs))} | "
+                     f"{instance_cell(done, 'pearson')} | {instance_cell(done, 'kendall')} |")
     return lines
 
 
@@ -163,14 +170,12 @@ def instance_cell(correlations: list[dict], measure: str) -> str:
 def robustness_table(results: Results, main: list[Run]) -> list[str]:
     lines = ["| task | method | eps (test-time AT on the scores) | clean test accuracy | perturbed accuracy | "
              "attention total variation |", "|---|---|---|---|---|---|"]
-    for dataset, methods in group_main(main).items():
-        for method, rs in methods.items():
-            tests = [first_test(m) for _, m in results.finished(rs)]
-            eps = {t["robustness"]["eps"] for t in tests}
-            lines.append(f"| {dataset} | {method} | {', '.join(f'{e:g}' for e in sorted(eps)) or NOT_RUN} | "
-                         f"{fmt([t['accuracy'] for t in tests])} | "
-                         f"{fmt([t['robustness']['accuracy'] for t in tests])} | "
-                         f"{fmt([t['robustness']['attention_tv_mean'] for t in tests])} |")
+    for dataset, method, _, tests in main_test_results(results, main):
+        eps = {t["robustness"]["eps"] for t in tests}
+        lines.append(f"| {dataset} | {method} | {', '.join(f'{e:g}' for e in sorted(eps)) or NOT_RUN} | "
+                     f"{fmt([t['accuracy'] for t in tests])} | "
+                     f"{fmt([t['robustness']['accuracy'] for t in tests])} | "
+                     f"{fmt([t['robustness']['attention_tv_mean'] for t in tests])} |")
     return lines
 
 

@@ -43,6 +43,19 @@ class TaskInfo:
         return f"{self.description} Download: {self.url}"
 
 
+_BABI_FILES = {"babi1": "qa1_single-supporting-fact", "babi2": "qa2_two-supporting-facts",
+               "babi3": "qa3_three-supporting-facts"}
+
+
+def _babi_task(n: int, what: str) -> TaskInfo:
+    """The entry of bAbI task n (the three tasks differ in number, title and file names only)."""
+    name = f"babi{n}"
+    return TaskInfo(name, "qa", f"bAbI task {n}, {what} (Weston et al. 2015), v1.2 en-10k.",
+                    "http://www.thespermwhale.com/jaseweston/babi/tasks_1-20_v1-2.tar.gz",
+                    "the unpacked tasks_1-20_v1-2 folder (en-10k/ is used, en/ if en-10k lacks a file), or any "
+                    f"folder holding {_BABI_FILES[name]}_train.txt and _test.txt", 1)
+
+
 TASKS: dict[str, TaskInfo] = {info.name: info for info in [
     TaskInfo("sst", "bc", "Stanford Sentiment Treebank (Socher et al. 2013), binary: neutral roots dropped, "
              "label = root >= 3. Embedded in the repository (experiments/data/sst).",
@@ -64,18 +77,8 @@ TASKS: dict[str, TaskInfo] = {info.name: info for info in [
     TaskInfo("cnn", "qa", "CNN question answering (Hermann et al. 2015), anonymised entities.",
              "https://cs.nyu.edu/~kcho/DMQA/ (CNN 'Questions': cnn.tgz)",
              "the unpacked cnn folder: cnn/questions/{training,validation,test}/*.question", 8),
-    TaskInfo("babi1", "qa", "bAbI task 1, single supporting fact (Weston et al. 2015), v1.2 en-10k.",
-             "http://www.thespermwhale.com/jaseweston/babi/tasks_1-20_v1-2.tar.gz",
-             "the unpacked tasks_1-20_v1-2 folder (en-10k/ is used, en/ if en-10k lacks a file), or any folder "
-             "holding qa1_single-supporting-fact_train.txt and _test.txt", 1),
-    TaskInfo("babi2", "qa", "bAbI task 2, two supporting facts (Weston et al. 2015), v1.2 en-10k.",
-             "http://www.thespermwhale.com/jaseweston/babi/tasks_1-20_v1-2.tar.gz",
-             "the unpacked tasks_1-20_v1-2 folder (en-10k/ is used, en/ if en-10k lacks a file), or any folder "
-             "holding qa2_two-supporting-facts_train.txt and _test.txt", 1),
-    TaskInfo("babi3", "qa", "bAbI task 3, three supporting facts (Weston et al. 2015), v1.2 en-10k.",
-             "http://www.thespermwhale.com/jaseweston/babi/tasks_1-20_v1-2.tar.gz",
-             "the unpacked tasks_1-20_v1-2 folder (en-10k/ is used, en/ if en-10k lacks a file), or any folder "
-             "holding qa3_three-supporting-facts_train.txt and _test.txt", 1),
+    *(_babi_task(n, what) for n, what in ((1, "single supporting fact"), (2, "two supporting facts"),
+                                           (3, "three supporting facts"))),
     TaskInfo("snli", "nli", "Stanford Natural Language Inference 1.0 (Bowman et al. 2015), gold label '-' dropped.",
              "https://nlp.stanford.edu/projects/snli/snli_1.0.zip",
              "the unpacked snli_1.0 folder (snli_1.0_{train,dev,test}.jsonl); also accepted per split: e-SNLI's "
@@ -89,8 +92,6 @@ TASKS: dict[str, TaskInfo] = {info.name: info for info in [
 ]}
 
 NLI_LABELS = ["entailment", "neutral", "contradiction"]
-_BABI_FILES = {"babi1": "qa1_single-supporting-fact", "babi2": "qa2_two-supporting-facts",
-               "babi3": "qa3_three-supporting-facts"}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
