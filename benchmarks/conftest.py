@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 # Before torch is imported anywhere: inductor's compile workers would compete with the timed threads.
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
@@ -90,12 +91,41 @@ def selected_cases(config) -> list[benchlib.Case]:
 
 
 _LOADAVG_START: list = []
+_CPU_START: dict = {}
+
+
+def _cpu_seconds() -> dict:
+    """{'machine': busy CPU seconds of all processes (Linux /proc/stat; absent elsewhere), 'own': this
+    process's user + system CPU seconds, 'wall'}. Their difference over the run is what other processes took
+    from the timed threads: a direct measure, where the load average lags by minutes."""
+    own = os.times()
+    out = {"own": own.user + own.system, "wall": time.monotonic()}
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait
+        out["machine"] = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _other_load() -> dict:
+    """CPU time other processes used during the run, as a fraction of the machine's capacity."""
+    end = _cpu_seconds()
+    if "machine" not in end or "machine" not in _CPU_START:
+        return {}
+    wall = end["wall"] - _CPU_START["wall"]
+    other = max(0.0, (end["machine"] - _CPU_START["machine"]) - (end["own"] - _CPU_START["own"]))
+    cores = os.cpu_count() or 1
+    return {"other_cpu_s": other, "wall_s": wall, "cores": cores, "fraction": other / (wall * cores) if wall > 0 else 0.0}
 
 
 def pytest_configure(config):
     import torch
 
     _LOADAVG_START[:] = os.getloadavg()
+    _CPU_START.update(_cpu_seconds())
 
     threads = int(bench_option(config, "threads"))
     torch.set_num_threads(threads)
@@ -203,3 +233,4 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["fused_attn_at_bandwidth"] = _BANDWIDTH
     output_json["fused_attn_at_skipped"] = _SKIPPED
     output_json["fused_attn_at_loadavg"] = {"start": _LOADAVG_START, "end": list(os.getloadavg())}
+    output_json["fused_attn_at_other_load"] = _other_load()

@@ -30,6 +30,8 @@ sys.path.insert(0, str(HERE))
 import benchlib  # noqa: E402
 
 NONE = "—"
+# More CPU time than this fraction of the machine taken by other processes during a run marks it noisy.
+OTHER_LOAD_LIMIT = 0.05
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -277,6 +279,14 @@ def machine_lines(res: dict) -> tuple[list[str], list[str]]:
     if load:
         lines.append(f"- load average (1/5/15 min): {' / '.join(f'{x:.2f}' for x in load.get('start', []))} at the "
                      f"start, {' / '.join(f'{x:.2f}' for x in load.get('end', []))} at the end")
+    other = raw.get("fused_attn_at_other_load", {})
+    if other:
+        lines.append(f"- CPU time other processes used during the run: {other['other_cpu_s']:.1f} s of "
+                     f"{other['wall_s'] * other['cores']:.0f} s available ({other['fraction']:.1%})")
+        if other["fraction"] > OTHER_LOAD_LIMIT:
+            warnings.append(f"other processes used {other['fraction']:.0%} of the CPU time during the run (more than "
+                            f"{OTHER_LOAD_LIMIT:.0%}): they competed with the timed threads")
+    elif load:  # an older JSON, or no /proc/stat: the load average is all there is
         cores = info.get("cpu_count") or os.cpu_count() or 1
         if load.get("start") and load["start"][0] > 0.5 * cores:
             warnings.append(f"the machine was busy when the run started (load {load['start'][0]:.2f} on {cores} cores)")
