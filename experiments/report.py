@@ -221,11 +221,12 @@ def imdb_estimate(results: Results, probe_runs: list[Run]) -> list[str]:
     return ["Estimated cost of the full IMDB runs, from one-epoch probes on a subset (same machine):", ""] + lines
 
 
-def attention_sharpness(results: Results, runs: list[Run]) -> list[str]:
+def attention_sharpness(results: Results, runs: list[Run], stats: dict | None = None) -> list[str]:
     """How peaked the attention of each trained model is on its test set: mean max attention, mean entropy,
     and the mean range (max - min) of the scores before the softmax. A perturbation of fixed norm eps moves
     a softmax less when the scores are spread wider, so this shows whether a model answered the attention
-    perturbation by scaling its scores up. Recomputed from best.pt (forward passes only)."""
+    perturbation by scaling its scores up. Recomputed from best.pt (forward passes only). stats, if given,
+    receives (task, method) -> (mean max attention, mean entropy, mean score range)."""
     import torch
 
     from paper.data import Vocab, load_task, make_batches
@@ -264,8 +265,10 @@ def attention_sharpness(results: Results, runs: list[Run]) -> list[str]:
                     peak.append(a.max().item())
                     entropy.append(-(a * a.clamp_min(1e-30).log()).sum().item())
                     spread.append((s.max() - s.min()).item())
-        lines.append(f"| {run.dataset} | {run.method} | {statistics.fmean(peak):.3f} | {statistics.fmean(entropy):.3f} | "
-                     f"{statistics.fmean(spread):.1f} |")
+        row = (statistics.fmean(peak), statistics.fmean(entropy), statistics.fmean(spread))
+        if stats is not None:
+            stats[(run.dataset, run.method)] = row
+        lines.append(f"| {run.dataset} | {run.method} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.1f} |")
     return lines
 
 
@@ -409,8 +412,14 @@ def best_method(results: Results, methods: dict[str, list[Run]]) -> list[tuple[s
     return sorted(ranked, key=lambda r: -r[1])
 
 
-def discussion(results: Results, main: list[Run], eps_runs: list[Run]) -> list[str]:
+# Mean max attention from which a model's attention counts as one-hot.
+ONE_HOT = 0.99
+
+
+def discussion(results: Results, main: list[Run], eps_runs: list[Run], sharpness: dict | None = None) -> list[str]:
+    """sharpness: attention_sharpness's stats (seed-1 models), or None when not computed."""
     grouped = group_main(main)
+    sharpness = sharpness or {}
     lines = ["**Claim 1: attention AT/iAT gives the best prediction performance (9 of 10 tasks in the paper).**", ""]
     complete_tasks, wins = 0, 0
     for dataset, methods in grouped.items():
@@ -437,6 +446,11 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run]) -> list[s
                                if r.method in ADVERSARIAL and m["best_epoch"] == len(m["epochs"])})
         if still_rising:
             text += f"; {' and '.join(still_rising)} had their best dev accuracy at the last epoch (†)"
+        one_hot = [m for m in methods if m in ADVERSARIAL and sharpness.get((dataset, m), (0.0,))[0] >= ONE_HOT]
+        if one_hot:
+            text += (f"; the seed-1 {' and '.join(one_hot)} model{'s' if len(one_hot) > 1 else ''} attend{'' if len(one_hot) > 1 else 's'} "
+                     f"one-hot (mean max attention >= {ONE_HOT}, section 2): a saturated softmax passes almost no "
+                     "gradient to the scores, so the attention cannot move off the token it settled on")
         text += "." + ("" if complete else " Not all methods done: no verdict.")
         lines.append(text)
     lines += ["", f"Verdict so far: an attention AT/iAT method is the best (or tied best) on {wins} of the "
@@ -592,15 +606,17 @@ def build(args) -> str:
             "gradient x input importance (attention held constant, predicted-class probability); mean ± sd over "
             "the test instances (the paper's convention), averaged over the seeds done.", ""]
     doc += correlation_table(results, main)
+    sharpness: dict = {}
     if args.attention_stats:
-        sst_seed1 = [r for r in main if r.dataset == "sst" and r.seed == 1]
-        doc += ["", "### How peaked the attention is (SST, seed 1)", "",
-                "Recomputed from each run's best checkpoint over the SST test set (forward passes only). A "
+        started = {r.dataset for r in main if results.metrics(r) is not None}
+        seed1 = [r for r in main if r.dataset in started and r.seed == 1]
+        doc += ["", "### How peaked the attention is (seed 1, every task with a finished run)", "",
+                "Recomputed from each run's best checkpoint over the task's test set (forward passes only). A "
                 "perturbation of the scores with a fixed norm eps changes the softmax less when the scores are "
                 "spread wider: a model can meet the attention perturbation by scaling its scores up, which makes "
                 "the attention nearly one-hot and can lower its correlation with the (smoother) gradient "
                 "importance.", ""]
-        doc += attention_sharpness(results, sst_seed1)
+        doc += attention_sharpness(results, seed1, sharpness)
     doc += ["", "### Robustness (beyond the paper)", "",
             "Test accuracy and mean total-variation change of the attention when the test-time attention scores "
             "get the AT perturbation of size eps (the run's eps; vanilla: 1).", ""]
@@ -633,7 +649,7 @@ def build(args) -> str:
         else:
             doc += [f"**{method}**: {NOT_RUN}.", ""]
     doc += ["## 6. The paper's three claims, against these runs", ""]
-    doc += discussion(results, main, eps_runs)
+    doc += discussion(results, main, eps_runs, sharpness)
     doc += ["## 7. Deviations from the paper", "",
             "- Word vectors: SST uses the embedded GloVe 6B 50-d subset (experiments/data/glove), not 300-d "
             "vectors; the other tasks start from random 300-d embeddings (no pretrained vectors in this "
@@ -688,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot")
     parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison")
     parser.add_argument("--attention-stats", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute how peaked each SST seed-1 model's attention is (loads best.pt; ~1 min)")
+                        help="recompute how peaked each seed-1 model's attention is (loads best.pt; ~1 min per task)")
     parser.add_argument("--order-grid", default="paper",
                         help="the unfinished runs are listed in this grid's order (the sweep's schedule); '' = none")
     parser.add_argument("--probe-grid", default="imdb_probe",
