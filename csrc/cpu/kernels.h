@@ -134,23 +134,26 @@ class Scratch {
 inline const bool* mask_row(const ForwardArgs& a, int64_t b) { return a.mask ? a.mask + b * a.mask_sb : nullptr; }
 inline bool is_valid(const bool* m, int64_t st, int64_t t) { return m == nullptr || m[t * st]; }
 
-// x - x is 0 for every finite x and NaN for NaN and +-inf (no -ffast-math in this build).
-template <class A> inline bool is_finite(A x) { return x - x == A(0); }
-inline void flag_nonfinite(const ForwardArgs& a, int what) { __atomic_fetch_or(a.nonfinite, what, __ATOMIC_RELAXED); }
+// Watches the real values a kernel reads, branch-free: x - x is 0 for every finite x and NaN for NaN and
+// +-inf (no -ffast-math in this build), so the sum stays 0 unless one of them was not finite. report() then
+// sets `what` in *a.nonfinite (atomically: rows run on several threads).
+template <class A> struct FiniteWatch {
+  A sum = 0;
+  void add(A x) { sum += x - x; }
+  void report(const ForwardArgs& a, int what) const {
+    if (!(sum == A(0))) __atomic_fetch_or(a.nonfinite, what, __ATOMIC_RELAXED);
+  }
+};
 
 // Sets `what` in *a.nonfinite if the real positions of row b of `x` hold a NaN or inf.
 template <class S> void check_row_finite(const ForwardArgs& a, const RowsView& x, int64_t b, int what) {
-  using A = Acc<S>;
   const S* p = static_cast<const S*>(x.data) + b * x.sb;
   const bool* m = mask_row(a, b);
-  A acc = 0;  // x - x summed: 0 unless some term is NaN
+  FiniteWatch<Acc<S>> watch;
   for (int64_t t = 0; t < a.T; ++t) {
-    if (is_valid(m, a.mask_st, t)) {
-      const A v = to_acc<A>(p[t * x.st]);
-      acc += v - v;
-    }
+    if (is_valid(m, a.mask_st, t)) watch.add(to_acc<Acc<S>>(p[t * x.st]));
   }
-  if (!(acc == A(0))) flag_nonfinite(a, what);
+  watch.report(a, what);
 }
 
 // ---- the perturbation r (shared by the forward and the perturbation op) -------------------------------
@@ -174,17 +177,17 @@ template <class S> void iat_prepare(const ForwardArgs& a, int64_t begin, int64_t
     A* so = static_cast<A*>(a.iat_scores) + b * T;
     A* go = static_cast<A*>(a.iat_grad) + b * T;
     A* mo = static_cast<A*>(a.iat_mask) + b * T;
-    A s_check = 0, g_check = 0;  // x - x summed: 0 unless a real value is NaN or inf
+    FiniteWatch<A> s_watch, g_watch;  // padded positions hold 0 here
     for (int64_t t = 0; t < T; ++t) {
       const bool v = is_valid(m, a.mask_st, t);
       so[t] = v ? to_acc<A>(s[t * a.scores.st]) : A(0);
       go[t] = v ? to_acc<A>(g[t * a.direction.st]) : A(0);
       mo[t] = v ? A(1) : A(0);
-      s_check += so[t] - so[t];
-      g_check += go[t] - go[t];
+      s_watch.add(so[t]);
+      g_watch.add(go[t]);
     }
-    if (!(s_check == A(0))) flag_nonfinite(a, NONFINITE_SCORES);
-    if (!(g_check == A(0))) flag_nonfinite(a, NONFINITE_DIRECTION);
+    s_watch.report(a, NONFINITE_SCORES);
+    g_watch.report(a, NONFINITE_DIRECTION);
   }
 }
 
@@ -241,12 +244,12 @@ template <class S> void perturbation_row(const ForwardArgs& a, int64_t b, Acc<S>
   if (a.kind == KIND_NORMALIZE) {
     const S* d = static_cast<const S*>(a.direction.data) + b * a.direction.sb;
     const bool* m = mask_row(a, b);
-    A check = 0;  // r - r summed: 0 unless a real value is NaN or inf
+    FiniteWatch<A> watch;  // padded positions hold 0 in r
     for (int64_t t = 0; t < T; ++t) {
       r[t] = is_valid(m, a.mask_st, t) ? to_acc<A>(d[t * a.direction.st]) : A(0);
-      check += r[t] - r[t];
+      watch.add(r[t]);
     }
-    if (!(check == A(0))) flag_nonfinite(a, NONFINITE_DIRECTION);
+    watch.report(a, NONFINITE_DIRECTION);
   } else {
     iat_direction_row<A>(a, b, r, coef);
   }
@@ -280,15 +283,17 @@ template <class S> void attention_row(const ForwardArgs& a, int64_t b, Acc<S>* r
   A* z = static_cast<A*>(a.attention_acc) + b * T;
   A row_max = -static_cast<A>(INFINITY);
   bool any = false;
+  FiniteWatch<A> watch;
   for (int64_t t = 0; t < T; ++t) {
     if (!is_valid(m, a.mask_st, t)) continue;
     A v = to_acc<A>(s[t * a.scores.st]);
-    if (!is_finite(v)) flag_nonfinite(a, NONFINITE_SCORES);
+    watch.add(v);
     if (a.kind != 0) v += r[t];
     z[t] = v;
     row_max = max_of(row_max, v);
     any = true;
   }
+  watch.report(a, NONFINITE_SCORES);
   if (!any) {
     for (int64_t t = 0; t < T; ++t) z[t] = 0;
   } else {
