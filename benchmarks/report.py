@@ -152,19 +152,13 @@ def limit_rows(res: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for perturbation in benchlib.PERTURBATIONS:
         base = ("cpu", "float32", B, T, H, perturbation, "fwdbwd")
-        fused, eager, comp = (pool.get(base + (b,)) for b in ("cpu", "eager", "compile"))
         nbytes = benchlib.ideal_bytes(B, T, H, "float32", perturbation, "fwdbwd")
         floor = nbytes / (bw * 1e9)
-
-        def med(entry):
-            return entry["median"] if entry else None
-
-        def over_floor(entry):
-            return fmt_ratio(med(entry) / floor) if entry else NONE
-
-        lines.append(f"| {perturbation} | {nbytes / 2**20:.1f} MiB | {fmt_time(floor)} | {fmt_time(med(fused))} | "
-                     f"{over_floor(fused)} | {fmt_time(med(eager))} | {over_floor(eager)} | "
-                     f"{fmt_time(med(comp))} | {over_floor(comp)} |")
+        cells = [perturbation, f"{nbytes / 2**20:.1f} MiB", fmt_time(floor)]
+        for backend in ("cpu", "eager", "compile"):  # each: its median, and that over the floor
+            entry = pool.get(base + (backend,))
+            cells += [fmt_time(entry["median"]), fmt_ratio(entry["median"] / floor)] if entry else [NONE, NONE]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
 

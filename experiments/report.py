@@ -448,9 +448,10 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run], sharpness
             text += f"; {' and '.join(still_rising)} had their best dev accuracy at the last epoch (†)"
         one_hot = [m for m in methods if m in ADVERSARIAL and sharpness.get((dataset, m), (0.0,))[0] >= ONE_HOT]
         if one_hot:
-            text += (f"; the seed-1 {' and '.join(one_hot)} model{'s' if len(one_hot) > 1 else ''} attend{'' if len(one_hot) > 1 else 's'} "
-                     f"one-hot (mean max attention >= {ONE_HOT}, section 2): a saturated softmax passes almost no "
-                     "gradient to the scores, so the attention cannot move off the token it settled on")
+            models = "models attend" if len(one_hot) > 1 else "model attends"
+            text += (f"; the seed-1 {' and '.join(one_hot)} {models} one-hot (mean max attention >= {ONE_HOT}, "
+                     "section 2): a saturated softmax passes almost no gradient to the scores, so the attention "
+                     "cannot move off the token it settled on")
         text += "." + ("" if complete else " Not all methods done: no verdict.")
         lines.append(text)
     lines += ["", f"Verdict so far: an attention AT/iAT method is the best (or tied best) on {wins} of the "
