@@ -31,7 +31,8 @@ def test_named_grids_load_and_cover_the_issue():
     assert sorted({r.eps for r in eps}) == [0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0]
     assert len(eps) == 5 * 8
     compat = sweep.load_grid("compat")
-    assert sorted(dict(r.args).get("compat", "spec") for r in compat) == ["released", "released", "spec", "spec"]
+    assert sorted(dict(r.args).get("compat", "spec") for r in compat) == ["released"] * 6 + ["spec"] * 6
+    assert {r.seed for r in compat} == {1, 2, 3}
     paper = sweep.load_grid("paper")
     names = [r.name for r in paper]
     assert len(names) == len(set(names))
@@ -162,7 +163,7 @@ def test_report_builds_results_md_from_the_runs(smoke_sweep, tmp_path):
     assert "| Jain & Wallace 2019 vanilla (reported) |  | 0.808 |" in text
     assert "No babi1 run has finished yet." in text
     # runs the grids hold but nobody ran say so, with no number
-    assert "| attention_at | paper / SPEC (default) | not run |" in text
+    assert "| attention_at | paper / SPEC (default) | 0/3 | not run |" in text
     assert "**attention_at**: not run." in text
     assert (tmp_path / "results" / "heatmaps_sst_vanilla.png").stat().st_size > 1000
     assert "![vanilla heat map](results/heatmaps_sst_vanilla.png)" in text
