@@ -201,24 +201,25 @@ FULL_SIZE = {"imdb": (17220, 8)}
 
 
 def imdb_estimate(results: Results, probe_runs: list[Run]) -> list[str]:
-    """Seconds of a full run = (the probe's epoch seconds) x (full train size / probe train size) x epochs.
-    The probe's epoch includes its dev evaluation (300 of 4305 reviews, scaled by the train ratio instead of
-    the dev ratio): an estimate, not a measurement of the full run."""
+    """Seconds of a full run = (the probe's epoch seconds) x (full train size / probe train size) x epochs, from
+    the wall time and from the CPU time of the one-epoch probe (one thread: CPU time is what the run needs on a
+    quiet core, wall time what it took on the shared one). The probe's epoch includes its dev evaluation (300 of
+    4305 reviews, scaled by the train ratio instead of the dev ratio): an estimate, not a measurement."""
     lines = []
     for run, metrics in results.finished(probe_runs):
         if run.dataset not in FULL_SIZE:
             continue
         n_full, epochs = FULL_SIZE[run.dataset]
-        n_probe = dict(run.args).get("max-train-examples") or n_full
-        per_epoch = statistics.fmean(e["seconds"] for e in metrics["epochs"])
-        full = per_epoch * n_full / n_probe
-        lines.append(f"- {run.dataset} {run.method}: one epoch on {n_probe} training examples took {per_epoch:.0f} s "
-                     f"({metrics['threads']} thread(s)), so a full epoch ({n_full} examples) takes about "
-                     f"{full / 60:.0f} min and a full {epochs}-epoch run about {full * epochs / 3600:.1f} h here "
-                     f"(`{run.name}`).")
+        scale = n_full / (dict(run.args).get("max-train-examples") or n_full)
+        wall = statistics.fmean(e["seconds"] for e in metrics["epochs"]) * scale
+        cpu = metrics["train_cpu_seconds"] / len(metrics["epochs"]) * scale
+        lines.append(f"- {run.dataset} {run.method}: a full epoch ({n_full} examples) about {wall / 60:.0f} min "
+                     f"wall / {cpu / 60:.0f} min CPU, a full {epochs}-epoch run about {wall * epochs / 3600:.1f} h "
+                     f"wall / {cpu * epochs / 3600:.1f} h CPU ({metrics['threads']} thread(s); `{run.name}`).")
     if not lines:
         return ["The IMDB cost probe (`--grid imdb_probe`) has not run yet."]
-    return ["Estimated cost of the full IMDB runs, from one-epoch probes on a subset (same machine):", ""] + lines
+    return ["Estimated cost of the full IMDB runs, scaled from one-epoch probes on a subset of the training reviews (the "
+            "wall time was measured on the shared machine, the CPU time is what a quiet core needs):", ""] + lines
 
 
 def attention_sharpness(results: Results, runs: list[Run], stats: dict | None = None) -> list[str]:
@@ -378,22 +379,23 @@ def compat_table(results: Results, compat_runs: list[Run]) -> list[str]:
 
 
 def compat_discussion(results: Results, compat_runs: list[Run], main: list[Run]) -> list[str]:
-    """What the released code's iAT changes, in numbers: its Pearson r next to vanilla's and the SPEC iAT's
-    over the same seeds (the SST vanilla runs of the main grid)."""
-    pearson = {}
-    for run, metrics in results.finished(compat_runs):
-        pearson.setdefault((run.method, dict(run.args).get("compat")), []).append(
-            first_test(metrics)["correlation"]["pearson_mean"])
-    seeds = {run.seed for run in compat_runs}
-    vanilla = [first_test(m)["correlation"]["pearson_mean"] for run, m in results.finished(main)
-               if run.dataset == "sst" and run.method == "vanilla" and run.seed in seeds]
-    released, spec = pearson.get(("attention_iat", "released")), pearson.get(("attention_iat", None))
-    if not (released and spec and vanilla):
+    """What the released code's iAT changes, in numbers: its Pearson r next to vanilla's and the SPEC iAT's on
+    the seeds where the released iAT has finished (vanilla from the main grid's SST runs)."""
+    def pearson(runs) -> dict[int, float]:  # seed -> mean Pearson r over the test instances
+        return {run.seed: first_test(m)["correlation"]["pearson_mean"] for run, m in results.finished(runs)}
+
+    iat = [r for r in compat_runs if r.method == "attention_iat"]
+    released = pearson(r for r in iat if dict(r.args).get("compat"))
+    seeds = sorted(released)
+    spec = pearson(r for r in iat if not dict(r.args).get("compat") and r.seed in released)
+    vanilla = pearson(r for r in main if r.dataset == "sst" and r.method == "vanilla" and r.seed in released)
+    if not seeds or set(spec) != set(seeds) or set(vanilla) != set(seeds):
         return []
+    above = statistics.fmean(released.values()) > statistics.fmean(vanilla.values())
     return ["", f"The released iAT steps along -g, the direction that lowers the loss: its training perturbation "
-                f"is not adversarial. Its attention-gradient Pearson r is {fmt(released)} ({len(released)} seed(s)), "
-                f"against {fmt(vanilla)} for vanilla and {fmt(spec)} for the SPEC iAT on the same seeds "
-                f"({'above' if statistics.fmean(released) > statistics.fmean(vanilla) else 'not above'} vanilla on "
+                f"is not adversarial. On seed(s) {', '.join(map(str, seeds))} its attention-gradient Pearson r is "
+                f"{fmt(list(released.values()))}, against {fmt(list(vanilla.values()))} for vanilla and "
+                f"{fmt(list(spec.values()))} for the SPEC iAT ({'above' if above else 'not above'} vanilla on "
                 f"average). Claim 2 was measured with the released code, so its direction may come from this "
                 f"loss-lowering step rather than from adversarial training."]
 
@@ -692,10 +694,9 @@ def build(args) -> str:
             "- eps: the main grid uses eps = 1 for every method instead of a per-method value picked on dev.",
             "- Seeds: 3 seeds where the time allowed (SST first, then bAbI), else 1 (see \"seeds done\").",
             "- Hardware: CPU only, 2 cores shared with other work; nothing was tuned.",
-            "- Code: the experiment code was still being polished while these runs were made (same model and "
-            "method definitions, but e.g. the optimizer implementation changed to PyTorch's fused Adam at "
-            "commit 1ccf5f1, in the working tree from 15:46 UTC on 2026-11-29: the SST seed-1 vanilla, attention_at "
-            "and attention_iat runs and the IMDB probes started before that, every later run after it). Code state per finished run: "
+            "- Code: the experiment code was still being polished while these runs were made (same model, "
+            "method and optimizer definitions throughout; the commits differ in kernels' speed, checks and "
+            "reports). Code state per finished run (sweep.py records it at each start): "
             + code_summary(results, all_runs) + ".", "",
             "## 8. Cost of the runs", "",
             "Wall time on a 2-core CPU machine shared with other jobs (so an upper bound of what the runs need); "
