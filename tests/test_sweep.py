@@ -169,3 +169,24 @@ def test_report_builds_results_md_from_the_runs(smoke_sweep, tmp_path):
     assert "![vanilla heat map](results/heatmaps_sst_vanilla.png)" in text
     assert "python experiments/report.py" in text
     assert "| sst | vanilla | " in text.split("### How peaked")[1]  # recomputed from the run's best.pt
+
+
+def test_compat_sentence_compares_the_released_iat_on_the_seeds_it_finished(tmp_path):
+    """Pearson r of released iAT vs vanilla vs SPEC iAT, only over the seeds where the released iAT finished."""
+    compat, main = sweep.load_grid("compat"), sweep.load_grid("main")
+    pearson = {("vanilla", None, 1): 0.70, ("vanilla", None, 2): 0.80, ("vanilla", None, 3): 0.10,
+               ("attention_iat", None, 1): 0.40, ("attention_iat", None, 2): 0.60,
+               ("attention_iat", "released", 1): 0.85, ("attention_iat", "released", 2): 0.95}
+    runs = {(r.method, dict(r.args).get("compat"), r.seed): r for r in compat + main if r.dataset == "sst"}
+    for key, r in pearson.items():
+        folder = tmp_path / runs[key].name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "metrics.json").write_text(json.dumps({"test": {"test": {"correlation": {"pearson_mean": r}}}}))
+    text = "".join(report.compat_discussion(report.Results(tmp_path), compat, main))
+    # seed 3 of vanilla (0.10) has no released partner, so it is left out of the comparison
+    assert "On seed(s) 1, 2 its attention-gradient Pearson r is 0.900 ± 0.071" in text
+    assert "against 0.750 ± 0.071 for vanilla and 0.500 ± 0.141 for the SPEC iAT (above vanilla" in text
+    # without a vanilla run on a finished released seed there is no sentence, rather than an unpaired one
+    (tmp_path / runs[("vanilla", None, 2)].name / "metrics.json").unlink()
+    assert report.compat_discussion(report.Results(tmp_path), compat, main) == []
