@@ -321,6 +321,18 @@ def eps_table(results: Results, eps_runs: list[Run]) -> tuple[list[str], dict[st
     return lines, picks
 
 
+def default_eps_note(picks: dict[str, float | None]) -> str:
+    """Whether train.py's per-method default eps (paper.methods.DEFAULT_EPS) is still the dev-set pick."""
+    from paper.methods import DEFAULT_EPS
+
+    differ = [f"{m} {DEFAULT_EPS[m]:g} (pick {e:g})" for m, e in picks.items()
+              if e is not None and not math.isclose(DEFAULT_EPS[m], e)]
+    if differ:
+        return ("train.py's default eps (experiments/paper/methods.py DEFAULT_EPS) differs from the pick for "
+                + ", ".join(differ) + ": update DEFAULT_EPS.")
+    return "train.py uses these picks as its default eps when --eps is not given (paper.methods.DEFAULT_EPS)."
+
+
 def eps_plot(results: Results, eps_runs: list[Run], vanilla: dict | None, path: Path) -> bool:
     curves = {m: p for m, p in eps_curves(results, eps_runs).items() if p}
     if not any(len(p) > 1 for p in curves.values()):
@@ -657,8 +669,8 @@ def build(args) -> str:
     picked = [f"{m} {e:g}" for m, e in picks.items() if e is not None]
     doc += ["", "Default eps per method picked on the SST dev set: " + (", ".join(picked) if picked else
                                                                        "none yet (needs two or more eps values done)")
-            + ". (The main grid was run at eps 1 for every method; rerunning it at the picked values is left "
-              "for a longer session.)", ""]
+            + ". " + default_eps_note(picks) + " (The main grid was run at eps 1 for every method; rerunning it "
+              "at the picked values is left for a longer session.)", ""]
     doc += ["## 4. The released code's behaviour vs the paper (SPEC)", "",
             "`--compat released` reproduces the authors' released code (SPEC, last section): three network "
             "passes per step, a parameter gradient of 2 L_clean + lambda L_adv, and iAT stepping along -g. "

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from paper.data import TASKS, DataFormatError, MissingDataError
-from paper.methods import COMPAT_METHODS, METHODS
+from paper.methods import COMPAT_METHODS, DEFAULT_EPS, METHODS
 from paper.models import ATTENTIONS, ENCODERS
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -75,8 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="additive (tanh) or scaled dot-product attention scores")
 
     adv = parser.add_argument_group("perturbation")
-    adv.add_argument("--eps", type=non_negative_float, default=1.0,
-                     help="norm of the perturbation (of the attention scores or of the embeddings)")
+    adv.add_argument("--eps", type=non_negative_float, default=None,
+                     help="norm of the perturbation (of the attention scores or of the embeddings). Default per "
+                          "method, picked on the SST dev set (RESULTS.md section 3): "
+                          + ", ".join(f"{m} {e:g}" for m, e in DEFAULT_EPS.items() if m != "vanilla"))
     adv.add_argument("--lam", type=non_negative_float, default=1.0,
                      help="weight of the adversarial loss: L = L_clean + lam * L_adv")
     adv.add_argument("--compat", choices=["released"], default=None,
@@ -139,12 +141,13 @@ def resolve_config(args, parser) -> dict:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir: {info} (expected layout: {info.layout})")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir} is not a folder. {info} (expected layout: {info.layout})")
+    eps = DEFAULT_EPS[args.method] if args.eps is None else args.eps
     return {
         "dataset": args.dataset, "kind": info.kind,
         "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
         "method": args.method, "encoder": args.encoder, "attention": args.attention,
-        "eps": args.eps, "lam": args.lam, "compat": args.compat,
-        "robustness_eps": args.eps if args.robustness_eps is None else args.robustness_eps,
+        "eps": eps, "lam": args.lam, "compat": args.compat,
+        "robustness_eps": eps if args.robustness_eps is None else args.robustness_eps,
         "epochs": args.epochs or {"bc": 8, "qa": 10, "nli": 10}[info.kind],
         "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "dropout": args.dropout,
         "seed": args.seed, "embeddings": resolve_embeddings(args.embeddings, args.dataset),

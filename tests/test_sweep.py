@@ -190,3 +190,12 @@ def test_compat_sentence_compares_the_released_iat_on_the_seeds_it_finished(tmp_
     # without a vanilla run on a finished released seed there is no sentence, rather than an unpaired one
     (tmp_path / runs[("vanilla", None, 2)].name / "metrics.json").unlink()
     assert report.compat_discussion(report.Results(tmp_path), compat, main) == []
+
+
+def test_report_checks_train_default_eps_against_the_dev_pick():
+    from paper.methods import DEFAULT_EPS
+
+    picks = {m: e for m, e in DEFAULT_EPS.items() if m != "vanilla"}
+    assert "train.py uses these picks as its default eps" in report.default_eps_note(picks)
+    note = report.default_eps_note({**picks, "word_iat": 15.0})
+    assert f"differs from the pick for word_iat {DEFAULT_EPS['word_iat']:g} (pick 15): update DEFAULT_EPS." in note
