@@ -222,54 +222,74 @@ def imdb_estimate(results: Results, probe_runs: list[Run]) -> list[str]:
             "wall time was measured on the shared machine, the CPU time is what a quiet core needs):", ""] + lines
 
 
-def attention_sharpness(results: Results, runs: list[Run], stats: dict | None = None) -> list[str]:
-    """How peaked the attention of each trained model is on its test set: mean max attention, mean entropy,
-    and the mean range (max - min) of the scores before the softmax. A perturbation of fixed norm eps moves
-    a softmax less when the scores are spread wider, so this shows whether a model answered the attention
-    perturbation by scaling its scores up. Recomputed from best.pt (forward passes only). stats, if given,
-    receives (task, method) -> (mean max attention, mean entropy, mean score range)."""
-    import torch
+class Peakedness:
+    """How peaked a trained model's attention is on its task's test set: mean max attention, mean entropy (nats)
+    and the mean range (max - min) of the scores before the softmax, recomputed from the run's best.pt (forward
+    passes only). A perturbation of fixed norm eps moves a softmax less when the scores are spread wider, so
+    this shows whether a model answered the attention perturbation by scaling its scores up. The test sets
+    are loaded once per (task, data folder, size)."""
 
-    from paper.data import Vocab, load_task, make_batches
-    from paper.training import build_model, load_checkpoint
+    def __init__(self, results: Results):
+        self.results = results
+        self.tasks: dict = {}
+        self.cache: dict[str, tuple[float, float, float] | str | None] = {}
 
-    lines = ["| task | method | mean max attention | mean attention entropy (nats) | mean score range (max - min) |",
-             "|---|---|---|---|---|"]
-    tasks = {}
-    for run in runs:
-        metrics = results.metrics(run)
-        if metrics is None:
-            lines.append(f"| {run.dataset} | {run.method} | {NOT_RUN} | {NOT_RUN} | {NOT_RUN} |")
-            continue
+    def __call__(self, run: Run) -> tuple[float, float, float] | str | None:
+        """(max attention, entropy, score range); None for an unfinished run; a reason when best.pt won't load."""
+        if run.name not in self.cache:
+            self.cache[run.name] = None if self.results.metrics(run) is None else self._measure(run)
+        return self.cache[run.name]
+
+    def _measure(self, run: Run) -> tuple[float, float, float] | str:
+        import torch
+
+        import fused_attn_at
+        from paper.data import Vocab, load_task, make_batches
+        from paper.training import build_model, load_checkpoint
+
         try:
-            checkpoint = load_checkpoint(results.root / run.name / "best.pt")
+            checkpoint = load_checkpoint(self.results.root / run.name / "best.pt")
             config = checkpoint["config"]
             vocab = Vocab.from_dict(checkpoint["vocab"])
             model = build_model(config, len(vocab))
             model.load_state_dict(checkpoint["model"])
         except Exception as error:  # noqa: BLE001 - e.g. a checkpoint of an older model layout
-            lines.append(f"| {run.dataset} | {run.method} | n/a: best.pt does not load with the current code "
-                         f"({type(error).__name__}) | | |")
-            continue
+            return f"n/a: best.pt does not load with the current code ({type(error).__name__})"
         key = (config["dataset"], config["data_dir"], config["max_eval_examples"])
-        if key not in tasks:
-            tasks[key] = load_task(config["dataset"], config["data_dir"], max_examples=config["max_eval_examples"],
-                                   require_train=False)
+        if key not in self.tasks:
+            self.tasks[key] = load_task(config["dataset"], config["data_dir"],
+                                        max_examples=config["max_eval_examples"], require_train=False)
         model.eval()
         peak, entropy, spread = [], [], []
         with torch.no_grad():
-            for batch in make_batches(next(iter(tasks[key].tests.values())), vocab, 256, shuffle=False,
+            for batch in make_batches(next(iter(self.tasks[key].tests.values())), vocab, 256, shuffle=False,
                                       num_labels=config["n_labels"]):
-                scores, attention = model.encode(batch).scores, model(batch).attention  # [B, T] each
-                for row, keep in enumerate(batch.mask):
-                    a, s = attention[row][keep], scores[row][keep]
-                    peak.append(a.max().item())
-                    entropy.append(-(a * a.clamp_min(1e-30).log()).sum().item())
-                    spread.append((s.max() - s.min()).item())
-        row = (statistics.fmean(peak), statistics.fmean(entropy), statistics.fmean(spread))
-        if stats is not None:
-            stats[(run.dataset, run.method)] = row
-        lines.append(f"| {run.dataset} | {run.method} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.1f} |")
+                enc = model.encode(batch)
+                a = fused_attn_at.attention_pool(enc.h, enc.scores, enc.mask).attention  # [B, T], 0 at padding
+                keep = batch.mask.any(-1)  # [B]; a row without tokens has no attention to describe
+                peak.append(a.amax(-1)[keep])
+                entropy.append(-(a * a.clamp_min(1e-30).log()).sum(-1)[keep])  # padding adds 0 * log(1e-30) = 0
+                s = enc.scores.float()
+                spread.append((s.masked_fill(~batch.mask, -math.inf).amax(-1)
+                               - s.masked_fill(~batch.mask, math.inf).amin(-1))[keep])
+        return tuple(torch.cat(values).double().mean().item() for values in (peak, entropy, spread))
+
+
+def attention_sharpness(peakedness: Peakedness, runs: list[Run], stats: dict | None = None) -> list[str]:
+    """The peakedness table of `runs`; stats, if given, receives (task, method) -> (max attention, entropy,
+    score range)."""
+    lines = ["| task | method | mean max attention | mean attention entropy (nats) | mean score range (max - min) |",
+             "|---|---|---|---|---|"]
+    for run in runs:
+        row = peakedness(run)
+        if row is None:
+            lines.append(f"| {run.dataset} | {run.method} | {NOT_RUN} | {NOT_RUN} | {NOT_RUN} |")
+        elif isinstance(row, str):
+            lines.append(f"| {run.dataset} | {run.method} | {row} | | |")
+        else:
+            if stats is not None:
+                stats[(run.dataset, run.method)] = row
+            lines.append(f"| {run.dataset} | {run.method} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.1f} |")
     return lines
 
 
@@ -319,6 +339,48 @@ def eps_table(results: Results, eps_runs: list[Run]) -> tuple[list[str], dict[st
         spread = f"{max(accs) - min(accs):.3f}" if len(accs) > 1 else "n/a"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {pick_text} | {spread} | {len(points)}/{len(grid_eps)} |")
     return lines, picks
+
+
+def eps_attention_table(results: Results, eps_runs: list[Run], peakedness: Peakedness | None) -> list[str]:
+    """Attention-gradient Pearson r (and, with peakedness, the mean max attention) by eps, and the Spearman rank
+    correlations that test section 2's explanation of claim 2: a larger eps -> more peaked attention -> lower r."""
+    from scipy.stats import spearmanr
+
+    grid_eps = sorted({run.eps for run in eps_runs if run.eps is not None})
+    curves = eps_curves(results, eps_runs)
+    peak = {}  # (method, eps) -> mean max attention
+    if peakedness is not None:
+        for run in eps_runs:
+            row = peakedness(run)
+            if isinstance(row, tuple):
+                peak[(run.method, run.eps)] = row[0]
+    what = "Pearson r (mean max attention)" if peak else "Pearson r"
+    lines = [f"Attention vs gradient importance by eps (SST test, seed 1): {what}; the last columns are the "
+             "Spearman rank correlation over eps of Pearson r with eps and, where measured, of Pearson r with "
+             "the mean max attention.", "",
+             "| method | " + " | ".join(f"eps {e:g}" for e in grid_eps) + " | ρ(eps, r) | ρ(max attention, r) |",
+             "|---|" + "---|" * (len(grid_eps) + 2)]
+    pooled = []  # (max attention, r) of every attention AT/iAT run
+    for method, points in curves.items():
+        r = {e: first_test(m)["correlation"]["pearson_mean"] for e, m in points}
+        cells = [NOT_RUN if e not in r else f"{r[e]:.2f}" + (f" ({peak[(method, e)]:.2f})" if (method, e) in peak
+                                                               else "") for e in grid_eps]
+        done = sorted(r)
+        rho_eps = f"{spearmanr(done, [r[e] for e in done])[0]:+.2f}" if len(done) > 2 else "n/a"
+        with_peak = [e for e in done if (method, e) in peak]
+        rho_peak = (f"{spearmanr([peak[(method, e)] for e in with_peak], [r[e] for e in with_peak])[0]:+.2f}"
+                    if len(with_peak) > 2 else "n/a")
+        if method in ADVERSARIAL:
+            pooled += [(peak[(method, e)], r[e]) for e in with_peak]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {rho_eps} | {rho_peak} |")
+    if len(pooled) > 2:
+        rho, p = spearmanr(*zip(*pooled))
+        link = ("more peaked attention goes with lower agreement" if rho < 0 and p < 0.05 else
+                "more peaked attention goes with higher agreement" if p < 0.05 else "no clear link at the 5% level")
+        lines += ["", f"Over the {len(pooled)} attention AT/iAT models of the eps grid, the rank correlation between "
+                      f"how peaked the attention is and its Pearson r with the gradient importance is ρ = {rho:+.2f} "
+                      f"(p = {p:.2g}): {link}."]
+    return lines
 
 
 def default_eps_note(picks: dict[str, float | None]) -> str:
@@ -523,7 +585,7 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run], sharpness
                   "the differences with it. Section 2's peakedness table shows whether the adversarially trained "
                   "models answered the fixed-norm score perturbation by spreading their scores wider (nearly "
                   "one-hot attention), which is one way the correlation with the smoother gradient importance "
-                  "can fall; the eps grid (larger eps) is the test of that explanation.", ""]
+                  "can fall; section 3 tests that explanation on the eps grid (Pearson r against eps and against how peaked the attention is).", ""]
 
     lines += ["**Claim 3: attention AT/iAT is much less sensitive to eps than the word-level methods.**", ""]
     curves = eps_curves(results, eps_runs)
@@ -645,7 +707,8 @@ def build(args) -> str:
             "the test instances (the paper's convention), averaged over the seeds done.", ""]
     doc += correlation_table(results, main)
     sharpness: dict = {}
-    if args.attention_stats:
+    peakedness = Peakedness(results) if args.attention_stats else None
+    if peakedness is not None:
         started = {r.dataset for r in main if results.metrics(r) is not None}
         seed1 = [r for r in main if r.dataset in started and r.seed == 1]
         doc += ["", "### How peaked the attention is (seed 1, every task with a finished run)", "",
@@ -654,7 +717,7 @@ def build(args) -> str:
                 "spread wider: a model can meet the attention perturbation by scaling its scores up, which makes "
                 "the attention nearly one-hot and can lower its correlation with the (smoother) gradient "
                 "importance.", ""]
-        doc += attention_sharpness(results, seed1, sharpness)
+        doc += attention_sharpness(peakedness, seed1, sharpness)
     doc += ["", "### Robustness (beyond the paper)", "",
             "Test accuracy and mean total-variation change of the attention when the test-time attention scores "
             "get the AT perturbation of size eps (the run's eps; vanilla: 1).", ""]
@@ -671,6 +734,7 @@ def build(args) -> str:
                                                                        "none yet (needs two or more eps values done)")
             + ". " + default_eps_note(picks) + " (The main grid was run at eps 1 for every method; rerunning it "
               "at the picked values is left for a longer session.)", ""]
+    doc += eps_attention_table(results, eps_runs, peakedness) + [""]
     doc += ["## 4. The released code's behaviour vs the paper (SPEC)", "",
             "`--compat released` reproduces the authors' released code (SPEC, last section): three network "
             "passes per step, a parameter gradient of 2 L_clean + lambda L_adv, and iAT stepping along -g. "

@@ -199,3 +199,17 @@ def test_report_checks_train_default_eps_against_the_dev_pick():
     assert "train.py uses these picks as its default eps" in report.default_eps_note(picks)
     note = report.default_eps_note({**picks, "word_iat": 15.0})
     assert f"differs from the pick for word_iat {DEFAULT_EPS['word_iat']:g} (pick 15): update DEFAULT_EPS." in note
+
+
+def test_eps_attention_table_ranks_pearson_against_eps(tmp_path):
+    grid = write_grid(tmp_path / "g.json", {"blocks": [
+        {"datasets": ["sst"], "methods": ["attention_iat"], "seeds": [1], "eps": [0.1, 1, 10, 15]}]})
+    runs = sweep.load_grid(str(grid))
+    for run, r in zip(runs, [0.8, 0.5, 0.2]):  # eps 15 is left unfinished
+        folder = tmp_path / "runs" / run.name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        (folder / "metrics.json").write_text(json.dumps({"test": {"test": {"correlation": {"pearson_mean": r}}}}))
+    lines = report.eps_attention_table(report.Results(tmp_path / "runs"), runs, peakedness=None)
+    assert "| attention_iat | 0.80 | 0.50 | 0.20 | not run | -1.00 | n/a |" in lines
+    assert lines[0].startswith("Attention vs gradient importance by eps (SST test, seed 1): Pearson r;")
