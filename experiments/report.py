@@ -585,7 +585,8 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run], sharpness
                   "the differences with it. Section 2's peakedness table shows whether the adversarially trained "
                   "models answered the fixed-norm score perturbation by spreading their scores wider (nearly "
                   "one-hot attention), which is one way the correlation with the smoother gradient importance "
-                  "can fall; section 3 tests that explanation on the eps grid (Pearson r against eps and against how peaked the attention is).", ""]
+                  "can fall; section 3 tests that explanation on the eps grid (Pearson r against eps and against "
+                  "how peaked the attention is).", ""]
 
     lines += ["**Claim 3: attention AT/iAT is much less sensitive to eps than the word-level methods.**", ""]
     curves = eps_curves(results, eps_runs)
