@@ -465,13 +465,16 @@ def compat_discussion(results: Results, compat_runs: list[Run], main: list[Run])
     vanilla = pearson(r for r in main if r.dataset == "sst" and r.method == "vanilla" and r.seed in released)
     if not seeds or set(spec) != set(seeds) or set(vanilla) != set(seeds):
         return []
-    above = statistics.fmean(released.values()) > statistics.fmean(vanilla.values())
+    gain = statistics.fmean(released.values()) - statistics.fmean(vanilla.values())
+    noise = max((statistics.stdev(v.values()) for v in (released, vanilla) if len(v) > 1), default=None)
+    size = ("" if noise is None else
+            f", {'more' if abs(gain) > noise else 'less'} than the larger seed sd {noise:.3f}")
     return ["", f"The released iAT steps along -g, the direction that lowers the loss: its training perturbation "
                 f"is not adversarial. On seed(s) {', '.join(map(str, seeds))} its attention-gradient Pearson r is "
                 f"{fmt(list(released.values()))}, against {fmt(list(vanilla.values()))} for vanilla and "
-                f"{fmt(list(spec.values()))} for the SPEC iAT ({'above' if above else 'not above'} vanilla on "
-                f"average). Claim 2 was measured with the released code, so its direction may come from this "
-                f"loss-lowering step rather than from adversarial training."]
+                f"{fmt(list(spec.values()))} for the SPEC iAT: {gain:+.3f} against vanilla{size}. Claim 2 was "
+                f"measured with the released code, so whatever it shows may come from this loss-lowering step "
+                f"rather than from adversarial training."]
 
 
 # ----------------------------------------------------------------------------------------------- heat maps

@@ -186,7 +186,8 @@ def test_compat_sentence_compares_the_released_iat_on_the_seeds_it_finished(tmp_
     text = "".join(report.compat_discussion(report.Results(tmp_path), compat, main))
     # seed 3 of vanilla (0.10) has no released partner, so it is left out of the comparison
     assert "On seed(s) 1, 2 its attention-gradient Pearson r is 0.900 ± 0.071" in text
-    assert "against 0.750 ± 0.071 for vanilla and 0.500 ± 0.141 for the SPEC iAT (above vanilla" in text
+    assert "against 0.750 ± 0.071 for vanilla and 0.500 ± 0.141 for the SPEC iAT: +0.150 against vanilla, more " \
+           "than the larger seed sd 0.071." in text
     # without a vanilla run on a finished released seed there is no sentence, rather than an unpaired one
     (tmp_path / runs[("vanilla", None, 2)].name / "metrics.json").unlink()
     assert report.compat_discussion(report.Results(tmp_path), compat, main) == []
