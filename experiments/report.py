@@ -810,7 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot")
     parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison")
     parser.add_argument("--attention-stats", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute how peaked each seed-1 model's attention is (loads best.pt; ~1 min per task)")
+                        help="recompute how peaked each seed-1 and eps-grid model's attention is (loads every "
+                             "best.pt; ~10 min on a quiet core)")
     parser.add_argument("--order-grid", default="paper",
                         help="the unfinished runs are listed in this grid's order (the sweep's schedule); '' = none")
     parser.add_argument("--probe-grid", default="imdb_probe",
