@@ -67,6 +67,16 @@ def first_test(metrics: dict) -> dict:
     return next(iter(metrics["test"].values()))
 
 
+def compat_version(run: Run) -> str | None:
+    """The run's --compat value: None for the paper / SPEC version."""
+    return dict(run.args).get("compat")
+
+
+def pearson_r(metrics: dict) -> float | None:
+    """The run's attention-gradient Pearson r: the mean over the first test split's instances."""
+    return first_test(metrics)["correlation"]["pearson_mean"]
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
@@ -183,7 +193,7 @@ def cost_table(results: Results, runs: list[Run]) -> list[str]:
     """Measured wall seconds per epoch and per run, by task and method (finished runs of every grid)."""
     grouped: dict[tuple[str, str], list[dict]] = {}
     for run, metrics in results.finished(runs):
-        grouped.setdefault((run.dataset, run.method + (" (released)" if dict(run.args).get("compat") else "")),
+        grouped.setdefault((run.dataset, run.method + (" (released)" if compat_version(run) else "")),
                            []).append(metrics)
     lines = ["| task | method | runs | seconds per epoch (mean) | wall seconds per run (mean) | CPU seconds per run "
              "(mean) | threads |", "|---|---|---|---|---|---|---|"]
@@ -362,9 +372,14 @@ def eps_attention_table(results: Results, eps_runs: list[Run], peakedness: Peake
              "|---|" + "---|" * (len(grid_eps) + 2)]
     pooled = []  # (max attention, r) of every attention AT/iAT run
     for method, points in curves.items():
-        r = {e: first_test(m)["correlation"]["pearson_mean"] for e, m in points}
-        cells = [NOT_RUN if e not in r else f"{r[e]:.2f}" + (f" ({peak[(method, e)]:.2f})" if (method, e) in peak
-                                                               else "") for e in grid_eps]
+        r = {e: pearson_r(m) for e, m in points}
+
+        def cell(e: float) -> str:
+            if e not in r:
+                return NOT_RUN
+            return f"{r[e]:.2f}" + (f" ({peak[(method, e)]:.2f})" if (method, e) in peak else "")
+
+        cells = [cell(e) for e in grid_eps]
         done = sorted(r)
         rho_eps = f"{spearmanr(done, [r[e] for e in done])[0]:+.2f}" if len(done) > 2 else "n/a"
         with_peak = [e for e in done if (method, e) in peak]
@@ -406,7 +421,7 @@ def eps_plot(results: Results, eps_runs: list[Run], vanilla: dict | None, path: 
 
     panels = [("test accuracy", lambda m: first_test(m)["accuracy"]),
               ("best dev accuracy", lambda m: m["best_dev"]["accuracy"]),
-              ("attention-gradient Pearson r (test mean)", lambda m: first_test(m)["correlation"]["pearson_mean"])]
+              ("attention-gradient Pearson r (test mean)", pearson_r)]
     figure, axes = plt.subplots(1, len(panels), figsize=(13, 3.8), dpi=90)
     for axis, (title, value) in zip(axes, panels):
         for method, points in curves.items():
@@ -435,7 +450,7 @@ def compat_table(results: Results, compat_runs: list[Run]) -> list[str]:
     """One row per (method, version): mean ± sd over the seeds done."""
     grouped: dict[tuple[str, str | None], list[Run]] = {}
     for run in compat_runs:
-        grouped.setdefault((run.method, dict(run.args).get("compat")), []).append(run)
+        grouped.setdefault((run.method, compat_version(run)), []).append(run)
     lines = ["| method | version | seeds done | test accuracy | test F1 | test ROC-AUC | Pearson r | "
              "best dev accuracy | seconds per epoch |", "|---|---|---|---|---|---|---|---|---|"]
     for (method, version), runs in grouped.items():
@@ -446,7 +461,7 @@ def compat_table(results: Results, compat_runs: list[Run]) -> list[str]:
         lines.append(f"| {method} | {label} | {seed_note(len(done), len(runs))} | "
                      f"{fmt([t['accuracy'] for t in tests])} | {fmt([t.get('f1') for t in tests])} | "
                      f"{fmt([t.get('roc_auc') for t in tests])} | "
-                     f"{fmt([t['correlation']['pearson_mean'] for t in tests])} | "
+                     f"{fmt([pearson_r(m) for m in done])} | "
                      f"{fmt([m['best_dev']['accuracy'] for m in done])} | "
                      f"{f'{statistics.fmean(seconds):.0f}' if seconds else NOT_RUN} |")
     return lines
@@ -456,12 +471,12 @@ def compat_discussion(results: Results, compat_runs: list[Run], main: list[Run])
     """What the released code's iAT changes, in numbers: its Pearson r next to vanilla's and the SPEC iAT's on
     the seeds where the released iAT has finished (vanilla from the main grid's SST runs)."""
     def pearson(runs) -> dict[int, float]:  # seed -> mean Pearson r over the test instances
-        return {run.seed: first_test(m)["correlation"]["pearson_mean"] for run, m in results.finished(runs)}
+        return {run.seed: pearson_r(m) for run, m in results.finished(runs)}
 
     iat = [r for r in compat_runs if r.method == "attention_iat"]
-    released = pearson(r for r in iat if dict(r.args).get("compat"))
+    released = pearson(r for r in iat if compat_version(r))
     seeds = sorted(released)
-    spec = pearson(r for r in iat if not dict(r.args).get("compat") and r.seed in released)
+    spec = pearson(r for r in iat if not compat_version(r) and r.seed in released)
     vanilla = pearson(r for r in main if r.dataset == "sst" and r.method == "vanilla" and r.seed in released)
     if not seeds or set(spec) != set(seeds) or set(vanilla) != set(seeds):
         return []
@@ -567,7 +582,7 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run], sharpness
     for dataset, methods in grouped.items():
         pearson = {}
         for method, rs in methods.items():
-            values = [first_test(m)["correlation"]["pearson_mean"] for _, m in results.finished(rs)]
+            values = [pearson_r(m) for _, m in results.finished(rs)]
             values = [v for v in values if v is not None]
             if values:
                 pearson[method] = statistics.fmean(values)
