@@ -237,7 +237,11 @@ class Peakedness:
     and the mean range (max - min) of the scores before the softmax, recomputed from the run's best.pt (forward
     passes only). A perturbation of fixed norm eps moves a softmax less when the scores are spread wider, so
     this shows whether a model answered the attention perturbation by scaling its scores up. The test sets
-    are loaded once per (task, data folder, size)."""
+    are loaded once per (task, data folder, size). A measurement is kept in the run folder (FILE) with the
+    size and mtime of the best.pt it came from, so a later report measures only new or retrained runs."""
+
+    FILE = "attention_stats.json"
+    VERSION = 1  # bump when _measure changes what it computes: every kept measurement is then redone
 
     def __init__(self, results: Results):
         self.results = results
@@ -247,8 +251,30 @@ class Peakedness:
     def __call__(self, run: Run) -> tuple[float, float, float] | str | None:
         """(max attention, entropy, score range); None for an unfinished run; a reason when best.pt won't load."""
         if run.name not in self.cache:
-            self.cache[run.name] = None if self.results.metrics(run) is None else self._measure(run)
+            self.cache[run.name] = None if self.results.metrics(run) is None else self._kept_or_measured(run)
         return self.cache[run.name]
+
+    def _kept_or_measured(self, run: Run) -> tuple[float, float, float] | str:
+        from paper.training import write_json_atomic
+
+        folder = self.results.root / run.name
+        best = folder / "best.pt"
+        source = {"version": self.VERSION, "best_pt_bytes": None, "best_pt_mtime_ns": None}
+        if best.exists():
+            stat = best.stat()
+            source.update(best_pt_bytes=stat.st_size, best_pt_mtime_ns=stat.st_mtime_ns)
+        try:
+            kept = json.loads((folder / self.FILE).read_text())
+            if kept["source"] == source:
+                return tuple(kept["stats"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none kept yet, or unreadable: measure
+        row = self._measure(run)
+        if isinstance(row, tuple):  # a reason (best.pt won't load) is cheap to find again, so only numbers are kept
+            write_json_atomic({"source": source, "stats": list(row),
+                               "fields": ["mean max attention", "mean entropy (nats)", "mean score range"]},
+                              folder / self.FILE)
+        return row
 
     def _measure(self, run: Run) -> tuple[float, float, float] | str:
         import torch
@@ -825,8 +851,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot")
     parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison")
     parser.add_argument("--attention-stats", action=argparse.BooleanOptionalAction, default=True,
-                        help="recompute how peaked each seed-1 and eps-grid model's attention is (loads every "
-                             "best.pt; ~10 min on a quiet core)")
+                        help="measure how peaked each seed-1 and eps-grid model's attention is from its best.pt "
+                             "(~10 min on a quiet core for all of them; kept in each run folder as "
+                             f"{Peakedness.FILE}, so later reports measure only new or retrained runs)")
     parser.add_argument("--order-grid", default="paper",
                         help="the unfinished runs are listed in this grid's order (the sweep's schedule); '' = none")
     parser.add_argument("--probe-grid", default="imdb_probe",

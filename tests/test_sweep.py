@@ -1,6 +1,7 @@
 """experiments/sweep.py and experiments/report.py: grids, run naming, skipping, resuming, failure reporting,
 the SNLI train-from-dev preparation, and RESULTS.md from real (tiny) runs."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,31 @@ def test_report_builds_results_md_from_the_runs(smoke_sweep, tmp_path):
     assert "![vanilla heat map](results/heatmaps_sst_vanilla.png)" in text
     assert "python experiments/report.py" in text
     assert "| sst | vanilla | " in text.split("### How peaked")[1]  # recomputed from the run's best.pt
+
+
+def test_peakedness_is_kept_beside_best_pt_and_redone_when_best_pt_changes(smoke_sweep, monkeypatch):
+    root, grid, _, _ = smoke_sweep
+    run = next(r for r in sweep.load_grid(str(grid)) if r.dataset == "sst")
+    folder = root / "runs" / run.name
+    (folder / report.Peakedness.FILE).unlink(missing_ok=True)
+    measured = report.Peakedness(report.Results(root / "runs"))(run)
+    assert isinstance(measured, tuple) and 0 < measured[0] <= 1  # mean max attention
+    kept = json.loads((folder / report.Peakedness.FILE).read_text())
+    assert kept["stats"] == list(measured) and kept["source"]["best_pt_bytes"] == (folder / "best.pt").stat().st_size
+
+    calls = []
+    original = report.Peakedness._measure
+
+    def counting(self, r):
+        calls.append(r.name)
+        return original(self, r)
+
+    monkeypatch.setattr(report.Peakedness, "_measure", counting)
+    assert report.Peakedness(report.Results(root / "runs"))(run) == measured and calls == []  # read, not measured
+    stat = (folder / "best.pt").stat()
+    os.utime(folder / "best.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # as if retrained
+    assert report.Peakedness(report.Results(root / "runs"))(run) == pytest.approx(measured)
+    assert calls == [run.name]
 
 
 def test_compat_sentence_compares_the_released_iat_on_the_seeds_it_finished(tmp_path):
