@@ -354,7 +354,7 @@ def test_gpu_check_report_files(gpu_check, tmp_path):
     assert "- triton: worst 40% of copy (NOT met), worst 2.0x eager (NOT met) over 1 cases" in text
     assert "OutOfMemoryError" in text and "differs from eager by 1.00e+00 (!)" in text
     assert "| fwd | 8192 | 256 | 128 | 32 | 4 | 0.500 | 4500 (90%) |" in text
-    assert "| bwd | 8192 | 256 | 128 | 32 | 4 | time budget spent | |" in text
+    assert "| bwd | 8192 | 256 | 128 | 32 | 4 | time budget spent |  |" in text
 
 
 def test_gpu_check_runs_on_cpu(gpu_check, tmp_path):
