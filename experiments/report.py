@@ -852,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison")
     parser.add_argument("--attention-stats", action=argparse.BooleanOptionalAction, default=True,
                         help="measure how peaked each seed-1 and eps-grid model's attention is from its best.pt "
-                             "(~10 min on a quiet core for all of them; kept in each run folder as "
+                             "(~25 min of CPU for all of them, measured on 2026-11-29; kept in each run folder as "
                              f"{Peakedness.FILE}, so later reports measure only new or retrained runs)")
     parser.add_argument("--order-grid", default="paper",
                         help="the unfinished runs are listed in this grid's order (the sweep's schedule); '' = none")
