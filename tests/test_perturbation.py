@@ -267,3 +267,29 @@ def test_word_iat_with_one_neighbour_points_at_it():
     cos = torch.nn.functional.cosine_similarity(r, towards, dim=-1)  # [B, T]
     sign = torch.sign((grad * towards).sum(-1))
     torch.testing.assert_close(cos, sign)
+
+
+def test_word_iat_matches_its_definition_term_by_term():
+    """K = 3 with padding, against d_tk = normalize(w_k - w_t), u_t = sum_k <g_t, d_tk> d_tk written as loops."""
+    generator = torch.Generator().manual_seed(3)
+    B, T, K, E = 3, 5, 3, 4
+    embedded = torch.randn(B, T, E, generator=generator, dtype=torch.float64)
+    neighbours = torch.randn(B, T, K, E, generator=generator, dtype=torch.float64)
+    neighbours[1, 2, 0] = embedded[1, 2]  # a neighbour equal to the word: zero direction, not nan
+    grad = torch.randn(B, T, E, generator=generator, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 3:] = False
+    u = torch.zeros(B, T, E, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            for k in range(K):
+                diff = neighbours[b, t, k] - embedded[b, t]
+                if diff.norm() > 0:
+                    d = diff / diff.norm()
+                    u[b, t] += torch.dot(grad[b, t], d) * d
+    u[~mask] = 0.0
+    expected = 0.7 * u / u.flatten(1).norm(dim=-1)[:, None, None]
+    got = python_ref.word_iat_perturbation(embedded, grad, neighbours, mask, eps=0.7)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert torch.isfinite(python_ref.word_iat_perturbation(embedded.float(), grad.float(), neighbours.float(),
+                                                          mask, eps=0.7)).all()
