@@ -563,6 +563,8 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run], sharpness
     """sharpness: attention_sharpness's stats (seed-1 models), or None when not computed."""
     grouped = group_main(main)
     sharpness = sharpness or {}
+    # "so far" until the last run is in: a partial grid's verdict can still change
+    verdict = "Verdict" if all(status(r, results.root) == "finished" for r in main + eps_runs) else "Verdict so far"
     lines = ["**Claim 1: attention AT/iAT gives the best prediction performance (9 of 10 tasks in the paper).**", ""]
     complete_tasks, wins = 0, 0
     for dataset, methods in grouped.items():
@@ -597,9 +599,9 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run], sharpness
                      "cannot move off the token it settled on")
         text += "." + ("" if complete else " Not all methods done: no verdict.")
         lines.append(text)
-    lines += ["", f"Verdict so far: an attention AT/iAT method is the best (or tied best) on {wins} of the "
+    lines += ["", f"{verdict}: an attention AT/iAT method is the best (or tied best) on {wins} of the "
                   f"{complete_tasks} task(s) with all of the grid's methods done. With one seed, differences below about one "
-                  "standard deviation of the seeds (see the SST rows with 3 seeds, where done) are not evidence "
+                  "standard deviation of the seeds (see the tasks with 3 seeds) are not evidence "
                   "either way.", ""]
 
     lines += ["**Claim 2: attention AT/iAT attention agrees better with gradient importance (all tasks in the "
@@ -624,7 +626,7 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run], sharpness
         others = [f"{m} {v:.3f}" for m, v in pearson.items() if m not in ADVERSARIAL and m != "vanilla"]
         lines.append(f"- {dataset}: Pearson r " + ", ".join(parts) + (f"; others: {', '.join(others)}" if others else "")
                      + ".")
-    lines += ["", f"Verdict so far: attention AT/iAT is above vanilla in {better} of {compared} (task, method) "
+    lines += ["", f"{verdict}: attention AT/iAT is above vanilla in {better} of {compared} (task, method) "
                   "comparisons. The per-instance spread (sd column of the correlation table) is large; compare "
                   "the differences with it. Section 2's peakedness table shows whether the adversarially trained "
                   "models answered the fixed-norm score perturbation by spreading their scores wider (nearly "
@@ -648,9 +650,9 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run], sharpness
         adv = [spreads[m][0] for m in ADVERSARIAL if m in spreads]
         word = [spreads[m][0] for m in WORD if m in spreads]
         if adv and word:
-            verdict = "supports" if max(adv) < min(word) else "does not support"
-            lines += ["", f"Verdict so far: the largest attention AT/iAT spread ({max(adv):.3f}) vs the smallest "
-                          f"word AT/iAT spread ({min(word):.3f}) {verdict} the claim (one seed; compare with the "
+            outcome = "supports" if max(adv) < min(word) else "does not support"
+            lines += ["", f"{verdict}: the largest attention AT/iAT spread ({max(adv):.3f}) vs the smallest "
+                          f"word AT/iAT spread ({min(word):.3f}) {outcome} the claim (one seed; compare with the "
                           "seed-to-seed sd of SST)."]
     lines.append("")
     return lines
