@@ -564,7 +564,8 @@ def discussion(results: Results, main: list[Run], eps_runs: list[Run], sharpness
     grouped = group_main(main)
     sharpness = sharpness or {}
     # "so far" until the last run is in: a partial grid's verdict can still change
-    verdict = "Verdict" if all(status(r, results.root) == "finished" for r in main + eps_runs) else "Verdict so far"
+    everything_done = len(results.finished(main + eps_runs)) == len(main) + len(eps_runs)
+    verdict = "Verdict" if everything_done else "Verdict so far"
     lines = ["**Claim 1: attention AT/iAT gives the best prediction performance (9 of 10 tasks in the paper).**", ""]
     complete_tasks, wins = 0, 0
     for dataset, methods in grouped.items():
