@@ -479,3 +479,59 @@ def test_batches_pair_task():
     assert not batch.mask[2].any()  # an empty text is an all-False row, not an error
     with pytest.raises(ValueError, match="batch_size"):
         make_batches(examples, vocab, 0, shuffle=False)
+
+
+# ----------------------------------------------------------------------------------------------- corrupt files
+
+def _cut_in_half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _sst_copy(tmp_path):
+    folder = tmp_path / "sst"
+    folder.mkdir()
+    for split in ("train", "dev", "test"):
+        shutil.copy(REPO / "experiments" / "data" / "sst" / f"{split}.txt.gz", folder)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_gzip", "flipped"])
+def test_corrupt_gz_data_file_names_the_file(damage, tmp_path):
+    """A truncated or damaged .gz is a DataFormatError (what the CLIs report as one line) naming the file,
+    not gzip's EOFError / BadGzipFile / zlib.error."""
+    folder = _sst_copy(tmp_path)
+    path = folder / "dev.txt.gz"
+    if damage == "truncated":
+        _cut_in_half(path)
+    elif damage == "not_gzip":
+        path.write_bytes(b"<html>a download error page</html>\n")
+    else:
+        data = bytearray(path.read_bytes())
+        data[-8] ^= 0xFF  # the CRC-32 of the gzip trailer: every byte decompresses, the check fails at the end
+        path.write_bytes(bytes(data))
+    with pytest.raises(DataFormatError) as error:
+        load_task("sst", folder)
+    message = str(error.value)
+    assert str(path) in message and "truncated or corrupt" in message and "download it again" in message
+    assert "gzip" in message
+
+
+def test_truncated_gz_embeddings(sst, tmp_path):
+    path = tmp_path / "glove.txt.gz"
+    shutil.copy(REPO / "experiments" / "data" / "glove" / "glove.6B.50d.sst.txt.gz", path)
+    _cut_in_half(path)
+    with pytest.raises(DataFormatError, match="truncated or corrupt") as error:
+        load_embeddings(path, Vocab.build_for_task(sst))
+    assert str(path) in str(error.value)
+
+
+def test_truncated_tar_gz_archive(tmp_path):
+    archive = tmp_path / "20news-bydate.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for subset in ("20news-bydate-train", "20news-bydate-test"):
+            tar.add(FIXTURES / "20news-bydate" / subset, arcname=subset)
+    _cut_in_half(archive)
+    with pytest.raises(DataFormatError, match="truncated or corrupt") as error:
+        load_task("20news", tmp_path)
+    assert str(archive) in str(error.value)

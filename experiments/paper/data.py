@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from .data_tasks import EMBEDDED_DATA, NLI_LABELS, TASKS, TaskInfo, load_task, parse_ptb_tree, read_babi
-from .data_types import DataFormatError, Example, MissingDataError, TaskData
+from .data_types import CorruptDataError, DataFormatError, Example, MissingDataError, TaskData, reading
 
 __all__ = ["PAD", "UNK", "Example", "TaskData", "TaskInfo", "TASKS", "NLI_LABELS", "EMBEDDED_DATA", "load_task",
-           "Vocab", "load_embeddings", "Batch", "make_batches", "DataFormatError", "MissingDataError",
-           "parse_ptb_tree", "read_babi"]
+           "Vocab", "load_embeddings", "Batch", "make_batches", "DataFormatError", "CorruptDataError",
+           "MissingDataError", "parse_ptb_tree", "read_babi"]
 
 PAD = 0
 UNK = 1
@@ -132,7 +132,7 @@ def load_embeddings(path: str | os.PathLike, vocab: Vocab, *, seed: int = 0,
     found: dict[int, list[float]] = {}
     found_by_case: dict[int, list[float]] = {}
     dim = None
-    with _open_vectors(path) as handle:
+    with reading(path), _open_vectors(path) as handle:
         for number, line in enumerate(handle, start=1):
             parts = line.rstrip().split(" ")
             if number == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):

@@ -24,7 +24,7 @@ import numpy as np
 from .data_splits import shuffle_split, stratified_split
 from .data_text import (clean_agnews, clean_newsgroup_post, replace_digit_tokens, tokenize, tokenize_imdb,
                         tokenize_newsgroups)
-from .data_types import DataFormatError, Example, MissingDataError, TaskData
+from .data_types import DataFormatError, Example, MissingDataError, TaskData, reading
 
 EMBEDDED_DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -103,8 +103,8 @@ def _open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
 
 
 def _lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
-    """(line number from 1, line without its newline)."""
-    with _open_text(path, encoding) as handle:
+    """(line number from 1, line without its newline). A truncated or corrupt .gz raises CorruptDataError."""
+    with reading(path), _open_text(path, encoding) as handle:
         for number, line in enumerate(handle, start=1):
             yield number, line.rstrip("\r\n")
 
@@ -281,7 +281,8 @@ def _read_imdb_folder(split_dir: Path) -> list[tuple[str, int]]:
                 raise DataFormatError(path, None, "an aclImdb review file must be named ID_RATING.txt")
             named.append((int(match.group(1)), path))
         for _, path in sorted(named):
-            documents.append((path.read_text(encoding="utf-8"), label))
+            with reading(path):
+                documents.append((path.read_text(encoding="utf-8"), label))
     return documents
 
 
@@ -391,7 +392,7 @@ def _read_newsgroups(data_dir: Path) -> tuple[list[tuple[str, str]], Callable[[t
         raise _missing("20news", data_dir, "no 20news-bydate.tar.gz and no 20news-bydate-train/ folder")
     names = {"train": [], "test": []}
     members = {}
-    with tarfile.open(archive, "r:*") as tar:
+    with reading(archive), tarfile.open(archive, "r:*") as tar:
         for member in tar.getmembers():
             parts = member.name.removeprefix("./").split("/")
             if not member.isfile() or len(parts) != 3:
@@ -442,7 +443,7 @@ def _load_newsgroups(data_dir: Path, max_examples: int | None, require_train: bo
 def _read_agnews_csv(path: Path) -> list[Example]:
     """World (class 1) -> 0 and Business (class 3) -> 1 rows of an AG News csv; the text is the description."""
     examples = []
-    with _open_text(path) as handle:
+    with reading(path), _open_text(path) as handle:
         reader = csv.reader(handle)
         for row in reader:
             if not row:
@@ -487,7 +488,8 @@ _ENTITY_RE = re.compile(r"^@entity(\d+)$")
 def _read_cnn_question(path: Path) -> tuple[list[str], list[str], int]:
     """(passage tokens, question tokens, answer entity number) of one DeepMind .question file:
     url, blank, passage, blank, question, blank, answer, blank, entity mappings (@entityN:name per line)."""
-    parts = path.read_text(encoding="utf-8").strip().split("\n\n")
+    with reading(path):
+        parts = path.read_text(encoding="utf-8").strip().split("\n\n")
     if len(parts) < 4:
         raise DataFormatError(path, None, "expected url, passage, question, answer and entity mappings "
                                           "separated by blank lines")

@@ -1,8 +1,14 @@
 """The records every task loader produces, and the errors it raises."""
 from __future__ import annotations
 
+import contextlib
+import gzip
 import os
+import tarfile
+import zipfile
+import zlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -67,3 +73,45 @@ class DataFormatError(ValueError):
 class MissingDataError(FileNotFoundError, ValueError):
     """The files of a task are not where the loader looked. The message names the download address and
     the layout expected. (Both a FileNotFoundError and a ValueError, so either kind of handler sees it.)"""
+
+
+class CorruptDataError(DataFormatError):
+    """A compressed data file (.gz, .tar.gz / .tgz, .zip) cannot be read to its end: a download that
+    stopped half way, or damaged bytes. A DataFormatError, so whatever reports those (train.py, evaluate.py,
+    a sweep) reports this one the same way: one line naming the file."""
+
+    def __init__(self, path: str | os.PathLike, error: BaseException):
+        self.path = str(path)
+        self.line = None
+        self.reason = f"{_kind(error, self.path)}: {error}"
+        ValueError.__init__(self, f"data file {self.path} is truncated or corrupt ({self.reason}); download it again")
+
+
+def _kind(error: BaseException, path: str) -> str:
+    if isinstance(error, zipfile.BadZipFile) or path.endswith(".zip"):
+        return "zip"
+    if isinstance(error, tarfile.TarError) and not isinstance(error, tarfile.CompressionError):
+        return "tar"
+    return "gzip"
+
+
+# What the standard library raises for a compressed file it cannot read to its end. (gzip.BadGzipFile is an
+# OSError: only that kind is caught, not a permission or disk error.)
+_CORRUPT = (EOFError, zlib.error, gzip.BadGzipFile, tarfile.TarError, zipfile.BadZipFile)
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Around the code that opens and reads ``path``: a truncated or corrupt compressed file becomes a
+    CorruptDataError naming it, and bytes that are not UTF-8 a DataFormatError (in a compressed file, a
+    CorruptDataError: the decompressed bytes are garbage), instead of the library's exception."""
+    try:
+        yield
+    except CorruptDataError:
+        raise
+    except _CORRUPT as error:
+        raise CorruptDataError(path, error) from error
+    except UnicodeDecodeError as error:
+        if str(path).endswith((".gz", ".tgz", ".zip")):
+            raise CorruptDataError(path, error) from error
+        raise DataFormatError(path, None, f"not UTF-8 text ({error})") from error
