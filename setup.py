@@ -84,6 +84,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.7"],
+        # experiments/sweep.py --executor ray
+        "cluster": ["ray>=2.9"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.7", "ninja", "pybind11"],
     },
     ext_modules=ext_modules,

@@ -4,12 +4,20 @@
     python experiments/sweep.py --grid paper --jobs 1 --threads 2     # everything issue 6 asks for, in priority order
     python experiments/sweep.py --grid main --datasets sst --seeds 1  # a slice of a grid
     python experiments/sweep.py --grid eps --list                     # what the grid holds and what is done
+    python experiments/sweep.py --grid paper --executor ray --address HEAD:6379 --out-root /shared/runs  # a Ray cluster
 
 Each run trains in its own directory runs/sweep/<dataset>/<method>[_eps<eps>]_seed<seed>[_<flag>-<value>...],
 named from its settings only, so the same settings always land in the same directory and a run shared by two
 grids is trained once. A run whose metrics.json holds test metrics is finished and skipped; an unfinished one
 (last.pt present) is continued with train.py --resume; a failing run is logged and reported at the end
 (exit status 1) while the others go on. Every attempt's output is appended to <run dir>/sweep.log.
+
+Executors: --executor local (default) runs train.py subprocesses here, --jobs at a time; --executor ray makes each
+run one Ray task (asking for --threads CPUs, and a GPU with --device cuda) on a running cluster (--address) or a
+local Ray instance. Both go through the same per-run code (Runner.attempt): claim the run folder (sweep.lock,
+created atomically; see "claims" below), skip it if finished, train or --resume it, report one line. A Ray task
+whose worker dies, or whose train.py is killed, is retried once from last.pt; a second failure is reported.
+Any number of sweeps may share one --out-root: each run is trained by one of them.
 
 Grids are JSON files in experiments/grids/ (or any path given to --grid):
     {"description": "...",
@@ -28,12 +36,15 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,11 +217,14 @@ def prepare_nli_train_from_dev(source: Path, target: Path, *, dev_fraction: floa
     form (s1.dev, s2.dev, labels.dev), becomes train (s1.train, ...) and a held-out dev; test is copied as is.
     The split is by premise (all hypotheses of a premise on the same side), so dev accuracy is not inflated by
     premises seen in training; ``dev_fraction`` of the premises, chosen by paper.data_splits.shuffle_split with
-    ``seed``, are held out. The output keeps the original format, so train.py's loader reads it unchanged."""
+    ``seed``, are held out. The output keeps the original format, so train.py's loader reads it unchanged.
+    It is written into a temporary folder renamed to ``target`` at the end, so sweeps on several nodes that
+    prepare it at once on a shared filesystem all end with the same complete folder."""
     with _prepare_lock:
         done = target / "PREPARED.json"
         if done.is_file():
             return target
+        final, target = target, target.with_name(f".{target.name}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         sys.path.insert(0, str(EXPERIMENTS))
         from paper.data_splits import shuffle_split
 
@@ -236,7 +250,15 @@ def prepare_nli_train_from_dev(source: Path, target: Path, *, dev_fraction: floa
         done.write_text(json.dumps({"source": str(source), "split": "by premise", "dev_fraction": dev_fraction,
                                     "seed": seed, "premises": len(premises), "examples": counts}, indent=2) + "\n",
                         encoding="utf-8")
-        return target
+        if final.is_dir() and not (final / "PREPARED.json").is_file():  # a partial folder of an older sweep
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(target, final)
+        except OSError:
+            shutil.rmtree(target, ignore_errors=True)
+            if not (final / "PREPARED.json").is_file():
+                raise
+        return final
 
 
 # ----------------------------------------------------------------------------------------------- run state
@@ -264,31 +286,192 @@ def epochs_done(run_dir: Path) -> int | None:
     return done
 
 
+def result_line(run_dir: Path) -> str:
+    """The headline numbers of a finished run: test accuracy and attention/gradient Pearson r of its first
+    test set."""
+    try:
+        tests = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["test"]
+        name, test = next(iter(tests.items()))
+    except (OSError, ValueError, KeyError, StopIteration, AttributeError):
+        return ""
+    parts = []
+    if isinstance(test.get("accuracy"), (int, float)):
+        parts.append(f"{name} accuracy {test['accuracy']:.3f}")
+    pearson = (test.get("correlation") or {}).get("pearson_mean")
+    if isinstance(pearson, (int, float)):
+        parts.append(f"pearson {pearson:.3f}")
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- claims
+# A run folder is trained by one process at a time. The claim is the file <run dir>/sweep.lock, created with
+# O_CREAT | O_EXCL (atomic on a local disk and on NFSv3+/Lustre/GPFS/CephFS), holding JSON: host, pid, the
+# sweep's token, the train.py child's pid, the time. Its holder touches it every HEARTBEAT seconds while the run
+# trains (a lease). A lock is stale, and is taken over, when
+#   - its pid is dead and it was taken on this host, or
+#   - it carries this sweep's own token: an earlier attempt of this run by this sweep, which Ray only retries
+#     once that attempt's worker is gone, or
+#   - it has not been touched for LEASE seconds (its holder's node died or lost the filesystem; the nodes'
+#     clocks must agree to well within LEASE, as NTP keeps them).
+# Taking over holds a second O_EXCL file (sweep.lock.break) while it re-reads the lock and removes it only if it
+# is still the stale one, so two sweeps never both break a lock and both go on.
+
+HOST = socket.gethostname()
+LEASE = float(os.environ.get("FUSED_ATTN_AT_SWEEP_LEASE", 600))
+HEARTBEAT = min(30.0, LEASE / 10)
+BREAK = LOCK + ".break"
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, OverflowError):
         return True
     return True
 
 
-def lock_owner(run_dir: Path) -> int | None:
-    """The pid of a live process that holds the run (another sweep, or a train.py started by hand)."""
+def read_lock(run_dir: Path) -> tuple[dict, float] | None:
+    """The lock's content and mtime; None if there is no lock. A bare pid (the old format) is read as a lock
+    of this host; an empty or unreadable one as {} (a holder between creating and writing it)."""
+    path = run_dir / LOCK
     try:
-        pid = int((run_dir / LOCK).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
+        text, mtime = path.read_text(encoding="utf-8"), path.stat().st_mtime
+    except OSError:
         return None
-    return pid if pid != os.getpid() and pid_alive(pid) else None
+    try:
+        info = json.loads(text)
+        if not isinstance(info, dict):
+            raise ValueError
+    except ValueError:
+        first = text.split()[:1]
+        info = {"pid": int(first[0]), "host": HOST} if first and first[0].isdigit() else {}
+    return info, mtime
 
 
-def take_lock(run_dir: Path) -> bool:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if lock_owner(run_dir) is not None:
-        return False
-    (run_dir / LOCK).write_text(f"{os.getpid()}\n")
-    return True
+_held: set[str] = set()  # the lock texts this process holds (a lock of its own pid that is not here is stale)
+
+
+def stale_reason(info: dict, mtime: float, token: str | None) -> str | None:
+    """Why a lock no longer protects a live run; None while its holder may still be training."""
+    if not info:
+        return None if time.time() - mtime < 10 else "unreadable"
+    if token is not None and info.get("token") == token:
+        return "an earlier attempt of this sweep"
+    if time.time() - mtime > LEASE:
+        return f"not refreshed for {time.time() - mtime:.0f} s"
+    pid = info.get("pid")
+    if info.get("host") == HOST:
+        if not isinstance(pid, int) or not pid_alive(pid):
+            return f"pid {pid} is dead"
+        if pid == os.getpid() and json.dumps(info, sort_keys=True) not in _held:
+            return "left by this process"
+    return None
+
+
+def lock_owner(run_dir: Path, token: str | None = None) -> str | None:
+    """Who holds the run ('pid N on HOST'), or None if nobody live does."""
+    lock = read_lock(run_dir)
+    if lock is None or stale_reason(*lock, token) is not None:
+        return None
+    info = lock[0]
+    return f"pid {info.get('pid')} on {info.get('host')}"
+
+
+def _orphan_gone(info: dict, run_dir: Path, wait: float = 30.0) -> None:
+    """The train.py of a dead holder on this host normally died with it (PR_SET_PDEATHSIG); make sure it is
+    gone before another one writes the same folder."""
+    child = info.get("child")
+    if info.get("host") != HOST or not isinstance(child, int):
+        return
+    def ours() -> bool:
+        try:
+            return str(run_dir) in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+    deadline = time.time() + wait
+    while ours() and time.time() < deadline:
+        time.sleep(0.2)
+    if ours():
+        os.kill(child, signal.SIGKILL)
+
+
+class Claim:
+    """The atomic claim of one run folder; None from Claim.take when a live process holds it."""
+
+    def __init__(self, run_dir: Path, info: dict):
+        self.run_dir, self.path, self.info = run_dir, run_dir / LOCK, info
+        _held.add(self.text)
+
+    @property
+    def text(self) -> str:
+        return json.dumps(self.info, sort_keys=True)
+
+    @classmethod
+    def take(cls, run_dir: Path, token: str | None = None) -> "Claim | None":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            info = {"host": HOST, "pid": os.getpid(), "token": token, "child": None,
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            try:
+                fd = os.open(run_dir / LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                lock = read_lock(run_dir)
+                if lock is None:
+                    continue  # released meanwhile
+                if stale_reason(*lock, token) is None or not cls._break(run_dir, lock):
+                    return None
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(json.dumps(info, sort_keys=True) + "\n")
+            return cls(run_dir, info)
+        return None
+
+    @staticmethod
+    def _break(run_dir: Path, stale: tuple[dict, float]) -> bool:
+        """Remove a stale lock, unless someone else has replaced it meanwhile."""
+        guard = run_dir / BREAK
+        try:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:
+                if time.time() - guard.stat().st_mtime > 60:  # a breaker that died in these few lines
+                    guard.unlink()
+            except OSError:
+                pass
+            return False
+        try:
+            now = read_lock(run_dir)
+            if now is not None and now[0] == stale[0] and now[1] == stale[1]:
+                _orphan_gone(stale[0], run_dir)
+                (run_dir / LOCK).unlink()
+            return True
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def update(self, **changes) -> None:
+        """Record the child's pid (an atomic replace: the lock never disappears while held)."""
+        _held.discard(self.text)
+        self.info = {**self.info, **changes}
+        _held.add(self.text)
+        tmp = self.path.with_name(f"{LOCK}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(self.text + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def refresh(self) -> None:
+        try:
+            os.utime(self.path)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        try:
+            if read_lock(self.run_dir)[0] == self.info:
+                self.path.unlink()
+        except (OSError, TypeError):
+            pass
+        _held.discard(self.text)
 
 
 def status(run: Run, out_root: Path) -> str:
@@ -297,12 +480,12 @@ def status(run: Run, out_root: Path) -> str:
         return "finished"
     owner = lock_owner(run_dir)
     if owner is not None:
-        return f"running (pid {owner})"
+        return f"running ({owner})"
     done = epochs_done(run_dir)
     return "not started" if done is None else f"unfinished ({done} epochs)"
 
 
-# ----------------------------------------------------------------------------------------------- running
+# ----------------------------------------------------------------------------------------------- one run
 
 CODE_PATHS = ("experiments", "fused_attn_at", "python_ref", "csrc", "setup.py")
 
@@ -319,19 +502,54 @@ def code_version() -> dict:
     return {"commit": git("rev-parse", "HEAD").strip() or "unknown", "modified": modified}
 
 
-class Sweep:
-    def __init__(self, runs, *, out_root: Path, data_root: Path, jobs: int, threads: int, resume: bool,
-                 python: str = sys.executable, extra: list[str] | None = None):
-        self.runs, self.out_root, self.data_root = runs, out_root, data_root
-        self.jobs, self.threads, self.resume, self.python = jobs, threads, resume, python
-        self.extra = extra or []
+# train.py runs under this launcher on Linux: it asks for SIGKILL when its parent (the sweep, or the Ray worker)
+# dies, so a killed worker never leaves a train.py writing the folder its retry is about to resume.
+_LAUNCHER = ("import ctypes, os, signal, sys\n"
+             "try:\n    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+             "except Exception:\n    pass\n"
+             "if os.getppid() != int(sys.argv[1]):\n    sys.exit(137)\n"
+             "os.execv(sys.argv[2], sys.argv[2:])\n")
+
+
+class RunInterrupted(Exception):
+    """train.py was killed by a signal (not by the sweep): the Ray executor retries the run once from its
+    last checkpoint."""
+
+
+@dataclass
+class Outcome:
+    name: str
+    outcome: str  # finished | failed | skipped | busy | not started
+    seconds: float
+    detail: str = ""  # the metrics of a finished run, the reason of a failed one
+
+
+class Runner:
+    """What a run is, whether it is finished, claiming it, running train.py for it and the line that reports
+    it: the one code path of every executor. The local executor calls `attempt` in threads; the Ray executor
+    ships the Runner to a Ray task that calls the same `attempt` on a worker."""
+
+    def __init__(self, *, out_root: Path, data_root: Path, threads: int, resume: bool, python: str | None = None,
+                 extra: list[str] | None = None, device: str | None = None, token: str | None = None):
+        self.out_root, self.data_root, self.threads, self.resume = out_root, data_root, threads, resume
+        self.python, self.extra, self.device = python, list(extra or []), device
+        self.token = token or f"{HOST}:{os.getpid()}:{uuid.uuid4().hex}"
+        self._init_local()
+
+    def _init_local(self) -> None:
         self.children: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
         self.stopping = False
-        self.results: dict[str, str] = {}  # run name -> finished | skipped | failed | busy
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("children", "lock", "stopping")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_local()
 
     def command(self, run: Run, run_dir: Path, resume: bool) -> list[str]:
-        argv = [self.python, str(TRAIN)]
+        argv = [self.python or sys.executable, str(TRAIN)]
         if resume:
             # the saved config.json decides everything else
             argv += ["--resume"]
@@ -341,104 +559,250 @@ class Sweep:
             if data_dir is not None:
                 argv += ["--data-dir", str(data_dir)]
             argv += self.extra
+        if self.device is not None:
+            argv += ["--device", self.device]
         return argv + ["--output-dir", str(run_dir), "--threads", str(self.threads), "--no-progress"]
 
     def run_one(self, run: Run) -> str:
+        return self.attempt(run).outcome
+
+    def attempt(self, run: Run, *, retryable: bool = False) -> Outcome:
+        """Claim the run, train it (resuming from last.pt), release it. With retryable, a train.py killed by a
+        signal raises RunInterrupted instead of returning failed (the Ray executor retries it once)."""
+        started = time.time()
         run_dir = self.out_root / run.name
+
+        def done(outcome: str, detail: str = "") -> Outcome:
+            return Outcome(run.name, outcome, time.time() - started, detail)
+
         if self.stopping:
-            return "not started"
+            return done("not started")
         if is_finished(run_dir):
-            return "skipped"
-        if not take_lock(run_dir):
-            return "busy"
+            return done("skipped")
+        claim = Claim.take(run_dir, self.token)
+        if claim is None:
+            return done("busy", f"held by {lock_owner(run_dir) or 'another process'}")
         try:
-            resume = (run_dir / "last.pt").is_file()
-            if resume and not self.resume:
+            if is_finished(run_dir):  # finished by another sweep between the check and the claim
+                return done("skipped")
+            resume = (run_dir / "last.pt").is_file() and (run_dir / "config.json").is_file()
+            if (run_dir / "last.pt").is_file() and not (resume and self.resume):
                 for name in ("last.pt", "best.pt", "metrics.json", "config.json"):
                     (run_dir / name).unlink(missing_ok=True)
                 resume = False
             try:
                 argv = self.command(run, run_dir, resume)
-            except (GridError, OSError) as error:
+            except DATA_ERRORS as error:
+                message = one_line(error)
                 with open(run_dir / LOG, "a", encoding="utf-8") as log:
-                    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} cannot start: {error}\n")
-                return "failed"
-            started = time.time()
-            code = code_version()
-            with open(run_dir / "sweep_code.json", "a", encoding="utf-8") as record:
-                record.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resume": resume, **code}) + "\n")
-            with open(run_dir / LOG, "a", encoding="utf-8") as log:
-                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}: "
-                          + " ".join(argv) + f"\n=== code: {code['commit']}"
-                          + (f" + uncommitted changes to {', '.join(code['modified'])}" if code["modified"] else "")
-                          + "\n")
-                log.flush()
-                env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
-                with self.lock:
-                    if self.stopping:
-                        return "not started"
-                    child = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=env)
-                    self.children.add(child)
-                code = child.wait()
+                    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} cannot start: {message}\n")
+                return done("failed", f"cannot start: {message}")
+            code = self._train(argv, run_dir, resume, claim)
+            if code is None:
+                return done("not started")
+            if code == 0 and is_finished(run_dir):
+                return done("finished", result_line(run_dir))
+            if code < 0 and retryable and not self.stopping:
+                raise RunInterrupted(f"{run.name}: train.py killed by signal {-code}")
+            return done("failed", f"train.py exit {code}" + (f" (signal {-code})" if code < 0 else ""))
+        finally:
+            claim.release()
+
+    def _train(self, argv: list[str], run_dir: Path, resume: bool, claim: Claim) -> int | None:
+        """train.py's exit status (negative: killed by that signal); None if the sweep is stopping."""
+        started = time.time()
+        code = code_version()
+        with open(run_dir / "sweep_code.json", "a", encoding="utf-8") as record:
+            record.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resume": resume, "host": HOST,
+                                     **code}) + "\n")
+        with open(run_dir / LOG, "a", encoding="utf-8") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'} on {HOST} "
+                      f"(pid {os.getpid()}): " + " ".join(argv) + f"\n=== code: {code['commit']}"
+                      + (f" + uncommitted changes to {', '.join(code['modified'])}" if code["modified"] else "")
+                      + "\n")
+            log.flush()
+            env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+            launch = argv
+            if sys.platform.startswith("linux"):
+                launch = [argv[0], "-c", _LAUNCHER, str(os.getpid()), *argv]
+            with self.lock:
+                if self.stopping:
+                    return None
+                child = subprocess.Popen(launch, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env)
+                self.children.add(child)
+            try:
+                claim.update(child=child.pid)
+                while True:
+                    try:
+                        exit_code = child.wait(timeout=HEARTBEAT)
+                        break
+                    except subprocess.TimeoutExpired:
+                        claim.refresh()
+            finally:
                 with self.lock:
                     self.children.discard(child)
-                log.write(f"=== exit {code} after {time.time() - started:.0f} s\n")
-            if code == 0 and is_finished(run_dir):
-                return "finished"
-            return "failed"
-        finally:
-            try:
-                if (run_dir / LOCK).read_text().split()[0] == str(os.getpid()):
-                    (run_dir / LOCK).unlink()
-            except (OSError, IndexError):
-                pass
+            log.write(f"=== exit {exit_code} after {time.time() - started:.0f} s\n")
+        return exit_code
 
-    def stop(self, signum, _frame) -> None:
-        """Stop the children too (each resumes from its last epoch next time), then exit."""
+    def timed(self, run: Run) -> Outcome:
+        """attempt(), with any unexpected error reported as this run's failure (the others go on)."""
+        started = time.time()
+        try:
+            return self.attempt(run)
+        except Exception as error:  # noqa: BLE001 - one broken run must not stop the others
+            return Outcome(run.name, "failed", time.time() - started, f"{type(error).__name__}: {one_line(error)}")
+
+    def stop(self) -> None:
         with self.lock:
             self.stopping = True
             for child in list(self.children):
                 child.terminate()
+
+
+# what a run's data preparation (or a data reader it calls) raises for missing, truncated or malformed files
+DATA_ERRORS = (GridError, OSError, ValueError)
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _ray_attempt(runner: Runner, run: Run) -> Outcome:
+    """The Ray task: the same per-run code on a worker."""
+    return runner.attempt(run, retryable=True)
+
+
+# ----------------------------------------------------------------------------------------------- executors
+
+RAY_HINT = ('--executor ray needs Ray: pip install "fused_attn_at[cluster]" (from a checkout: '
+            'pip install --no-build-isolation ".[cluster]"; or just pip install "ray>=2.9")')
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray
+
+
+def start_ray(address: str | None = None, **kwargs):
+    """ray.init for the sweep: a running cluster at `address`, else a local Ray instance. The workers import
+    this module, so experiments/ goes on their PYTHONPATH (on a cluster, the checkout must be at the same path
+    on every node, e.g. on the shared filesystem)."""
+    ray = import_ray()
+    if ray is None:
+        raise SystemExit(f"sweep.py: error: {RAY_HINT}")
+    if not ray.is_initialized():
+        path = os.pathsep.join(p for p in (str(EXPERIMENTS), os.environ.get("PYTHONPATH")) if p)
+        kwargs.setdefault("include_dashboard", False)
+        kwargs.setdefault("log_to_driver", False)
+        ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
+    return ray
+
+
+class Sweep:
+    """A grid's runs through one executor: 'local' (a thread pool of train.py subprocesses on this machine) or
+    'ray' (one Ray task per run, on a local Ray instance or a running cluster)."""
+
+    def __init__(self, runs, *, out_root: Path, data_root: Path, jobs: int, threads: int, resume: bool,
+                 python: str | None = None, extra: list[str] | None = None, executor: str = "local",
+                 address: str | None = None, device: str | None = None):
+        self.runs, self.out_root, self.jobs, self.threads = runs, out_root, jobs, threads
+        self.executor, self.address = executor, address
+        self.runner = Runner(out_root=out_root, data_root=data_root, threads=threads, resume=resume, python=python,
+                             extra=extra, device=device)
+        self.results: dict[str, str] = {}  # run name -> finished | skipped | failed | busy | not started
+        self.pending: list = []  # the Ray tasks in flight
+
+    # the per-run API of the Runner, for callers that hold a Sweep
+    def command(self, run: Run, run_dir: Path, resume: bool) -> list[str]:
+        return self.runner.command(run, run_dir, resume)
+
+    def run_one(self, run: Run) -> str:
+        return self.runner.run_one(run)
+
+    def stop(self, signum, _frame) -> None:
+        """Stop the children too (each resumes from its last epoch next time), then exit."""
+        self.runner.stop()
+        if self.pending:
+            ray = import_ray()
+            for ref in self.pending:
+                ray.cancel(ref, force=True)  # the worker dies, its train.py with it
         print(f"sweep: stopped by signal {signum}; the interrupted runs continue from their last finished epoch "
               "next time", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum)
 
     def run(self, progress: bool = True) -> int:
+        started = time.time()
         todo = [r for r in self.runs if not is_finished(self.out_root / r.name)]
         for run in self.runs:
             if run not in todo:
                 self.results[run.name] = "skipped"
+        where = (f"{self.jobs} at a time" if self.executor == "local"
+                 else f"Ray tasks of {self.threads} CPU(s)" + (" and 1 GPU" if self._gpus() else ""))
         print(f"sweep: {len(self.runs)} runs, {len(self.runs) - len(todo)} already finished, {len(todo)} to run "
-              f"({self.jobs} at a time, {self.threads} threads each) in {self.out_root}", file=sys.stderr, flush=True)
+              f"({where}, {self.threads} threads each) in {self.out_root}", file=sys.stderr, flush=True)
         interactive = sys.stderr.isatty()
-        bar = tqdm(total=len(self.runs), initial=len(self.runs) - len(todo), desc="sweep", unit="run",
-                   disable=not progress, dynamic_ncols=True, mininterval=1 if interactive else 60)
+        self.bar = tqdm(total=len(self.runs), initial=len(self.runs) - len(todo), desc="sweep", unit="run",
+                        disable=not progress, dynamic_ncols=True, mininterval=1 if interactive else 60)
+        if todo:
+            (self._run_ray if self.executor == "ray" else self._run_local)(todo)
+        self.bar.close()
+        return self.summary(time.time() - started)
+
+    def _gpus(self) -> int:
+        return 1 if (self.runner.device or "").startswith("cuda") else 0
+
+    def _report(self, result: Outcome) -> None:
+        self.results[result.name] = result.outcome
+        self.bar.update(1)
+        self.bar.set_postfix(failed=sum(v == "failed" for v in self.results.values()), refresh=False)
+        detail = f": {result.detail}" if result.detail else ""
+        tqdm.write(f"sweep: {result.outcome:<8} {result.name}{detail} ({result.seconds:.0f} s)", file=sys.stderr)
+
+    def _run_local(self, todo: list[Run]) -> None:
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            futures = {run: pool.submit(self._timed, run) for run in todo}
-            for run, future in futures.items():
-                outcome, seconds = future.result()
-                self.results[run.name] = outcome
-                bar.update(1)
-                failed = sum(v == "failed" for v in self.results.values())
-                bar.set_postfix(failed=failed, refresh=False)
-                tqdm.write(f"sweep: {outcome:<8} {run.name} ({seconds:.0f} s)", file=sys.stderr)
-        bar.close()
-        return self.summary()
+            for future in as_completed([pool.submit(self.runner.timed, run) for run in todo]):
+                self._report(future.result())
 
-    def _timed(self, run: Run) -> tuple[str, float]:
-        started = time.time()
-        try:
-            return self.run_one(run), time.time() - started
-        except Exception as error:  # noqa: BLE001 - one broken run must not stop the others
-            print(f"sweep: {run.name}: {type(error).__name__}: {error}", file=sys.stderr)
-            return "failed", time.time() - started
+    def _run_ray(self, todo: list[Run]) -> None:
+        ray = start_ray(self.address)
+        from ray.exceptions import RayError, RayTaskError
 
-    def summary(self) -> int:
-        counts = {}
+        # one retry: a worker that dies (WorkerCrashedError, a lost node) or a train.py killed by a signal
+        # starts the run again from last.pt; a second failure is reported
+        task = ray.remote(_ray_attempt).options(num_cpus=self.threads, num_gpus=self._gpus(), max_retries=1,
+                                                retry_exceptions=[RunInterrupted])
+        runner = ray.put(self.runner)
+        refs = {task.remote(runner, run): (run, time.time()) for run in todo}
+        self.pending = list(refs)
+        while self.pending:
+            ready, self.pending = ray.wait(self.pending, num_returns=1)
+            run, submitted = refs[ready[0]]
+            try:
+                result = ray.get(ready[0])
+            except RayError as error:
+                cause = error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
+                text = one_line(cause)
+                if not isinstance(cause, RunInterrupted):
+                    text = f"{type(cause).__name__}: {text}"
+                result = Outcome(run.name, "failed", time.time() - submitted, f"{text[:300]} (after a retry)")
+            self._report(result)
+
+    def summary(self, seconds: float | None = None) -> int:
+        counts = {k: 0 for k in ("finished", "failed", "skipped", "busy", "not started")}
         for outcome in self.results.values():
             counts[outcome] = counts.get(outcome, 0) + 1
-        print("sweep: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())), file=sys.stderr)
+        line = f"sweep: {counts['finished']} done, {counts['failed']} failed, {counts['skipped']} skipped"
+        if counts["busy"]:
+            line += f", {counts['busy']} held by another process"
+        if counts["not started"]:
+            line += f", {counts['not started']} not started"
+        if seconds is not None:
+            line += f" ({self.executor} executor, {seconds:.0f} s wall)"
+        print(line, file=sys.stderr)
         failed = [name for name, outcome in self.results.items() if outcome == "failed"]
         for name in failed:
             log = self.out_root / name / LOG
@@ -464,18 +828,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=None, help="only these methods")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="only these seeds")
     parser.add_argument("--eps", nargs="+", type=float, default=None, help="only these eps (vanilla always kept)")
-    parser.add_argument("--out-root", type=Path, default=DEFAULT_OUT, help="where the run directories go")
+    parser.add_argument("--out-root", type=Path, default=DEFAULT_OUT,
+                        help="where the run directories go (with --executor ray on a cluster: a path every node "
+                             "reaches, on a shared filesystem)")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
                         help="folder holding the non-SST tasks' data folders named by the grid's 'data'")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (separate processes)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: train.py subprocesses on this machine, --jobs at a time; ray: one Ray task "
+                             "per run (needs the 'cluster' extra)")
+    parser.add_argument("--address", default=None,
+                        help="--executor ray: the Ray cluster to use (e.g. 'auto' or HEAD_IP:6379); default: "
+                             "a local Ray instance (or $RAY_ADDRESS)")
+    parser.add_argument("--jobs", type=int, default=1, help="local executor: runs at a time (separate processes)")
     parser.add_argument("--threads", type=int, default=None,
-                        help=f"torch threads per run (default: cores // jobs = {cores} // jobs)")
+                        help=f"torch threads per run, and the CPUs each Ray task asks for (default: local "
+                             f"cores // jobs = {cores} // jobs; ray 1)")
+    parser.add_argument("--device", default=None,
+                        help="train.py --device for every run (cpu, cuda, cuda:N); with --executor ray and cuda "
+                             "each task asks for one GPU")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue unfinished runs from their last epoch (--no-resume: restart them)")
     parser.add_argument("--list", action="store_true", help="print the runs and their state; run nothing")
     parser.add_argument("--no-progress", action="store_true", help="no overall progress bar")
     parser.add_argument("--train-arg", action="append", default=[], metavar="ARG",
-                        help="an extra argument for every new train.py run (repeat; e.g. --train-arg=--device=cpu)")
+                        help="an extra argument for every new train.py run (repeat; e.g. --train-arg=--lam=0.5)")
     return parser
 
 
@@ -484,9 +860,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.address is not None and args.executor != "ray":
+        parser.error("--address applies to --executor ray only")
+    threads = args.threads or (1 if args.executor == "ray" else max(1, (os.cpu_count() or 1) // args.jobs))
     if threads < 1:
         parser.error(f"--threads must be >= 1, got {threads}")
+    if args.executor == "ray" and not args.list and import_ray() is None:
+        print(f"sweep.py: error: {RAY_HINT}", file=sys.stderr)
+        return 2
     try:
         runs = unique([run for grid in args.grid for run in load_grid(grid)])
     except GridError as error:
@@ -505,10 +886,19 @@ def main(argv=None) -> int:
             sys.stderr.close()
         return 0
     sweep = Sweep(runs, out_root=out_root, data_root=args.data_root.resolve(), jobs=args.jobs, threads=threads,
-                  resume=args.resume, extra=args.train_arg)
-    signal.signal(signal.SIGTERM, sweep.stop)
-    return sweep.run(progress=not args.no_progress)
+                  resume=args.resume, extra=args.train_arg, executor=args.executor, address=args.address,
+                  device=args.device)
+    previous = signal.signal(signal.SIGTERM, sweep.stop)
+    try:
+        return sweep.run(progress=not args.no_progress)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as the module `sweep`, not `__main__`, so that Ray pickles its functions and classes by reference
+    # (the workers import the same module)
+    sys.path.insert(0, str(EXPERIMENTS))
+    import sweep as _sweep
+
+    sys.exit(_sweep.main())

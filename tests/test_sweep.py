@@ -2,7 +2,10 @@
 the SNLI train-from-dev preparation, and RESULTS.md from real (tiny) runs."""
 import json
 import os
+import re
+import socket
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -91,9 +94,60 @@ def test_unfinished_runs_resume_and_held_runs_are_left_alone(tmp_path):
     (run_dir / "sweep.log").write_text("epoch 1: ...\nepoch 2: ...\n")
     assert sweep.status(run, tmp_path) == "unfinished (2 epochs)"
     # a live process holding the run (here: pytest's parent) makes the sweep skip it
-    (run_dir / sweep.LOCK).write_text(f"{__import__('os').getppid()}\n")
+    (run_dir / sweep.LOCK).write_text(f"{os.getppid()}\n")
     assert sweep.status(run, tmp_path).startswith("running (pid")
     assert plan.run_one(run) == "busy"
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_claims_are_atomic_and_stale_locks_are_taken_over(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    # many threads and processes race for one folder: exactly one gets it
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1]); import sweep; from pathlib import Path\n"
+              "time.sleep(max(0, float(sys.argv[3]) - time.time()))\n"
+              "claim = sweep.Claim.take(Path(sys.argv[2]))\nprint(claim is not None)\ntime.sleep(1)")
+    start = __import__("time").time() + 1.5
+    others = [subprocess.Popen([sys.executable, "-c", script, str(EXPERIMENTS), str(run_dir), str(start)],
+                               stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    got = []
+
+    def take():
+        __import__("time").sleep(max(0, start - __import__("time").time()))
+        got.append(sweep.Claim.take(run_dir))
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outputs = [p.communicate()[0].strip() for p in others]
+    assert outputs.count("True") + sum(c is not None for c in got) == 1, (outputs, got)
+    for claim in got:
+        if claim is not None:
+            claim.release()
+    __import__("time").sleep(0.2)  # the processes' claims end with them (dead pid on this host)
+
+    # a lock of a dead pid on this host is stale; one of a live pid on another host is not, until its lease ends
+    (run_dir / sweep.LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead_pid()}))
+    claim = sweep.Claim.take(run_dir)
+    assert claim is not None and json.loads((run_dir / sweep.LOCK).read_text())["pid"] == os.getpid()
+    assert sweep.Claim.take(run_dir) is None  # held by this process, as recorded
+    claim.release()
+    assert not (run_dir / sweep.LOCK).exists()
+    (run_dir / sweep.LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "x"}))
+    assert sweep.Claim.take(run_dir) is None and sweep.lock_owner(run_dir) == "pid 1 on elsewhere"
+    # ... unless it carries this sweep's own token (an attempt Ray retries after its worker died)
+    retry = sweep.Claim.take(run_dir, token="x")
+    assert retry is not None
+    retry.release()
+    (run_dir / sweep.LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "x"}))
+    monkeypatch.setattr(sweep, "LEASE", 0.0)
+    assert sweep.Claim.take(run_dir) is not None  # not refreshed within the lease
 
 
 def test_snli_train_from_dev_is_split_by_premise(tmp_path):
@@ -136,7 +190,10 @@ def test_sweep_runs_reports_failures_and_skips_finished_runs(smoke_sweep):
     root, _, command, first = smoke_sweep
     good = root / "runs" / "sst" / "vanilla_seed1_epochs-1_max-eval-examples-32_max-train-examples-64"
     assert first.returncode == 1, first.stderr
-    assert "1 failed" in first.stderr and "1 finished" in first.stderr
+    assert "sweep: 1 done, 1 failed, 0 skipped (local executor" in first.stderr
+    # one line per finished run: its name, headline metric and wall time
+    assert re.search(r"sweep: finished sst/vanilla_seed1_\S+: test accuracy \d\.\d{3}, pearson -?\d\.\d{3} \(\d+ s\)",
+                     first.stderr), first.stderr
     assert "FAILED babi1/vanilla_seed1_epochs-1" in first.stderr
     metrics = json.loads((good / "metrics.json").read_text())
     assert metrics["test"]["test"]["n"] == 32 and metrics["epochs"][-1]["epoch"] == 1  # the grid's flags
@@ -144,7 +201,7 @@ def test_sweep_runs_reports_failures_and_skips_finished_runs(smoke_sweep):
     assert not (good / sweep.LOCK).exists()
 
     second = subprocess.run(command + ["--datasets", "sst"], capture_output=True, text=True, timeout=120)
-    assert "1 already finished, 0 to run" in second.stderr and "1 skipped" in second.stderr
+    assert "1 already finished, 0 to run" in second.stderr and "0 done, 0 failed, 1 skipped" in second.stderr
     assert second.returncode == 0
     assert (good / "metrics.json").read_text() == json.dumps(metrics, indent=2) + "\n"
 
