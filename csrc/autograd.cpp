@@ -5,6 +5,8 @@
 // torch.compile traces through it as through any C++ autograd kernel (fake implementations of both ops are
 // registered in fused_attn_at/ops/cpp.py).
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/bmm.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -34,6 +36,24 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
   return op;
 }
 
+// The backward of attention_pool_fwd as differentiable ATen ops (SPEC: with r constant, a = masked softmax):
+//   grad_h[b,t,:] = a[b,t] dc[b,:]                       [B, T, H]
+//   da[b,t] = <h[b,t,:], dc[b,:]> + grad_attention[b,t]  [B, T]
+//   grad_scores = a * (da - sum_t a da)                  [B, T]
+// float16/bfloat16 are computed in float32, as the kernels accumulate, and cast back.
+std::tuple<at::Tensor, at::Tensor> backward_composite(const at::Tensor& grad_context, const at::Tensor& grad_attention,
+                                                      const at::Tensor& h, const at::Tensor& attention) {
+  const auto wide = [](const at::Tensor& x) {
+    return x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 ? x.to(at::kFloat) : x;
+  };
+  const at::Tensor a = wide(attention), hw = wide(h), dc = wide(grad_context).to(hw.scalar_type());
+  at::Tensor grad_h = a.to(hw.scalar_type()).unsqueeze(-1) * dc.unsqueeze(1);
+  at::Tensor da = at::bmm(hw, dc.unsqueeze(-1)).squeeze(-1).to(a.scalar_type());
+  if (grad_attention.defined()) da = da + wide(grad_attention).to(a.scalar_type());
+  at::Tensor grad_scores = a * (da - (a * da).sum(-1, /*keepdim=*/true));
+  return {grad_h.to(h.scalar_type()), grad_scores.to(attention.scalar_type())};
+}
+
 class AttentionPoolFunction : public torch::autograd::Function<AttentionPoolFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& scores,
@@ -50,7 +70,11 @@ class AttentionPoolFunction : public torch::autograd::Function<AttentionPoolFunc
   // gradient per forward argument (h, scores, mask, direction, kind, eps); only h and scores get one.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    auto [grad_h, grad_scores] = backward_op().call(grads[0], grads[1], saved[0], saved[1]);
+    // create_graph=True (grad mode on inside the backward): the kernel has no derivative, so the same formula
+    // runs as differentiable ATen ops, whose graph reaches scores through the saved attention.
+    auto [grad_h, grad_scores] = at::GradMode::is_enabled()
+                                     ? backward_composite(grads[0], grads[1], saved[0], saved[1])
+                                     : backward_op().call(grads[0], grads[1], saved[0], saved[1]);
     return {ctx->needs_input_grad(0) ? grad_h : at::Tensor(), ctx->needs_input_grad(1) ? grad_scores : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }

@@ -1,6 +1,8 @@
 """The public functional API: checks the inputs once, picks a backend, runs the fused op."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from python_ref import AttentionPoolOutput, check_attention_inputs, check_perturbation_inputs
 from python_ref.checks import check_values
@@ -56,6 +58,19 @@ def _direction(kind, scores, grad, noise, generator):
     return None if grad is None else grad.detach()
 
 
+def _autocast_promote(h: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Under torch.autocast, h (often a low-precision Linear/LSTM output) and scores may arrive in two float
+    dtypes: run in the wider one (autocast's promote rule, as for torch.cat) instead of refusing the mix.
+    Also says whether autocast is on, so that the op then runs with it off: every backend, the reference's
+    own bmm included, computes in the promoted dtype."""
+    if not torch.is_autocast_enabled(h.device.type):
+        return h, scores, False
+    if h.dtype != scores.dtype and h.is_floating_point() and scores.is_floating_point():
+        dtype = torch.promote_types(h.dtype, scores.dtype)
+        h, scores = h.to(dtype), scores.to(dtype)
+    return h, scores, True
+
+
 def attention_pool(
     h: torch.Tensor,
     scores: torch.Tensor,
@@ -75,14 +90,17 @@ def attention_pool(
     normal, or drawn from `generator`). Returns (context [B, H], attention [B, T]); the attention is the
     perturbed one when a perturbation is asked for. Gradients flow to h and scores; the perturbation is a
     constant. backend: None (best available), "cpu", "cuda", "triton" or "reference"; also $FUSED_ATTN_AT_BACKEND.
+    Under torch.autocast, h and scores of two float dtypes run in the wider one.
     """
+    h, scores, autocasting = _autocast_promote(h, scores)
     check_attention_inputs(h, scores, mask, perturbation, grad, noise, eps, values=False)
     name = resolve_backend(backend, h.device)
     _check_or_defer_values(name, scores, mask, grad, noise)
     impl = _backend_module(name)
     direction = _direction(perturbation, scores, grad, noise, generator)
-    context, attention = _run_kernel(impl.attention_pool, perturbation, h, scores, mask, direction,
-                                     KIND[perturbation], float(eps))
+    with torch.autocast(h.device.type, enabled=False) if autocasting else contextlib.nullcontext():
+        context, attention = _run_kernel(impl.attention_pool, perturbation, h, scores, mask, direction,
+                                         KIND[perturbation], float(eps))
     return AttentionPoolOutput(context, attention)
 
 

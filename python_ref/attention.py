@@ -21,6 +21,8 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None = None) -> to
     m = valid_mask(mask, scores)
     s = scores.masked_fill(~m, float("-inf"))
     # The max is only for stability (softmax is shift invariant), so it carries no gradient.
+    if s.shape[-1] == 0:  # no positions (T = 0): an empty softmax, which amax cannot reduce
+        return scores * 0.0
     row_max = s.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(m.any(dim=-1, keepdim=True), row_max, torch.zeros_like(row_max))
     e = torch.exp(s - row_max)  # exp(-inf) = 0 at padded positions

@@ -53,7 +53,8 @@ def check_mask(mask, scores: torch.Tensor) -> None:
 def check_eps(eps) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a real number >= 0, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps < 0:
+    # comparisons rather than math.isfinite, which torch.compile(dynamic=True) cannot trace on a symbolic float
+    if not 0 <= eps < math.inf:  # also false for NaN
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
 
 

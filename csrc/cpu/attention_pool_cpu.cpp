@@ -74,13 +74,17 @@ HLayout read_layout(const at::Tensor& h) {
   return out;
 }
 
-// Rows split into feature chunks only when the rows alone cannot keep the threads evenly busy.
+// Rows are split into feature chunks when there are too few rows to keep a machine's threads busy. The split
+// depends on the shape only, never on the thread count: the backward sums the partial da of the chunks in
+// chunk order, so a split that followed the thread count would change grad_scores in the last bits between
+// torch.set_num_threads(1) and (2). With a fixed split every thread count gives bitwise the same result.
+constexpr int64_t SPLIT_TARGET_ITEMS = 16;
+
 cpu::Split split_for(int64_t B, int64_t T, int64_t H) {
   cpu::Split s;
   s.chunk = H;
-  const int64_t threads = at::get_num_threads();
-  if (threads <= 1 || B == 0 || B % threads == 0 || B >= 4 * threads || B * T * H < 2 * GRAIN_WORK) return s;
-  int64_t n = std::min((4 * threads + B - 1) / B, H / MIN_CHUNK);
+  if (B == 0 || B >= SPLIT_TARGET_ITEMS || B * T * H < 2 * GRAIN_WORK) return s;
+  const int64_t n = std::min((SPLIT_TARGET_ITEMS + B - 1) / B, H / MIN_CHUNK);
   if (n <= 1) return s;
   int64_t chunk = (H + n - 1) / n;
   chunk = (chunk + 15) / 16 * 16;
