@@ -11,19 +11,12 @@ import json
 import sys
 from pathlib import Path
 
+from paper.cli import ArgumentParser, non_negative_float, positive_int
 from paper.data import DataFormatError, MissingDataError
 
 
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory written by train.py (holds best.pt)")
     parser.add_argument("--data-dir", default=None,
                         help="where the task's files are now (default: the folder the run was trained from)")
@@ -31,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--robustness-eps", type=non_negative_float, default=None,
                         help="size of the test-time AT perturbation (default: the run's)")
     parser.add_argument("--heatmaps", action="store_true", help="also rewrite the run's heat maps")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     return parser
 
 
@@ -42,7 +36,7 @@ def main(argv=None) -> int:
     from paper.training import UsageError, evaluate_run
 
     if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+        torch.set_num_threads(args.threads)
     try:
         result = evaluate_run(args.run_dir, data_dir=args.data_dir, device_arg=args.device,
                               robustness_eps=args.robustness_eps, heatmaps=args.heatmaps)

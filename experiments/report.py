@@ -23,6 +23,7 @@ REPO = EXPERIMENTS.parent
 if str(EXPERIMENTS) not in sys.path:
     sys.path.insert(0, str(EXPERIMENTS))
 
+from paper.cli import ArgumentParser  # noqa: E402
 from sweep import DEFAULT_OUT, Run, load_grid, status  # noqa: E402
 
 NOT_RUN = "not run"
@@ -845,8 +846,7 @@ def build(args) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs-root", type=Path, default=DEFAULT_OUT, help="the sweep's run directories")
     parser.add_argument("--output", type=Path, default=Path("RESULTS.md"), help="the report (relative: to the repo)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where the PNGs go")

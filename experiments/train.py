@@ -14,44 +14,25 @@ import json
 import sys
 from pathlib import Path
 
+from paper.cli import ArgumentParser, given_options, non_negative_float, positive_float, positive_int
 from paper.data import TASKS, DataFormatError, MissingDataError
 from paper.methods import COMPAT_METHODS, DEFAULT_EPS, METHODS
 from paper.models import ATTENTIONS, ENCODERS
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
-# The values a run's results depend on; --resume keeps the saved ones (only --device, --threads and
-# --no-progress may change).
+# The values a run's results depend on. --resume keeps the saved ones: given again with another value, each
+# is refused by name, except --epochs, which may extend the run (or stop it earlier, not before the epochs it
+# has finished). --device, --threads and --no-progress may change freely.
 RESULT_KEYS = ("dataset", "data_dir", "method", "encoder", "attention", "eps", "lam", "compat", "epochs",
                "batch_size", "lr", "weight_decay", "seed", "embeddings", "embed_size", "hidden_size",
                "cnn_channels", "kernel_sizes", "decoder_size", "dropout", "max_train_examples",
                "max_eval_examples", "robustness_eps")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = ArgumentParser(
+        description=DESCRIPTION,
         epilog="Datasets: " + "; ".join(f"{name} ({info.kind})" for name, info in TASKS.items())
         + ". Only sst ships with the repository; the others need --data-dir (an error names the download).")
     what = parser.add_argument_group("what to train")
@@ -114,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run directory (default: runs/<dataset>_<method>_<encoder>_<timestamp>)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --output-dir from its last finished epoch, with its saved "
-                          "configuration (a resumed run ends with the metrics of an uninterrupted one)")
+                          "configuration (a resumed run ends with the metrics of an uninterrupted one). An option "
+                          "given with another value than the saved run's is an error, except --epochs, which "
+                          "extends the run")
     run.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     run.add_argument("--threads", type=positive_int, default=None,
                      help="torch intra-op CPU threads per process (default 1 on the CPU: the models are small, "
@@ -123,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep only the first N training examples (quick tests)")
     run.add_argument("--max-eval-examples", type=positive_int, default=None,
                      help="keep only the first N examples of dev and of each test set (quick tests)")
-    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no tqdm progress bar, even on a terminal (it is drawn only when stderr is a terminal; "
+                          "a log file gets one line per epoch either way)")
     return parser
 
 
@@ -157,6 +142,67 @@ def resolve_config(args, parser) -> dict:
     }
 
 
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+def _as_configured(key: str, value, saved: dict):
+    """An option's command-line value as the config would hold it (resolved paths, lists)."""
+    from paper.training import resolve_embeddings
+
+    if key == "data_dir":
+        return str(Path(value).resolve())
+    if key == "embeddings":
+        return resolve_embeddings(value, saved.get("dataset", "sst"))
+    if key == "kernel_sizes":
+        return list(value)
+    return value
+
+
+def _finished_epochs(output_dir: Path) -> int:
+    from paper.training import load_checkpoint
+
+    last = output_dir / "last.pt"
+    return int(load_checkpoint(last)["epoch"]) if last.is_file() else 0
+
+
+def resume_config(args, given: set[str], saved: dict, output_dir: Path) -> tuple[dict, list[str]]:
+    """The saved configuration of the run to resume, with the changes the command line may make, and a line
+    for each change made. Options given with the saved value are no change. Raises UsageError naming every
+    option that contradicts the saved run."""
+    from paper.training import UsageError
+
+    config, conflicts, notes = dict(saved), [], []
+    for key in RESULT_KEYS:
+        if key not in given:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raw = getattr(args, key)
+        value = _as_configured(key, raw, saved)
+        if value == saved.get(key):
+            continue
+        if key == "embed_size" and saved.get("embeddings") is not None:
+            continue  # the pretrained vectors' size wins, as in a fresh run with this --embed-size
+        if key == "epochs":
+            finished = _finished_epochs(output_dir)
+            if value < finished:
+                conflicts.append(f"{flag} {value} contradicts the saved run: it has already finished {finished} "
+                                 "epochs")
+            else:
+                config["epochs"] = value
+                notes.append(f"--resume: --epochs {value} (the saved run had {saved.get('epochs')}): "
+                             f"training {'continues to' if value > finished else 'ends with'} epoch {value}")
+            continue
+        hint = " (evaluate.py --robustness-eps measures at another size)" if key == "robustness_eps" else ""
+        conflicts.append(f"{flag} {_shown(raw)} contradicts the saved run ({_shown(saved.get(key))}){hint}")
+    if conflicts:
+        raise UsageError("--resume: " + "; ".join(conflicts) + f". Leave them out to continue {output_dir} "
+                         "as it was saved, or start a new run with another --output-dir")
+    return config, notes
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -169,7 +215,10 @@ def main(argv=None) -> int:
             saved = args.output_dir / "config.json"
             if not saved.is_file():
                 raise UsageError(f"--resume: {saved} does not exist (nothing to resume)")
-            config = json.loads(saved.read_text(encoding="utf-8"))
+            config, notes = resume_config(args, given_options(parser, argv),
+                                          json.loads(saved.read_text(encoding="utf-8")), args.output_dir)
+            for note in notes:
+                print(f"train.py: {note}", file=sys.stderr)
             output_dir = args.output_dir
         else:
             config = resolve_config(args, parser)

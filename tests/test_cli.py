@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,3 +212,105 @@ def test_refuses_to_overwrite_a_run_and_resume_needs_one(finished_run, tmp_path,
     assert "nothing to resume" in capsys.readouterr().err
     assert main_exit_code(script("evaluate"), [tmp_path / "empty"]) == 2
     assert "best.pt" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- first contact
+
+def _truncated_copy_of_sst(tmp_path, split) -> Path:
+    """The embedded SST with one split's .gz cut after its first 1000 bytes (a download that stopped early;
+    so early that the few examples the small runs read already reach the cut)."""
+    folder = tmp_path / "sst"
+    folder.mkdir()
+    for name in ("train", "dev", "test"):
+        data = (REPO / "experiments" / "data" / "sst" / f"{name}.txt.gz").read_bytes()
+        (folder / f"{name}.txt.gz").write_bytes(data[:1000] if name == split else data)
+    return folder
+
+
+def _one_clean_line(result, *expected):
+    assert result.returncode in (1, 2), result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for text in expected:
+        assert text in lines[0], result.stderr
+
+
+def test_truncated_gz_is_one_clean_line_in_train(tmp_path):
+    data = _truncated_copy_of_sst(tmp_path, "train")
+    result = run(TRAIN, *SMALL, "--data-dir", data, "--output-dir", tmp_path / "out", check=False, timeout=120)
+    _one_clean_line(result, "train.py: error: data file", str(data / "train.txt.gz"), "truncated or corrupt",
+                    "download it again")
+
+
+def test_truncated_gz_is_one_clean_line_in_evaluate(finished_run, tmp_path):
+    data = _truncated_copy_of_sst(tmp_path, "test")
+    result = run(EVALUATE, finished_run, "--data-dir", data, "--threads", "1", check=False, timeout=120)
+    _one_clean_line(result, "evaluate.py: error: data file", str(data / "test.txt.gz"), "truncated or corrupt")
+
+
+def test_resume_refuses_options_that_contradict_the_saved_run(finished_run):
+    before = (finished_run / "metrics.json").read_bytes()
+    result = run(TRAIN, "--resume", "--output-dir", finished_run, "--method", "vanilla", "--lr", "0.01",
+                 "--no-progress", check=False, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "--method vanilla contradicts the saved run (attention_at)" in result.stderr
+    assert "--lr 0.01 contradicts the saved run (0.001)" in result.stderr
+    assert (finished_run / "metrics.json").read_bytes() == before  # nothing ran
+
+
+def test_resume_applies_more_epochs_and_says_so(finished_run, tmp_path):
+    out = tmp_path / "extended"
+    shutil.copytree(finished_run, out)
+    # the saved run's own values, given again, are no conflict; --epochs 4 extends the finished 3-epoch run
+    result = run(TRAIN, "--resume", "--output-dir", out, "--method", "attention_at", "--epochs", "4",
+                 "--threads", "1", "--no-progress", timeout=180)
+    assert "--resume: --epochs 4 (the saved run had 3)" in result.stderr, result.stderr
+    assert "contradicts" not in result.stderr
+    assert json.loads((out / "config.json").read_text())["epochs"] == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3, 4]
+    # fewer epochs than the run has already finished cannot be applied
+    result = run(TRAIN, "--resume", "--output-dir", out, "--epochs", "2", "--no-progress", check=False)
+    assert result.returncode == 2 and "--epochs 2" in result.stderr and "already finished 4" in result.stderr
+
+
+def test_help_shows_one_default_per_option():
+    for name in ("train", "evaluate", "report"):
+        text = script(name).build_parser().format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        # one chunk per option: its flags line and the indented help lines below it
+        chunks = [chunk.split("\n\n")[0] for chunk in re.split(r"\n  (?=-)", text)]
+        for chunk in chunks[1:]:
+            assert len(re.findall(r"default", chunk, re.IGNORECASE)) <= 1, chunk
+    train_help = script("train").build_parser().format_help()
+    assert "(default: 0.001)" in train_help  # real defaults are still shown
+
+
+@pytest.mark.parametrize("name,args,expected", [
+    ("train", ["--method", "nosuchmethod"], "invalid choice: 'nosuchmethod'"),
+    ("train", ["--eps", "-1"], "--eps: must be a finite number >= 0"),
+    ("evaluate", [], "the following arguments are required: run_dir"),
+    ("report", ["--nosuchflag"], "unrecognized arguments: --nosuchflag"),
+])
+def test_argparse_errors_are_one_line_and_a_hint(name, args, expected):
+    result = run(REPO / "experiments" / f"{name}.py", *args, check=False, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "usage:" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and expected in lines[0] and lines[0].startswith(f"{name}.py: error: "), result.stderr
+    assert "--help" in lines[1], result.stderr
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path):
+    """Without --no-progress, stderr redirected to a file gets the per-epoch lines and no tqdm updates."""
+    log = tmp_path / "train.log"
+    args = [a for a in SMALL if a != "--no-progress"]
+    with log.open("w") as handle:
+        result = subprocess.run([sys.executable, str(TRAIN), *args, "--epochs", "1", "--output-dir",
+                                 str(tmp_path / "out")], stdout=handle, stderr=subprocess.STDOUT, env=env(),
+                                cwd=REPO, timeout=180)
+    text = log.read_text()
+    assert result.returncode == 0, text
+    assert "\r" not in text and "it/s" not in text, text[:2000]
+    assert "epoch 1: train loss" in text

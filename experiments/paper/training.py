@@ -338,8 +338,10 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
         batches = ddp.shard(make_batches(task.train, vocab, config["batch_size"], shuffle=True,
                                          generator=shuffle_gen, device=device, num_labels=config["n_labels"]))
         sums = [0.0, 0.0, 0.0, 0]  # loss, clean loss, adversarial loss, examples
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not (progress and ddp.main),
-                   leave=False, dynamic_ncols=True)
+        # disable=None: tqdm draws the bar only when stderr is a terminal; redirected to a file, the log holds
+        # the per-epoch lines below and no carriage-return updates
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config['epochs']}",
+                   disable=None if progress and ddp.main else True, leave=False, dynamic_ncols=True)
         for batch in bar:
             optimizer.zero_grad(set_to_none=True)
             step = trainer(batch)
