@@ -112,10 +112,19 @@ def test_report_goal_rows_from_known_medians(tmp_path):
     assert rows["attention_at training step / vanilla step"] == ("1.20x", "met")
 
 
+def _tracked_outputs() -> dict:
+    """The committed report and plots, by content."""
+    paths = [BENCHMARKS / "RESULTS.md", *sorted((BENCHMARKS / "plots").glob("*.png"))]
+    return {p: p.read_bytes() for p in paths}
+
+
 def test_report_writes_markdown_and_plots(tmp_path):
     json_path = _fake_json(tmp_path)
-    out, plots = tmp_path / "RESULTS.md", tmp_path / "plots"
-    assert report.main(["--json", str(json_path), "--out", str(out), "--plots", str(plots)]) == 0
+    committed = _tracked_outputs()
+    out_dir = tmp_path / "report"
+    assert report.main(["--json", str(json_path), "--out", str(out_dir)]) == 0
+    assert _tracked_outputs() == committed  # --out leaves the committed RESULTS.md and plots alone
+    out, plots = out_dir / "RESULTS.md", out_dir / "plots"
     text = out.read_text()
     assert "## Goals (CPU, float32)" in text and "| word_at |" in text and "2.10x" in text
     assert "no CUDA device here" in text  # skip reasons are reported, not dropped
@@ -124,3 +133,82 @@ def test_report_writes_markdown_and_plots(tmp_path):
     written = sorted(p.name for p in plots.glob("*.png"))
     assert written == ["gbps_vs_T_cpu_float32_B64_H256.png", "speedup_vs_T_cpu_float32_B64_H256.png"]
     assert all((plots / name).stat().st_size > 1000 for name in written)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A fused backend that crashes fails the benchmark; only an unavailable one is skipped (issue 14, item 11)
+
+
+@pytest.fixture
+def fresh_reasons():
+    benchlib.unavailable_reason.cache_clear()
+    yield
+    benchlib.unavailable_reason.cache_clear()
+
+
+def test_crashing_backend_is_not_skipped(monkeypatch, fresh_reasons):
+    import fused_attn_at
+    from fused_attn_at import _backend
+
+    monkeypatch.setattr(_backend, "why_unavailable", lambda backend, device: None)  # "cpu" is available
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("kernel crashed")
+
+    monkeypatch.setattr(fused_attn_at, "attention_pool", crash)
+    assert benchlib.unavailable_reason("cpu", "cpu", "float32") is None, "a crash must not become a skip reason"
+    case = benchlib.Case("cpu", "float32", 2, 3, 4, "at", "fwd", "cpu")
+    inputs = benchlib.make_inputs(case)
+    with pytest.raises(RuntimeError, match="kernel crashed"):  # so the benchmark case fails
+        benchlib.outputs_of(case, benchlib.pool_function(case, None, inputs), inputs)
+
+
+def test_unavailable_backend_is_skipped_with_its_reason(monkeypatch, fresh_reasons):
+    from fused_attn_at import _backend
+
+    monkeypatch.setattr(_backend, "why_unavailable",
+                        lambda backend, device: f"{backend} not built here" if backend == "cpu" else None)
+    assert benchlib.unavailable_reason("cpu", "cpu", "bfloat16") == "cpu not built here"
+
+
+def test_report_default_output_is_not_tracked(tmp_path, monkeypatch):
+    """Without --out the report goes to benchmarks/out/, which git ignores; --update-committed is what
+    rewrites the committed RESULTS.md and plots (here redirected to a temporary benchmarks folder)."""
+    import subprocess
+
+    assert report.build_parser().parse_args([]).out is None and report.DEFAULT_OUT == BENCHMARKS / "out"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(report.DEFAULT_OUT / "RESULTS.md")],
+                             cwd=BENCHMARKS, capture_output=True)
+    assert ignored.returncode == 0, "benchmarks/out/ should be ignored by git"
+    json_path = _fake_json(tmp_path)
+    monkeypatch.setattr(report, "HERE", tmp_path / "benchmarks")
+    assert report.main(["--json", str(json_path), "--update-committed"]) == 0
+    assert (tmp_path / "benchmarks" / "RESULTS.md").is_file()
+    assert len(list((tmp_path / "benchmarks" / "plots").glob("*.png"))) == 2
+    with pytest.raises(SystemExit):
+        report.main(["--json", str(json_path), "--update-committed", "--out", str(tmp_path / "x")])
+
+
+def test_report_run_without_pytest_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "missing_run_requirements", lambda: ["pytest", "pytest_benchmark"])
+    monkeypatch.setattr(report, "run_benchmarks", lambda *a: pytest.fail("must not run pytest"))
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["--run", "--json", str(tmp_path / "goal.json"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and '.[test]' in err and "pytest_benchmark" in err, err
+    assert "usage:" not in err
+
+
+def test_report_run_that_measured_nothing_does_not_say_run_with_run(tmp_path, monkeypatch, capsys):
+    """pytest failing before it writes the JSON is reported as that, not as 'run with --run' (which was given)."""
+    monkeypatch.setattr(report, "missing_run_requirements", lambda: [])
+    monkeypatch.setattr(report, "run_benchmarks", lambda *a: 1)
+    json_path = tmp_path / "goal.json"
+    assert report.main(["--run", "--json", str(json_path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "run with --run" not in err and "pytest exited with 1 and wrote no" in err, err
+    assert not (tmp_path / "out").exists()
+    # an older JSON at that path is not passed off as this run's measurements
+    json_path.write_text(_fake_json(tmp_path).read_text())
+    assert report.main(["--run", "--json", str(json_path), "--out", str(tmp_path / "out")]) == 1
+    assert "wrote no" in capsys.readouterr().err
