@@ -503,13 +503,33 @@ def run(args: argparse.Namespace) -> dict:
                 tests_status=args.tests_status)
 
 
+def failures(report: dict) -> list[str]:
+    """What makes the run fail (a non-zero exit status): a fused backend whose result differs from eager beyond
+    benchlib.SANITY_RTOL, and a case of the main grid or the extra rows that raised. (Skips for the time budget
+    or an unavailable backend, and errors of the Triton launch-parameter sweep, which only explores, do not.)"""
+    out = []
+    for c in report["cases"]:
+        where = f"{c['backend']} {c['dtype']} {c['kind']} B={c['B']} T={c['T']} H={c['H']} {c['mode']}"
+        if c.get("check_ok") is False:
+            out.append(f"{where}: differs from eager by {c['max_rel_err_vs_eager']:.2e} "
+                       f"(> {benchlib.SANITY_RTOL[c['dtype']]})")
+        elif "error" in c:
+            out.append(f"{where}: {c['error']}")
+    return out
+
+
 def main(argv=None) -> int:
+    """0 when every check passed and every case ran (or was skipped), 1 otherwise (the files are written either
+    way), so that gpu_check.sh and CI see a failed numerical check."""
     args = parse_args(argv)
     report = run(args)
     json_path, md_path = write_report(report, args.out)
     print(md_path.read_text())
     print(f"[gpu_check] wrote {json_path} and {md_path}")
-    return 0
+    problems = failures(report)
+    for problem in problems:
+        print(f"[gpu_check] FAILED {problem}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -372,6 +372,34 @@ def test_gpu_check_runs_on_cpu(gpu_check, tmp_path):
     assert "| fwdbwd | 16 | 4 |" in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_gpu_check_exits_non_zero_when_a_check_fails(gpu_check, tmp_path, monkeypatch):
+    """A fused backend that differs from eager (here "cpu", made wrong by a monkeypatch) is a failed run: exit 1,
+    the report still written and the case marked (!). A backend that raises fails the run the same way."""
+    import fused_attn_at as package
+
+    real = package.attention_pool
+
+    def wrong(h, scores, mask=None, **kwargs):
+        out = real(h, scores, mask, **kwargs)
+        return python_ref.AttentionPoolOutput(out.context * 1.5, out.attention)
+
+    argv = ["--device", "cpu", "--backends", "eager,cpu", "--lengths", "8", "--hiddens", "4", "--batch", "2",
+            "--no-extras", "--passes", "fwd", "--copy-mib", "4", "--rep-ms", "2", "--warmup-ms", "1"]
+    monkeypatch.setattr(package, "attention_pool", wrong)
+    assert gpu_check.main(argv + ["--out", str(tmp_path / "wrong")]) == 1
+    report = json.loads((tmp_path / "wrong" / "gpu_check.json").read_text())
+    assert [c["check_ok"] for c in report["cases"] if c["backend"] == "cpu"] == [False]
+    assert gpu_check.failures(report) and "differs from eager" in gpu_check.failures(report)[0]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("kernel crashed")
+
+    monkeypatch.setattr(package, "attention_pool", crash)
+    assert gpu_check.main(argv + ["--out", str(tmp_path / "crash")]) == 1
+    monkeypatch.setattr(package, "attention_pool", real)
+    assert gpu_check.main(argv + ["--out", str(tmp_path / "ok")]) == 0
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU machine gpu_check.sh is what runs this file: no nested run")
 def test_gpu_check_sh_runs_on_cpu(tmp_path):
     """The shell script's plumbing (toolkit and arch detection, test run, junit -> report, exit status) with the
