@@ -1,14 +1,16 @@
-"""Benchmark report: runs the benchmarks (optionally) and turns their JSON into benchmarks/RESULTS.md + plots.
+"""Benchmark report: runs the benchmarks (optionally) and turns their JSON into RESULTS.md + plots.
 
-One command measures and writes everything (about 10 minutes on 2 quiet cores for the goal set):
+One command measures and writes everything (about 8 minutes on 2 quiet cores for the goal set):
 
     python benchmarks/report.py --run --bench-set goal
 
 It runs `pytest benchmarks/ --bench-set goal --benchmark-json=benchmarks/results/goal.json` (the installed
-fused_attn_at, 2 threads), then writes benchmarks/RESULTS.md and benchmarks/plots/*.png from that JSON.
-Without --run it only renders an existing JSON:
+fused_attn_at, 2 threads; --run needs pytest and pytest-benchmark, the `test` extra:
+`pip install --no-build-isolation ".[test]"`), then writes RESULTS.md and plots/*.png from that JSON into
+--out (default benchmarks/out/, not tracked by git). --update-committed writes the committed
+benchmarks/RESULTS.md and benchmarks/plots/ instead. Without --run it only renders an existing JSON:
 
-    python benchmarks/report.py --json benchmarks/results/goal.json [--out benchmarks/RESULTS.md]
+    python benchmarks/report.py --json benchmarks/results/goal.json [--out DIR]
 
 Anything after `--` is passed to pytest (e.g. `-- --bench-backends eager,cpu -k fwdbwd`).
 Time the final numbers on a quiet machine: the report prints the load average and the bandwidth measured at
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import importlib.util
 import json
 import os
 import pathlib
@@ -30,6 +33,8 @@ sys.path.insert(0, str(HERE))
 import benchlib  # noqa: E402
 
 NONE = "—"
+DEFAULT_OUT = HERE / "out"  # ignored by git (benchmarks/.gitignore)
+RUN_NEEDS = ("pytest", "pytest_benchmark")  # module names; pip names pytest, pytest-benchmark
 # More CPU time than this fraction of the machine taken by other processes during a run marks it noisy.
 OTHER_LOAD_LIMIT = 0.05
 
@@ -430,34 +435,74 @@ def run_benchmarks(bench_set: str, json_path: pathlib.Path, pytest_args: list[st
     return subprocess.call(cmd, cwd=benchlib.REPO)
 
 
+def _mtime(path: pathlib.Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def missing_run_requirements() -> list[str]:
+    """The modules --run needs (it runs pytest) that this Python lacks."""
+    return [name for name in RUN_NEEDS if importlib.util.find_spec(name) is None]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Errors as one line and a hint, not the usage block (as experiments/paper/cli.py does for experiments/)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nrun with --help for usage\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="store_true",
+                        help="run the benchmarks first (pytest benchmarks/; needs the test extra)")
+    parser.add_argument("--bench-set", default="goal", choices=benchlib.BENCH_SETS, help="with --run (default goal)")
+    parser.add_argument("--json", type=pathlib.Path, default=None,
+                        help="pytest-benchmark JSON to read/write (default benchmarks/results/<set>.json)")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="folder to write RESULTS.md and plots/ into (default benchmarks/out/, ignored by git)")
+    parser.add_argument("--update-committed", action="store_true",
+                        help="write the committed benchmarks/RESULTS.md and benchmarks/plots/ instead of --out")
+    return parser
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pytest_args = []
     if "--" in argv:
         cut = argv.index("--")
         argv, pytest_args = argv[:cut], argv[cut + 1:]
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", action="store_true", help="run the benchmarks first (pytest benchmarks/)")
-    parser.add_argument("--bench-set", default="goal", choices=benchlib.BENCH_SETS, help="with --run (default goal)")
-    parser.add_argument("--json", type=pathlib.Path, default=None,
-                        help="pytest-benchmark JSON to read/write (default benchmarks/results/<set>.json)")
-    parser.add_argument("--out", type=pathlib.Path, default=HERE / "RESULTS.md", help="default benchmarks/RESULTS.md")
-    parser.add_argument("--plots", type=pathlib.Path, default=HERE / "plots", help="default benchmarks/plots/")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.update_committed and args.out is not None:
+        parser.error("--out and --update-committed name two places to write: give one")
+    out_dir = HERE if args.update_committed else (args.out or DEFAULT_OUT)
     json_path = args.json or HERE / "results" / f"{args.bench_set}.json"
     if args.run:
+        missing = missing_run_requirements()
+        if missing:
+            parser.error(f"--run runs pytest, and this Python ({sys.executable}) lacks {', '.join(missing)}: "
+                         'install the test extra, pip install --no-build-isolation ".[test]"')
+        before = _mtime(json_path)
         code = run_benchmarks(args.bench_set, json_path, pytest_args)
+        if _mtime(json_path) in (None, before):  # not a JSON an earlier run left: that is not this run's
+            print(f"{parser.prog}: error: pytest exited with {code} and wrote no {json_path}: nothing to report "
+                  "(see pytest's output above)", file=sys.stderr)
+            return 1
         if code not in (0, 5):  # 5: nothing collected/everything deselected
             print(f"pytest exited with {code}; writing the report from what was measured", file=sys.stderr)
-    if not json_path.exists():
-        parser.error(f"{json_path} does not exist: run with --run, or point --json at a pytest-benchmark JSON")
+    elif not json_path.exists():
+        parser.error(f"{json_path} does not exist: run with --run to measure, or point --json at a "
+                     "pytest-benchmark JSON")
     res = load(json_path)
-    plots = plot(res, args.plots)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_md, plots_dir = out_dir / "RESULTS.md", out_dir / "plots"
+    plots = plot(res, plots_dir)
     shown = "python benchmarks/report.py " + " ".join(
         (["--run", f"--bench-set {args.bench_set}"] if args.run else [f"--json {_rel(json_path, benchlib.REPO)}"])
+        + (["--update-committed"] if args.update_committed else [])
         + (["--", *pytest_args] if pytest_args else []))
-    args.out.write_text(render(res, json_path, args.out, plots, shown))
-    print(f"wrote {args.out} and {len(plots)} plot(s) in {args.plots}")
+    results_md.write_text(render(res, json_path, results_md, plots, shown))
+    print(f"wrote {results_md} and {len(plots)} plot(s) in {plots_dir}")
     return 0
 
 
