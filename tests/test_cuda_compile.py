@@ -7,15 +7,23 @@
    run as host threads, __syncthreads is a barrier, warp shuffles exchange values), and the launchers, called
    through ctypes exactly as the torch binding calls them, are checked against python_ref under the tolerance
    rule: every perturbation, mask patterns, vector and scalar paths, several column groups and position
-   chunks, float64/float16/bfloat16, views. This checks the kernels' arithmetic and indexing; the GPU's memory
-   model and speed are checked by tests/test_gpu.py on a GPU.
+   chunks, float64/float16/bfloat16, views; the flags they set for NaN/inf at real positions; offsets past
+   2^31 elements (rows 2^32 elements apart in sparse mappings that cost no memory); the grid limits. This checks
+   the kernels' arithmetic and indexing; the GPU's memory model and speed are checked by tests/test_gpu.py on a GPU.
+4. The torch binding (attention_pool_binding.cpp), which only a CUDA build of the package compiles: checked
+   against torch's own c10/cuda headers and the toolkit's (g++ -fsyntax-only, where a CUDA toolkit is found), and
+   built over the emulated kernels into a library torch loads (tests/cuda_stubs/), so that its input checks,
+   views, launches and device-side value checks run for real on CPU tensors.
 """
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import importlib.util
+import mmap
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import time
@@ -23,6 +31,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 import python_ref
 from _helpers import (
@@ -38,6 +47,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = REPO / "csrc" / "cuda"
 KERNELS = CUDA_DIR / "attention_pool_kernels.cu"
 HEADER = CUDA_DIR / "attention_pool_cuda.h"
+BINDING = CUDA_DIR / "attention_pool_binding.cpp"
+STUBS = REPO / "tests" / "cuda_stubs"
 # The flags torch.utils.cpp_extension gives every .cu file, plus setup.py's own.
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
@@ -115,74 +126,115 @@ def _view(x: torch.Tensor | None) -> View:
     return View(x.data_ptr(), (ctypes.c_int64 * 3)(*strides))
 
 
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    """The kernels built with g++ against the CPU emulation, as a ctypes library."""
+EMULATION_FLAGS = ["-x", "c++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra",
+                   "-Wno-unknown-pragmas", "-Werror", "-DFA_CPU_EMULATION", "-I", str(CUDA_DIR / "cpu_emulation"),
+                   "-I", str(CUDA_DIR)]
+
+
+def build_emulated(source: pathlib.Path, library: pathlib.Path, extra_flags=()) -> ctypes.CDLL:
+    """`source` (the kernels, or a variant of them) built with g++ against the CPU emulation, as a ctypes library."""
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("g++ not found: the CPU emulation of the CUDA kernels cannot be built")
-    library = tmp_path_factory.mktemp("cuda_emulation") / "libfa_cuda_emulated.so"
-    cmd = [compiler, "-x", "c++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra",
-           "-Wno-unknown-pragmas", "-Werror", "-DFA_CPU_EMULATION", "-I", str(CUDA_DIR / "cpu_emulation"),
-           str(KERNELS), "-o", str(library)]
+    cmd = [compiler, *EMULATION_FLAGS, *extra_flags, str(source), "-o", str(library)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    print(f"g++ CPU emulation build: {time.perf_counter() - start:.1f} s")
+    print(f"g++ CPU emulation build of {source.name}: {time.perf_counter() - start:.1f} s")
     assert proc.returncode == 0, proc.stderr[-4000:]
     lib = ctypes.CDLL(str(library))
     i64, dbl, ptr, i32 = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p, ctypes.c_int
-    lib.fa_cuda_iat_coefficients.argtypes = [i32, i64, i64, View, View, View, ptr, ptr]
-    lib.fa_cuda_perturbation.argtypes = [i32, i32, i32, i64, i64, dbl, View, View, View, ptr, View, ptr]
+    lib.fa_cuda_iat_coefficients.argtypes = [i32, i64, i64, View, View, View, ptr, ptr, ptr]
+    lib.fa_cuda_perturbation.argtypes = [i32, i32, i32, i64, i64, dbl, View, View, View, ptr, View, ptr, ptr]
     lib.fa_cuda_attention_pool_fwd.argtypes = [i32, i32, i64, i64, i64, dbl, View, View, View, View, View, View,
-                                               i32, ptr]
+                                               i32, ptr, ptr]
     lib.fa_cuda_attention_pool_bwd.argtypes = [i32, i64, i64, i64, View, View, View, View, View, View, ptr, i32,
                                                ptr]
     for name in ("fa_cuda_iat_coefficients", "fa_cuda_perturbation", "fa_cuda_attention_pool_fwd",
                  "fa_cuda_attention_pool_bwd"):
         getattr(lib, name).restype = i32
+    lib.path = library
     return lib
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The kernels built with g++ against the CPU emulation, as a ctypes library."""
+    return build_emulated(KERNELS, tmp_path_factory.mktemp("cuda_emulation") / "libfa_cuda_emulated.so")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _perturbation(lib, scores, mask, direction, kind, eps, out, out_is_acc):
-    """What attention_pool_binding.cpp's launch_perturbation does."""
+# The nonfinite flags of attention_pool_cuda.h (one int32 the kernels OR them into).
+NONFINITE_SCORES, NONFINITE_DIRECTION = 1, 2
+
+
+class Flags:
+    """The flag word the binding zeroes before the launches and asserts on after them."""
+
+    def __init__(self):
+        self.word = torch.zeros((), dtype=torch.int32)
+
+    def ptr(self) -> int:
+        return self.word.data_ptr()
+
+    @property
+    def value(self) -> int:
+        return int(self.word)
+
+
+def dense(shape, dtype, fill=float("nan")) -> torch.Tensor:
+    """An output buffer poisoned with `fill` (what the binding allocates, but never left uninitialised here)."""
+    return torch.full(shape, fill, dtype=dtype)
+
+
+def _perturbation(lib, scores, mask, direction, kind, eps, out, out_is_acc, flags=None):
+    """What attention_pool_binding.cpp's launch_perturbation does. With flags=None: a fresh flag word that must
+    stay zero (every caller but the value-check tests passes finite values at the real positions)."""
     B, T = scores.shape
     dtype = FA_DTYPE[scores.dtype]
+    check = flags is None
+    flags = Flags() if flags is None else flags
     coeff = None
     if kind == 2:
         coeff = torch.full((B, B), float("nan"), dtype=_acc(scores.dtype))
         assert lib.fa_cuda_iat_coefficients(dtype, B, T, _view(scores), _view(mask), _view(direction),
-                                            coeff.data_ptr(), None) == 0
+                                            coeff.data_ptr(), flags.ptr(), None) == 0
     assert lib.fa_cuda_perturbation(dtype, kind, int(out_is_acc), B, T, eps, _view(scores), _view(mask),
                                     _view(direction), None if coeff is None else coeff.data_ptr(), _view(out),
-                                    None) == 0
+                                    flags.ptr(), None) == 0
+    if check:
+        assert flags.value == 0, f"nonfinite flags {flags.value} for finite inputs"
 
 
-def emulated_forward(lib, h, scores, mask, direction, kind, eps, sms):
-    """(context, attention) as attention_pool_fwd_cuda computes them; outputs poisoned with NaN first."""
+def emulated_forward(lib, h, scores, mask, direction, kind, eps, sms, flags=None, alloc=dense):
+    """(context, attention) as attention_pool_fwd_cuda computes them; outputs (from `alloc`) poisoned with NaN
+    first. flags: as in _perturbation."""
     B, T, H = h.shape
-    context = torch.full((B, H), float("nan"), dtype=h.dtype)
-    attention = torch.full((B, T), float("nan"), dtype=h.dtype)
+    check = flags is None
+    flags = Flags() if flags is None else flags
+    context = alloc((B, H), h.dtype)
+    attention = alloc((B, T), h.dtype)
     perturb, given = 0, None
     if kind == 1:
         perturb, given = 1, direction
     elif kind == 2:
-        perturb, given = 2, torch.full((B, T), float("nan"), dtype=_acc(h.dtype))
-        _perturbation(lib, scores, mask, direction, 2, eps, given, out_is_acc=True)
+        perturb, given = 2, alloc((B, T), _acc(h.dtype))
+        _perturbation(lib, scores, mask, direction, 2, eps, given, out_is_acc=True, flags=flags)
     assert lib.fa_cuda_attention_pool_fwd(FA_DTYPE[h.dtype], perturb, B, T, H, eps, _view(h), _view(scores),
                                           _view(mask), _view(given), _view(context), _view(attention), sms,
-                                          None) == 0
+                                          flags.ptr(), None) == 0
+    if check:
+        assert flags.value == 0, f"nonfinite flags {flags.value} for finite inputs"
     return context, attention
 
 
-def emulated_backward(lib, grad_context, grad_attention, h, attention, sms):
+def emulated_backward(lib, grad_context, grad_attention, h, attention, sms, alloc=dense):
     B, T, H = h.shape
-    grad_h = torch.empty_like(h).fill_(float("nan"))
-    grad_scores = torch.full((B, T), float("nan"), dtype=h.dtype)
-    da = torch.full((B, T), float("nan"), dtype=_acc(h.dtype))
+    grad_h = alloc(h.shape, h.dtype)
+    grad_scores = alloc((B, T), h.dtype)
+    da = torch.full((B, T), float("nan"), dtype=_acc(h.dtype))  # the workspace is contiguous by contract
     assert lib.fa_cuda_attention_pool_bwd(FA_DTYPE[h.dtype], B, T, H, _view(grad_context), _view(grad_attention),
                                           _view(h), _view(attention), _view(grad_h), _view(grad_scores),
                                           da.data_ptr(), sms, None) == 0
@@ -192,24 +244,33 @@ def emulated_backward(lib, grad_context, grad_attention, h, attention, sms):
 KIND_CODE = {None: 0, "at": 1, "rp": 1, "iat": 2}
 
 
-def emulated_pool_with_grads(lib, inputs: Inputs, kind, eps=1.0, sms=4, used=("context", "attention")):
-    """The emulated kernels' counterpart of _helpers.pool_with_grads (same cotangents)."""
+def emulated_pool_with_grads(lib, inputs: Inputs, kind, eps=1.0, sms=4, used=("context", "attention"),
+                             alloc=dense, place=lambda x: x):
+    """The emulated kernels' counterpart of _helpers.pool_with_grads (same cotangents). alloc makes the output
+    buffers, place copies the cotangents where the test wants them (the 64-bit offset test: sparse rows)."""
     direction = inputs.grad if kind in ("at", "iat") else inputs.noise if kind == "rp" else None
     context, attention = emulated_forward(lib, inputs.h, inputs.scores, inputs.mask, direction, KIND_CODE[kind],
-                                          eps, sms)
+                                          eps, sms, alloc=alloc)
     dc, da = cotangents(inputs)
     if "context" not in used:
         dc = torch.zeros_like(dc)
-    grad_h, grad_scores = emulated_backward(lib, dc, da if "attention" in used else None, inputs.h, attention, sms)
+    grad_h, grad_scores = emulated_backward(lib, place(dc), place(da) if "attention" in used else None, inputs.h,
+                                            attention, sms, alloc=alloc)
     return dict(context=context, attention=attention, grad_h=grad_h, grad_scores=grad_scores)
 
 
-def check_emulated(lib, inputs: Inputs, kind, eps=1.0, sms=4, used=("context", "attention"), what=""):
-    actual = emulated_pool_with_grads(lib, inputs, kind, eps, sms, used)
+def references(inputs: Inputs, kind, eps=1.0, used=("context", "attention")):
+    """python_ref in the inputs' dtype and in float64, on the same values."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # iAT with a batch of one
         reference_low = pool_with_grads(python_ref.attention_pool, inputs, kind, eps, used)
         reference64 = pool_with_grads(python_ref.attention_pool, inputs.to(torch.float64), kind, eps, used)
+    return reference64, reference_low
+
+
+def check_emulated(lib, inputs: Inputs, kind, eps=1.0, sms=4, used=("context", "attention"), what=""):
+    actual = emulated_pool_with_grads(lib, inputs, kind, eps, sms, used)
+    reference64, reference_low = references(inputs, kind, eps, used)
     assert_within_rule(actual, reference64, reference_low, what=what or f"emulated CUDA kind={kind}")
     return actual
 
@@ -300,3 +361,173 @@ def test_emulated_backward_is_deterministic(emulated):
     again = emulated_pool_with_grads(emulated, inputs, "iat")
     for name, tensor in first.items():
         assert torch.equal(tensor, again[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values at real positions: NaN/inf set the kernels' flags (the binding asserts on them), padding never does
+
+
+def _poison(x: torch.Tensor, row: int, position: int, value: float) -> torch.Tensor:
+    x = x.clone()
+    x[row, position] = value
+    return x
+
+
+@pytest.mark.parametrize("mask_pattern", ("padding", "none"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_emulated_kernels_flag_nonfinite_values_at_real_positions(emulated, kind, mask_pattern):
+    """For every kind, a NaN or +-inf in scores or in the direction at one real position sets exactly the flag of
+    that tensor, in the forward and in the perturbation op; the same values at every padded position set none.
+    iAT reads row i's scores in every other row's coefficients: the poisoned row is one of several."""
+    inputs = make_inputs(4, 21, 8, mask_pattern, seed=40)
+    mask = inputs.mask if inputs.mask is not None else torch.ones(inputs.scores.shape, dtype=torch.bool)
+    row = 1
+    position = int(mask[row].nonzero()[-1])  # the last real position of row 1
+    direction = inputs.noise if kind == "rp" else inputs.grad
+    code = KIND_CODE[kind]
+    targets = ("scores",) if kind is None else ("scores", "direction")
+    for target in targets:
+        expected = NONFINITE_SCORES if target == "scores" else NONFINITE_DIRECTION
+        for value in (float("nan"), float("inf"), float("-inf")):
+            scores = _poison(inputs.scores, row, position, value) if target == "scores" else inputs.scores
+            direct = _poison(direction, row, position, value) if target == "direction" else direction
+            what = f"kind={kind} {target}[{row}, {position}] = {value}"
+            flags = Flags()
+            emulated_forward(emulated, inputs.h, scores, inputs.mask, direct, code, 0.5, 4, flags=flags)
+            assert flags.value == expected, f"forward, {what}: flags {flags.value}, expected {expected}"
+            if kind is not None:
+                flags = Flags()
+                _perturbation(emulated, scores, inputs.mask, direct, code, 0.5, dense(scores.shape, scores.dtype),
+                              out_is_acc=False, flags=flags)
+                assert flags.value == expected, f"perturbation, {what}: flags {flags.value}, expected {expected}"
+    if inputs.mask is not None:  # padding: never read, never flagged (the helpers assert the flags stay 0)
+        pad = ~inputs.mask
+        scores = inputs.scores.masked_fill(pad, float("nan"))
+        direct = direction.masked_fill(pad, float("inf"))
+        emulated_forward(emulated, inputs.h, scores, inputs.mask, direct, code, 0.5, 4)
+        if kind is not None:
+            _perturbation(emulated, scores, inputs.mask, direct, code, 0.5, dense(scores.shape, scores.dtype),
+                          out_is_acc=False)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float16, torch.bfloat16))
+def test_emulated_kernels_flag_nonfinite_values_in_every_dtype(emulated, dtype):
+    inputs = make_inputs(3, 12, 8, "padding", seed=41, dtype=dtype)
+    for kind, target in (("at", "direction"), ("iat", "scores"), ("iat", "direction")):
+        scores = _poison(inputs.scores, 2, 0, float("inf")) if target == "scores" else inputs.scores
+        grad = _poison(inputs.grad, 2, 0, float("nan")) if target == "direction" else inputs.grad
+        flags = Flags()
+        emulated_forward(emulated, inputs.h, scores, inputs.mask, grad, KIND_CODE[kind], 1.0, 4, flags=flags)
+        expected = NONFINITE_SCORES if target == "scores" else NONFINITE_DIRECTION
+        assert flags.value == expected, f"{dtype} kind={kind} {target}: flags {flags.value}, expected {expected}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launch sizes: the grid limits of CUDA are checked, not cast away
+
+
+def test_emulated_launchers_reject_grids_beyond_cuda_limits(emulated):
+    """B is the grid x dimension of every kernel: above 2^31 - 1 (or 0) the launchers return
+    cudaErrorInvalidConfiguration before launching anything. (The unchecked cast to unsigned made B = 2^32 + 1 a
+    grid of one block: one row computed, the others left as they were, and success returned.) The views have
+    batch stride 0, so that a launch that went ahead would read one real row."""
+    T, H = 3, 4
+    h, scores, grad = torch.randn(1, T, H), torch.randn(1, T), torch.randn(1, T)
+
+    def rows(x):
+        return x.expand(2**33, *x.shape[1:])  # stride 0 along B: _view passes the strides of any B
+
+    invalid_configuration = 9
+    for B in (2**32 + 1, 2**31, 0):
+        context, attention = dense((1, H), h.dtype), dense((1, T), h.dtype)
+        coeff = dense((1, 1), torch.float32)
+        out = dense((1, T), h.dtype)
+        codes = {
+            "forward": emulated.fa_cuda_attention_pool_fwd(
+                0, 1, B, T, H, 1.0, _view(rows(h)), _view(rows(scores)), _view(None), _view(rows(grad)),
+                _view(rows(context)), _view(rows(attention)), 4, None, None),
+            "backward": emulated.fa_cuda_attention_pool_bwd(
+                0, B, T, H, _view(rows(context)), _view(None), _view(rows(h)), _view(rows(attention)),
+                _view(rows(h.clone())), _view(rows(out)), coeff.data_ptr(), 4, None),
+            "perturbation": emulated.fa_cuda_perturbation(
+                0, 1, 0, B, T, 1.0, _view(rows(scores)), _view(None), _view(rows(grad)), None, _view(rows(out)),
+                None, None),
+            "iat coefficients": emulated.fa_cuda_iat_coefficients(
+                0, B, T, _view(rows(scores)), _view(None), _view(rows(grad)), coeff.data_ptr(), None, None),
+        }
+        for name, code in codes.items():
+            assert code == invalid_configuration, f"{name} with B = {B}: returned {code}"
+        for buffer in (context, attention, out, coeff):
+            assert torch.isnan(buffer).all(), f"B = {B}: a kernel ran"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 64-bit offsets: rows 2^32 + 128 elements apart, in sparse mappings that cost no memory
+
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # the Linux value; Python's mmap module lacks it before 3.13
+# >= 2^31 elements; a 32-bit offset would wrap it to 128, which still lies in the mapping: wrong rows, no crash.
+BIG_STRIDE = 2**32 + 128
+
+
+def sparse_rows(values: torch.Tensor, batch_stride: int = BIG_STRIDE) -> torch.Tensor:
+    """A copy of `values` ([B, ...]) whose row b starts b * batch_stride elements into an anonymous private
+    mapping of (B - 1) * batch_stride + (row size) elements: tens of GiB of address space, MAP_NORESERVE, of
+    which only the pages of the rows are ever touched (the untouched ones read as zeros)."""
+    if values is None:
+        return None
+    B, row_shape = values.shape[0], values.shape[1:]
+    item = values.element_size()
+    nbytes = ((B - 1) * batch_stride + values[0].numel()) * item
+    nbytes = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+    flat = torch.frombuffer(region, dtype=values.dtype)  # keeps the mapping alive as long as the tensor
+    row_strides = torch.empty(row_shape, dtype=values.dtype).stride()
+    out = flat.as_strided(values.shape, (batch_stride, *row_strides))
+    out.copy_(values)
+    return out
+
+
+def sparse_alloc(shape, dtype) -> torch.Tensor:
+    return sparse_rows(dense(shape, dtype))
+
+
+def check_offsets_past_2_31(lib, kind: str) -> None:
+    """Forward, backward and the perturbation op of the emulated kernels with every [B, ...] operand (inputs,
+    outputs, cotangents; not the contiguous workspaces) at batch stride 2^32 + 128 elements, B = 2: row 1 lies
+    past 2^32 elements (16 GiB of float32) into its mapping. Values against python_ref on dense copies."""
+    inputs = make_inputs(2, 9, 8, "padding", seed=42)
+    sparse = Inputs(*(sparse_rows(x) for x in (inputs.h, inputs.scores, inputs.mask, inputs.grad, inputs.noise)))
+    assert sparse.h.stride(0) == BIG_STRIDE and sparse.mask.stride(0) == BIG_STRIDE
+    actual = emulated_pool_with_grads(lib, sparse, kind, 0.8, alloc=sparse_alloc, place=sparse_rows)
+    for name, tensor in actual.items():
+        assert tensor.stride(0) == BIG_STRIDE, name
+    reference64, reference_low = references(inputs, kind, 0.8)
+    assert_within_rule(actual, reference64, reference_low, what=f"rows 2^32 + 128 elements apart, kind={kind}")
+    direction = sparse.noise if kind == "rp" else sparse.grad
+    r = sparse_alloc(inputs.scores.shape, inputs.scores.dtype)
+    _perturbation(lib, sparse.scores, sparse.mask, direction, KIND_CODE[kind], 0.8, r, out_is_acc=False)
+    r32 = python_ref.perturbation(kind, inputs.scores, inputs.mask, **inputs.perturbation_kwargs(kind, 0.8))
+    inputs64 = inputs.to(torch.float64)
+    r64 = python_ref.perturbation(kind, inputs64.scores, inputs64.mask, **inputs64.perturbation_kwargs(kind, 0.8))
+    assert_within_rule(dict(r=r), dict(r=r64), dict(r=r32), what=f"perturbation, rows 2^32 + 128 apart, {kind}")
+
+
+@pytest.mark.parametrize("kind", ("at", "iat"))
+def test_emulated_offsets_past_2_31_elements(emulated, kind):
+    """AT: the forward's own normalisation; iAT: the coefficient and perturbation kernels, the given r."""
+    check_offsets_past_2_31(emulated, kind)
+
+
+def test_offset_check_fails_with_32_bit_offsets(tmp_path):
+    """The check above must catch offsets computed in 32 bits: the kernels rebuilt with 32-bit sizes and strides
+    in their parameter blocks (PerturbParams, FwdParams, BwdParams) fail it, as row 1 then aliases the untouched
+    (zero) memory 128 elements into each mapping."""
+    mutant, count = re.subn(r"struct (PerturbParams|FwdParams|BwdParams) \{.*?\n\};",
+                            lambda m: m.group(0).replace("int64_t", "int32_t"), KERNELS.read_text(), flags=re.S)
+    assert count == 3, "the parameter blocks of the kernels were not found"
+    source = tmp_path / "attention_pool_kernels_int32_offsets.cu"
+    source.write_text(mutant)
+    lib = build_emulated(source, tmp_path / "libfa_cuda_int32_offsets.so", ["-Wno-narrowing"])
+    with pytest.raises(AssertionError) as failure:
+        check_offsets_past_2_31(lib, "at")
+    print(f"32-bit offsets caught: {str(failure.value)[:300]}")

@@ -1,6 +1,8 @@
 // Torch binding of the CUDA kernels (attention_pool_kernels.cu, interface attention_pool_cuda.h): checks the
 // inputs, allocates outputs and workspaces with torch's caching allocator on the current stream, and registers
-// the three ops of csrc/ops.cpp under the CUDA dispatch key. Built only where torch has CUDA (setup.py).
+// the three ops of csrc/ops.cpp under the CUDA dispatch key. Built only where torch has CUDA (setup.py);
+// tests/test_cuda_compile.py also compiles it against the CUDA headers of torch and builds it over the CPU
+// emulation of the kernels (tests/cuda_stubs/), so that its checks run without a GPU.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -50,6 +52,28 @@ void check_launch(int error, const char* what) {
   TORCH_CHECK(error == 0, "fused_attn_at: CUDA ", what, " failed: ", fa_cuda_error_string(error));
 }
 
+// Every kernel runs one thread block per row along grid x (at most 2^31 - 1 blocks); the other launch dimensions
+// are derived from T and H and kept within their limits by the launchers.
+void check_batch(const char* name, int64_t B) {
+  TORCH_CHECK_VALUE(B <= FA_CUDA_MAX_BATCH, "fused_attn_at CUDA kernels: the batch size B (dim 0 of ", name, ") is ",
+                    B, ", above the CUDA grid x limit 2^31 - 1 = ", FA_CUDA_MAX_BATCH,
+                    " (one thread block per row); split the batch");
+}
+
+// The flags the kernels set where scores/direction hold NaN or inf at real positions (FA_NONFINITE_*): zeroed on
+// the stream before the launches.
+at::Tensor nonfinite_flags(const at::Tensor& like) { return at::zeros({}, like.options().dtype(at::kInt)); }
+
+// After the launches: raise if a kernel set a flag, as the CPU kernels do (raise_if_nonfinite), but on the device
+// (at::_assert_async: no host sync, so CUDA graphs can capture the op; a failure surfaces at the next
+// synchronisation). The Python API renames "direction" to the argument the user passed (grad or noise).
+void assert_finite_async(const at::Tensor& flags) {
+  at::_assert_async(flags.bitwise_and(FA_NONFINITE_SCORES).eq(0),
+                    "scores holds NaN or inf at real (unmasked) positions; expected finite values");
+  at::_assert_async(flags.bitwise_and(FA_NONFINITE_DIRECTION).eq(0),
+                    "direction holds NaN or inf at real (unmasked) positions; expected finite values");
+}
+
 // The kernels read every operand in the storage type of h/scores (the checks only require a float dtype).
 at::Tensor as_dtype(const at::Tensor& x, at::ScalarType dtype) { return x.scalar_type() == dtype ? x : x.to(dtype); }
 
@@ -64,20 +88,20 @@ int num_sms() {
 
 // r of kind 1 (AT/RP) or 2 (iAT) into `out` ([B, T], in the scores' dtype, or in acc when out_is_acc).
 void launch_perturbation(const at::Tensor& scores, const std::optional<at::Tensor>& mask, const at::Tensor& direction,
-                         int64_t kind, double eps, const at::Tensor& out, bool out_is_acc) {
+                         int64_t kind, double eps, const at::Tensor& out, bool out_is_acc, const at::Tensor& flags) {
   const int64_t B = scores.size(0), T = scores.size(1);
   const fa_dtype dtype = to_fa_dtype(scores.scalar_type());
   at::Tensor coeff;
   if (kind == KIND_IAT) {
     coeff = at::empty({B, B}, scores.options().dtype(acc_dtype(scores.scalar_type())));  // coeff[i, j]
     check_launch(fa_cuda_iat_coefficients(dtype, B, T, view_of(scores), optional_view(mask), view_of(direction),
-                                          coeff.data_ptr(), stream_handle()),
+                                          coeff.data_ptr(), flags.data_ptr<int>(), stream_handle()),
                  "iAT coefficient kernel");
   }
   const void* coeff_data = coeff.defined() ? coeff.data_ptr() : nullptr;
   check_launch(fa_cuda_perturbation(dtype, static_cast<int>(kind), out_is_acc ? 1 : 0, B, T, eps, view_of(scores),
                                     optional_view(mask), view_of(direction), coeff_data, view_of(out),
-                                    stream_handle()),
+                                    flags.data_ptr<int>(), stream_handle()),
                "perturbation kernel");
 }
 
@@ -87,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(const at::Tensor& h, 
                                                            double eps) {
   check_forward_inputs(h, scores, mask, direction, kind, eps);
   check_cuda("h", h);
+  check_batch("h", h.size(0));
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
   const at::ScalarType dtype = h.scalar_type();
@@ -94,6 +119,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(const at::Tensor& h, 
   at::Tensor attention = at::empty({B, T}, h.options());
   if (B == 0) return {context, attention};
   if (T == 0) return {context.zero_(), attention};
+  const at::Tensor flags = nonfinite_flags(h);
   int perturb = FA_PERTURB_NONE;
   at::Tensor r_or_direction;
   if (kind == KIND_NORMALIZE) {
@@ -102,13 +128,15 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(const at::Tensor& h, 
   } else if (kind == KIND_IAT) {
     perturb = FA_PERTURB_GIVEN;
     r_or_direction = at::empty({B, T}, h.options().dtype(acc_dtype(dtype)));  // r, contiguous
-    launch_perturbation(scores, mask, as_dtype(*direction, dtype), kind, eps, r_or_direction, /*out_is_acc=*/true);
+    launch_perturbation(scores, mask, as_dtype(*direction, dtype), kind, eps, r_or_direction, /*out_is_acc=*/true,
+                        flags);
   }
   const fa_view direction_view = r_or_direction.defined() ? view_of(r_or_direction) : fa_view{nullptr, {0, 0, 0}};
   check_launch(fa_cuda_attention_pool_fwd(to_fa_dtype(dtype), perturb, B, T, H, eps, view_of(h), view_of(scores),
                                           optional_view(mask), direction_view, view_of(context), view_of(attention),
-                                          num_sms(), stream_handle()),
+                                          num_sms(), flags.data_ptr<int>(), stream_handle()),
                "attention_pool forward kernel");
+  assert_finite_async(flags);
   return {context, attention};
 }
 
@@ -117,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cuda(const at::Tensor& gra
                                                            const at::Tensor& h, const at::Tensor& attention) {
   check_backward_inputs(grad_context, grad_attention, h, attention);
   check_cuda("h", h);
+  check_batch("h", h.size(0));
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
   const at::ScalarType dtype = h.scalar_type();
@@ -142,10 +171,14 @@ at::Tensor perturbation_cuda(const at::Tensor& scores, const std::optional<at::T
                              const at::Tensor& direction, int64_t kind, double eps) {
   check_perturbation_inputs(scores, mask, direction, kind, eps);
   check_cuda("scores", scores);
+  check_batch("scores", scores.size(0));
   const c10::cuda::CUDAGuard guard(scores.device());
   at::Tensor out = at::empty(scores.sizes(), scores.options());
   if (out.numel() == 0) return out;
-  launch_perturbation(scores, mask, as_dtype(direction, scores.scalar_type()), kind, eps, out, /*out_is_acc=*/false);
+  const at::Tensor flags = nonfinite_flags(scores);
+  launch_perturbation(scores, mask, as_dtype(direction, scores.scalar_type()), kind, eps, out, /*out_is_acc=*/false,
+                      flags);
+  assert_finite_async(flags);
   return out;
 }
 

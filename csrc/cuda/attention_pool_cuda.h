@@ -9,6 +9,11 @@
  * points at bool bytes (nonzero = real token). Values at masked positions of scores/direction are never read.
  * "acc" is the accumulation type: double for FA_FLOAT64, float for the others.
  * Each launcher enqueues its kernels on `stream` (a cudaStream_t) and returns a cudaError_t value: 0 on success.
+ * B is at most FA_CUDA_MAX_BATCH (one thread block per row along grid x); beyond it, and for B < 1, the launchers
+ * return cudaErrorInvalidConfiguration without launching (the binding checks first, with a message).
+ * `nonfinite` (device memory, may be NULL: no check) is one int the kernels OR flags into, as the CPU kernels do:
+ * FA_NONFINITE_SCORES / FA_NONFINITE_DIRECTION when scores / direction hold NaN or +-inf at a real (unmasked)
+ * position. Never cleared by the kernels: the caller zeroes it before the launches and reads it after them.
  */
 #ifndef FUSED_ATTN_AT_CUDA_ATTENTION_POOL_CUDA_H_
 #define FUSED_ATTN_AT_CUDA_ATTENTION_POOL_CUDA_H_
@@ -27,6 +32,12 @@ typedef struct fa_view {
   int64_t stride[3];
 } fa_view;
 
+/* The largest B: the grid x limit of CUDA (2^31 - 1). */
+#define FA_CUDA_MAX_BATCH 2147483647LL
+
+/* Flags of `nonfinite` (the values of csrc/cpu/kernel_api.h's NONFINITE_SCORES and NONFINITE_DIRECTION). */
+enum { FA_NONFINITE_SCORES = 1, FA_NONFINITE_DIRECTION = 2 };
+
 /* What the forward adds to the scores. */
 enum { FA_PERTURB_NONE = 0, FA_PERTURB_NORMALIZE = 1, FA_PERTURB_GIVEN = 2 };
 /* The contract's kind (ops/__init__.py): 1 normalise the direction (AT/RP), 2 iAT. */
@@ -42,24 +53,29 @@ const char* fa_cuda_error_string(int error);
 int fa_cuda_multiprocessor_count(int device, int* count);
 
 /* iAT coefficients: coeff[i * B + j] = <g_i, D_ij> / max(||D_ij||, 1e-12)^2 with D_ij = (s_i - s_j) m_i m_j,
- * so that u_i = sum_j coeff[i, j] D_ij. coeff: [B, B] acc, contiguous. O(B^2 T), no [B, B, T] buffer. */
+ * so that u_i = sum_j coeff[i, j] D_ij. coeff: [B, B] acc, contiguous. O(B^2 T), no [B, B, T] buffer.
+ * Flags non-finite scores and grad (FA_NONFINITE_DIRECTION) at the real positions of every row. */
 int fa_cuda_iat_coefficients(fa_dtype dtype, int64_t B, int64_t T, fa_view scores, fa_view mask, fa_view grad,
-                             void* coeff, void* stream);
+                             void* coeff, int* nonfinite, void* stream);
 
 /* r = eps * v / max(||v||, 1e-12) per row over the valid positions, 0 at padded ones; v = direction (kind 1, in
- * `dtype`) or u_i = sum_j coeff[i, j] D_ij (kind 2). out: [B, T] in `dtype`, or in acc when out_is_acc. */
+ * `dtype`) or u_i = sum_j coeff[i, j] D_ij (kind 2). out: [B, T] in `dtype`, or in acc when out_is_acc.
+ * Kind 1 flags non-finite scores and direction at real positions (kind 2: fa_cuda_iat_coefficients does). */
 int fa_cuda_perturbation(fa_dtype dtype, int kind, int out_is_acc, int64_t B, int64_t T, double eps, fa_view scores,
-                         fa_view mask, fa_view direction, const void* coeff, fa_view out, void* stream);
+                         fa_view mask, fa_view direction, const void* coeff, fa_view out, int* nonfinite,
+                         void* stream);
 
 /* context [B, H] and attention [B, T] (both `dtype`) of a = masked_softmax(scores + r), c = sum_t a_t h_t.
  * perturb: FA_PERTURB_NONE; FA_PERTURB_NORMALIZE (r = eps * direction / max(||direction||, 1e-12), direction in
- * `dtype`); FA_PERTURB_GIVEN (r = direction, in acc). num_sms sizes the grid. */
+ * `dtype`); FA_PERTURB_GIVEN (r = direction, in acc). num_sms sizes the grid. Flags non-finite scores at real
+ * positions, and a non-finite direction there for FA_PERTURB_NORMALIZE (a given r is not checked). */
 int fa_cuda_attention_pool_fwd(fa_dtype dtype, int perturb, int64_t B, int64_t T, int64_t H, double eps, fa_view h,
                                fa_view scores, fa_view mask, fa_view direction, fa_view context, fa_view attention,
-                               int num_sms, void* stream);
+                               int num_sms, int* nonfinite, void* stream);
 
 /* grad_h [B, T, H] = a_t dc and grad_scores [B, T] = a * (da - sum_t a_t da_t), da_t = <dc, h_t> + grad_attention_t
- * (grad_attention.data may be NULL). All tensors in `dtype`; da_workspace: [B, T] acc, contiguous. */
+ * (grad_attention.data may be NULL). All tensors in `dtype`; da_workspace: [B, T] acc, contiguous. No value
+ * checks (as on the CPU). */
 int fa_cuda_attention_pool_bwd(fa_dtype dtype, int64_t B, int64_t T, int64_t H, fa_view grad_context,
                                fa_view grad_attention, fa_view h, fa_view attention, fa_view grad_h,
                                fa_view grad_scores, void* da_workspace, int num_sms, void* stream);

@@ -13,6 +13,8 @@
 //   bwd_dscores_kernel     block b: dscores = a * (da - sum_t a_t da_t).
 // Every reduction has a fixed order (no atomics): results are bitwise reproducible. float16/bfloat16 accumulate
 // in float32, float64 in float64. Offsets are 64-bit. Positions where the mask is False are never read.
+// Non-finite scores/direction at real positions set a flag (FA_NONFINITE_*, atomicOr) that the binding asserts on
+// after the launches, without a host sync; the values computed from them are not otherwise guarded.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -30,7 +32,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr double kDelta = 1e-12;  // SPEC: guards every division by a norm
 constexpr int kUnroll = 8;        // forward: rows of h each thread has in flight
 constexpr int kRowsPerWarp = 8;   // backward: rows of h each warp reduces at once
-constexpr int kMaxGridY = 65535;
+constexpr int64_t kMaxGridX = FA_CUDA_MAX_BATCH;  // 2^31 - 1
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename T>
 struct AccOf {
@@ -173,6 +176,18 @@ __device__ void block_softmax_merge(A& max, A& sum, A* scratch_max, A* scratch_s
   __syncthreads();
 }
 
+// Watches the real values a kernel reads, as FiniteWatch of the CPU kernels (csrc/cpu/kernels.h): x - x is 0
+// for every finite x and NaN for NaN and +-inf (no --use_fast_math), so the sum stays 0 unless one of them was not
+// finite; report() then ORs `what` into *flags (one atomic per thread that saw one, none otherwise).
+template <typename A>
+struct FiniteWatch {
+  A sum = A(0);
+  __device__ __forceinline__ void add(A x) { sum += x - x; }
+  __device__ __forceinline__ void report(int* flags, int what) const {
+    if (flags != nullptr && !(sum == A(0))) atomicOr(flags, what);
+  }
+};
+
 struct PerturbParams {
   const void* scores;
   int64_t s_sb, s_st;
@@ -185,6 +200,7 @@ struct PerturbParams {
   int64_t o_sb, o_st;
   int64_t B, T;
   double eps;
+  int* nonfinite;  // FA_NONFINITE_* flags, nullptr: no check
 };
 
 __device__ __forceinline__ bool is_valid(const uint8_t* mask, int64_t m_sb, int64_t m_st, int64_t row, int64_t t) {
@@ -199,13 +215,21 @@ __global__ void __launch_bounds__(kThreads) iat_coeff_kernel(const PerturbParams
   const T* scores = static_cast<const T*>(p.scores);
   const T* grad = static_cast<const T*>(p.direction) + i * p.d_sb;
   A* coeff = static_cast<A*>(const_cast<void*>(p.coeff)) + i * p.B;
+  // Block i checks row i: the warp of j = i visits every real position of it (the other rows' blocks check theirs).
+  FiniteWatch<A> s_watch, g_watch;
   for (int64_t j = threadIdx.x >> 5; j < p.B; j += kWarps) {
     A sq_norm = A(0), g_dot_d = A(0);
     for (int64_t t = lane; t < p.T; t += 32) {
       if (is_valid(p.mask, p.m_sb, p.m_st, i, t) && is_valid(p.mask, p.m_sb, p.m_st, j, t)) {
-        const A diff = Cvt<T>::to(scores[i * p.s_sb + t * p.s_st]) - Cvt<T>::to(scores[j * p.s_sb + t * p.s_st]);
+        const A s_i = Cvt<T>::to(scores[i * p.s_sb + t * p.s_st]);
+        const A g = Cvt<T>::to(grad[t * p.d_st]);
+        const A diff = s_i - Cvt<T>::to(scores[j * p.s_sb + t * p.s_st]);
         sq_norm += diff * diff;
-        g_dot_d += Cvt<T>::to(grad[t * p.d_st]) * diff;
+        g_dot_d += g * diff;
+        if (j == i) {
+          s_watch.add(s_i);
+          g_watch.add(g);
+        }
       }
     }
     sq_norm = warp_sum(sq_norm);
@@ -215,6 +239,8 @@ __global__ void __launch_bounds__(kThreads) iat_coeff_kernel(const PerturbParams
       coeff[j] = g_dot_d / (norm * norm);
     }
   }
+  s_watch.report(p.nonfinite, FA_NONFINITE_SCORES);
+  g_watch.report(p.nonfinite, FA_NONFINITE_DIRECTION);
 }
 
 template <typename T, typename OutT, int KIND>
@@ -240,12 +266,20 @@ __global__ void __launch_bounds__(kThreads) perturbation_kernel(const PerturbPar
     }
   };
   A sq_norm = A(0);
+  FiniteWatch<A> s_watch, d_watch;
   for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
     if (is_valid(p.mask, p.m_sb, p.m_st, i, t)) {
       const A v = value(t);
       sq_norm += v * v;
+      if constexpr (KIND == FA_KIND_NORMALIZE) {
+        // AT/RP do not need the scores, but the op's contract is the same (iAT: iat_coeff_kernel checks both)
+        if (p.nonfinite != nullptr) s_watch.add(Cvt<T>::to(scores[i * p.s_sb + t * p.s_st]));
+        d_watch.add(v);
+      }
     }
   }
+  s_watch.report(p.nonfinite, FA_NONFINITE_SCORES);
+  d_watch.report(p.nonfinite, FA_NONFINITE_DIRECTION);
   sq_norm = block_sum(sq_norm, scratch);
   const A scale = A(p.eps) / acc_max(acc_sqrt(sq_norm), A(kDelta));
   for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
@@ -272,6 +306,7 @@ struct FwdParams {
   int64_t ngroups;  // groups of `cols` vector columns
   int cols;         // vector columns per group, a power of two <= kThreads
   double eps;
+  int* nonfinite;  // FA_NONFINITE_* flags, nullptr: no check
 };
 
 template <typename T, int VEC, int PERTURB>
@@ -290,31 +325,42 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   const uint8_t* mask = p.mask == nullptr ? nullptr : p.mask + b * p.m_sb;
   auto valid = [&](int64_t t) { return mask == nullptr || mask[t * p.m_st] != 0; };
 
+  // The blocks of column group 0 check the real values of their row (every group reads the same ones).
+  int* const nonfinite = blockIdx.y == 0 ? p.nonfinite : nullptr;
   A scale = A(0);
   if constexpr (PERTURB == FA_PERTURB_NORMALIZE) {
     A sq_norm = A(0);
+    FiniteWatch<A> d_watch;
     for (int64_t t = tid; t < p.T; t += kThreads) {
       if (valid(t)) {
         const A v = Cvt<T>::to(direction[t * p.d_st]);
         sq_norm += v * v;
+        d_watch.add(v);
       }
     }
+    d_watch.report(nonfinite, FA_NONFINITE_DIRECTION);
     sq_norm = block_sum(sq_norm, scratch_sum);
     scale = A(p.eps) / acc_max(acc_sqrt(sq_norm), A(kDelta));
   } else if constexpr (PERTURB == FA_PERTURB_GIVEN) {
     scale = A(1);
   }
-  // s_t + r_t at a valid position t.
-  auto perturbed = [&](int64_t t) -> A {
-    A x = Cvt<T>::to(scores[t * p.s_st]);
-    if constexpr (PERTURB != FA_PERTURB_NONE) x += scale * Cvt<DirT>::to(direction[t * p.d_st]);
-    return x;
+  // s + r_t, s = the score at a valid position t.
+  auto perturb = [&](A s, int64_t t) -> A {
+    if constexpr (PERTURB != FA_PERTURB_NONE) s += scale * Cvt<DirT>::to(direction[t * p.d_st]);
+    return s;
   };
+  auto perturbed = [&](int64_t t) -> A { return perturb(Cvt<T>::to(scores[t * p.s_st]), t); };
 
   A row_max = A(-INFINITY), row_sum = A(0);
+  FiniteWatch<A> s_watch;
   for (int64_t t = tid; t < p.T; t += kThreads) {
-    if (valid(t)) softmax_merge(row_max, row_sum, perturbed(t), A(1));
+    if (valid(t)) {
+      const A s = Cvt<T>::to(scores[t * p.s_st]);
+      s_watch.add(s);
+      softmax_merge(row_max, row_sum, perturb(s, t), A(1));
+    }
   }
+  s_watch.report(nonfinite, FA_NONFINITE_SCORES);
   block_softmax_merge(row_max, row_sum, scratch_max, scratch_sum);
   const A shift = row_max == A(-INFINITY) ? A(0) : row_max;
   const A inv_sum = row_sum > A(0) ? A(1) / row_sum : A(0);  // a fully masked row: attention 0, context 0
@@ -498,6 +544,14 @@ int launch_kernel(void (*kernel)(Params), dim3 grid, cudaStream_t stream, const 
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The grid (x, y) of a launch, or cudaErrorInvalidConfiguration where a dimension is outside CUDA's limits
+// (1 <= x <= 2^31 - 1, 1 <= y <= 65535) instead of a silently truncated cast to unsigned.
+int make_grid(int64_t x, int64_t y, dim3* grid) {
+  if (x < 1 || x > kMaxGridX || y < 1 || y > kMaxGridY) return static_cast<int>(cudaErrorInvalidConfiguration);
+  *grid = dim3(static_cast<unsigned>(x), static_cast<unsigned>(y));
+  return 0;
+}
+
 int next_pow2(int64_t n) {
   int p = 1;
   while (p < n && p < kThreads) p <<= 1;
@@ -519,30 +573,36 @@ bool vectorizable(const fa_view& v, int dims, int64_t H) {
 
 template <typename S>
 int launch_iat_coefficients(int64_t B, int64_t T, fa_view scores, fa_view mask, fa_view grad, void* coeff,
-                            cudaStream_t stream) {
+                            int* nonfinite, cudaStream_t stream) {
   PerturbParams p{scores.data, scores.stride[0], scores.stride[1], static_cast<const uint8_t*>(mask.data),
                   mask.stride[0], mask.stride[1], grad.data, grad.stride[0], grad.stride[1], coeff, nullptr, 0, 0,
-                  B, T, 0.0};
-  return launch_kernel(&iat_coeff_kernel<S>, dim3(static_cast<unsigned>(B)), stream, p);
+                  B, T, 0.0, nonfinite};
+  dim3 grid;
+  if (const int error = make_grid(B, 1, &grid)) return error;
+  return launch_kernel(&iat_coeff_kernel<S>, grid, stream, p);
 }
 
 template <typename S, typename OutT>
 int launch_perturbation_as(int kind, int64_t B, int64_t T, double eps, fa_view scores, fa_view mask,
-                           fa_view direction, const void* coeff, fa_view out, cudaStream_t stream) {
+                           fa_view direction, const void* coeff, fa_view out, int* nonfinite,
+                           cudaStream_t stream) {
   PerturbParams p{scores.data, scores.stride[0], scores.stride[1], static_cast<const uint8_t*>(mask.data),
                   mask.stride[0], mask.stride[1], direction.data, direction.stride[0], direction.stride[1], coeff,
-                  out.data, out.stride[0], out.stride[1], B, T, eps};
-  const dim3 grid(static_cast<unsigned>(B));
+                  out.data, out.stride[0], out.stride[1], B, T, eps, nonfinite};
+  dim3 grid;
+  if (const int error = make_grid(B, 1, &grid)) return error;
   if (kind == FA_KIND_IAT) return launch_kernel(&perturbation_kernel<S, OutT, FA_KIND_IAT>, grid, stream, p);
   return launch_kernel(&perturbation_kernel<S, OutT, FA_KIND_NORMALIZE>, grid, stream, p);
 }
 
 template <typename S>
 int launch_perturbation(int kind, int out_is_acc, int64_t B, int64_t T, double eps, fa_view scores, fa_view mask,
-                        fa_view direction, const void* coeff, fa_view out, cudaStream_t stream) {
+                        fa_view direction, const void* coeff, fa_view out, int* nonfinite, cudaStream_t stream) {
   using A = typename AccOf<S>::type;
-  if (out_is_acc) return launch_perturbation_as<S, A>(kind, B, T, eps, scores, mask, direction, coeff, out, stream);
-  return launch_perturbation_as<S, S>(kind, B, T, eps, scores, mask, direction, coeff, out, stream);
+  if (out_is_acc) {
+    return launch_perturbation_as<S, A>(kind, B, T, eps, scores, mask, direction, coeff, out, nonfinite, stream);
+  }
+  return launch_perturbation_as<S, S>(kind, B, T, eps, scores, mask, direction, coeff, out, nonfinite, stream);
 }
 
 template <typename S, int VEC>
@@ -556,7 +616,8 @@ int launch_fwd_vec(int perturb, FwdParams p, int64_t B, int num_sms, cudaStream_
   p.cols = cols;
   p.ngroups = ceil_div(p.nvec, cols);
   const int64_t split = p.ngroups < 1 ? 1 : (p.ngroups < kMaxGridY ? p.ngroups : kMaxGridY);
-  const dim3 grid(static_cast<unsigned>(B), static_cast<unsigned>(split));
+  dim3 grid;
+  if (const int error = make_grid(B, split, &grid)) return error;
   switch (perturb) {
     case FA_PERTURB_NONE:
       return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_NONE>, grid, stream, p);
@@ -569,11 +630,12 @@ int launch_fwd_vec(int perturb, FwdParams p, int64_t B, int num_sms, cudaStream_
 
 template <typename S>
 int launch_fwd(int perturb, int64_t B, int64_t T, int64_t H, double eps, fa_view h, fa_view scores, fa_view mask,
-               fa_view direction, fa_view context, fa_view attention, int num_sms, cudaStream_t stream) {
+               fa_view direction, fa_view context, fa_view attention, int num_sms, int* nonfinite,
+               cudaStream_t stream) {
   FwdParams p{h.data, h.stride[0], h.stride[1], h.stride[2], scores.data, scores.stride[0], scores.stride[1],
               static_cast<const uint8_t*>(mask.data), mask.stride[0], mask.stride[1], direction.data,
               direction.stride[0], direction.stride[1], context.data, context.stride[0], context.stride[1],
-              attention.data, attention.stride[0], attention.stride[1], T, H, 0, 0, 0, eps};
+              attention.data, attention.stride[0], attention.stride[1], T, H, 0, 0, 0, eps, nonfinite};
   constexpr int kVec = 16 / sizeof(S);
   if (vectorizable<S>(h, 3, H)) return launch_fwd_vec<S, kVec>(perturb, p, B, num_sms, stream);
   return launch_fwd_vec<S, 1>(perturb, p, B, num_sms, stream);
@@ -581,6 +643,7 @@ int launch_fwd(int perturb, int64_t B, int64_t T, int64_t H, double eps, fa_view
 
 template <typename S, int VEC>
 int launch_bwd_vec(BwdParams p, int64_t B, int num_sms, cudaStream_t stream) {
+  if (B < 1) return static_cast<int>(cudaErrorInvalidConfiguration);  // before ceil_div(.., B)
   p.nvec = p.H / VEC;
   constexpr int64_t kRowsPerPass = kWarps * kRowsPerWarp;
   // Chunks of positions (multiples of one pass of the block) so that every multiprocessor gets four blocks.
@@ -590,10 +653,11 @@ int launch_bwd_vec(BwdParams p, int64_t B, int num_sms, cudaStream_t stream) {
   p.chunk = ceil_div(ceil_div(p.T, split), kRowsPerPass) * kRowsPerPass;
   if (ceil_div(p.T, p.chunk) > kMaxGridY) p.chunk = ceil_div(ceil_div(p.T, kMaxGridY), kRowsPerPass) * kRowsPerPass;
   split = ceil_div(p.T, p.chunk);
-  const int error = launch_kernel(&bwd_dh_da_kernel<S, VEC>,
-                                  dim3(static_cast<unsigned>(B), static_cast<unsigned>(split)), stream, p);
-  if (error != 0) return error;
-  return launch_kernel(&bwd_dscores_kernel<S>, dim3(static_cast<unsigned>(B)), stream, p);
+  dim3 grid, rows_grid;
+  if (const int error = make_grid(B, split, &grid)) return error;
+  if (const int error = make_grid(B, 1, &rows_grid)) return error;
+  if (const int error = launch_kernel(&bwd_dh_da_kernel<S, VEC>, grid, stream, p)) return error;
+  return launch_kernel(&bwd_dscores_kernel<S>, rows_grid, stream, p);
 }
 
 template <typename S>
@@ -649,22 +713,23 @@ int fa_cuda_multiprocessor_count(int device, int* count) {
 }
 
 int fa_cuda_iat_coefficients(fa_dtype dtype, int64_t B, int64_t T, fa_view scores, fa_view mask, fa_view grad,
-                             void* coeff, void* stream) {
-  FA_DISPATCH(dtype, launch_iat_coefficients<scalar_t>(B, T, scores, mask, grad, coeff,
+                             void* coeff, int* nonfinite, void* stream) {
+  FA_DISPATCH(dtype, launch_iat_coefficients<scalar_t>(B, T, scores, mask, grad, coeff, nonfinite,
                                                        static_cast<cudaStream_t>(stream)))
 }
 
 int fa_cuda_perturbation(fa_dtype dtype, int kind, int out_is_acc, int64_t B, int64_t T, double eps, fa_view scores,
-                         fa_view mask, fa_view direction, const void* coeff, fa_view out, void* stream) {
+                         fa_view mask, fa_view direction, const void* coeff, fa_view out, int* nonfinite,
+                         void* stream) {
   FA_DISPATCH(dtype, launch_perturbation<scalar_t>(kind, out_is_acc, B, T, eps, scores, mask, direction, coeff, out,
-                                                   static_cast<cudaStream_t>(stream)))
+                                                   nonfinite, static_cast<cudaStream_t>(stream)))
 }
 
 int fa_cuda_attention_pool_fwd(fa_dtype dtype, int perturb, int64_t B, int64_t T, int64_t H, double eps, fa_view h,
                                fa_view scores, fa_view mask, fa_view direction, fa_view context, fa_view attention,
-                               int num_sms, void* stream) {
+                               int num_sms, int* nonfinite, void* stream) {
   FA_DISPATCH(dtype, launch_fwd<scalar_t>(perturb, B, T, H, eps, h, scores, mask, direction, context, attention,
-                                          num_sms, static_cast<cudaStream_t>(stream)))
+                                          num_sms, nonfinite, static_cast<cudaStream_t>(stream)))
 }
 
 int fa_cuda_attention_pool_bwd(fa_dtype dtype, int64_t B, int64_t T, int64_t H, fa_view grad_context,

@@ -37,7 +37,7 @@ struct alignas(16) uint4 {
 
 typedef struct CUstream_st* cudaStream_t;
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 
 inline dim3 threadIdx;
@@ -47,7 +47,14 @@ inline dim3 blockDim;
 
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline const char* cudaGetErrorString(cudaError_t error) {
-  return error == cudaSuccess ? "no error (CPU emulation)" : "invalid value (CPU emulation)";
+  switch (error) {
+    case cudaSuccess:
+      return "no error (CPU emulation)";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument (CPU emulation)";
+    default:
+      return "invalid value (CPU emulation)";
+  }
 }
 
 namespace fa_emulation {
@@ -167,6 +174,14 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
 }
 
 inline void __syncthreads() { fa_emulation::wait(fa_emulation::current->all); }
+
+// The threads of a block take turns on one host thread (and the blocks run one after another): a plain
+// read-modify-write is atomic here.
+inline int atomicOr(int* address, int value) {
+  const int old = *address;
+  *address = old | value;
+  return old;
+}
 
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int lane_mask) {
