@@ -247,9 +247,9 @@ def prepare_nli_train_from_dev(source: Path, target: Path, *, dev_fraction: floa
         for stem in ("s1", "s2", "labels"):
             (target / f"{stem}.test").write_text("".join(lines[f"{stem}.test"]), encoding="utf-8")
         counts["test"] = len(lines["labels.test"])
-        done.write_text(json.dumps({"source": str(source), "split": "by premise", "dev_fraction": dev_fraction,
-                                    "seed": seed, "premises": len(premises), "examples": counts}, indent=2) + "\n",
-                        encoding="utf-8")
+        record = {"source": str(source), "split": "by premise", "dev_fraction": dev_fraction, "seed": seed,
+                  "premises": len(premises), "examples": counts}
+        (target / "PREPARED.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if final.is_dir() and not (final / "PREPARED.json").is_file():  # a partial folder of an older sweep
             shutil.rmtree(final, ignore_errors=True)
         try:
@@ -311,13 +311,16 @@ def result_line(run_dir: Path) -> str:
 #   - its pid is dead and it was taken on this host, or
 #   - it carries this sweep's own token: an earlier attempt of this run by this sweep, which Ray only retries
 #     once that attempt's worker is gone, or
-#   - it has not been touched for LEASE seconds (its holder's node died or lost the filesystem; the nodes'
-#     clocks must agree to well within LEASE, as NTP keeps them).
+#   - it has not been touched for LEASE seconds (default 180, $FUSED_ATTN_AT_SWEEP_LEASE): its holder's node
+#     died or lost the filesystem, e.g. the previous Slurm job of a resubmitted sweep. The nodes' clocks must
+#     agree to well within LEASE, as NTP keeps them.
+# A run found held is reported 'busy'; after its pass the sweep tries its busy runs once more (those whose
+# lock has gone stale meanwhile are trained then, those finished by the other holder are skipped).
 # Taking over holds a second O_EXCL file (sweep.lock.break) while it re-reads the lock and removes it only if it
 # is still the stale one, so two sweeps never both break a lock and both go on.
 
 HOST = socket.gethostname()
-LEASE = float(os.environ.get("FUSED_ATTN_AT_SWEEP_LEASE", 600))
+LEASE = float(os.environ.get("FUSED_ATTN_AT_SWEEP_LEASE", 180))
 HEARTBEAT = min(30.0, LEASE / 10)
 BREAK = LOCK + ".break"
 
@@ -747,27 +750,33 @@ class Sweep:
         interactive = sys.stderr.isatty()
         self.bar = tqdm(total=len(self.runs), initial=len(self.runs) - len(todo), desc="sweep", unit="run",
                         disable=not progress, dynamic_ncols=True, mininterval=1 if interactive else 60)
+        execute = self._run_ray if self.executor == "ray" else self._run_local
         if todo:
-            (self._run_ray if self.executor == "ray" else self._run_local)(todo)
+            execute(todo)
+        # a second look at the runs another process held: finished by it (skipped now), or its lock went stale
+        again = [r for r in todo if self.results.get(r.name) == "busy" and lock_owner(self.out_root / r.name) is None]
+        if again:
+            execute(again, counted=True)
         self.bar.close()
         return self.summary(time.time() - started)
 
     def _gpus(self) -> int:
         return 1 if (self.runner.device or "").startswith("cuda") else 0
 
-    def _report(self, result: Outcome) -> None:
+    def _report(self, result: Outcome, counted: bool = False) -> None:
         self.results[result.name] = result.outcome
-        self.bar.update(1)
+        if not counted:
+            self.bar.update(1)
         self.bar.set_postfix(failed=sum(v == "failed" for v in self.results.values()), refresh=False)
         detail = f": {result.detail}" if result.detail else ""
         tqdm.write(f"sweep: {result.outcome:<8} {result.name}{detail} ({result.seconds:.0f} s)", file=sys.stderr)
 
-    def _run_local(self, todo: list[Run]) -> None:
+    def _run_local(self, todo: list[Run], counted: bool = False) -> None:
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             for future in as_completed([pool.submit(self.runner.timed, run) for run in todo]):
-                self._report(future.result())
+                self._report(future.result(), counted)
 
-    def _run_ray(self, todo: list[Run]) -> None:
+    def _run_ray(self, todo: list[Run], counted: bool = False) -> None:
         ray = start_ray(self.address)
         from ray.exceptions import RayError, RayTaskError
 
@@ -789,7 +798,7 @@ class Sweep:
                 if not isinstance(cause, RunInterrupted):
                     text = f"{type(cause).__name__}: {text}"
                 result = Outcome(run.name, "failed", time.time() - submitted, f"{text[:300]} (after a retry)")
-            self._report(result)
+            self._report(result, counted)
 
     def summary(self, seconds: float | None = None) -> int:
         counts = {k: 0 for k in ("finished", "failed", "skipped", "busy", "not started")}
