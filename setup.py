@@ -1,74 +1,81 @@
-"""Build of fused_attn_at: the C++ CPU kernels always, the CUDA kernels only where torch has CUDA and nvcc.
+"""Build of fused_attn_at: the C++ CPU kernels (and the CUDA kernels where torch has CUDA and nvcc) ahead of time
+when torch is importable here, else at the first import, for the torch installed then.
 
-    pip install torch==2.13.0            # or the CUDA build of torch you want to build against
-    pip install --no-build-isolation .   # builds against the torch that is installed
+    pip install torch==2.13.0 && pip install --no-build-isolation .   # builds the kernels now (fast path)
+    pip install .                                                     # pip's isolated build cannot see torch:
+                                                                      # the kernels compile at first import
 
-Environment: FUSED_ATTN_AT_NO_CUDA=1 skips the CUDA kernels; FUSED_ATTN_AT_NO_EXT=1 skips the compiled
-extension altogether (the package then runs the Triton/reference backends only).
+How and why: fused_attn_at/_build.py (shared with the first-import build). Environment: FUSED_ATTN_AT_NO_CUDA=1
+skips the CUDA kernels; FUSED_ATTN_AT_NO_EXT=1 skips the compiled extension altogether (the package then runs the
+Triton/reference backends only).
 """
-import glob
+import importlib.util
 import os
 import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+
+# fused_attn_at/_build.py by path: importing the package would import torch, which may be absent here.
+_spec = importlib.util.spec_from_file_location("_fused_attn_at_build", os.path.join(ROOT, "fused_attn_at", "_build.py"))
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (fused_attn_at/_csrc), so that an installed package can compile its kernels
+    for whatever torch it later runs with (plain `pip install .`, or torch upgraded after the install)."""
 
-
-def _cuda_reason(torch) -> str | None:
-    """None if the CUDA kernels can be built here, else why not."""
-    if _flag("FUSED_ATTN_AT_NO_CUDA"):
-        return "FUSED_ATTN_AT_NO_CUDA is set"
-    if not torch.version.cuda:
-        return f"torch {torch.__version__} is a CPU build"
-    from torch.utils import cpp_extension
-
-    if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
-        return "no CUDA toolkit found (set CUDA_HOME to the folder that holds bin/nvcc)"
-    return None
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "fused_attn_at", build.PACKAGED_SOURCES)
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(CSRC, target, ignore=shutil.ignore_patterns("*.o", "__pycache__"))
 
 
 def extensions():
-    if _flag("FUSED_ATTN_AT_NO_EXT"):
+    cmdclass = {"build_py": BuildPyWithSources}
+    if build.flag("FUSED_ATTN_AT_NO_EXT"):
         print("fused_attn_at: FUSED_ATTN_AT_NO_EXT is set; building no compiled extension", file=sys.stderr)
-        return [], {}
+        return [], cmdclass
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        sys.exit(
-            "fused_attn_at: building the C++ extension needs torch installed BEFORE the build, and pip's build "
-            "isolation hides it. Run:\n    pip install torch==2.13.0 setuptools wheel ninja\n"
-            "    pip install --no-build-isolation .\n(or set FUSED_ATTN_AT_NO_EXT=1 to install without it)"
-        )
-    debug = _flag("FUSED_ATTN_AT_DEBUG")
-    cxx = ["-std=c++20", "-fopenmp", "-O0" if debug else "-O3", "-g" if debug else "-DNDEBUG"]
-    if not debug:
-        cxx += ["-ffp-contract=fast", "-fno-math-errno"]
-    # -march=native would make a wheel that crashes on older CPUs; AVX2 is the common floor on x86-64 servers
-    # and is opted into with FUSED_ATTN_AT_NATIVE=1 for a local build.
-    if _flag("FUSED_ATTN_AT_NATIVE"):
-        cxx.append("-march=native")
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    kwargs = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    reason = _cuda_reason(torch)
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        print("fused_attn_at: torch is not importable in this build environment (pip's build isolation hides the "
+              "installed one), so the C++ kernels will be compiled at the first import, for the torch installed "
+              "then (about a minute, once). To build them now: pip install --no-build-isolation .", file=sys.stderr)
+        return [], cmdclass
+
+    class BuildExtensionWithRecord(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """Writes beside _C which torch, Python and sources it was built from: the package loads a _C only
+        when they match (fused_attn_at/_build.py), and compiles one for the running torch otherwise."""
+
+        def run(self):
+            super().run()
+            for ext in self.extensions:
+                with_cuda = any(src.endswith(".cu") for src in ext.sources)
+                record = build.build_record(torch, CSRC, with_cuda)
+                build.write_record(self.get_ext_fullpath(ext.name), record)  # in place, or into the wheel
+
+    sources = build.cpu_sources("csrc")
+    kwargs = dict(extra_compile_args={"cxx": build.cxx_flags()}, extra_link_args=build.LINK_FLAGS)
+    reason = build.cuda_reason(torch)
+    cuda_sources = build.cuda_sources("csrc")
     if reason is None and cuda_sources:
-        # no --use_fast_math: IEEE exp/sqrt/division cost nothing in these memory-bound kernels and keep them
-        # within the tolerance rule on every input
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++20", "-lineinfo"]
-        kwargs["define_macros"] = [("FUSED_ATTN_AT_WITH_CUDA", "1")]
+        kwargs["extra_compile_args"]["nvcc"] = build.NVCC_FLAGS
+        kwargs["define_macros"] = [build.CUDA_DEFINE]
         ext = cpp_extension.CUDAExtension("fused_attn_at._C", sources + cuda_sources, **kwargs)
         print("fused_attn_at: building the CPU and CUDA kernels", file=sys.stderr)
     else:
         ext = cpp_extension.CppExtension("fused_attn_at._C", sources, **kwargs)
         print(f"fused_attn_at: building the CPU kernels only ({reason or 'no CUDA sources'})", file=sys.stderr)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    cmdclass["build_ext"] = BuildExtensionWithRecord
+    return [ext], cmdclass
 
 
 ext_modules, cmdclass = extensions()
@@ -81,7 +88,8 @@ setup(
     python_requires=">=3.10",
     # torch is not pinned here so that a CUDA torch the user installed first is kept; the README installs
     # the CPU wheel torch==2.13.0 explicitly before this package.
-    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "matplotlib"],
+    # ninja: the first-import build (torch.utils.cpp_extension.load) needs it at run time, not only here.
+    install_requires=["torch>=2.4", "ninja", "numpy", "scipy", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton>=3.7"],
         # experiments/sweep.py --executor ray

@@ -21,8 +21,12 @@ def _cpp_status() -> tuple[bool, bool, str]:
 
 
 def _triton_status() -> tuple[bool, str]:
-    from .ops import triton_attention_pool as tri
-
+    # An optional backend whose module cannot even be imported (numpy or triton missing or broken) is
+    # unavailable, with the reason: asking what is available must never crash.
+    try:
+        from .ops import triton_attention_pool as tri
+    except Exception as exc:
+        return False, f"fused_attn_at.ops.triton_attention_pool does not import: {type(exc).__name__}: {exc}"
     return tri.AVAILABLE, tri.UNAVAILABLE_REASON
 
 
@@ -43,7 +47,8 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
                 return f"backend 'cpu' runs CPU tensors only; the inputs are on {device}"
             return None if cpu_ok else (
                 f"the C++ extension fused_attn_at._C is not importable ({reason}); build it with "
-                "`pip install --no-build-isolation .` from the repository (torch must be installed first)"
+                "`pip install --no-build-isolation .` from the repository (torch must be installed first), or "
+                "let the first import compile it (needs a C++ compiler and ninja; see README, Troubleshooting)"
             )
         if device.type != "cuda":
             return f"backend 'cuda' runs CUDA tensors only; the inputs are on {device}"

@@ -58,13 +58,17 @@ def _direction(kind, scores, grad, noise, generator):
     return None if grad is None else grad.detach()
 
 
+def _autocast_on(device_type: str) -> bool:
+    return device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)  # "meta" has no autocast
+
+
 def _autocast_promote(h: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Under torch.autocast, h (often a low-precision Linear/LSTM output) and scores may arrive in two float
     dtypes: run in the wider one (autocast's promote rule, as for torch.cat) instead of refusing the mix.
     Also says whether autocast is on, so that the op then runs with it off: every backend, the reference's
     own bmm included, computes in the promoted dtype."""
-    if not torch.is_autocast_enabled(h.device.type):
-        return h, scores, False
+    if not (isinstance(h, torch.Tensor) and isinstance(scores, torch.Tensor)) or not _autocast_on(h.device.type):
+        return h, scores, False  # (the checks then name what is wrong)
     if h.dtype != scores.dtype and h.is_floating_point() and scores.is_floating_point():
         dtype = torch.promote_types(h.dtype, scores.dtype)
         h, scores = h.to(dtype), scores.to(dtype)

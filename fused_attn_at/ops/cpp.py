@@ -7,8 +7,9 @@ Loading fused_attn_at._C registers three ops in the dispatcher (schemas in csrc/
     torch.ops.fused_attn_at.perturbation(scores, mask, direction, kind, eps) -> r
 The derivative of attention_pool_fwd (the backward op) is registered in C++ (csrc/autograd.cpp); this module
 gives the ops fake (meta) implementations for torch.compile and offers the backend-module calls of
-fused_attn_at.ops. Without the compiled module it
-imports all the same, with CPU_AVAILABLE = CUDA_AVAILABLE = False and the reason in UNAVAILABLE_REASON.
+fused_attn_at.ops. Which _C is loaded (the prebuilt one, or one compiled at first import for the running torch)
+is decided in fused_attn_at/_build.py. Without a compiled module it imports all the same, with
+CPU_AVAILABLE = CUDA_AVAILABLE = False and the reason in UNAVAILABLE_REASON.
 
 The CPU kernels are built twice, for the compiler's baseline and for AVX2+FMA+F16C, and the AVX2 build runs
 where the CPU has it (cpu_isa() says which). Environment, read at every call:
@@ -21,17 +22,19 @@ import warnings
 
 import torch
 
+from .. import _build
+
 CPU_AVAILABLE = False
 CUDA_AVAILABLE = False
 UNAVAILABLE_REASON = ""
 
 _OPS = ("attention_pool_fwd", "attention_pool_bwd", "perturbation")
 
-try:
-    from .. import _C  # noqa: F401  (registers the ops on import)
-except ImportError as exc:  # not built (FUSED_ATTN_AT_NO_EXT=1), or built against another torch
-    _C = None
-    UNAVAILABLE_REASON = f"import fused_attn_at._C failed: {exc}"
+# The prebuilt _C when it was built for this torch, else one compiled now for it (cached); None with the reason
+# when neither can be had. Loading it registers the ops.
+_C, _why_not = _build.load_extension()
+if _C is None:
+    UNAVAILABLE_REASON = _why_not
 
 
 def _has_kernel(dispatch_key: str) -> bool:
