@@ -15,7 +15,7 @@ grids is trained once. A run whose metrics.json holds test metrics is finished a
 Executors: --executor local (default) runs train.py subprocesses here, --jobs at a time; --executor ray makes each
 run one Ray task (asking for --threads CPUs, and a GPU with --device cuda) on a running cluster (--address) or a
 local Ray instance. Both go through the same per-run code (Runner.attempt): claim the run folder (sweep.lock,
-created atomically; see "claims" below), skip it if finished, train or --resume it, report one line. A Ray task
+created atomically; see the "claims" comment in this file), skip it if finished, train or --resume it, report one line. A Ray task
 whose worker dies, or whose train.py is killed, is retried once from last.pt; a second failure is reported.
 Any number of sweeps may share one --out-root: each run is trained by one of them.
 
@@ -51,6 +51,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 EXPERIMENTS = Path(__file__).resolve().parent
+if str(EXPERIMENTS) not in sys.path:
+    sys.path.insert(0, str(EXPERIMENTS))
+from paper.cli import ArgumentParser, RawDescriptionHelpFormatter  # noqa: E402
+from paper.data_types import DataFormatError  # noqa: E402
 REPO = EXPERIMENTS.parent
 GRIDS = EXPERIMENTS / "grids"
 TRAIN = EXPERIMENTS / "train.py"
@@ -225,14 +229,19 @@ def prepare_nli_train_from_dev(source: Path, target: Path, *, dev_fraction: floa
         if done.is_file():
             return target
         final, target = target, target.with_name(f".{target.name}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        sys.path.insert(0, str(EXPERIMENTS))
         from paper.data_splits import shuffle_split
 
         names = [f"{stem}.{split}" for split in ("dev", "test") for stem in ("s1", "s2", "labels")]
         missing = [n for n in names if not (source / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{source}: missing {', '.join(missing)} (e-SNLI line-aligned SNLI dev/test)")
-        lines = {n: (source / n).read_text(encoding="utf-8").splitlines(keepends=True) for n in names}
+        lines = {}
+        for n in names:
+            try:
+                lines[n] = (source / n).read_text(encoding="utf-8").splitlines(keepends=True)
+            except UnicodeDecodeError as error:
+                raise DataFormatError(source / n, None, f"not UTF-8 text ({error.reason} at byte {error.start})") \
+                    from None
         premises = list(dict.fromkeys(line.strip() for line in lines["s1.dev"]))
         train_idx, dev_idx = shuffle_split(len(premises), seed, test_size=dev_fraction)
         held_out = {premises[i] for i in dev_idx}
@@ -663,8 +672,9 @@ class Runner:
                 child.terminate()
 
 
-# what a run's data preparation (or a data reader it calls) raises for missing, truncated or malformed files
-DATA_ERRORS = (GridError, OSError, ValueError)
+# what a run's data preparation raises for missing, truncated (paper.data_types.CorruptDataError) or malformed
+# files: reported as the run's failure in one line that names the file
+DATA_ERRORS = (GridError, OSError, DataFormatError, ValueError)
 
 
 def one_line(error: BaseException) -> str:
@@ -828,8 +838,8 @@ class Sweep:
 
 def build_parser() -> argparse.ArgumentParser:
     cores = os.cpu_count() or 1
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="sweep.py", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--grid", action="append", required=True,
                         help=f"a grid name in experiments/grids ({', '.join(available_grids())}) or a JSON path; "
                              "repeat to run several grids in order")
@@ -907,7 +917,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     # run as the module `sweep`, not `__main__`, so that Ray pickles its functions and classes by reference
     # (the workers import the same module)
-    sys.path.insert(0, str(EXPERIMENTS))
     import sweep as _sweep
 
     sys.exit(_sweep.main())

@@ -170,6 +170,25 @@ def test_snli_train_from_dev_is_split_by_premise(tmp_path):
     assert json.loads((target / "PREPARED.json").read_text())["examples"] == {"train": 51, "dev": 9, "test": 5}
 
 
+def test_data_errors_and_usage_errors_are_one_line(tmp_path, capsys):
+    source = tmp_path / "esnli"
+    source.mkdir()
+    for name in ("s1.dev", "s2.dev", "labels.dev", "s1.test", "s2.test", "labels.test"):
+        (source / name).write_text("x .\n")
+    (source / "s2.dev").write_bytes(b"caf\xe9 .\n")  # Latin-1, not UTF-8
+    run = sweep.Run("snli", "vanilla", 1, None, data={"prepare": "nli_train_from_dev", "source": "esnli"})
+    runner = sweep.Runner(out_root=tmp_path / "runs", data_root=tmp_path, threads=1, resume=True)
+    result = runner.attempt(run)
+    assert result.outcome == "failed" and "\n" not in result.detail
+    assert result.detail.startswith(f"cannot start: {source / 's2.dev'}: not UTF-8 text"), result.detail
+    assert "cannot start" in (tmp_path / "runs" / run.name / sweep.LOG).read_text()
+    assert not (tmp_path / "runs" / run.name / sweep.LOCK).exists() and not list((tmp_path / "runs" / "data").glob("*"))
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--grid", "smoke", "--jobs", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err == "sweep.py: error: --jobs must be >= 1, got 0\nrun with --help for usage\n"
+
+
 # ----------------------------------------------------------------------------------------------- end to end
 
 @pytest.fixture(scope="module")
