@@ -4,7 +4,7 @@
     python experiments/sweep.py --grid paper --jobs 1 --threads 2     # everything issue 6 asks for, in priority order
     python experiments/sweep.py --grid main --datasets sst --seeds 1  # a slice of a grid
     python experiments/sweep.py --grid eps --list                     # what the grid holds and what is done
-    python experiments/sweep.py --grid paper --executor ray --address HEAD:6379 --out-root /shared/runs  # a Ray cluster
+    python experiments/sweep.py --grid paper --executor ray --address HEAD:6379 --out-root /shared/runs  # Ray
 
 Each run trains in its own directory runs/sweep/<dataset>/<method>[_eps<eps>]_seed<seed>[_<flag>-<value>...],
 named from its settings only, so the same settings always land in the same directory and a run shared by two
@@ -471,11 +471,16 @@ class Claim:
         tmp.write_text(self.text + "\n", encoding="utf-8")
         os.replace(tmp, self.path)
 
-    def refresh(self) -> None:
+    def refresh(self) -> bool:
+        """Renew the lease; False if the lock is no longer this claim's (taken over after a stall > LEASE)."""
+        lock = read_lock(self.run_dir)
+        if lock is not None and lock[0] != self.info:
+            return False
         try:
             os.utime(self.path)
         except OSError:
             pass
+        return True
 
     def release(self) -> None:
         try:
@@ -650,7 +655,10 @@ class Runner:
                         exit_code = child.wait(timeout=HEARTBEAT)
                         break
                     except subprocess.TimeoutExpired:
-                        claim.refresh()
+                        if not claim.refresh():  # another sweep took the run over: leave it to that one
+                            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} the run's lock was taken over "
+                                      "(this sweep stalled longer than the lease); stopping\n")
+                            child.kill()
             finally:
                 with self.lock:
                     self.children.discard(child)

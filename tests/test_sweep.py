@@ -137,6 +137,9 @@ def test_claims_are_atomic_and_stale_locks_are_taken_over(tmp_path, monkeypatch)
     claim = sweep.Claim.take(run_dir)
     assert claim is not None and json.loads((run_dir / sweep.LOCK).read_text())["pid"] == os.getpid()
     assert sweep.Claim.take(run_dir) is None  # held by this process, as recorded
+    assert claim.refresh()
+    claim.update(child=12345)  # the lock is replaced atomically, still this claim
+    assert claim.refresh() and json.loads((run_dir / sweep.LOCK).read_text())["child"] == 12345
     claim.release()
     assert not (run_dir / sweep.LOCK).exists()
     (run_dir / sweep.LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "x"}))
@@ -147,7 +150,11 @@ def test_claims_are_atomic_and_stale_locks_are_taken_over(tmp_path, monkeypatch)
     retry.release()
     (run_dir / sweep.LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "x"}))
     monkeypatch.setattr(sweep, "LEASE", 0.0)
-    assert sweep.Claim.take(run_dir) is not None  # not refreshed within the lease
+    stalled = sweep.Claim.take(run_dir)
+    assert stalled is not None  # not refreshed within the lease
+    # a holder that stalled past its lease finds its lock taken over and stops (refresh says so)
+    monkeypatch.setattr(sweep, "HOST", "another-node")
+    assert sweep.Claim.take(run_dir) is not None and not stalled.refresh()
 
 
 def test_snli_train_from_dev_is_split_by_premise(tmp_path):

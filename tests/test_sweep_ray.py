@@ -1,7 +1,8 @@
 """experiments/sweep.py --executor ray on a local Ray instance (2 CPUs): the smoke grid gives the same metrics as
 the local executor, a Ray worker SIGKILLed mid-run is retried from its checkpoint to the same final metrics, and
 two sweeps started at once on one output root train each run once. Skipped (with the reason) without ray:
-pip install ".[cluster]". About 90 s on 2 cores, most of it Ray's start and train.py's imports."""
+pip install ".[cluster]". About 2 min on 2 busy cores (each test under a minute), most of it Ray's start and
+train.py's imports."""
 import json
 import os
 import shutil
@@ -110,7 +111,8 @@ def test_a_worker_killed_mid_run_is_retried_from_its_checkpoint(local_ray, tmp_p
     assert f"(pid {killed['pid']})" in log.split(" resume on ")[0]  # the first attempt ran in the killed worker
     assert "resuming" in log.split(" resume on ")[1]  # train.py continued from last.pt
 
-    assert sweep_main("--grid", grid, "--executor", "local", "--out-root", tmp_path / "unkilled", "--datasets", "sst") == 0
+    assert sweep_main("--grid", grid, "--executor", "local", "--out-root", tmp_path / "unkilled",
+                      "--datasets", "sst") == 0
     assert comparable(killed_dir) == comparable(tmp_path / "unkilled" / run.name)
 
 
@@ -129,7 +131,8 @@ def test_two_sweeps_at_once_train_each_run_once(local_ray, tmp_path, capfd):
         log = (out / run.name / sweep.LOG).read_text()
         assert log.count(" start on ") == 1 and " resume on " not in log, log
         assert len((out / run.name / "sweep_code.json").read_text().splitlines()) == 1
-        assert (f"sweep: finished {run.name}" in here) != (f"sweep: finished {run.name}" in other_err), (here, other_err)
+        finished_here, finished_there = (f"sweep: finished {run.name}" in text for text in (here, other_err))
+        assert finished_here != finished_there, (here, other_err)
         assert is_finished_and_unlocked(out / run.name)
 
 
