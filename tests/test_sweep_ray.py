@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ray = pytest.importorskip("ray", reason='ray is not installed (pip install ".[cluster]"): the Ray executor is '
-                                        "not tested")
+ray = pytest.importorskip("ray", exc_type=ImportError,
+                         reason='ray is not importable (pip install ".[cluster]"): the Ray executor is not tested')
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
