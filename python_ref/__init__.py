@@ -13,10 +13,21 @@ from .perturbations import (
     word_at_perturbation,
     word_iat_perturbation,
 )
+from .self_attention import (
+    SelfAttentionOutput,
+    attention_scores,
+    check_self_attention_inputs,
+    perturbed_attention,
+    self_attention_masks,
+    self_attention_perturbation,
+)
 
 __all__ = [
     "AttentionPoolOutput", "DELTA", "PERTURBATIONS", "additive_scores", "at_perturbation", "attention_pool",
     "check_attention_inputs", "check_perturbation_inputs", "dot_scores", "iat_perturbation", "masked_softmax",
     "nearest_neighbours", "normalize_rows", "perturbation", "rp_perturbation", "word_at_perturbation",
     "word_iat_perturbation",
+    # self-attention (SPEC "Self-attention")
+    "SelfAttentionOutput", "attention_scores", "check_self_attention_inputs", "perturbed_attention",
+    "self_attention_masks", "self_attention_perturbation",
 ]

@@ -1,0 +1,48 @@
+"""The reference as the self-attention backend: python_ref's definitions with materialised maps, plus the
+CleanPassRecord protocol (the clean call keeps G = dL_clean/dS by a hook on S; the adversarial call reads it)."""
+from __future__ import annotations
+
+import python_ref
+from python_ref.attention import masked_softmax
+from python_ref.self_attention import (
+    _check_finite_at,
+    attention_scores,
+    self_attention_masks,
+    self_attention_perturbation,  # noqa: F401  (this backend's perturbation)
+)
+import torch
+
+
+def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,
+                        dropout_p, generator, record, iat_max_bytes):
+    """(O [B, nh, Tq, dv], P [B, nh, Tq, Tk]); `grad` is a tensor G or the CleanPassRecord of the clean call."""
+    allowed, valid = self_attention_masks(q, k, key_mask, causal=causal, attn_mask=attn_mask, query_mask=query_mask,
+                                          bias=bias)
+    s = attention_scores(q, k, bias, scale)
+    _check_finite_at("scores (scale * q k^T + bias)", s.detach(), allowed)
+    if noise is not None:
+        _check_finite_at("noise", noise, valid)
+    if record is not None:
+        record.clear()
+        record.shape = tuple(s.shape)
+        if record.keep_scores:
+            record.scores = s.detach()
+        if s.requires_grad:
+            s.register_hook(record._set_grad)
+    if kind is not None:
+        clean_scores = s.detach()
+        if kind != "rp" and not isinstance(grad, torch.Tensor):  # a CleanPassRecord
+            if kind == "iat":
+                clean_scores = grad.scores
+            g = grad.gradient()
+            if tuple(g.shape) != tuple(s.shape) or (kind == "iat" and tuple(clean_scores.shape) != tuple(s.shape)):
+                raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(g.shape)}; this call's scores "
+                                 f"are {tuple(s.shape)}: pass the record of the same layer's clean call")
+            grad = g.to(device=s.device, dtype=s.dtype)
+        if grad is not None:
+            _check_finite_at("grad", grad, valid)
+        s = s + python_ref.self_attention_perturbation(kind, clean_scores, valid, grad=grad, noise=noise, eps=eps,
+                                                       norm=norm, generator=generator, max_bytes=iat_max_bytes)
+    p = masked_softmax(s, allowed)
+    p_used = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
+    return p_used @ v, p

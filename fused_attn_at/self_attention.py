@@ -1,0 +1,190 @@
+"""Multi-head (self-)attention with Attention AT / iAT / RP perturbations of each layer's scores (SPEC
+"Self-attention"): the public op, its input checks and the dispatch to a backend.
+
+    out = fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True)                  # [B, nh, Tq, dv]
+    out = fused_attn_at.perturbed_attention(q, k, v, key_mask, perturbation="at", grad=G)    # G = dL_clean/dS
+
+Only the "reference" backend (materialised maps, `ops/reference_self_attention.py`) exists so far; the fused
+flash-style kernels will take the same arguments. A model whose attention calls this op can be trained with
+`fused_attn_at.SelfAttentionAT` (one AT/iAT/RP step over chosen layers) without ever handling G: the helper
+gives each call of its clean pass a `CleanPassRecord`, which the backend fills with what the adversarial pass
+needs (the reference: G itself, and the clean scores for iAT), and passes the record back as `grad=`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from python_ref.self_attention import (
+    IAT_MAX_BYTES_ENV,
+    NORMS,
+    SelfAttentionOutput,
+    check_self_attention_inputs,
+)
+
+SELF_ATTENTION_BACKENDS = ("reference",)
+_NOT_BUILT = ("cpu", "cuda", "triton")
+
+
+class CleanPassRecord:
+    """What one attention call of the clean pass leaves for the perturbed call of the adversarial pass.
+
+    Pass it as `record=` to the clean call and as `grad=` to the adversarial call (same layer, same masks).
+    The backend fills it: the reference keeps G = dL_clean/dS [B, nh, Tq, Tk] (set by a hook when the clean
+    loss is back-propagated) and, for iAT, the clean scores S. A fused backend will keep what it needs to
+    recompute G block by block instead. `clear()` frees it.
+    """
+
+    __slots__ = ("grad", "scores", "keep_scores", "backward_done", "shape")
+
+    def __init__(self, keep_scores: bool = False):
+        self.keep_scores = keep_scores  # iAT needs the clean S, AT and RP do not
+        self.grad: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self.shape: tuple | None = None
+        self.backward_done = False  # set by whoever ran the clean backward: no grad then means G = 0
+
+    def _set_grad(self, g: torch.Tensor) -> None:
+        self.grad = g.detach() if self.grad is None else self.grad + g.detach()
+
+    def clear(self) -> None:
+        self.grad = self.scores = None
+        self.backward_done = False
+
+    def gradient(self) -> torch.Tensor:
+        """G of the clean pass; zeros when the backward ran but reached no score of this call."""
+        if self.grad is not None:
+            return self.grad
+        if self.shape is None:
+            raise RuntimeError("this CleanPassRecord was never passed as record= to a clean perturbed_attention call")
+        if not self.backward_done:
+            raise RuntimeError("no gradient has reached the clean scores of this attention call: back-propagate the "
+                               "clean loss (and mark_backward_done()) before the adversarial call")
+        return torch.zeros(self.shape)
+
+    def mark_backward_done(self) -> None:
+        self.backward_done = True
+
+    def __repr__(self) -> str:
+        g = None if self.grad is None else tuple(self.grad.shape)
+        return f"CleanPassRecord(grad={g}, scores={'kept' if self.scores is not None else None})"
+
+
+# A training helper in its clean or adversarial phase: gets every call made with perturbation=None.
+_INTERCEPTORS: list = []
+
+
+def _push_interceptor(fn: Callable) -> None:
+    _INTERCEPTORS.append(fn)
+
+
+def _pop_interceptor(fn: Callable) -> None:
+    _INTERCEPTORS.remove(fn)
+
+
+def _backend_module(backend: str | None):
+    if backend is None or backend == "reference":
+        from .ops import reference_self_attention
+
+        return reference_self_attention
+    if backend in _NOT_BUILT:
+        raise NotImplementedError(
+            f"backend={backend!r}: the fused self-attention kernels are not built yet (only attention_pool has "
+            "cpu/cuda/triton kernels); use backend=None or 'reference' for perturbed_attention")
+    raise ValueError(f"backend must be None or 'reference' for perturbed_attention (kernels: not built yet), "
+                     f"got {backend!r}")
+
+
+def perturbed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    perturbation: str | None = None,
+    grad: "torch.Tensor | CleanPassRecord | None" = None,
+    noise: torch.Tensor | None = None,
+    eps: float = 1.0,
+    norm: str = "example",
+    attn_mask: torch.Tensor | None = None,
+    query_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    return_attention: bool = False,
+    generator: torch.Generator | None = None,
+    record: CleanPassRecord | None = None,
+    layer=None,
+    backend: str | None = None,
+    iat_max_bytes: int | None = None,
+):
+    """Scaled dot-product attention O = masked_softmax(S + r) V, S = scale Q K^T + bias, r the perturbation.
+
+    q [B, nh, Tq, d], k [B, nh, Tk, d], v [B, nh, Tk, dv] of one float dtype; key_mask [B, Tk] bool (True =
+    token); causal: key j <= query i; bias float [B|1, nh|1, Tq, Tk] added to S (-inf entries are masked);
+    scale defaults to 1/sqrt(d); attn_mask bool [B|1, nh|1, Tq, Tk] (True = may attend) for other patterns;
+    query_mask [B, Tq] the real queries (default key_mask when Tq == Tk), used only for where r may be non-zero.
+    A query with no key to attend gives zeros (no NaN, zero gradients).
+
+    perturbation: None; "at" / "iat" with grad = dL_clean/dS [B, nh, Tq, Tk] (or the CleanPassRecord of the
+    same layer's clean call); "rp" with noise [B, nh, Tq, Tk] standard normal, or drawn from `generator`.
+    r has norm eps per example over the layer's valid entries (norm="row": per example, head and query row)
+    and is a constant for autograd. iAT here materialises [B, B, ...]: above iat_max_bytes
+    (default $FUSED_ATTN_AT_IAT_MAX_BYTES, else 2 GiB) it raises MemoryError.
+    dropout_p: dropout of the attention probabilities (the caller decides; pass 0 in eval).
+    record: a CleanPassRecord to fill during this (clean) call. layer: a name or module identifying the
+    calling layer to fused_attn_at.SelfAttentionAT (ignored otherwise).
+
+    Returns O [B, nh, Tq, dv], or SelfAttentionOutput(output, attention) with return_attention=True.
+    backend: None or "reference" (the fused kernels are not built yet).
+    """
+    if _INTERCEPTORS and perturbation is None and grad is None and noise is None and record is None:
+        kwargs = dict(causal=causal, bias=bias, scale=scale, norm=norm, attn_mask=attn_mask, query_mask=query_mask,
+                      dropout_p=dropout_p, return_attention=return_attention, generator=generator, backend=backend,
+                      iat_max_bytes=iat_max_bytes)
+
+        def run(**overrides):
+            return _perturbed_attention(q, k, v, key_mask, **{**kwargs, **overrides})
+
+        return _INTERCEPTORS[-1](run, layer)
+    return _perturbed_attention(q, k, v, key_mask, causal=causal, bias=bias, scale=scale, perturbation=perturbation,
+                                grad=grad, noise=noise, eps=eps, norm=norm, attn_mask=attn_mask,
+                                query_mask=query_mask, dropout_p=dropout_p, return_attention=return_attention,
+                                generator=generator, record=record, backend=backend, iat_max_bytes=iat_max_bytes)
+
+
+def _perturbed_attention(q, k, v, key_mask=None, *, causal=False, bias=None, scale=None, perturbation=None,
+                         grad=None, noise=None, eps=1.0, norm="example", attn_mask=None, query_mask=None,
+                         dropout_p=0.0, return_attention=False, generator=None, record=None, backend=None,
+                         iat_max_bytes=None):
+    impl = _backend_module(backend)
+    is_record = isinstance(grad, CleanPassRecord)
+    check_self_attention_inputs(q, k, v, key_mask, causal=causal, bias=bias, scale=scale, perturbation=perturbation,
+                                grad=grad, noise=noise, eps=eps, norm=norm, attn_mask=attn_mask,
+                                query_mask=query_mask, dropout_p=dropout_p, grad_is_tensor=not is_record)
+    if record is not None and not isinstance(record, CleanPassRecord):
+        raise TypeError(f"record must be a fused_attn_at.CleanPassRecord, got {type(record).__name__}")
+    if perturbation == "iat" and is_record and not grad.keep_scores:
+        raise ValueError("perturbation='iat' with a CleanPassRecord needs the clean scores: create it with "
+                         "CleanPassRecord(keep_scores=True)")
+    out, attention = impl.perturbed_attention(
+        q, k, v, key_mask, causal, bias, scale, perturbation, grad, noise, float(eps), norm, attn_mask, query_mask,
+        float(dropout_p), generator, record, iat_max_bytes)
+    return SelfAttentionOutput(out, attention) if return_attention else out
+
+
+def self_attention_perturbation(kind: str, scores: torch.Tensor, valid: torch.Tensor | None = None, *,
+                                grad: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                                eps: float = 1.0, norm: str = "example", generator: torch.Generator | None = None,
+                                iat_max_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+    """The perturbation r [B, nh, Tq, Tk] that perturbed_attention adds to a layer's scores S [B, nh, Tq, Tk].
+    valid: bool, broadcastable to S (python_ref.self_attention_masks gives it); no gradient."""
+    impl = _backend_module(backend)
+    with torch.no_grad():
+        return impl.self_attention_perturbation(kind, scores, valid, grad=grad, noise=noise, eps=eps, norm=norm,
+                                                generator=generator, max_bytes=iat_max_bytes)
+
+
+__all__ = ["CleanPassRecord", "IAT_MAX_BYTES_ENV", "NORMS", "SELF_ATTENTION_BACKENDS", "SelfAttentionOutput",
+           "perturbed_attention", "self_attention_perturbation"]
