@@ -531,3 +531,202 @@ def test_offset_check_fails_with_32_bit_offsets(tmp_path):
     with pytest.raises(AssertionError) as failure:
         check_offsets_past_2_31(lib, "at")
     print(f"32-bit offsets caught: {str(failure.value)[:300]}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The torch binding (attention_pool_binding.cpp): compiled here, though only a CUDA build of the package uses it
+
+# What setup.py's CUDAExtension gives the binding (a .cpp file: the host compiler), and warnings as errors.
+BINDING_FLAGS = ["-std=c++20", "-DFUSED_ATTN_AT_WITH_CUDA=1", "-DTORCH_API_INCLUDE_EXTENSION_H",
+                 "-DTORCH_EXTENSION_NAME=_C", "-Wall", "-Wextra", "-Werror"]
+
+
+def _cuda_toolkit_include() -> pathlib.Path | None:
+    """The CUDA toolkit's include folder (cuda_runtime_api.h), where torch's CUDAExtension would find it."""
+    nvcc = _nvcc()
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME, "/usr/local/cuda",
+             str(pathlib.Path(nvcc).resolve().parents[1]) if nvcc else None]
+    for root in roots:
+        if root and (pathlib.Path(root) / "include" / "cuda_runtime_api.h").exists():
+            return pathlib.Path(root) / "include"
+    return None
+
+
+def _torch_includes() -> list[str]:
+    flags = []
+    for path in cpp_extension.include_paths():
+        flags += ["-isystem", path]
+    return flags
+
+
+def compile_binding(source: pathlib.Path, config: str, args: list[str], link=()) -> subprocess.CompletedProcess:
+    """g++ on `source` (the binding, or a file that includes it; `link`: what follows it) with torch's headers and
+    config "torch_cuda": torch's real c10/cuda headers over the CUDA toolkit's (plus the one generated header a CPU
+    wheel of torch lacks, tests/cuda_stubs/torch_cuda_headers); "emulation": the stubs of
+    tests/cuda_stubs/emulation in their place (searched first, -I before -isystem)."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ not found: the CUDA binding cannot be compiled")
+    if config == "torch_cuda":
+        toolkit = _cuda_toolkit_include()
+        assert toolkit is not None
+        extra = ["-isystem", str(STUBS / "torch_cuda_headers"), "-isystem", str(toolkit)]
+    else:
+        extra = ["-I", str(STUBS / "emulation")]
+    cmd = [compiler, *BINDING_FLAGS, *extra, *_torch_includes(), "-I", str(CUDA_DIR), *args, str(source), *link]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    print(f"g++ {source.name} ({config}): {time.perf_counter() - start:.1f} s, exit {proc.returncode}")
+    return proc
+
+
+def test_binding_compiles_against_torch_cuda_headers():
+    """The binding exactly as a CUDA build compiles it: torch's c10/cuda headers, the CUDA toolkit's runtime
+    headers, setup.py's flags; -fsyntax-only, so no CUDA library is needed."""
+    if _cuda_toolkit_include() is None:
+        pytest.skip("no CUDA toolkit headers (cuda_runtime_api.h under CUDA_HOME, CUDA_PATH, /usr/local/cuda or "
+                    "beside nvcc): the binding is still compiled and run over the emulation (emulated_binding)")
+    proc = compile_binding(BINDING, "torch_cuda", ["-fsyntax-only"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_binding_compile_check_catches_errors(tmp_path):
+    """The compile check fails on a broken binding: a copy with a misspelt launcher and a tensor passed where the
+    C API takes a view does not compile, and g++ names both lines."""
+    text = BINDING.read_text()
+    mutations = [("check_launch(fa_cuda_perturbation(", "check_launch(fa_cuda_perturbaton("),
+                 ("view_of(grad_h), view_of(scores_out)", "grad_h, view_of(scores_out)")]
+    lines = []
+    for old, new in mutations:
+        assert text.count(old) == 1, old
+        lines.append(text[:text.index(old)].count("\n") + 1)
+        text = text.replace(old, new)
+    broken = tmp_path / "attention_pool_binding.cpp"
+    broken.write_text(text)
+    config = "torch_cuda" if _cuda_toolkit_include() is not None else "emulation"
+    proc = compile_binding(broken, config, ["-fsyntax-only"])
+    assert proc.returncode != 0, "the binding with injected errors compiled"
+    for line in lines:
+        assert f"attention_pool_binding.cpp:{line}:" in proc.stderr, (line, proc.stderr[-4000:])
+
+
+@pytest.fixture(scope="module")
+def emulated_binding(emulated, tmp_path_factory):
+    """attention_pool_binding.cpp built with tests/cuda_stubs/binding_on_emulation.cpp into a library torch loads,
+    over the emulated kernels (`emulated`, linked) and the shared input checks of the package's extension
+    (fused_attn_at._C, linked): torch.ops.fused_attn_at_cuda_emulated.{attention_pool_fwd, attention_pool_bwd,
+    perturbation} run the binding's own code on CPU tensors."""
+    spec = importlib.util.find_spec("fused_attn_at._C")
+    if spec is None or spec.origin is None:
+        pytest.skip("fused_attn_at._C is not built (FUSED_ATTN_AT_NO_EXT?): the binding's input checks live there")
+    folder = tmp_path_factory.mktemp("cuda_binding")
+    # the schemas of csrc/ops.cpp, for this library's namespace (m.impl checks the binding against them)
+    ops = (REPO / "csrc" / "ops.cpp").read_text()
+    block = re.search(r"^TORCH_LIBRARY\(fused_attn_at, m\) \{\n(.*?)^\}", ops, re.S | re.M)
+    assert block is not None, "TORCH_LIBRARY(fused_attn_at, m) not found in csrc/ops.cpp"
+    (folder / "ops_schemas.inc").write_text(block.group(1))
+    library = folder / "libfa_cuda_binding_emulated.so"
+    torch_lib = pathlib.Path(torch.__file__).parent / "lib"
+    proc = compile_binding(STUBS / "binding_on_emulation.cpp", "emulation",
+                           ["-O1", "-fPIC", "-shared", "-I", str(folder), "-o", str(library)],
+                           [str(emulated.path), spec.origin, f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
+                            f"-Wl,-rpath,{torch_lib}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    torch.ops.load_library(str(library))
+    return torch.ops.fused_attn_at_cuda_emulated
+
+
+def _binding_direction(inputs: Inputs, kind):
+    return inputs.noise if kind == "rp" else inputs.grad if kind in ("at", "iat") else None
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "views"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_binding_on_emulation_matches_reference(emulated_binding, kind, layout):
+    """The three ops through the binding: its views of strided inputs, the iAT r buffer, the conversion of a
+    direction in another dtype, the backward's workspace. Values under the tolerance rule."""
+    inputs = make_inputs(4, 40, 12, "empty_row", seed=43)
+    call = inputs
+    if layout == "views":  # scores/mask/grad/noise transposed in memory, every other channel of h
+        def tr(x):
+            return x.t().contiguous().t()
+        wide = torch.randn(4, 40, 24)
+        wide[:, :, ::2] = inputs.h
+        call = Inputs(wide[:, :, ::2], tr(inputs.scores), tr(inputs.mask), tr(inputs.grad).double(),
+                      tr(inputs.noise).double())
+    direction = _binding_direction(call, kind)
+    context, attention = emulated_binding.attention_pool_fwd(call.h, call.scores, call.mask, direction,
+                                                             KIND_CODE[kind], 0.6)
+    dc, da = cotangents(inputs)
+    grad_h, grad_scores = emulated_binding.attention_pool_bwd(dc, da, call.h, attention)
+    actual = dict(context=context, attention=attention, grad_h=grad_h, grad_scores=grad_scores)
+    reference64, reference_low = references(inputs, kind, 0.6)
+    assert_within_rule(actual, reference64, reference_low, what=f"binding kind={kind} {layout}")
+    if kind is not None:
+        r = emulated_binding.perturbation(call.scores, call.mask, direction, KIND_CODE[kind], 0.6)
+        r32 = python_ref.perturbation(kind, inputs.scores, inputs.mask, **inputs.perturbation_kwargs(kind, 0.6))
+        inputs64 = inputs.to(torch.float64)
+        r64 = python_ref.perturbation(kind, inputs64.scores, inputs64.mask,
+                                      **inputs64.perturbation_kwargs(kind, 0.6))
+        assert_within_rule(dict(r=r), dict(r=r64), dict(r=r32), what=f"binding perturbation {kind} {layout}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_binding_on_emulation_asserts_finite_values(emulated_binding, kind):
+    """NaN/inf at a real position of scores or of the direction: the binding's device-side assertion raises with
+    the CPU kernels' message (here at once: _assert_async of a CPU tensor); at padded positions, nothing."""
+    inputs = make_inputs(3, 10, 4, "padding", seed=44)
+    direction = _binding_direction(inputs, kind)
+    code = KIND_CODE[kind]
+    row = 1
+    position = int(inputs.mask[row].nonzero()[-1])
+    for target in ("scores",) if kind is None else ("scores", "direction"):
+        for value in (float("nan"), float("inf")):
+            scores = _poison(inputs.scores, row, position, value) if target == "scores" else inputs.scores
+            direct = _poison(direction, row, position, value) if target == "direction" else direction
+            message = f"^{target} holds NaN or inf at real \\(unmasked\\) positions; expected finite values"
+            with pytest.raises(RuntimeError, match=message):
+                emulated_binding.attention_pool_fwd(inputs.h, scores, inputs.mask, direct, code, 1.0)
+            if kind is not None:
+                with pytest.raises(RuntimeError, match=message):
+                    emulated_binding.perturbation(scores, inputs.mask, direct, code, 1.0)
+    pad = ~inputs.mask
+    scores = inputs.scores.masked_fill(pad, float("nan"))
+    direct = None if direction is None else direction.masked_fill(pad, float("-inf"))
+    clean = emulated_binding.attention_pool_fwd(inputs.h, inputs.scores, inputs.mask, direction, code, 1.0)
+    padded = emulated_binding.attention_pool_fwd(inputs.h, scores, inputs.mask, direct, code, 1.0)
+    for got, expected in zip(padded, clean):
+        assert torch.equal(got, expected)
+    if kind is not None:
+        assert torch.equal(emulated_binding.perturbation(scores, inputs.mask, direct, code, 1.0),
+                           emulated_binding.perturbation(inputs.scores, inputs.mask, direction, code, 1.0))
+
+
+def test_binding_on_emulation_rejects_batch_beyond_grid_limit(emulated_binding):
+    """B = 2^31 rows (views of one row, stride 0): a ValueError naming B and the limit, before any allocation."""
+    B, T, H = 2**31, 3, 2
+    h = torch.zeros(1, T, H).expand(B, T, H)
+    scores = torch.zeros(1, T).expand(B, T)
+    limit = r"above the CUDA grid x limit 2\^31 - 1 = 2147483647"
+    with pytest.raises(ValueError, match=r"batch size B \(dim 0 of scores\) is 2147483648, " + limit):
+        emulated_binding.perturbation(scores, None, scores, 1, 1.0)
+    with pytest.raises(ValueError, match=r"batch size B \(dim 0 of h\) is 2147483648, " + limit):
+        emulated_binding.attention_pool_fwd(h, scores, None, None, 0, 1.0)
+    with pytest.raises(ValueError, match=r"batch size B \(dim 0 of h\) is 2147483648, " + limit):
+        emulated_binding.attention_pool_bwd(torch.zeros(1, H).expand(B, H), None, h, scores)
+
+
+def test_binding_on_emulation_offsets_past_2_31_elements(emulated_binding):
+    """Inputs whose rows lie 2^32 + 128 elements apart (sparse mappings) through the binding: its views carry the
+    64-bit strides to the kernels (the outputs it allocates are contiguous)."""
+    inputs = make_inputs(2, 9, 8, "padding", seed=45)
+    sparse = Inputs(*(sparse_rows(x) for x in (inputs.h, inputs.scores, inputs.mask, inputs.grad, inputs.noise)))
+    for kind in ("at", "iat"):
+        context, attention = emulated_binding.attention_pool_fwd(sparse.h, sparse.scores, sparse.mask, sparse.grad,
+                                                                 KIND_CODE[kind], 0.8)
+        dc, da = cotangents(inputs)
+        grad_h, grad_scores = emulated_binding.attention_pool_bwd(sparse_rows(dc), sparse_rows(da), sparse.h,
+                                                                  sparse_rows(attention))
+        actual = dict(context=context, attention=attention, grad_h=grad_h, grad_scores=grad_scores)
+        reference64, reference_low = references(inputs, kind, 0.8)
+        assert_within_rule(actual, reference64, reference_low, what=f"binding, sparse rows, kind={kind}")
