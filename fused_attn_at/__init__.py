@@ -13,10 +13,15 @@ from ._backend import BACKENDS, available_backends, resolve_backend
 from .functional import attention_pool, perturbation
 from .modules import AdditiveScorer, AttentionPool, DotScorer
 from .training import AdversarialLoss, adversarial_attention_loss
+from .self_attention import CleanPassRecord, SelfAttentionOutput, perturbed_attention, self_attention_perturbation
+from .self_attention_training import SelfAttentionAT, SelfAttentionATStep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdditiveScorer", "AdversarialLoss", "AttentionPool", "AttentionPoolOutput", "BACKENDS", "DotScorer",
     "adversarial_attention_loss", "attention_pool", "available_backends", "perturbation", "resolve_backend",
+    # self-attention (issue 18)
+    "CleanPassRecord", "SelfAttentionAT", "SelfAttentionATStep", "SelfAttentionOutput", "perturbed_attention",
+    "self_attention_perturbation",
 ]

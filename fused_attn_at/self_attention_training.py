@@ -1,0 +1,224 @@
+"""One Attention AT / iAT / RP training step for a whole model whose attention goes through
+fused_attn_at.perturbed_attention (SPEC "Self-attention", last items):
+
+    at = fused_attn_at.SelfAttentionAT(model, "at", eps=1.0, lam=1.0, layers=None)
+    for batch in loader:
+        optimizer.zero_grad()
+        step = at.step(lambda: loss_fn(model(**batch)))   # clean fwd+bwd, adversarial fwd+bwd
+        optimizer.step()                                  # the .grad's hold d(L_clean + lam * L_adv)
+
+The clean pass runs with every chosen layer's attention call recording what its perturbation needs (the
+reference backend: G = dL_clean/dS, caught by a hook on S when the clean loss is back-propagated, and the clean
+scores for iAT); the adversarial pass re-runs the model with every chosen layer perturbed at once by the r of
+the same clean pass; the records are freed when the step ends. Layers are the model's attention calls in the
+order of the forward pass: choose them by index (0 = first call) or by name (the qualified name of the module
+passed as `layer=`, e.g. "bert.encoder.layer.0.attention.self"; fnmatch patterns such as "*.layer.1.*").
+
+Under DistributedDataParallel the clean backward runs inside `model.no_sync()` and the adversarial backward
+all-reduces the accumulated gradient of L_clean + lam * L_adv once. G, and so r, are each rank's own (the
+normalisation makes r independent of the loss's scale; iAT takes differences within the rank's batch).
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Any, Callable, Iterable, NamedTuple
+
+import torch
+
+from .self_attention import CleanPassRecord, _pop_interceptor, _push_interceptor
+
+PERTURBATIONS = (None, "at", "iat", "rp")
+
+
+class SelfAttentionATStep(NamedTuple):
+    loss: torch.Tensor  # L_clean + lam * L_adv, detached (its gradient is already in the parameters' .grad)
+    clean_loss: torch.Tensor  # detached
+    adversarial_loss: torch.Tensor | None  # detached; None for perturbation=None
+    clean_output: Any  # what forward() returned besides the loss in the clean pass (None if only a loss)
+    adversarial_output: Any
+    layers: tuple  # the names of the perturbed attention calls, in call order
+
+
+def _split(result):
+    if isinstance(result, torch.Tensor):
+        return result, None
+    if isinstance(result, (tuple, list)) and result and isinstance(result[0], torch.Tensor):
+        return result[0], (result[1] if len(result) == 2 else tuple(result[1:]))
+    raise TypeError("forward() must return the scalar loss, or (loss, anything), got "
+                    f"{type(result).__name__}")
+
+
+def _rng_state(devices: set):
+    cpu = torch.get_rng_state()
+    cuda = {d: torch.cuda.get_rng_state(d) for d in devices if d.type == "cuda"}
+    return cpu, cuda
+
+
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    for d, s in cuda.items():
+        torch.cuda.set_rng_state(s, d)
+
+
+class SelfAttentionAT:
+    """Attention AT ("at"), iAT ("iat") or random perturbation ("rp") of a Transformer's attention maps.
+
+    model: the module (or DDP wrapper) whose attention calls fused_attn_at.perturbed_attention; used to name
+    the layers (the module passed as `layer=`) and for DDP's no_sync. perturbation: "at" | "iat" | "rp" | None
+    (None: a plain step, L = L_clean). eps: the norm of r per example and layer (norm="row": per query row).
+    lam: weight of L_adv. layers: None (every attention call), or an iterable of call indices (int) and names /
+    fnmatch patterns (str). same_dropout: replay the clean pass's random state in the adversarial pass, so that
+    dropout masks agree and r is the only difference. generator: for RP's noise.
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None, perturbation: str | None = "at", *, eps: float = 1.0,
+                 lam: float = 1.0, layers: Iterable[int | str] | int | str | None = None, norm: str = "example",
+                 same_dropout: bool = True, generator: torch.Generator | None = None,
+                 iat_max_bytes: int | None = None):
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be None, 'at', 'iat' or 'rp', got {perturbation!r}")
+        if norm not in ("example", "row"):
+            raise ValueError(f"norm must be 'example' or 'row', got {norm!r}")
+        if isinstance(layers, (int, str)):
+            layers = [layers]
+        self.layers = None if layers is None else list(layers)
+        for sel in self.layers or ():
+            if isinstance(sel, bool) or not isinstance(sel, (int, str)) or (isinstance(sel, int) and sel < 0):
+                raise ValueError(f"layers must hold call indices >= 0 or names/patterns, got {sel!r}")
+        self.model, self.perturbation, self.eps, self.lam, self.norm = model, perturbation, eps, lam, norm
+        self.same_dropout, self.generator, self.iat_max_bytes = same_dropout, generator, iat_max_bytes
+        self._phase: str | None = None
+        self._count = 0
+        self._names: list[str] = []
+        self._chosen: list[bool] = []
+        self._records: dict[int, CleanPassRecord] = {}
+        self._module_names: dict[int, str] = {}
+        self._devices: set = set()
+
+    # -- naming and choosing the layers ------------------------------------------------------------------
+    def _refresh_names(self) -> None:
+        self._module_names = {}
+        model = self.model
+        if model is None:
+            return
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        for name, module in model.named_modules():
+            self._module_names.setdefault(id(module), name)
+
+    def _name(self, layer, index: int) -> str:
+        if isinstance(layer, str):
+            return layer
+        if isinstance(layer, torch.nn.Module) and id(layer) in self._module_names:
+            return self._module_names[id(layer)]
+        if isinstance(layer, torch.nn.Module):
+            return f"{type(layer).__name__}#{index}"
+        return f"#{index}"
+
+    def _is_chosen(self, index: int, name: str) -> bool:
+        if self.layers is None:
+            return True
+        return any(sel == index if isinstance(sel, int) else (sel == name or fnmatch.fnmatchcase(name, sel))
+                   for sel in self.layers)
+
+    def _check_selection(self) -> None:
+        if self.layers is None:
+            return
+        for sel in self.layers:
+            hit = any(self._is_chosen_by(sel, i, n) for i, n in enumerate(self._names))
+            if not hit:
+                raise ValueError(f"layers: {sel!r} matches none of the model's {len(self._names)} attention calls "
+                                 f"(indices 0..{len(self._names) - 1}, names {self._names})")
+
+    @staticmethod
+    def _is_chosen_by(sel, index, name) -> bool:
+        return sel == index if isinstance(sel, int) else (sel == name or fnmatch.fnmatchcase(name, sel))
+
+    # -- the interceptor ---------------------------------------------------------------------------------
+    def _intercept(self, run: Callable, layer):
+        index = self._count
+        self._count += 1
+        if self._phase == "clean":
+            name = self._name(layer, index)
+            chosen = self._is_chosen(index, name)
+            self._names.append(name)
+            self._chosen.append(chosen)
+            if not chosen or self.perturbation == "rp":
+                return run()
+            rec = CleanPassRecord(keep_scores=self.perturbation == "iat")
+            self._records[index] = rec
+            return run(record=rec)
+        # adversarial pass
+        if index >= len(self._names) or self._name(layer, index) != self._names[index]:
+            raise RuntimeError(
+                f"attention call {index} ({self._name(layer, index)}) of the adversarial pass does not match the "
+                f"clean pass's calls {self._names}: forward() must run the model the same way twice")
+        if not self._chosen[index]:
+            return run()
+        grad = None if self.perturbation == "rp" else self._records[index]
+        return run(perturbation=self.perturbation, grad=grad, eps=self.eps, norm=self.norm,
+                   generator=self.generator, iat_max_bytes=self.iat_max_bytes)
+
+    @contextlib.contextmanager
+    def _pass(self, phase: str):
+        self._phase, self._count = phase, 0
+        _push_interceptor(self._intercept)
+        try:
+            yield
+        finally:
+            _pop_interceptor(self._intercept)
+            self._phase = None
+
+    def _no_sync(self):
+        model = self.model
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def clear(self) -> None:
+        """Frees what the clean pass recorded (step() does this itself)."""
+        for rec in self._records.values():
+            rec.clear()
+        self._records, self._names, self._chosen = {}, [], []
+
+    # -- the step ----------------------------------------------------------------------------------------
+    def step(self, forward: Callable[[], Any]) -> SelfAttentionATStep:
+        """Runs forward() twice (clean, then perturbed) and back-propagates L_clean + lam * L_adv into the
+        parameters' .grad (accumulating, like loss.backward()). forward() runs the model and returns the scalar
+        loss, or (loss, output). Returns the detached losses, the outputs and the perturbed layers' names."""
+        self.clear()
+        self._refresh_names()
+        if self.perturbation is None:
+            loss, out = _split(forward())
+            loss.backward()
+            loss = loss.detach()
+            return SelfAttentionATStep(loss, loss, None, out, None, ())
+        devices = {p.device for p in self.model.parameters()} if self.model is not None else set()
+        state = _rng_state(devices) if self.same_dropout else None
+        try:
+            with self._pass("clean"):
+                clean_loss, clean_out = _split(forward())
+            if not self._names:
+                raise RuntimeError("forward() made no call to fused_attn_at.perturbed_attention: is the model's "
+                                   "attention implementation fused_attn_at (fused_attn_at.hf.register(), "
+                                   "attn_implementation='fused_attn_at')?")
+            self._check_selection()
+            with self._no_sync():
+                clean_loss.backward()
+            for rec in self._records.values():
+                rec.mark_backward_done()
+            if state is not None:  # the adversarial pass draws the clean pass's dropout masks again
+                _set_rng_state(state)
+            with self._pass("adversarial"):
+                adv_loss, adv_out = _split(forward())
+            if self._count != len(self._names):
+                raise RuntimeError(f"the adversarial pass made {self._count} attention calls, the clean pass "
+                                   f"{len(self._names)}: forward() must run the model the same way twice")
+            (self.lam * adv_loss).backward()
+            names = tuple(n for n, c in zip(self._names, self._chosen) if c)
+        finally:
+            self.clear()
+        clean_loss, adv_loss = clean_loss.detach(), adv_loss.detach()
+        return SelfAttentionATStep(clean_loss + self.lam * adv_loss, clean_loss, adv_loss, clean_out, adv_out, names)

@@ -1,0 +1,249 @@
+"""fused_attn_at.SelfAttentionAT, the whole-model AT/iAT/RP step, against the step written out by hand with
+materialised maps (python_ref): S per layer retained, G = dL_clean/dS by autograd, r per chosen layer from the
+clean pass, the adversarial forward with every chosen layer perturbed, L = L_clean + lam * L_adv; in float64.
+Also: choosing layers by index and name, records freed after the step, dropout replay, errors, and the step
+under torchrun with DistributedDataParallel (2 CPU processes, gloo)."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fused_attn_at
+import python_ref
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, dim, nh, causal, dropout=0.0):
+        super().__init__()
+        self.nh, self.causal, self.dropout = nh, causal, dropout
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+        self.manual = None  # the hand-written reference step replaces the op by a function of (self, q, k, v, mask)
+
+    def forward(self, x, mask):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)
+        if self.manual is not None:
+            o = self.manual(self, q, k, v, mask)
+        else:
+            o = fused_attn_at.perturbed_attention(q, k, v, mask, causal=self.causal, layer=self,
+                                                  dropout_p=self.dropout if self.training else 0.0)
+        return x + self.out(o.transpose(1, 2).reshape(B, T, D))
+
+
+class Toy(torch.nn.Module):
+    """Embedding, n attention blocks (residual + tanh MLP), mean over real tokens, linear head."""
+
+    def __init__(self, vocab=20, dim=8, nh=2, layers=2, classes=3, causal=True, dropout=0.0):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.layers = torch.nn.ModuleList(Attention(dim, nh, causal, dropout) for _ in range(layers))
+        self.mlp = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(layers))
+        self.head = torch.nn.Linear(dim, classes)
+
+    def forward(self, ids, mask):
+        x = self.emb(ids)
+        for att, mlp in zip(self.layers, self.mlp):
+            x = att(x, mask)
+            x = x + torch.tanh(mlp(x))
+        m = mask[..., None].to(x.dtype)
+        return self.head((x * m).sum(1) / m.sum(1).clamp_min(1))
+
+
+def batch(B=4, T=6, vocab=20, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    lengths = torch.tensor([T, T - 2, 3, T - 1][:B] + [T] * max(0, B - 4))
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    y = torch.randint(0, classes, (B,), generator=g)
+    return ids, mask, y
+
+
+def make_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Toy(**kw).double()
+
+
+def manual_step(model, ids, mask, y, kind, eps, lam, chosen, norm="example", seed=None):
+    """The step by hand (SPEC "Self-attention"): returns (loss, grads of every parameter)."""
+    atts = list(model.layers)
+    scores, valids = [], []
+
+    def clean(mod, q, k, v, m):
+        allowed, valid = python_ref.self_attention_masks(q, k, m, causal=mod.causal)
+        s = python_ref.attention_scores(q, k)
+        scores.append(s)
+        valids.append(valid)
+        return python_ref.masked_softmax(s, allowed) @ v
+
+    for a in atts:
+        a.manual = clean
+    try:
+        l_clean = torch.nn.functional.cross_entropy(model(ids, mask), y)
+        if kind is None:
+            return l_clean.detach(), torch.autograd.grad(l_clean, list(model.parameters()))
+        grads = torch.autograd.grad(l_clean, scores, retain_graph=True)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        rs = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for i, (s, valid, g) in enumerate(zip(scores, valids, grads)):
+                if i in chosen:
+                    rs[i] = python_ref.self_attention_perturbation(kind, s.detach(), valid, grad=g, eps=eps,
+                                                                   norm=norm, generator=gen)
+        counter = iter(range(len(atts)))
+
+        def adversarial(mod, q, k, v, m):
+            i = next(counter)
+            allowed, _ = python_ref.self_attention_masks(q, k, m, causal=mod.causal)
+            s = python_ref.attention_scores(q, k) + rs.get(i, 0.0)
+            return python_ref.masked_softmax(s, allowed) @ v
+
+        for a in atts:
+            a.manual = adversarial
+        l_adv = torch.nn.functional.cross_entropy(model(ids, mask), y)
+        loss = l_clean + lam * l_adv
+        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+    finally:
+        for a in atts:
+            a.manual = None
+
+
+def helper_step(model, ids, mask, y, kind, eps, lam, layers=None, norm="example", seed=None):
+    model.zero_grad()
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    at = fused_attn_at.SelfAttentionAT(model, kind, eps=eps, lam=lam, layers=layers, norm=norm, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step = at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y))
+    return step, [p.grad.clone() for p in model.parameters()], at
+
+
+@pytest.mark.parametrize("kind", [None, "at", "iat", "rp"])
+@pytest.mark.parametrize("norm", ["example", "row"])
+def test_step_equals_reference_step(kind, norm):
+    if kind is None and norm == "row":
+        pytest.skip("norm is unused without a perturbation")
+    model = make_model()
+    ids, mask, y = batch()
+    step, got, at = helper_step(model, ids, mask, y, kind, 0.9, 0.7, norm=norm, seed=3)
+    loss, want = manual_step(model, ids, mask, y, kind, 0.9, 0.7, chosen={0, 1}, norm=norm, seed=3)
+    torch.testing.assert_close(step.loss, loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if kind is not None:
+        assert step.layers == ("layers.0", "layers.1")
+        assert step.adversarial_loss > 0 and not step.loss.requires_grad
+
+
+@pytest.mark.parametrize("layers,chosen,names", [
+    ([1], {1}, ("layers.1",)),
+    (["layers.0", 2], {0, 2}, ("layers.0", "layers.2")),
+    ("layers.[12]", {1, 2}, ("layers.1", "layers.2")),
+])
+def test_layers_by_index_and_name(layers, chosen, names):
+    model = make_model(layers=3)
+    ids, mask, y = batch()
+    step, got, _ = helper_step(model, ids, mask, y, "at", 1.3, 1.0, layers=layers)
+    _, want = manual_step(model, ids, mask, y, "at", 1.3, 1.0, chosen=chosen)
+    assert step.layers == names
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_records_are_freed_after_the_step():
+    model = make_model()
+    ids, mask, y = batch()
+    _, _, at = helper_step(model, ids, mask, y, "iat", 1.0, 1.0)
+    assert at._records == {} and at._names == []
+    gc.collect()
+    alive = [o for o in gc.get_objects() if type(o) is fused_attn_at.CleanPassRecord
+             and (o.grad is not None or o.scores is not None)]
+    assert alive == []
+    assert not fused_attn_at.self_attention._INTERCEPTORS
+
+
+def test_dropout_is_replayed_in_the_adversarial_pass():
+    """With eps = 0 the adversarial pass is the clean pass again when the random state is replayed."""
+    model = make_model(dropout=0.5)
+    model.train()
+    ids, mask, y = batch()
+    at = fused_attn_at.SelfAttentionAT(model, "at", eps=0.0)
+    step = at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y))
+    assert step.adversarial_loss == step.clean_loss
+    at = fused_attn_at.SelfAttentionAT(model, "at", eps=0.0, same_dropout=False)
+    step = at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y))
+    assert step.adversarial_loss != step.clean_loss
+
+
+def test_errors():
+    model = make_model()
+    ids, mask, y = batch()
+    at = fused_attn_at.SelfAttentionAT(model, "at", layers=["encoder.*"])
+    with pytest.raises(ValueError, match=r"'encoder.\*' matches none of the model's 2 attention calls"):
+        at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y))
+    assert not fused_attn_at.self_attention._INTERCEPTORS
+    at = fused_attn_at.SelfAttentionAT(torch.nn.Linear(2, 2), "at")
+    with pytest.raises(RuntimeError, match="made no call to fused_attn_at.perturbed_attention"):
+        at.step(lambda: torch.zeros((), requires_grad=True).sum())
+    with pytest.raises(ValueError, match="perturbation must be"):
+        fused_attn_at.SelfAttentionAT(model, "word_at")
+    with pytest.raises(ValueError, match="layers must hold"):
+        fused_attn_at.SelfAttentionAT(model, "at", layers=[-1])
+
+
+DDP_SCRIPT = r"""
+import json, os, sys, warnings
+import torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+from test_self_attention_training import batch, make_model
+import fused_attn_at
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.set_num_threads(1)
+model = make_model()
+ids, mask, y = batch(B=4)
+shard = slice(2 * rank, 2 * rank + 2)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+at = fused_attn_at.SelfAttentionAT(ddp, {kind!r}, eps=0.8, lam=0.5, layers=[1])
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    step = at.step(lambda: torch.nn.functional.cross_entropy(ddp(ids[shard], mask[shard]), y[shard]))
+if rank == 0:
+    json.dump({{"grads": [p.grad.flatten().tolist() for p in model.parameters()], "layers": list(step.layers)}},
+              open({out!r}, "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("kind", ["at"])
+def test_step_under_torchrun_ddp(tmp_path, kind):
+    """torchrun, 2 processes on CPU (gloo), each with half the batch: the all-reduced gradient equals the mean
+    of the two halves' hand-written steps (clean backward under no_sync, one all-reduce)."""
+    out = tmp_path / "grads.json"
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(TESTS), kind=kind, out=str(out)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(script)], capture_output=True, text=True, timeout=240,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["layers"] == ["layers.1"]
+    model = make_model()
+    ids, mask, y = batch(B=4)
+    halves = [manual_step(model, ids[s], mask[s], y[s], kind, 0.8, 0.5, chosen={1})[1]
+              for s in (slice(0, 2), slice(2, 4))]
+    for got, a, b in zip(result["grads"], *halves):
+        torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), ((a + b) / 2).flatten(),
+                                   rtol=1e-9, atol=1e-11)
