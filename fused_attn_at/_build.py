@@ -51,7 +51,9 @@ def source_root() -> str | None:
 
 
 def cpu_sources(root: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(root, "*.cpp")) + glob.glob(os.path.join(root, "cpu", "*.cpp")))
+    """Every .cpp under root except the CUDA folder (each op family keeps its kernels in a folder of its own)."""
+    return sorted(path for path in glob.glob(os.path.join(root, "**", "*.cpp"), recursive=True)
+                  if not os.path.relpath(path, root).replace(os.sep, "/").startswith("cuda/"))
 
 
 def cuda_sources(root: str) -> list[str]:
