@@ -94,6 +94,8 @@ setup(
         "triton": ["triton>=3.7"],
         # experiments/sweep.py --executor ray
         "cluster": ["ray>=2.9"],
+        # fused_attn_at.hf: attn_implementation="fused_attn_at" (AttentionInterface + AttentionMaskInterface)
+        "transformers": ["transformers>=4.48"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.7", "ninja", "pybind11"],
     },
     ext_modules=ext_modules,

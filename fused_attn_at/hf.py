@@ -1,0 +1,101 @@
+"""Hugging Face Transformers drop-in: fused_attn_at.perturbed_attention as an attention implementation.
+
+    import fused_attn_at.hf                      # registers "fused_attn_at" (fused_attn_at.hf.register() again is a no-op)
+    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="fused_attn_at")
+    at = fused_attn_at.SelfAttentionAT(model, "at", eps=1.0)
+    step = at.step(lambda: model(**batch, labels=labels).loss)
+
+Needs the optional extra: pip install ".[transformers]" (transformers >= 4.48; the AttentionInterface API).
+register() registers the attention function AND a mask builder for the same name (transformers' sdpa one, a
+bool [B, 1, Tq, Tk] mask, or None where the model may rely on is_causal): without a mask builder a custom
+implementation is handed attention_mask=None on padded batches and attends to the padding.
+With perturbation=None this computes what the model's eager/sdpa attention computes (up to rounding); a query
+that may attend no key (e.g. a left-padded position in a causal model) gives zeros where eager gives a uniform
+average: such rows are padding, which no loss reads.
+"""
+from __future__ import annotations
+
+import torch
+
+from .self_attention import perturbed_attention
+
+NAME = "fused_attn_at"
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, nkv, T, d] -> [B, nkv * n_rep, T, d] (grouped-query attention), like transformers' repeat_kv."""
+    if n_rep == 1:
+        return x
+    B, nkv, T, d = x.shape
+    return x[:, :, None].expand(B, nkv, n_rep, T, d).reshape(B, nkv * n_rep, T, d)
+
+
+def _masks_from_hf(attention_mask: torch.Tensor | None, B: int, dtype: torch.dtype):
+    """(key_mask [B, Tk], attn_mask bool 4D, bias float 4D) from the mask transformers passes: None, a bool
+    [B|1, 1|nh, Tq, Tk] mask (True = attend) or an additive float mask (0 / large negative, possibly with a
+    bias such as ALiBi in the non-masked entries)."""
+    if attention_mask is None:
+        return None, None, None
+    if attention_mask.dim() == 2:  # a 2D padding mask [B, Tk] given straight through
+        key_mask = attention_mask.bool()
+        return key_mask, None, None
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask must be None, [B, Tk] or [B|1, nh|1, Tq, Tk], got {tuple(attention_mask.shape)}")
+    bias = None
+    if attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        floor = torch.finfo(attention_mask.dtype).min / 2
+        allowed = attention_mask > floor  # also False for -inf
+        rest = attention_mask.masked_fill(~allowed, 0.0)
+        if bool((rest != 0).any()):
+            bias = rest.to(dtype)
+    key_mask = allowed.any(dim=1).any(dim=1)  # [B|1, Tk]: a key no query may attend is padding
+    key_mask = key_mask.expand(B, key_mask.shape[-1])
+    return key_mask, allowed, bias
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs):
+    """transformers attention interface: query [B, nh, Tq, d], key/value [B, nkv, Tk, d] -> ([B, Tq, nh, dv],
+    attention map or None). Calls fused_attn_at.perturbed_attention with layer=module, so that
+    fused_attn_at.SelfAttentionAT can perturb it."""
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attn_implementation='fused_attn_at' does not support `softcap`; use 'eager'")
+    n_rep = getattr(module, "num_key_value_groups", 1) or 1
+    key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    B, _, Tq, _ = query.shape
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(Tq > 1 and attention_mask is None and is_causal)  # sdpa's rule: a mask, when given, says it all
+    if causal and key.shape[2] > Tq:  # prefill of an empty static cache (as sdpa does)
+        key, value = key[:, :, :Tq], value[:, :, :Tq]
+    key_mask, attn_mask, bias = _masks_from_hf(attention_mask, B, query.dtype)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        bias = position_bias if bias is None else bias + position_bias
+    if bias is not None:
+        bias = bias.to(query.dtype)
+    want_map = bool(kwargs.get("output_attentions", False))
+    result = perturbed_attention(query, key, value, key_mask, causal=causal, bias=bias, scale=scaling,
+                                 attn_mask=attn_mask, dropout_p=float(dropout) if module.training else 0.0,
+                                 return_attention=want_map, layer=module)
+    out, attn = (result.output, result.attention) if want_map else (result, None)
+    return out.transpose(1, 2).contiguous(), attn
+
+
+def register(name: str = NAME) -> str:
+    """Registers `name` (default "fused_attn_at") with transformers' AttentionInterface and, for its masks,
+    AttentionMaskInterface (transformers' sdpa_mask). Idempotent. Returns the name for attn_implementation=."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("fused_attn_at.hf needs transformers >= 4.48: pip install 'fused_attn_at[transformers]' "
+                          f"(or pip install 'transformers>=4.48'); {exc}") from exc
+    AttentionInterface.register(name, attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+register()

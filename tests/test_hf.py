@@ -1,0 +1,224 @@
+"""fused_attn_at.hf: attn_implementation="fused_attn_at" in Hugging Face Transformers models built from small
+configs with random weights (nothing is downloaded): a BERT-like encoder and a Llama-like decoder (causal,
+grouped-query attention). With no perturbation it equals the model's eager/sdpa attention on padded batches
+for every mask format the library passes; an AT/iAT step of fused_attn_at.SelfAttentionAT through the model
+equals the step written out with materialised maps, in float64. Skipped, with the reason, where transformers
+is not installed (pip install ".[transformers]")."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not installed: pip install '.[transformers]' to test fused_attn_at.hf")
+
+import fused_attn_at  # noqa: E402
+import fused_attn_at.hf as hf  # noqa: E402
+import python_ref  # noqa: E402
+from transformers import AutoModelForSequenceClassification, BertConfig, LlamaConfig  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+VOCAB = 40
+
+
+def bert_config(**kw):
+    return BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=24, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0, num_labels=3, **kw)
+
+
+def llama_config(**kw):
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=24, max_position_embeddings=32, pad_token_id=0,
+                       num_labels=3, **kw)
+
+
+CONFIGS = {"bert": bert_config, "llama": llama_config}
+
+
+def build(cfg, impl, dtype=torch.float32, seed=0):
+    """from_config writes attn_implementation into the config: each model gets its own deep copy."""
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(copy.deepcopy(cfg), attn_implementation=impl)
+    return model.to(dtype).eval()
+
+
+def pair(name, other="eager", dtype=torch.float32):
+    cfg = CONFIGS[name]()
+    ref = build(cfg, other, dtype)
+    ours = build(cfg, "fused_attn_at", dtype)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.config._attn_implementation == "fused_attn_at"
+    return ref, ours
+
+
+def inputs(name, B=3, T=7, padding="right", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    lengths = [T, T - 3, 2][:B]
+    for b, n in enumerate(lengths):
+        if padding == "right":
+            mask[b, n:] = 0
+        else:
+            mask[b, :T - n] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    labels = torch.randint(0, 3, (B,), generator=g)
+    return ids, mask, labels
+
+
+def compare(ref, ours, real, **batch):
+    """Logits, every layer's hidden states at real positions, and parameter gradients agree to fp32 rounding."""
+    a = ref(**batch, output_hidden_states=True)
+    b = ours(**batch, output_hidden_states=True)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-6)
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        torch.testing.assert_close(y[real], x[real], rtol=1e-5, atol=1e-5)
+    ga = torch.autograd.grad(a.logits.square().sum(), list(ref.parameters()), allow_unused=True)
+    gb = torch.autograd.grad(b.logits.square().sum(), list(ours.parameters()), allow_unused=True)
+    for (n, _), x, y in zip(ref.named_parameters(), ga, gb):
+        if x is None:
+            assert y is None or (y == 0).all(), n
+            continue
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_register_is_idempotent_and_registers_a_mask_builder():
+    assert hf.register() == "fused_attn_at"
+    assert hf.register() == "fused_attn_at"
+    assert AttentionInterface._global_mapping["fused_attn_at"] is hf.attention_forward
+    assert AttentionMaskInterface._global_mapping["fused_attn_at"] is sdpa_mask
+
+
+@pytest.mark.parametrize("name,padding", [("bert", "right"), ("llama", "right"), ("llama", "left")])
+def test_no_perturbation_equals_eager_on_padded_batches(name, padding):
+    ref, ours = pair(name)
+    ids, mask, _ = inputs(name, padding=padding)
+    compare(ref, ours, mask.bool(), input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_no_padding_mask_formats(name):
+    """attention_mask None and all ones: the mask builder returns None (BERT: no mask; Llama: is_causal)."""
+    ref, ours = pair(name)
+    ids, mask, _ = inputs(name, B=2)
+    ids = ids.clamp_min(1)
+    every = torch.ones_like(mask, dtype=torch.bool)
+    compare(ref, ours, every, input_ids=ids)
+    compare(ref, ours, every, input_ids=ids, attention_mask=torch.ones_like(mask))
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("fmt", ["bool4d", "float4d"])
+def test_user_4d_masks_equal_sdpa(name, fmt):
+    """A 4D mask given by the user reaches the attention function as it is (bool, True = attend; or additive
+    float with the dtype's minimum where masked); compared with the sdpa implementation, which takes both."""
+    ref, ours = pair(name, other="sdpa")
+    ids, mask, _ = inputs(name)
+    T = ids.shape[1]
+    allowed = mask.bool()[:, None, None, :].expand(-1, 1, T, T)
+    if name == "llama":
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool).tril()
+    if fmt == "bool4d":
+        m4 = allowed
+    else:
+        m4 = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    real = mask.bool()
+    compare(ref, ours, real, input_ids=ids, attention_mask=m4)
+
+
+def test_from_pretrained_and_output_attentions(tmp_path):
+    cfg = bert_config()
+    build(cfg, "eager").save_pretrained(tmp_path)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path, attn_implementation="fused_attn_at").eval()
+    eager = AutoModelForSequenceClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert model.config._attn_implementation == "fused_attn_at"
+    ids, mask, _ = inputs("bert")
+    a = eager(input_ids=ids, attention_mask=mask, output_attentions=True)
+    b = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-6)
+    for x, y in zip(a.attentions, b.attentions):
+        real = mask.bool()[:, None, :, None].expand_as(x)
+        torch.testing.assert_close(y[real.expand_as(y)], x[real], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An AT/iAT step through the model against the step written out with materialised maps
+
+
+class ManualAttention:
+    """A second attention implementation, registered under another name: the SPEC step by hand. Phase
+    "clean" keeps every layer's S (retained); phase "adv" adds r[layer] to S."""
+
+    def __init__(self, key_mask, causal):
+        self.key_mask, self.causal = key_mask, causal
+        self.phase, self.scores, self.valids, self.rs, self.calls = "clean", [], [], {}, 0
+
+    def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        n_rep = getattr(module, "num_key_value_groups", 1)
+        key, value = key.repeat_interleave(n_rep, dim=1), value.repeat_interleave(n_rep, dim=1)
+        B, nh, T, _ = query.shape
+        m = self.key_mask
+        allowed = m[:, None, None, :].expand(B, nh, T, T)
+        if self.causal:
+            allowed = allowed & torch.ones(T, T, dtype=torch.bool).tril()
+        valid = allowed & m[:, None, :, None]
+        s = (query @ key.transpose(-1, -2)) * scaling
+        if self.phase == "clean":
+            self.scores.append(s)
+            self.valids.append(valid)
+        else:
+            s = s + self.rs.get(self.calls, 0.0)
+            self.calls += 1
+        p = python_ref.masked_softmax(s, allowed)
+        return (p @ value).transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("name,kind,layers", [("bert", "at", None), ("llama", "at", None),
+                                              ("bert", "iat", ["*.layer.1.*"]), ("llama", "rp", [0])])
+def test_step_through_hf_equals_reference_step(name, kind, layers):
+    cfg = CONFIGS[name]()
+    ours = build(cfg, "fused_attn_at", torch.float64)
+    ids, mask, labels = inputs(name, padding="left" if name == "llama" else "right")
+    eps, lam = 0.6, 0.8
+    manual = ManualAttention(mask.bool(), causal=name == "llama")
+    AttentionInterface.register("fa_test_manual", manual)
+    AttentionMaskInterface.register("fa_test_manual", sdpa_mask)
+    ref = build(cfg, "fa_test_manual", torch.float64)
+    ref.load_state_dict(ours.state_dict())
+
+    gen = torch.Generator().manual_seed(5)
+    at = fused_attn_at.SelfAttentionAT(ours, kind, eps=eps, lam=lam, layers=layers, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        step = at.step(lambda: ours(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    got = {n: p.grad for n, p in ours.named_parameters()}
+
+    l_clean = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    n_layers = len(manual.scores)
+    chosen = list(range(n_layers)) if layers is None else ([1] if name == "bert" else [0])
+    grads = torch.autograd.grad(l_clean, manual.scores, retain_graph=True)
+    gen = torch.Generator().manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        manual.rs = {i: python_ref.self_attention_perturbation(kind, manual.scores[i].detach(), manual.valids[i],
+                                                               grad=grads[i], eps=eps, generator=gen)
+                     for i in chosen}
+    manual.phase = "adv"
+    l_adv = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss = l_clean + lam * l_adv
+    want = dict(zip([n for n, _ in ref.named_parameters()],
+                    torch.autograd.grad(loss, list(ref.parameters()), allow_unused=True)))
+    torch.testing.assert_close(step.loss, loss.detach(), rtol=1e-12, atol=1e-12)
+    assert step.adversarial_loss != step.clean_loss
+    assert len(step.layers) == len(chosen)
+    if name == "bert" and layers is not None:
+        assert step.layers == ("bert.encoder.layer.1.attention.self",)
+    for n, w in want.items():
+        if w is None:
+            continue
+        torch.testing.assert_close(got[n], w, rtol=1e-9, atol=1e-11, msg=n)
