@@ -88,9 +88,74 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_autograd(const at::Tensor&
   return {out[0], out[1]};
 }
 
+// ---- the pair op (issue 17): the clean and the perturbed pooling of one h, in one forward and one backward ----
+
+using PairForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, int64_t, double);
+using PairBackwardSignature = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                 const at::Tensor&, const std::optional<at::Tensor>&,
+                                                                 const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&);
+
+const c10::TypedOperatorHandle<PairForwardSignature>& pair_forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_attn_at::attention_pool_pair_fwd", "")
+                             .typed<PairForwardSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<PairBackwardSignature>& pair_backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_attn_at::attention_pool_pair_bwd", "")
+                             .typed<PairBackwardSignature>();
+  return op;
+}
+
+// The derivative of attention_pool_pair_fwd: what the two single ops' derivatives sum to (both branches see
+// the same h and scores; r is a constant), computed by attention_pool_pair_bwd in one sweep over h, or under
+// create_graph as the sum of the two branches' differentiable ATen backwards.
+class AttentionPoolPairFunction : public torch::autograd::Function<AttentionPoolPairFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& scores,
+                               const std::optional<at::Tensor>& mask, const at::Tensor& direction, int64_t kind,
+                               double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [context_clean, attention_clean, context_adv, attention_adv] =
+        pair_forward_op().call(h, scores, mask, direction, kind, eps);
+    ctx->save_for_backward({h, attention_clean, attention_adv});
+    return {context_clean, attention_clean, context_adv, attention_adv};
+  }
+
+  // grads: [dcontext_clean, dattention_clean, dcontext_adv, dattention_adv], zero-filled by autograd where an
+  // output was not used. One gradient per forward argument; only h and scores get one.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    at::Tensor grad_h, grad_scores;
+    if (at::GradMode::is_enabled()) {
+      auto [gh_clean, gs_clean] = backward_composite(grads[0], grads[1], saved[0], saved[1]);
+      auto [gh_adv, gs_adv] = backward_composite(grads[2], grads[3], saved[0], saved[2]);
+      grad_h = gh_clean + gh_adv;
+      grad_scores = gs_clean + gs_adv;
+    } else {
+      std::tie(grad_h, grad_scores) =
+          pair_backward_op().call(grads[0], grads[1], grads[2], grads[3], saved[0], saved[1], saved[2]);
+    }
+    return {ctx->needs_input_grad(0) ? grad_h : at::Tensor(), ctx->needs_input_grad(1) ? grad_scores : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_pair_fwd_autograd(
+    const at::Tensor& h, const at::Tensor& scores, const std::optional<at::Tensor>& mask, const at::Tensor& direction,
+    int64_t kind, double eps) {
+  variable_list out = AttentionPoolPairFunction::apply(h, scores, mask, direction, kind, eps);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 }  // namespace fused_attn_at
 
 TORCH_LIBRARY_IMPL(fused_attn_at, Autograd, m) {
   m.impl("attention_pool_fwd", &fused_attn_at::attention_pool_fwd_autograd);
+  m.impl("attention_pool_pair_fwd", &fused_attn_at::attention_pool_pair_fwd_autograd);
 }

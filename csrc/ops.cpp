@@ -84,23 +84,62 @@ void check_perturbation_inputs(const at::Tensor& scores, const std::optional<at:
   check_like("direction", direction, "scores", scores);
 }
 
-void check_backward_inputs(const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_attention,
+namespace {
+
+// One branch of a backward: grad_context [B, H], grad_attention [B, T] (optional) and attention [B, T] against
+// h [B, T, H], named as the op's arguments are.
+void check_backward_branch(const char* gc_name, const at::Tensor& grad_context, const char* ga_name,
+                           const std::optional<at::Tensor>& grad_attention, const char* att_name,
                            const at::Tensor& h, const at::Tensor& attention) {
+  TORCH_CHECK_VALUE(attention.dim() == 2 && attention.size(0) == h.size(0) && attention.size(1) == h.size(1),
+                    att_name, " must have shape [B, T] = ", h.sizes().slice(0, 2), " (from h [B, T, H]), got ",
+                    attention.sizes());
+  TORCH_CHECK_TYPE(is_float(attention), att_name, " must be a floating tensor, got ", attention.scalar_type());
+  TORCH_CHECK_VALUE(grad_context.dim() == 2 && grad_context.size(0) == h.size(0) && grad_context.size(1) == h.size(2),
+                    gc_name, " must have shape [B, H] = [", h.size(0), ", ", h.size(2), "] (from h [B, T, H]), got ",
+                    grad_context.sizes());
+  TORCH_CHECK_TYPE(is_float(grad_context), gc_name, " must be a floating tensor, got ", grad_context.scalar_type());
+  if (grad_attention.has_value()) check_like(ga_name, *grad_attention, att_name, attention);
+  TORCH_CHECK_VALUE(grad_context.device() == h.device() && attention.device() == h.device(), gc_name, ", h and ",
+                    att_name, " must be on one device: ", gc_name, " is on ", grad_context.device(), ", h on ",
+                    h.device(), ", ", att_name, " on ", attention.device());
+}
+
+void check_h(const at::Tensor& h) {
   TORCH_CHECK_VALUE(h.dim() == 3, "h must have shape [B, T, H] (3 dims), got shape ", h.sizes());
   TORCH_CHECK_TYPE(is_float(h), "h must be a floating tensor (float16, bfloat16, float32 or float64), got ",
                    h.scalar_type());
-  TORCH_CHECK_VALUE(attention.dim() == 2 && attention.size(0) == h.size(0) && attention.size(1) == h.size(1),
-                    "attention must have shape [B, T] = ", h.sizes().slice(0, 2), " (from h [B, T, H]), got ",
-                    attention.sizes());
-  TORCH_CHECK_TYPE(is_float(attention), "attention must be a floating tensor, got ", attention.scalar_type());
-  TORCH_CHECK_VALUE(grad_context.dim() == 2 && grad_context.size(0) == h.size(0) && grad_context.size(1) == h.size(2),
-                    "grad_context must have shape [B, H] = [", h.size(0), ", ", h.size(2), "] (from h [B, T, H]), got ",
-                    grad_context.sizes());
-  TORCH_CHECK_TYPE(is_float(grad_context), "grad_context must be a floating tensor, got ", grad_context.scalar_type());
-  if (grad_attention.has_value()) check_like("grad_attention", *grad_attention, "attention", attention);
-  TORCH_CHECK_VALUE(grad_context.device() == h.device() && attention.device() == h.device(),
-                    "grad_context, h and attention must be on one device: grad_context is on ", grad_context.device(),
-                    ", h on ", h.device(), ", attention on ", attention.device());
+}
+
+}  // namespace
+
+void check_backward_inputs(const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_attention,
+                           const at::Tensor& h, const at::Tensor& attention) {
+  check_h(h);
+  check_backward_branch("grad_context", grad_context, "grad_attention", grad_attention, "attention", h, attention);
+}
+
+void check_pair_forward_inputs(const at::Tensor& h, const at::Tensor& scores, const std::optional<at::Tensor>& mask,
+                               const std::optional<at::Tensor>& direction, int64_t kind, double eps) {
+  TORCH_CHECK_VALUE(kind == KIND_NORMALIZE || kind == KIND_IAT,
+                    "kind must be 1 (AT/RP: normalise direction) or 2 (iAT) for the pair op (its second branch is "
+                    "the perturbed one), got ", kind);
+  check_forward_inputs(h, scores, mask, direction, kind, eps);
+}
+
+void check_pair_backward_inputs(const at::Tensor& grad_context_clean,
+                                const std::optional<at::Tensor>& grad_attention_clean,
+                                const at::Tensor& grad_context_adv, const std::optional<at::Tensor>& grad_attention_adv,
+                                const at::Tensor& h, const at::Tensor& attention_clean,
+                                const at::Tensor& attention_adv) {
+  check_h(h);
+  check_backward_branch("grad_context_clean", grad_context_clean, "grad_attention_clean", grad_attention_clean,
+                        "attention_clean", h, attention_clean);
+  check_backward_branch("grad_context_adv", grad_context_adv, "grad_attention_adv", grad_attention_adv,
+                        "attention_adv", h, attention_adv);
+  TORCH_CHECK_TYPE(attention_clean.scalar_type() == attention_adv.scalar_type(),
+                   "attention_adv must have the dtype of attention_clean (", attention_clean.scalar_type(), "), got ",
+                   attention_adv.scalar_type());
 }
 
 }  // namespace fused_attn_at
@@ -111,6 +150,15 @@ TORCH_LIBRARY(fused_attn_at, m) {
   m.def("attention_pool_bwd(Tensor grad_context, Tensor? grad_attention, Tensor h, Tensor attention) "
         "-> (Tensor grad_h, Tensor grad_scores)");
   m.def("perturbation(Tensor scores, Tensor? mask, Tensor direction, int kind, float eps) -> Tensor");
+  // The AT training step at the fewest passes over h (issue 17): g = dL_clean/dscores without grad_h, and the
+  // clean and perturbed pooling as one op whose backward writes grad_h once for both branches.
+  m.def("attention_scores_grad(Tensor grad_context, Tensor? grad_attention, Tensor h, Tensor attention) "
+        "-> Tensor grad_scores");
+  m.def("attention_pool_pair_fwd(Tensor h, Tensor scores, Tensor? mask, Tensor direction, int kind, float eps) "
+        "-> (Tensor context_clean, Tensor attention_clean, Tensor context_adv, Tensor attention_adv)");
+  m.def("attention_pool_pair_bwd(Tensor grad_context_clean, Tensor? grad_attention_clean, Tensor grad_context_adv, "
+        "Tensor? grad_attention_adv, Tensor h, Tensor attention_clean, Tensor attention_adv) "
+        "-> (Tensor grad_h, Tensor grad_scores)");
 }
 
 // The Python module: importing it runs the registrations above (and those of the device implementations).

@@ -10,7 +10,7 @@ import torch  # noqa: F401  (must be loaded before the compiled extension: it pr
 from python_ref import AttentionPoolOutput
 
 from ._backend import BACKENDS, available_backends, resolve_backend
-from .functional import attention_pool, perturbation
+from .functional import AttentionPoolPair, attention_pool, attention_pool_pair, perturbation
 from .modules import AdditiveScorer, AttentionPool, DotScorer
 from .training import AdversarialLoss, adversarial_attention_loss
 from .self_attention import CleanPassRecord, SelfAttentionOutput, perturbed_attention, self_attention_perturbation
@@ -21,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdditiveScorer", "AdversarialLoss", "AttentionPool", "AttentionPoolOutput", "BACKENDS", "DotScorer",
     "adversarial_attention_loss", "attention_pool", "available_backends", "perturbation", "resolve_backend",
+    # the clean and perturbed pooling as one op (issue 17)
+    "AttentionPoolPair", "attention_pool_pair",
     # self-attention (issue 18)
     "CleanPassRecord", "SelfAttentionAT", "SelfAttentionATStep", "SelfAttentionOutput", "perturbed_attention",
     "self_attention_perturbation",

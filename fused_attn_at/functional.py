@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from python_ref import AttentionPoolOutput, check_attention_inputs, check_perturbation_inputs
 from python_ref.checks import check_values
 
 from ._backend import resolve_backend
-from .ops import KIND
+from .ops import KIND, PAIR_BACKENDS
 
 
 def _backend_module(backend: str):
@@ -128,3 +129,101 @@ def perturbation(
     direction = _direction(kind, scores, grad, noise, generator)
     with torch.no_grad():
         return _run_kernel(impl.perturbation, kind, scores.detach(), mask, direction, KIND[kind], float(eps))
+
+
+class AttentionPoolPair(NamedTuple):
+    """What attention_pool_pair returns."""
+
+    clean: AttentionPoolOutput  # attention_pool(h, scores, mask)
+    adversarial: AttentionPoolOutput  # attention_pool(h, scores, mask, perturbation=..., ...)
+
+
+def _pair_module(backend: str, what: str):
+    """The ops module of `backend` for the pair calls; NotImplementedError for a backend without them."""
+    if backend not in PAIR_BACKENDS:
+        raise NotImplementedError(
+            f"{what} is not implemented for backend {backend!r} yet (it runs on "
+            f"{', '.join(repr(b) for b in PAIR_BACKENDS)}); call attention_pool twice instead (clean, then "
+            "perturbed), as fused_attn_at.adversarial_attention_loss does on that backend")
+    return _backend_module(backend)
+
+
+def attention_pool_pair(
+    h: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    perturbation: str,
+    grad: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    eps: float = 1.0,
+    backend: str | None = None,
+    generator: torch.Generator | None = None,
+) -> AttentionPoolPair:
+    """The clean and the perturbed attention pooling of the same h and scores, as one op:
+    (clean, adversarial) equal attention_pool(h, scores, mask) and attention_pool(h, scores, mask,
+    perturbation=..., grad=..., noise=..., eps=...) in values and gradients, but the kernel reads h once
+    for both contexts, and their backward reads h once and writes grad_h once (a_clean dc_clean + a_adv dc_adv)
+    instead of twice plus a sum. perturbation: "at" or "iat" (grad = dL_clean/dscores, e.g. from
+    attention_scores_grad) or "rp" (noise, or drawn from `generator`). Same checks, backends and autocast rule
+    as attention_pool; backends "cpu" and "reference" (NotImplementedError naming the backend elsewhere, for now).
+    """
+    if perturbation is None:
+        raise ValueError("perturbation must be one of 'at', 'iat', 'rp' for attention_pool_pair (its second "
+                         "branch is the perturbed one); got None: call attention_pool for the clean pooling alone")
+    h, scores, autocasting = _autocast_promote(h, scores)
+    check_attention_inputs(h, scores, mask, perturbation, grad, noise, eps, values=False)
+    name = resolve_backend(backend, h.device)
+    impl = _pair_module(name, "attention_pool_pair")
+    _check_or_defer_values(name, scores, mask, grad, noise)
+    direction = _direction(perturbation, scores, grad, noise, generator)
+    with torch.autocast(h.device.type, enabled=False) if autocasting else contextlib.nullcontext():
+        context_clean, attention_clean, context_adv, attention_adv = _run_kernel(
+            impl.attention_pool_pair, perturbation, h, scores, mask, direction, KIND[perturbation], float(eps))
+    return AttentionPoolPair(AttentionPoolOutput(context_clean, attention_clean),
+                             AttentionPoolOutput(context_adv, attention_adv))
+
+
+def _check_scores_grad_inputs(grad_context, h, attention, grad_attention) -> None:
+    for name, x, ndim, text in (("h", h, 3, "[B, T, H]"), ("attention", attention, 2, "[B, T]"),
+                                ("grad_context", grad_context, 2, "[B, H]")):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {text}, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+        if x.dim() != ndim:
+            raise ValueError(f"{name} must have shape {text} ({ndim} dims), got shape {tuple(x.shape)}")
+        if x.device != h.device:
+            raise ValueError(f"{name} must be on the device of h ({h.device}), got {x.device}")
+    B, T, H = h.shape
+    if attention.shape != (B, T):
+        raise ValueError(f"attention must have shape [B, T] = {[B, T]} (from h [B, T, H]), got {tuple(attention.shape)}")
+    if grad_context.shape != (B, H):
+        raise ValueError(f"grad_context must have shape [B, H] = {[B, H]} (from h [B, T, H]), got "
+                         f"{tuple(grad_context.shape)}")
+    if grad_attention is not None and (not isinstance(grad_attention, torch.Tensor)
+                                       or grad_attention.shape != attention.shape):
+        raise ValueError(f"grad_attention must be None or a tensor of the shape of attention {tuple(attention.shape)}")
+
+
+def attention_scores_grad(
+    grad_context: torch.Tensor,
+    h: torch.Tensor,
+    attention: torch.Tensor,
+    grad_attention: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """g = dL/dscores [B, T] for out = attention_pool(h, scores, mask) (attention = out.attention) from
+    dL/dcontext [B, H] (and dL/dattention [B, T]): what torch.autograd.grad(L, scores) gives, without the
+    grad_h [B, T, H] that the op's backward would also compute (a kernel reads h once and writes nothing of
+    that size). A constant (no gradient flows through it), like the perturbation. Backends "cpu" and
+    "reference" (NotImplementedError naming the backend elsewhere, for now)."""
+    _check_scores_grad_inputs(grad_context, h, attention, grad_attention)
+    if h.dtype != attention.dtype:  # e.g. h of an autocast region: run in the wider dtype, as attention_pool
+        h = h.to(torch.promote_types(h.dtype, attention.dtype))
+    name = resolve_backend(backend, h.device)
+    impl = _pair_module(name, "attention_scores_grad")
+    with torch.no_grad():
+        return impl.attention_scores_grad(grad_context.detach(), None if grad_attention is None else
+                                          grad_attention.detach(), h.detach(), attention.detach())

@@ -10,6 +10,7 @@
 #include "../attention_pool.h"
 #include "isa.h"
 
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 
@@ -163,20 +164,20 @@ void prepare_iat(const cpu::Kernels& k, const cpu::ForwardArgs& a) {
 // Work of one row's perturbation: iAT sweeps all rows twice.
 int64_t perturbation_work(const cpu::ForwardArgs& a) { return a.kind == KIND_IAT ? 2 * a.B * a.T : a.T; }
 
-std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& h, const at::Tensor& scores,
-                                                          const std::optional<at::Tensor>& mask,
-                                                          const std::optional<at::Tensor>& direction, int64_t kind,
-                                                          double eps) {
-  check_forward_inputs(h, scores, mask, direction, kind, eps);
+// The forward of the op (pair = false: context, attention) or of the pair op (pair = true: the same plus the
+// clean context and attention, from the same sweep over h). Returns {context, attention, clean_context,
+// clean_attention} (the last two undefined for the op).
+std::array<at::Tensor, 4> run_forward(const at::Tensor& h, const at::Tensor& scores, const std::optional<at::Tensor>& mask,
+                                      const std::optional<at::Tensor>& direction, int64_t kind, double eps, bool pair) {
   check_cpu("h", h);
   const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
   const cpu::Kernels& kernels = cpu::select_kernels(dtype_of(h));
   const HLayout layout = read_layout(h);
   at::Tensor dir = kind != KIND_NONE ? as_dtype(*direction, scores.scalar_type()) : at::Tensor();
+  const bool acc_is_out = acc_dtype(scores) == scores.scalar_type();
   at::Tensor context = at::empty({B, H}, h.options());
   at::Tensor attention = at::empty({B, T}, scores.options());
-  at::Tensor attention_acc =
-      acc_dtype(scores) == scores.scalar_type() ? attention : at::empty({B, T}, scores.options().dtype(at::kFloat));
+  at::Tensor attention_acc = acc_is_out ? attention : at::empty({B, T}, scores.options().dtype(at::kFloat));
 
   cpu::ForwardArgs a;
   at::Tensor iat_workspace;
@@ -189,18 +190,50 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& h, c
   a.attention = attention.data_ptr();
   a.context = context.data_ptr();
   a.split = split_for(B, T, H);
+  at::Tensor clean_context, clean_attention, clean_attention_acc;
+  if (pair) {
+    clean_context = at::empty({B, H}, h.options());
+    clean_attention = at::empty({B, T}, scores.options());
+    clean_attention_acc = acc_is_out ? clean_attention : at::empty({B, T}, scores.options().dtype(at::kFloat));
+    a.clean_context = clean_context.data_ptr();
+    a.clean_attention = clean_attention.data_ptr();
+    a.clean_attention_acc = clean_attention_acc.data_ptr();
+  }
 
   prepare_iat(kernels, a);
-  const int64_t softmax_work = perturbation_work(a) + T;
+  const int64_t branches = pair ? 2 : 1;
+  const int64_t softmax_work = perturbation_work(a) + branches * T;
+  const auto attention_rows = pair ? kernels.pair_attention_rows : kernels.attention_rows;
+  const auto context_items = pair ? kernels.pair_context_items : kernels.context_items;
+  const auto forward_rows = pair ? kernels.pair_forward_rows : kernels.forward_rows;
   if (a.split.n_chunks == 1) {
-    parallel_over(B, T * H + softmax_work, [&](int64_t begin, int64_t end) { kernels.forward_rows(a, begin, end); });
+    parallel_over(B, branches * T * H + softmax_work, [&](int64_t begin, int64_t end) { forward_rows(a, begin, end); });
   } else {
-    parallel_over(B, softmax_work, [&](int64_t begin, int64_t end) { kernels.attention_rows(a, begin, end); });
-    parallel_over(B * a.split.n_chunks, T * a.split.chunk,
-                  [&](int64_t begin, int64_t end) { kernels.context_items(a, begin, end); });
+    parallel_over(B, softmax_work, [&](int64_t begin, int64_t end) { attention_rows(a, begin, end); });
+    parallel_over(B * a.split.n_chunks, branches * T * a.split.chunk,
+                  [&](int64_t begin, int64_t end) { context_items(a, begin, end); });
   }
   raise_if_nonfinite(nonfinite);
-  return {context, attention};
+  return {context, attention, clean_context, clean_attention};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& h, const at::Tensor& scores,
+                                                          const std::optional<at::Tensor>& mask,
+                                                          const std::optional<at::Tensor>& direction, int64_t kind,
+                                                          double eps) {
+  check_forward_inputs(h, scores, mask, direction, kind, eps);
+  auto out = run_forward(h, scores, mask, direction, kind, eps, /*pair=*/false);
+  return {out[0], out[1]};
+}
+
+// (context_clean, attention_clean, context_adv, attention_adv): both branches from one sweep over h.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_pair_fwd_cpu(
+    const at::Tensor& h, const at::Tensor& scores, const std::optional<at::Tensor>& mask, const at::Tensor& direction,
+    int64_t kind, double eps) {
+  const std::optional<at::Tensor> dir(direction);
+  check_pair_forward_inputs(h, scores, mask, dir, kind, eps);
+  auto out = run_forward(h, scores, mask, dir, kind, eps, /*pair=*/true);
+  return {out[2], out[3], out[0], out[1]};
 }
 
 at::Tensor perturbation_cpu(const at::Tensor& scores, const std::optional<at::Tensor>& mask,
@@ -222,28 +255,44 @@ at::Tensor perturbation_cpu(const at::Tensor& scores, const std::optional<at::Te
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cpu(const at::Tensor& grad_context,
-                                                          const std::optional<at::Tensor>& grad_attention,
-                                                          const at::Tensor& h, const at::Tensor& attention) {
-  check_backward_inputs(grad_context, grad_attention, h, attention);
+// One branch of a backward: its cotangents and the attention of its forward.
+struct BackwardBranch {
+  const at::Tensor& grad_context;
+  const std::optional<at::Tensor>& grad_attention;
+  const at::Tensor& attention;
+};
+
+// The backward sweep over h for one branch (the op) or two (the pair; branch 1 = the clean one), writing
+// grad_h once (write_grad_h) or not at all (the scores-grad op). Returns {grad_h (undefined without
+// write_grad_h), grad_scores}.
+std::tuple<at::Tensor, at::Tensor> run_backward(const at::Tensor& h, const BackwardBranch* branches, int n_branches,
+                                                bool write_grad_h) {
   check_cpu("h", h);
   const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
   const at::ScalarType dtype = h.scalar_type();
   const cpu::Kernels& kernels = cpu::select_kernels(dtype_of(h));
   const HLayout layout = read_layout(h);
-  const at::Tensor att = as_dtype(attention, dtype);
-  const at::Tensor gc = as_dtype(grad_context, dtype);
-  const at::Tensor ga = grad_attention.has_value() ? as_dtype(*grad_attention, dtype) : at::Tensor();
+  at::Tensor att[2], gc[2], ga[2];  // the branches' tensors in h's dtype (copies only where they differ)
+  for (int j = 0; j < n_branches; ++j) {
+    att[j] = as_dtype(branches[j].attention, dtype);
+    gc[j] = as_dtype(branches[j].grad_context, dtype);
+    if (branches[j].grad_attention.has_value()) ga[j] = as_dtype(*branches[j].grad_attention, dtype);
+  }
 
   // grad_h has h's layout (as the fake op says); the kernels need it unit-stride along the dimension h is
   // read along, else they write a buffer that is copied over.
-  at::Tensor grad_h = at::empty_like(h);
-  advise_huge_pages(grad_h);
-  const bool grad_h_ok = layout.view.along_t ? (T <= 1 || grad_h.stride(1) == 1) : (H <= 1 || grad_h.stride(2) == 1);
-  at::Tensor grad_h_work = grad_h;
-  if (!grad_h_ok) {
-    grad_h_work = layout.view.along_t ? at::empty({B, H, T}, h.options()).transpose(1, 2) : at::empty({B, T, H}, h.options());
-    advise_huge_pages(grad_h_work);
+  at::Tensor grad_h, grad_h_work;
+  bool grad_h_ok = true;
+  if (write_grad_h) {
+    grad_h = at::empty_like(h);
+    advise_huge_pages(grad_h);
+    grad_h_ok = layout.view.along_t ? (T <= 1 || grad_h.stride(1) == 1) : (H <= 1 || grad_h.stride(2) == 1);
+    grad_h_work = grad_h;
+    if (!grad_h_ok) {
+      grad_h_work =
+          layout.view.along_t ? at::empty({B, H, T}, h.options()).transpose(1, 2) : at::empty({B, T, H}, h.options());
+      advise_huge_pages(grad_h_work);
+    }
   }
   at::Tensor grad_scores = at::empty({B, T}, h.options());
 
@@ -251,29 +300,70 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cpu(const at::Tensor& grad
   a.B = B;
   a.T = T;
   a.H = H;
-  a.grad_context = rows_view(gc);
-  if (ga.defined()) a.grad_attention = rows_view(ga);
-  a.attention = rows_view(att);
+  a.grad_context = rows_view(gc[0]);
+  if (ga[0].defined()) a.grad_attention = rows_view(ga[0]);
+  a.attention = rows_view(att[0]);
+  if (n_branches == 2) {
+    a.clean_grad_context = rows_view(gc[1]);
+    if (ga[1].defined()) a.clean_grad_attention = rows_view(ga[1]);
+    a.clean_attention = rows_view(att[1]);
+  }
   a.h = layout.view;
-  a.grad_h = grad_h_work.data_ptr();
-  a.grad_h_sb = grad_h_work.stride(0);
-  a.grad_h_st = grad_h_work.stride(1);
-  a.grad_h_sh = grad_h_work.stride(2);
+  if (write_grad_h) {
+    a.grad_h = grad_h_work.data_ptr();
+    a.grad_h_sb = grad_h_work.stride(0);
+    a.grad_h_st = grad_h_work.stride(1);
+    a.grad_h_sh = grad_h_work.stride(2);
+  }
   a.grad_scores = grad_scores.data_ptr();
   a.split = split_for(B, T, H);
   at::Tensor partial_da;
   if (a.split.n_chunks > 1) {
-    partial_da = at::empty({B, a.split.n_chunks, T}, h.options().dtype(acc_dtype(h)));
+    partial_da = at::empty({B, a.split.n_chunks, n_branches, T}, h.options().dtype(acc_dtype(h)));
     a.partial_da = partial_da.data_ptr();
   }
-  parallel_over(B * a.split.n_chunks, T * a.split.chunk + 2 * T,
-                [&](int64_t begin, int64_t end) { kernels.backward_items(a, begin, end); });
+  const auto items = n_branches == 2 ? kernels.pair_backward_items
+                                     : (write_grad_h ? kernels.backward_items : kernels.scores_grad_items);
+  const auto finish_rows = n_branches == 2 ? kernels.pair_backward_finish_rows : kernels.backward_finish_rows;
+  parallel_over(B * a.split.n_chunks, n_branches * (T * a.split.chunk + 2 * T),
+                [&](int64_t begin, int64_t end) { items(a, begin, end); });
   if (a.split.n_chunks > 1) {
-    parallel_over(B, T * a.split.n_chunks, [&](int64_t begin, int64_t end) { kernels.backward_finish_rows(a, begin, end); });
+    parallel_over(B, n_branches * T * a.split.n_chunks, [&](int64_t begin, int64_t end) { finish_rows(a, begin, end); });
   }
-  if (!grad_h_ok) grad_h.copy_(grad_h_work);
-  if (attention.scalar_type() != dtype) grad_scores = grad_scores.to(attention.scalar_type());
+  if (write_grad_h && !grad_h_ok) grad_h.copy_(grad_h_work);
+  const at::ScalarType out_dtype = branches[n_branches - 1].attention.scalar_type();
+  if (out_dtype != dtype) grad_scores = grad_scores.to(out_dtype);
   return {grad_h, grad_scores};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cpu(const at::Tensor& grad_context,
+                                                          const std::optional<at::Tensor>& grad_attention,
+                                                          const at::Tensor& h, const at::Tensor& attention) {
+  check_backward_inputs(grad_context, grad_attention, h, attention);
+  const BackwardBranch branch{grad_context, grad_attention, attention};
+  return run_backward(h, &branch, 1, /*write_grad_h=*/true);
+}
+
+// grad_scores of attention_pool_bwd without grad_h: h is read once, nothing of size B*T*H is written.
+at::Tensor attention_scores_grad_cpu(const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_attention,
+                                     const at::Tensor& h, const at::Tensor& attention) {
+  check_backward_inputs(grad_context, grad_attention, h, attention);
+  const BackwardBranch branch{grad_context, grad_attention, attention};
+  return std::get<1>(run_backward(h, &branch, 1, /*write_grad_h=*/false));
+}
+
+// Both branches of the pair in one sweep over h: grad_h = a_clean dc_clean + a_adv dc_adv written once,
+// grad_scores = the sum of both branches' softmax backward.
+std::tuple<at::Tensor, at::Tensor> attention_pool_pair_bwd_cpu(
+    const at::Tensor& grad_context_clean, const std::optional<at::Tensor>& grad_attention_clean,
+    const at::Tensor& grad_context_adv, const std::optional<at::Tensor>& grad_attention_adv, const at::Tensor& h,
+    const at::Tensor& attention_clean, const at::Tensor& attention_adv) {
+  check_pair_backward_inputs(grad_context_clean, grad_attention_clean, grad_context_adv, grad_attention_adv, h,
+                             attention_clean, attention_adv);
+  // branch 0 is the perturbed one (the kernels' plain fields), branch 1 the clean one
+  const BackwardBranch branches[2] = {{grad_context_adv, grad_attention_adv, attention_adv},
+                                      {grad_context_clean, grad_attention_clean, attention_clean}};
+  return run_backward(h, branches, 2, /*write_grad_h=*/true);
 }
 
 }  // namespace
@@ -283,4 +373,7 @@ TORCH_LIBRARY_IMPL(fused_attn_at, CPU, m) {
   m.impl("attention_pool_fwd", &fused_attn_at::attention_pool_fwd_cpu);
   m.impl("attention_pool_bwd", &fused_attn_at::attention_pool_bwd_cpu);
   m.impl("perturbation", &fused_attn_at::perturbation_cpu);
+  m.impl("attention_scores_grad", &fused_attn_at::attention_scores_grad_cpu);
+  m.impl("attention_pool_pair_fwd", &fused_attn_at::attention_pool_pair_fwd_cpu);
+  m.impl("attention_pool_pair_bwd", &fused_attn_at::attention_pool_pair_bwd_cpu);
 }

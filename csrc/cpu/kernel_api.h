@@ -46,6 +46,11 @@ struct ForwardArgs {
   void* attention = nullptr;      // [B, T] output dtype
   void* context = nullptr;        // [B, H] output dtype
   void* perturbation = nullptr;   // [B, T] output dtype, written by perturbation_rows
+  // The pair op's second branch, the clean (unperturbed) one: its attention and context come out of the same
+  // sweep over h as the perturbed ones above (the pair_* kernels; null for the single op).
+  void* clean_attention_acc = nullptr;  // [B, T] accumulation dtype (may be `clean_attention` itself)
+  void* clean_attention = nullptr;      // [B, T] output dtype
+  void* clean_context = nullptr;        // [B, H] output dtype
   Split split;
   // The kernels read every real (unmasked) score and direction value anyway, so they check them: a NaN or
   // inf there sets NONFINITE_SCORES / NONFINITE_DIRECTION in *nonfinite (atomically; never cleared), and the
@@ -62,11 +67,16 @@ struct BackwardArgs {
   RowsView grad_attention;  // optional [B, T]
   RowsView attention;       // [B, T]
   HView h;
-  // grad_h [B, T, H], unit stride along the dimension h is read along (h.along_t ? T : H).
+  // The pair backward's second branch, the clean one (pair_* kernels only): its cotangents and attention.
+  // grad_scores is the sum of both branches' softmax backward; grad_h = a dc + a_clean dc_clean.
+  RowsView clean_grad_context, clean_grad_attention, clean_attention;
+  // grad_h [B, T, H], unit stride along the dimension h is read along (h.along_t ? T : H). Null (and never
+  // written) for the scores-grad kernels.
   void* grad_h = nullptr;
   int64_t grad_h_sb = 0, grad_h_st = 0, grad_h_sh = 0;
   void* grad_scores = nullptr;  // [B, T] contiguous, output dtype
-  void* partial_da = nullptr;   // [B, n_chunks, T] accumulation dtype, used when split.n_chunks > 1
+  // [B, n_chunks, branches, T] accumulation dtype, used when split.n_chunks > 1 (branches: 2 for pair_*)
+  void* partial_da = nullptr;
   Split split;
 };
 
@@ -84,6 +94,19 @@ struct Kernels {
   void (*backward_items)(const BackwardArgs&, int64_t begin, int64_t end);
   // grad_scores from the partial da of all chunks (n_chunks > 1)
   void (*backward_finish_rows)(const BackwardArgs&, int64_t begin, int64_t end);
+  // backward_items without grad_h: da = <dc, h_t> and grad_scores only (the attention_scores_grad op; h is
+  // read once, nothing of size B*T*H is written). Finished by backward_finish_rows when n_chunks > 1.
+  void (*scores_grad_items)(const BackwardArgs&, int64_t begin, int64_t end);
+  // The pair op (two branches sharing h: the perturbed one in the plain fields, the clean one in clean_*):
+  // both attentions (the clean one with kind 0)
+  void (*pair_attention_rows)(const ForwardArgs&, int64_t begin, int64_t end);
+  // both contexts in one sweep over h; both attentions must be complete for the items' rows
+  void (*pair_context_items)(const ForwardArgs&, int64_t begin, int64_t end);
+  // pair_attention_rows then both whole contexts of each row (split.n_chunks == 1)
+  void (*pair_forward_rows)(const ForwardArgs&, int64_t begin, int64_t end);
+  // one sweep over h: both branches' da and grad_h = a dc + a_clean dc_clean written once
+  void (*pair_backward_items)(const BackwardArgs&, int64_t begin, int64_t end);
+  void (*pair_backward_finish_rows)(const BackwardArgs&, int64_t begin, int64_t end);
 };
 
 // The portable build (compiler's baseline instruction set) and the AVX2+FMA+F16C build (null where not

@@ -3,9 +3,23 @@
     attention_pool(h, scores, mask, direction, kind, eps) -> (context [B, H], attention [B, T])
     perturbation(scores, mask, direction, kind, eps) -> r [B, T]
 
+and, where the backend has them (cpu, reference; not yet cuda, triton), the pair calls of the AT training step
+(fused_attn_at/training.py; issue 17), with the same contract on every backend:
+
+    attention_pool_pair(h, scores, mask, direction, kind, eps)
+        -> (context_clean, attention_clean, context_adv, attention_adv)
+       = attention_pool(h, scores, mask, None, 0, eps) + attention_pool(h, scores, mask, direction, kind, eps)
+       (kind 1 or 2), in values and gradients; a kernel reads h once forward and once backward, writing
+       grad_h once for both branches.
+    attention_scores_grad(grad_context, grad_attention, h, attention) -> grad_scores [B, T]
+       = the grad_scores of the op's backward (grad_attention may be None), a constant (no gradient); a kernel
+       reads h once and writes nothing of size B*T*H (no grad_h).
+
 kind (an int, see KIND): 0 no perturbation; 1 r = eps * direction / max(||direction||, 1e-12) over the valid
 positions (AT with direction = grad, RP with direction = noise); 2 iAT built from the scores and
 direction = grad (SPEC). mask is None or bool [B, T]; values at masked positions are never read.
 Gradients flow to h and scores only; r is a constant.
 """
 KIND = {None: 0, "at": 1, "rp": 1, "iat": 2}
+# The backends that implement the pair calls; the others raise NotImplementedError naming themselves.
+PAIR_BACKENDS = ("cpu", "reference")
