@@ -89,10 +89,16 @@ def register(name: str = NAME) -> str:
     AttentionMaskInterface (transformers' sdpa_mask). Idempotent. Returns the name for attn_implementation=."""
     try:
         from transformers import AttentionInterface
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("fused_attn_at.hf needs transformers with transformers.AttentionInterface: pip install "
+                          f"'fused_attn_at[transformers]' (or pip install 'transformers>=4.48'); {exc}") from exc
+    try:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("fused_attn_at.hf needs transformers >= 4.48: pip install 'fused_attn_at[transformers]' "
-                          f"(or pip install 'transformers>=4.48'); {exc}") from exc
+        raise ImportError(
+            f"fused_attn_at.hf needs transformers.masking_utils.AttentionMaskInterface, which transformers "
+            f"{getattr(__import__('transformers'), '__version__', '?')} lacks (without a mask builder a custom "
+            f"attention gets no mask on padded batches); upgrade: pip install -U transformers; {exc}") from exc
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name
