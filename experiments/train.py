@@ -16,8 +16,9 @@ from pathlib import Path
 
 from paper.cli import ArgumentParser, given_options, non_negative_float, positive_float, positive_int
 from paper.data import TASKS, DataFormatError, MissingDataError
-from paper.methods import COMPAT_METHODS, DEFAULT_EPS, METHODS
-from paper.models import ATTENTIONS, ENCODERS
+from paper.data_tasks import SST_RECIPES
+from paper.methods import COMPAT_METHODS, DEFAULT_EPS, METHODS, WORD_IAT_NORMS
+from paper.models import ATTENTIONS, EMBEDDING_NORMS, ENCODERS
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -25,7 +26,7 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 # is refused by name, except --epochs, which may extend the run (or stop it earlier, not before the epochs it
 # has finished). --device, --threads and --no-progress may change freely.
 RESULT_KEYS = ("dataset", "data_dir", "method", "encoder", "attention", "eps", "lam", "compat", "epochs",
-               "batch_size", "lr", "weight_decay", "seed", "embeddings", "embed_size", "hidden_size",
+               "patience", "sst_recipe", "word_embedding_norm", "word_iat_norm", "batch_size", "lr", "weight_decay", "seed", "embeddings", "embed_size", "hidden_size",
                "cnn_channels", "kernel_sizes", "decoder_size", "dropout", "max_train_examples",
                "max_eval_examples", "robustness_eps")
 
@@ -47,9 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="folder with the task's original files (default: the embedded SST; required for "
                            "every other dataset)")
     what.add_argument("--embeddings", default=None,
-                      help="pretrained word vectors to initialise the (trainable) embedding: a GloVe or "
-                           "fastText text file (.gz allowed), or 'none' for random initialisation. Default: "
-                           "for sst the embedded GloVe 6B 50d subset (experiments/data/glove), else none")
+                      help="pretrained word vectors to initialise the (trainable) embedding: 'glove' (the default, "
+                           "for every task: the shipped GloVe 6B 50d top-20k words, experiments/data/glove), a "
+                           "GloVe or fastText text file (.gz allowed) such as a fuller or 300-d set, or 'none' for "
+                           "random initialisation (--embed-size). config.json records the vectors and their "
+                           "coverage of the vocabulary and of the training tokens")
+    what.add_argument("--sst-recipe", choices=SST_RECIPES, default="ours",
+                      help="SST preprocessing: 'ours' (experiments/data/README.md) or 'released', the authors' "
+                           "released code: non-word characters deleted, no qqq rule, sentences of 5 tokens or "
+                           "fewer dropped from every split (they used 300-d fastText vectors; the default GloVe "
+                           "vectors are used here unless --embeddings says otherwise)")
     what.add_argument("--encoder", choices=ENCODERS, default="lstm",
                       help="BiLSTM (128 per direction) or CNN (kernels 1,3,5,7 x 32 channels)")
     what.add_argument("--attention", choices=ATTENTIONS, default="additive",
@@ -66,14 +74,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="'released' reproduces the authors' released code for attention_at/attention_iat: "
                           "three network passes per step, gradient of 2 L_clean + lam L_adv, and iAT "
                           "stepping along -g (see SPEC.md); default: the paper's method")
+    adv.add_argument("--word-embedding-norm", choices=EMBEDDING_NORMS, default=None,
+                     help="'frequency': the model reads each embedding standardised with the training-set "
+                          "frequency-weighted mean and variance of the vocabulary (Miyato et al. 2017), in the clean "
+                          "and the adversarial pass; 'none': the raw embeddings (word methods before issue 15). "
+                          "Default: frequency for word_at/word_iat, none for the other methods")
+    adv.add_argument("--word-iat-norm", choices=WORD_IAT_NORMS, default="coefficients",
+                     help="word_iat only: 'coefficients' (Sato et al. 2018): the coefficients of the neighbour "
+                          "directions have norm eps over the example; 'perturbation': the perturbation has norm eps "
+                          "(before issue 15)")
     adv.add_argument("--robustness-eps", type=non_negative_float, default=None,
                      help="size of the test-time AT perturbation of the attention scores for the robustness "
                           "numbers (default: --eps)")
 
     opt = parser.add_argument_group("optimisation (defaults of the paper)")
-    opt.add_argument("--epochs", type=positive_int, default=None,
-                     help="training epochs (default: 8 for binary classification, 10 for QA and NLI)")
-    opt.add_argument("--batch-size", type=positive_int, default=32, help="examples per step (per process with torchrun)")
+    opt.add_argument("--epochs", "--max-epochs", dest="epochs", type=positive_int, default=None,
+                     help="the most epochs to train (default: 8 for binary classification; 100 for QA and NLI, "
+                          "which stop earlier by --patience)")
+    opt.add_argument("--patience", type=int, default=None,
+                     help="stop when the dev accuracy has not improved for N epochs (0: never stop early, train "
+                          "--epochs). Default: 10 for QA and NLI (Jain & Wallace), 0 for binary classification. "
+                          "The best dev-accuracy epoch is evaluated either way")
+    opt.add_argument("--batch-size", type=positive_int, default=None,
+                     help="examples per step, per process with torchrun (default: 50 for bAbI as Jain & Wallace, "
+                          "else 32)")
     opt.add_argument("--lr", type=positive_float, default=1e-3, help="Adam (amsgrad) learning rate")
     opt.add_argument("--weight-decay", type=non_negative_float, default=1e-5,
                      help="L2 weight decay of every parameter except the attention's")
@@ -84,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     size = parser.add_argument_group("model size")
     size.add_argument("--embed-size", type=positive_int, default=300,
                       help="embedding size when no pretrained vectors are used (else the vectors' size)")
-    size.add_argument("--hidden-size", type=positive_int, default=128, help="LSTM hidden size per direction")
+    size.add_argument("--hidden-size", type=positive_int, default=None,
+                      help="LSTM hidden size per direction (default: 32 for bAbI as Jain & Wallace, else 128)")
     size.add_argument("--cnn-channels", type=positive_int, default=32, help="CNN channels per kernel size")
     size.add_argument("--kernel-sizes", type=positive_int, nargs="+", default=[1, 3, 5, 7],
                       help="CNN kernel sizes (odd)")
@@ -126,17 +151,29 @@ def resolve_config(args, parser) -> dict:
         raise UsageError(f"--dataset {args.dataset} needs --data-dir: {info} (expected layout: {info.layout})")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir} is not a folder. {info} (expected layout: {info.layout})")
+    if args.patience is not None and args.patience < 0:
+        parser.error(f"--patience must be >= 0, got {args.patience}")
+    if args.sst_recipe != "ours" and args.dataset != "sst":
+        parser.error(f"--sst-recipe {args.sst_recipe} applies to --dataset sst only")
+    from paper.training import DEFAULT_EPOCHS, DEFAULT_PATIENCE, TASK_BATCH_SIZE, TASK_HIDDEN_SIZE
+
     eps = DEFAULT_EPS[args.method] if args.eps is None else args.eps
+    patience = DEFAULT_PATIENCE[info.kind] if args.patience is None else (args.patience or None)
+    word_norm = args.word_embedding_norm or ("frequency" if args.method.startswith("word_") else "none")
     return {
         "dataset": args.dataset, "kind": info.kind,
         "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
         "method": args.method, "encoder": args.encoder, "attention": args.attention,
         "eps": eps, "lam": args.lam, "compat": args.compat,
         "robustness_eps": eps if args.robustness_eps is None else args.robustness_eps,
-        "epochs": args.epochs or {"bc": 8, "qa": 10, "nli": 10}[info.kind],
-        "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "dropout": args.dropout,
+        "epochs": args.epochs or DEFAULT_EPOCHS[info.kind], "patience": patience,
+        "sst_recipe": args.sst_recipe if args.dataset == "sst" else None,
+        "word_embedding_norm": word_norm,
+        "word_iat_norm": args.word_iat_norm if args.method == "word_iat" else None,
+        "batch_size": args.batch_size or TASK_BATCH_SIZE.get(args.dataset, 32), "lr": args.lr, "weight_decay": args.weight_decay, "dropout": args.dropout,
         "seed": args.seed, "embeddings": resolve_embeddings(args.embeddings, args.dataset),
-        "embed_size": args.embed_size, "hidden_size": args.hidden_size, "cnn_channels": args.cnn_channels,
+        "embed_size": args.embed_size,
+        "hidden_size": args.hidden_size or TASK_HIDDEN_SIZE.get(args.dataset, 128), "cnn_channels": args.cnn_channels,
         "kernel_sizes": list(args.kernel_sizes), "decoder_size": args.decoder_size,
         "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
     }
@@ -158,6 +195,8 @@ def _as_configured(key: str, value, saved: dict):
         return resolve_embeddings(value, saved.get("dataset", "sst"))
     if key == "kernel_sizes":
         return list(value)
+    if key == "patience":
+        return value or None
     return value
 
 

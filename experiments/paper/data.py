@@ -71,6 +71,20 @@ class Vocab:
         """The vocabulary the recipe prescribes: train tokens with df >= task.min_df, plus task.vocab_extra."""
         return cls.build(task.train, task.min_df, extra_tokens=task.vocab_extra)
 
+    def token_counts(self, examples: Iterable[Example]) -> torch.Tensor:
+        """How often each vocabulary index occurs in ``examples`` (texts and queries; out-of-vocabulary tokens
+        count for <unk>, padding never occurs): float64 [len(self)], the word frequencies of Miyato et al.'s
+        embedding normalisation."""
+        counts = torch.zeros(len(self), dtype=torch.float64)
+        ids = []
+        for example in examples:
+            ids += self.encode(example.tokens)
+            if example.query is not None:
+                ids += self.encode(example.query)
+        if ids:
+            counts += torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=len(self)).double()
+        return counts
+
     def encode(self, tokens: Iterable[str]) -> list[int]:
         stoi = self.stoi
         return [stoi.get(token, UNK) for token in tokens]
@@ -110,7 +124,7 @@ def _open_vectors(path: Path):
 
 
 def load_embeddings(path: str | os.PathLike, vocab: Vocab, *, seed: int = 0,
-                    lowercase_fallback: bool = True) -> tuple[torch.Tensor, int]:
+                    lowercase_fallback: bool = True, found_indices: set | None = None) -> tuple[torch.Tensor, int]:
     """Vectors for ``vocab`` from a GloVe or fastText TEXT file (``word v1 ... vE`` per line; fastText's first
     line ``N E`` is recognised and skipped; .gz accepted).
 
@@ -118,7 +132,8 @@ def load_embeddings(path: str | os.PathLike, vocab: Vocab, *, seed: int = 0,
     (``lowercase_fallback``) of the first word of the file equal to it up to case. Words not found, and the unknown
     token, get N(0, s^2) vectors with s the standard deviation of the vectors found (0.1 if none), drawn
     from a generator seeded with ``seed``; the padding row is zero. n_found counts vocabulary words (not
-    the padding or unknown token) that received a pretrained vector."""
+    the padding or unknown token) that received a pretrained vector; ``found_indices``, if given, receives
+    their vocabulary indices."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"embeddings file {path} does not exist (any GloVe or fastText .txt/.vec file)")
@@ -164,6 +179,8 @@ def load_embeddings(path: str | os.PathLike, vocab: Vocab, *, seed: int = 0,
         raise DataFormatError(path, None, "the file holds no vectors")
     for index, vector in found_by_case.items():
         found.setdefault(index, vector)
+    if found_indices is not None:
+        found_indices.update(found)
     weights = torch.empty(len(vocab), dim, dtype=torch.float32)
     if found:
         indices = torch.tensor(sorted(found))

@@ -225,13 +225,30 @@ def _sst_tokens(leaves: list[str]) -> list[str]:
     return replace_digit_tokens(words)
 
 
-def _load_sst(data_dir: Path, max_examples: int | None, require_train: bool) -> TaskData:
+_NON_WORD_RE = re.compile(r"\W+")
+# The authors' released SST reader keeps a sentence only if it has more than this many tokens.
+RELEASED_SST_MIN_TOKENS = 6
+SST_RECIPES = ("ours", "released")
+
+
+def _sst_tokens_released(leaves: list[str]) -> list[str]:
+    """The authors' released preprocessing: every non-word character deleted from each (lowercased,
+    unescaped) leaf ("'s" -> "s", punctuation gone), empty tokens dropped, no qqq rule."""
+    words = [_NON_WORD_RE.sub("", _PTB_UNESCAPE.get(leaf, leaf).lower()) for leaf in leaves]
+    return [word for word in words if word]
+
+
+def _load_sst(data_dir: Path, max_examples: int | None, require_train: bool, recipe: str = "ours") -> TaskData:
     """SST: the PTB trees of the official splits; trees whose root is neutral (2) are dropped; label 1 when
     the root is 3 or 4; tokens are the tree's leaves, lowercased, PTB escapes undone (-LRB- -> '('),
     tokens with a digit -> qqq. Gives 6920 / 872 / 1821.
     Deviation: the authors' code additionally deleted every non-word character (so "'s" became "s" and
     punctuation vanished) and did not apply the qqq rule to SST; we keep the leaves as the README's recipe
-    says. Their reader also dropped sentences of <= 5 tokens, which would not give the published counts."""
+    says. Their reader also dropped sentences of <= 5 tokens, which would not give the published counts.
+    recipe "released" follows the authors' released code instead: non-word characters deleted, no qqq,
+    sentences of 5 tokens or fewer (after the deletion) dropped from every split."""
+    if recipe not in SST_RECIPES:
+        raise ValueError(f"recipe must be one of {SST_RECIPES}, got {recipe!r}")
     dirs = [data_dir, data_dir / "trees"]
     splits: dict[str, list[Example]] = {}
     sources = []
@@ -255,7 +272,13 @@ def _load_sst(data_dir: Path, max_examples: int | None, require_train: bool) -> 
                 raise DataFormatError(path, number, f"not a PTB sentiment tree: {error}") from None
             if root == 2:
                 continue
-            examples.append(Example(tokens=_sst_tokens(leaves), label=int(root >= 3)))
+            if recipe == "released":
+                tokens = _sst_tokens_released(leaves)
+                if len(tokens) < RELEASED_SST_MIN_TOKENS:
+                    continue
+            else:
+                tokens = _sst_tokens(leaves)
+            examples.append(Example(tokens=tokens, label=int(root >= 3)))
         splits[split] = examples
     return TaskData("sst", "bc", ["negative", "positive"], splits["train"], splits["dev"],
                     {"test": splits["test"]}, "; ".join(sources), TASKS["sst"].min_df)
@@ -744,7 +767,7 @@ def _load_multinli(data_dir: Path, max_examples: int | None, require_train: bool
 # ----------------------------------------------------------------------------------------------- entry point
 
 def load_task(name: str, data_dir: str | os.PathLike | None = None, *, max_examples: int | None = None,
-              require_train: bool = True) -> TaskData:
+              require_train: bool = True, recipe: str = "ours") -> TaskData:
     """Load task ``name`` (see TASKS) from ``data_dir`` with the paper's recipe.
 
     data_dir None: SST loads the copy embedded in the repository; any other task raises MissingDataError
@@ -764,6 +787,8 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, max_examp
         raise _missing(name, data_dir, "the data directory does not exist")
     if name in _BABI_FILES:
         return _load_babi(name, data_dir, max_examples, require_train)
+    if name == "sst":
+        return _load_sst(data_dir, max_examples, require_train, recipe)
     loader = {"sst": _load_sst, "imdb": _load_imdb, "20news": _load_newsgroups, "agnews": _load_agnews,
               "cnn": _load_cnn, "snli": _load_snli, "multinli": _load_multinli}[name]
     return loader(data_dir, max_examples, require_train)

@@ -3,6 +3,8 @@
     vanilla          L = L_clean
     word_at          L_clean + lam * L_adv, embeddings perturbed along dL/de (Miyato et al. 2017): 2 encoder passes
     word_iat         the same towards nearest vocabulary neighbours (Sato et al. 2018): 2 encoder passes
+                     (both word methods read the model's embedding_table(): with the model's embedding_norm
+                     "frequency", Miyato et al.'s normalised embeddings, which train.py uses for them by default)
     attention_rp     attention scores perturbed by random noise of norm eps: 1 encoder pass
     attention_at     attention scores perturbed along dL/ds (the paper): 1 encoder pass
     attention_iat    ... restricted to the span of in-batch score differences (the paper): 1 encoder pass
@@ -36,6 +38,9 @@ COMPAT_METHODS = ("attention_at", "attention_iat")
 DEFAULT_EPS = {"vanilla": 1.0, "word_at": 1.0, "word_iat": 2.0, "attention_rp": 0.5, "attention_at": 0.5,
                "attention_iat": 0.5}
 COMPAT_MODES = (None, "released")
+# Word iAT's normalisation (python_ref.word_iat_perturbation): "coefficients" = Sato et al.'s alpha = eps g / ||g||
+# over the example's coefficients (train.py's default); "perturbation" = ||r|| = eps (before issue 15).
+WORD_IAT_NORMS = ("coefficients", "perturbation")
 
 
 class StepResult(NamedTuple):
@@ -64,9 +69,13 @@ class Objective(nn.Module):
     """forward(batch) -> StepResult for `method` on `model`. `generator` drives the noise of attention_rp."""
 
     def __init__(self, model: AttentionClassifier, method: str = "vanilla", *, eps: float = 1.0, lam: float = 1.0,
-                 compat: str | None = None, neighbours: int = 10, generator: torch.Generator | None = None):
+                 compat: str | None = None, neighbours: int = 10, generator: torch.Generator | None = None,
+                 word_iat_norm: str = "coefficients"):
         super().__init__()
         check_method(method, eps, lam, compat)
+        if word_iat_norm not in WORD_IAT_NORMS:
+            raise ValueError(f"word_iat_norm must be one of {WORD_IAT_NORMS}, got {word_iat_norm!r}")
+        self.word_iat_norm = word_iat_norm
         self.model = model
         self.method, self.eps, self.lam, self.compat = method, float(eps), float(lam), compat
         self.n_neighbours = neighbours
@@ -77,7 +86,8 @@ class Objective(nn.Module):
         """Recompute each vocabulary word's nearest neighbours in the (trained) embedding space. O(V^2 E), so
         the trainer calls it once per epoch rather than every step."""
         if self.method == "word_iat":
-            weight = self.model.embedding.weight
+            with torch.no_grad():
+                weight = self.model.embedding_table()  # the vectors the model reads (normalised or not)
             self._neighbours = python_ref.nearest_neighbours(weight, min(self.n_neighbours, weight.shape[0] - 1))
 
     def forward(self, batch) -> StepResult:
@@ -139,8 +149,11 @@ class Objective(nn.Module):
         else:
             if self._neighbours is None:
                 self.refresh_neighbours()
-            neighbour_vectors = model.embedding.weight.detach()[self._neighbours[batch.tokens]]  # [B, T, K, E]
-            r = python_ref.word_iat_perturbation(embedded, grad, neighbour_vectors, batch.mask, self.eps)
+            with torch.no_grad():
+                table = model.embedding_table()
+            neighbour_vectors = table[self._neighbours[batch.tokens]]  # [B, T, K, E]
+            r = python_ref.word_iat_perturbation(embedded, grad, neighbour_vectors, batch.mask, self.eps,
+                                                 normalize=self.word_iat_norm)
         adv_enc = model.encode(batch, embedded + r)
         adv_head, _ = self._closures(batch, adv_enc)
         adv = fused_attn_at.attention_pool(adv_enc.h, adv_enc.scores, adv_enc.mask)

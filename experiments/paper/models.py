@@ -20,6 +20,12 @@ from torch import nn
 import fused_attn_at
 
 ENCODERS = ("lstm", "cnn")
+# How the model's input embeddings are formed from the embedding table: "none" uses the rows as they are;
+# "frequency" standardises every row with the frequency-weighted mean and variance of the vocabulary (Miyato
+# et al. 2017), recomputed from the current (trainable) table at every forward.
+EMBEDDING_NORMS = ("none", "frequency")
+# Miyato et al.'s code adds this under the square root of the variance.
+NORM_EPS = 1e-6
 ATTENTIONS = ("additive", "dot")
 KINDS = ("bc", "qa", "nli")
 PAD = 0  # the padding index of the vocabulary (paper.data.PAD)
@@ -91,6 +97,16 @@ class CNNEncoder(nn.Module):
         return states, final
 
 
+def normalize_embeddings(weight: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Miyato et al. (2017): v_bar = (v - E[v]) / sqrt(Var[v] + 1e-6), E[v] = sum_j f_j v_j and
+    Var[v] = sum_j f_j (v_j - E[v])^2 per dimension, f the word frequencies normalised to sum 1.
+    weight [V, E], frequency [V] (counts; any scale) -> [V, E]; differentiable in weight."""
+    f = (frequency / frequency.sum().clamp_min(torch.finfo(frequency.dtype).tiny)).to(weight.dtype)[:, None]  # [V, 1]
+    mean = (f * weight).sum(0, keepdim=True)  # [1, E]
+    var = (f * (weight - mean) ** 2).sum(0, keepdim=True)  # [1, E]
+    return (weight - mean) / torch.sqrt(var + NORM_EPS)
+
+
 def make_encoder(kind: str, embed_size: int, hidden_size: int, cnn_channels: int,
                  kernel_sizes: tuple[int, ...]) -> nn.Module:
     if kind == "lstm":
@@ -125,6 +141,8 @@ class AttentionClassifier(nn.Module):
         dropout: float = 0.0,
         pretrained: torch.Tensor | None = None,
         pos_weight: float | None = None,
+        embedding_norm: str = "none",
+        word_frequency: torch.Tensor | None = None,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -133,7 +151,10 @@ class AttentionClassifier(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if embedding_norm not in EMBEDDING_NORMS:
+            raise ValueError(f"embedding_norm must be one of {EMBEDDING_NORMS}, got {embedding_norm!r}")
         self.kind, self.n_labels = kind, n_labels
+        self.embedding_norm = embedding_norm
         if pretrained is not None:
             if pretrained.dim() != 2 or pretrained.shape[0] != vocab_size:
                 raise ValueError(f"pretrained must be [vocab_size={vocab_size}, E], got {tuple(pretrained.shape)}")
@@ -143,6 +164,16 @@ class AttentionClassifier(nn.Module):
             with torch.no_grad():
                 self.embedding.weight.copy_(pretrained)
                 self.embedding.weight[PAD].zero_()
+        if embedding_norm == "frequency":
+            # [V] training-set counts (paper.data.Vocab.token_counts); a buffer, so checkpoints carry it.
+            # Without it (a model about to load a checkpoint) every word weighs the same until then.
+            if word_frequency is None:
+                word_frequency = torch.ones(vocab_size)
+            if word_frequency.shape != (vocab_size,):
+                raise ValueError(f"word_frequency must be [{vocab_size}], got {tuple(word_frequency.shape)}")
+            frequency = word_frequency.detach().to(torch.float32).clone()
+            frequency[PAD] = 0.0
+            self.register_buffer("word_frequency", frequency)
         self.dropout = nn.Dropout(dropout)
         self.encoder = make_encoder(encoder, embed_size, hidden_size, cnn_channels, kernel_sizes)
         H = self.encoder.output_size
@@ -165,8 +196,21 @@ class AttentionClassifier(nn.Module):
         """The attention's own parameters (the paper applies no weight decay to them)."""
         return list(self.scorer.parameters())
 
+    def embedding_table(self) -> torch.Tensor:
+        """The vectors the model reads for each vocabulary word [V, E]: the embedding table, standardised
+        with the frequency-weighted mean and variance when embedding_norm is "frequency" (padding row 0)."""
+        weight = self.embedding.weight
+        if self.embedding_norm == "none":
+            return weight
+        table = normalize_embeddings(weight, self.word_frequency)
+        keep = torch.ones(table.shape[0], 1, dtype=table.dtype, device=table.device)
+        keep[PAD] = 0.0
+        return table * keep
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, E]
-        return self.embedding(tokens)
+        if self.embedding_norm == "none":
+            return self.embedding(tokens)
+        return F.embedding(tokens, self.embedding_table())
 
     def encode(self, batch, embedded: torch.Tensor | None = None) -> Encoded:
         """One encoder pass. `embedded` [B, T, E] replaces the embedding of batch.tokens (word-level

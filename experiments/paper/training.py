@@ -31,9 +31,22 @@ from .metrics import attention_gradient_correlation, classification_metrics, mea
 from .models import AttentionClassifier
 
 EXPERIMENTS = Path(__file__).resolve().parents[1]
-# GloVe 6B 50d restricted to the SST training vocabulary (see experiments/data/glove/README.md).
+# GloVe 6B 50d restricted to the SST training vocabulary (see experiments/data/glove/README.md): the default
+# vectors before issue 15 (kept so that older runs' configs still point at a file).
 EMBEDDED_GLOVE = EXPERIMENTS / "data" / "glove" / "glove.6B.50d.sst.txt.gz"
-DEFAULT_EPOCHS = {"bc": 8, "qa": 10, "nli": 10}
+# The 20,000 most frequent words of GloVe 6B 50d (a superset of EMBEDDED_GLOVE's lines): every task's default.
+SHIPPED_GLOVE = EXPERIMENTS / "data" / "glove" / "glove.6B.50d.top20k.txt.gz"
+SHIPPED_GLOVE_NAME = "GloVe 6B 50d, top 20k words (experiments/data/glove)"
+# --embeddings keywords: the shipped vectors (also the default) and random initialisation
+EMBEDDING_KEYWORDS = ("glove", "none")
+# Training budget per task kind (train.py's defaults): at most `epochs` epochs; with a patience, training stops
+# once the dev accuracy has not improved for `patience` epochs (Jain & Wallace's QA/NLI set-up). None: no
+# early stop. The best dev-accuracy epoch (best.pt) is evaluated either way.
+DEFAULT_EPOCHS = {"bc": 8, "qa": 100, "nli": 100}
+DEFAULT_PATIENCE = {"bc": None, "qa": 10, "nli": 10}
+# Jain & Wallace's bAbI models: batch 50, LSTM hidden size 32 (the other tasks keep batch 32, hidden 128).
+TASK_BATCH_SIZE = {"babi1": 50, "babi2": 50, "babi3": 50}
+TASK_HIDDEN_SIZE = {"babi1": 32, "babi2": 32, "babi3": 32}
 CHECKPOINT_FORMAT = 1
 HEATMAP_SENTENCES = 6
 EVAL_BATCH_SIZE = 128
@@ -46,10 +59,14 @@ class UsageError(Exception):
 # ----------------------------------------------------------------------------------------------- set-up
 
 def resolve_embeddings(value: str | None, dataset: str) -> str | None:
-    """--embeddings: a path, 'none' (random initialisation), or None = the default: the embedded GloVe
-    subset for SST, random initialisation for the other tasks (the subset holds SST's words only)."""
-    if value is None:
-        return str(EMBEDDED_GLOVE) if dataset == "sst" and EMBEDDED_GLOVE.is_file() else None
+    """--embeddings: a path, 'none' (random initialisation), or None / 'glove' = the default: the shipped
+    GloVe 6B 50d top-20k file for every task (for SST it gives exactly the vectors of the older SST subset,
+    whose lines it contains)."""
+    if value is None or value.lower() == "glove":
+        if not SHIPPED_GLOVE.is_file():
+            raise UsageError(f"the shipped vectors {SHIPPED_GLOVE} are missing (a damaged checkout?); pass "
+                             "--embeddings PATH or --embeddings none")
+        return str(SHIPPED_GLOVE)
     if value.lower() == "none":
         return None
     if not Path(value).is_file():
@@ -63,7 +80,8 @@ def load_data(config: dict):
     limits = [n for n in (config["max_train_examples"], config["max_eval_examples"]) if n is not None]
     # load_task's max_examples cuts every split; load enough for both limits and cut each below.
     cut_all = max(limits) if len(limits) == 2 else None
-    task = load_task(config["dataset"], config["data_dir"], max_examples=cut_all)
+    task = load_task(config["dataset"], config["data_dir"], max_examples=cut_all,
+                     recipe=config.get("sst_recipe") or "ours")
     if config["max_train_examples"] is not None:
         task.train = task.train[:config["max_train_examples"]]
     if config["max_eval_examples"] is not None:
@@ -75,12 +93,28 @@ def load_data(config: dict):
     return task, Vocab.build_for_task(task)
 
 
-def build_model(config: dict, vocab_size: int, pretrained: torch.Tensor | None = None) -> AttentionClassifier:
+def build_model(config: dict, vocab_size: int, pretrained: torch.Tensor | None = None,
+                word_frequency: torch.Tensor | None = None) -> AttentionClassifier:
+    """The run's model. A config without word_embedding_norm (runs before issue 15) uses the raw embeddings.
+    word_frequency: the training-set counts for "frequency" (None when a checkpoint will supply them)."""
     return AttentionClassifier(
         vocab_size, kind=config["kind"], n_labels=config["n_labels"], embed_size=config["embed_size"],
         encoder=config["encoder"], attention=config["attention"], hidden_size=config["hidden_size"],
         cnn_channels=config["cnn_channels"], kernel_sizes=tuple(config["kernel_sizes"]),
-        decoder_size=config["decoder_size"], dropout=config["dropout"], pretrained=pretrained)
+        decoder_size=config["decoder_size"], dropout=config["dropout"], pretrained=pretrained,
+        embedding_norm=config.get("word_embedding_norm") or "none", word_frequency=word_frequency)
+
+
+def embedding_coverage(vocab: Vocab, examples, vectors_found: set[int] | None) -> dict:
+    """How much of the vocabulary and of the training tokens have a pretrained vector."""
+    counts = vocab.token_counts(examples)
+    words = len(vocab) - 2  # without <pad> and <unk>
+    found = sorted(vectors_found or ())
+    tokens = float(counts.sum())
+    covered = float(counts[found].sum()) if found else 0.0
+    return {"words": len(found), "vocabulary_words": words,
+            "vocabulary_fraction": len(found) / words if words else None,
+            "train_token_fraction": covered / tokens if tokens else None}
 
 
 def make_optimizer(model: AttentionClassifier, config: dict) -> torch.optim.Optimizer:
@@ -211,11 +245,12 @@ def evaluate_test(model: AttentionClassifier, examples, vocab: Vocab, config: di
     perturbation of the test scores (SPEC "Evaluation")."""
     model.eval()
     labels, logits, perturbed_logits = [], [], []
-    attentions, importances, perturbed_attentions = [], [], []
+    attentions, perturbed_attentions = [], []
+    importances: dict[str, list] = {name: [] for name in interpret.IMPORTANCE_DEFINITIONS}
     eps = config["robustness_eps"]
     for batch in make_batches(examples, vocab, EVAL_BATCH_SIZE, shuffle=False, device=device,
                               num_labels=config["n_labels"]):
-        found = interpret.gradient_importance(model, batch)
+        definitions, found = interpret.importance_definitions(model, batch)
         attacked = interpret.perturbed_predictions(model, batch, eps)
         mask = batch.mask.cpu()
         labels.append(batch.labels.cpu())
@@ -223,11 +258,15 @@ def evaluate_test(model: AttentionClassifier, examples, vocab: Vocab, config: di
         perturbed_logits.append(attacked.logits.float().cpu())
         for row, keep in enumerate(mask):
             attentions.append(found.attention[row].cpu()[keep].double().numpy())
-            importances.append(found.importance[row].cpu()[keep].double().numpy())
+            for name, values in definitions.items():
+                importances[name].append(values[row].cpu()[keep].double().numpy())
             perturbed_attentions.append(attacked.attention[row].cpu()[keep].double().numpy())
     labels = torch.cat(labels)
     result = classification_metrics(labels, torch.cat(logits), config["kind"], logits=True)
-    result["correlation"] = attention_gradient_correlation(attentions, importances)
+    # "correlation": the default definition (as before issue 15); "correlations": every definition by name
+    result["correlations"] = {name: attention_gradient_correlation(attentions, values)
+                              for name, values in importances.items()}
+    result["correlation"] = result["correlations"]["gradient_x_input"]
     attacked_metrics = classification_metrics(labels, torch.cat(perturbed_logits), config["kind"], logits=True)
     result["robustness"] = {"eps": eps, "accuracy": attacked_metrics["accuracy"],
                             "attention_tv_mean": mean_total_variation(attentions, perturbed_attentions)}
@@ -297,19 +336,28 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
     config["label_names"] = list(task.label_names)
     config["n_labels"] = 1 if config["kind"] == "bc" else task.num_labels  # bc: one logit
     pretrained = None
-    if checkpoint is None and config["embeddings"] is not None:
-        pretrained, n_found = load_embeddings(config["embeddings"], vocab, seed=config["seed"])
-        config["embeddings_found"] = n_found
+    if checkpoint is None:
+        found: set[int] = set()
+        if config["embeddings"] is not None:
+            pretrained, n_found = load_embeddings(config["embeddings"], vocab, seed=config["seed"],
+                                                  found_indices=found)
+            config["embeddings_found"] = n_found
+        # which vectors (a name, not only a path) and how much of the vocabulary and training text they cover
+        config["embeddings_name"] = (None if config["embeddings"] is None else SHIPPED_GLOVE_NAME
+                                     if Path(config["embeddings"]) == SHIPPED_GLOVE else Path(config["embeddings"]).name)
+        config["embeddings_coverage"] = embedding_coverage(vocab, task.train, found)
     if pretrained is not None:
         config["embed_size"] = pretrained.shape[1]
     config["vocab_size"] = len(vocab)
-    model = build_model(config, len(vocab), pretrained).to(device)
+    frequency = vocab.token_counts(task.train) if config.get("word_embedding_norm") == "frequency" else None
+    model = build_model(config, len(vocab), pretrained, frequency).to(device)
     optimizer = make_optimizer(model, config)
     shuffle_gen = torch.Generator().manual_seed(config["seed"])
     # attention_rp's noise; each process of a distributed run draws its own
     noise_gen = torch.Generator(device=device).manual_seed(config["seed"] + 1 + 1000 * ddp.rank)
     objective = methods.Objective(model, config["method"], eps=config["eps"], lam=config["lam"],
-                                  compat=config["compat"], generator=noise_gen)
+                                  compat=config["compat"], generator=noise_gen,
+                                  word_iat_norm=config.get("word_iat_norm") or "perturbation")
     history, best, start_epoch = [], {"epoch": None, "dev": None}, 0
     if checkpoint is not None:
         if vocab.to_dict() != checkpoint["vocab"]:
@@ -331,7 +379,10 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
     if ddp.world > 1:
         trainer = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
 
+    patience = config.get("patience")  # None (runs before issue 15, binary tasks): a fixed number of epochs
     for epoch in range(start_epoch, config["epochs"]):
+        if patience_exhausted(best, epoch, patience):
+            break  # a resumed run that had already stopped early (killed before its test evaluation)
         epoch_started = time.time()
         model.train()
         objective.refresh_neighbours()
@@ -364,11 +415,20 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
                 best = {"epoch": epoch + 1, "dev": record["dev"]}
                 save_atomic({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "epoch": epoch + 1,
                              "config": config, "vocab": vocab.to_dict(), "dev": record["dev"]}, best_path)
+            # best (its epoch and dev metrics) is the patience state: epochs without improvement = epoch - best
             save_atomic({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "epoch": epoch + 1, "rng": rng_state(shuffle_gen, noise_gen), "history": history,
-                         "best": best, "config": config, "vocab": vocab.to_dict()}, last_path)
+                         "best": best, "epochs_without_improvement": epoch + 1 - best["epoch"],
+                         "config": config, "vocab": vocab.to_dict()}, last_path)
             _log(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, dev " + _short(record["dev"])
                  + f" ({record['seconds']:.1f} s)" + ("  *best*" if best["epoch"] == epoch + 1 else ""))
+        # every rank takes the same decision: rank 0's best, broadcast through the sum of a one-hot
+        best_epoch = int(ddp.sum([float(best["epoch"] or 0) if ddp.main else 0.0])[0])
+        if patience_exhausted({"epoch": best_epoch}, epoch + 1, patience):
+            if ddp.main:
+                _log(f"early stop after epoch {epoch + 1}: dev accuracy has not improved for {patience} epochs "
+                     f"(best epoch {best_epoch})")
+            break
         ddp.barrier()
 
     replicas_identical = ddp.replicas_identical(model) if ddp.world > 1 else None
@@ -384,6 +444,8 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
     metrics = {
         "dataset": config["dataset"], "method": config["method"], "kind": config["kind"],
         "epochs": history, "best_epoch": best["epoch"], "best_dev": best["dev"], "test": tests,
+        "patience": patience, "max_epochs": config["epochs"],
+        "stopped_early": bool(patience) and len(history) < config["epochs"],
         "heatmaps": {"html": str(html.relative_to(output_dir)), "png": str(png.relative_to(output_dir))},
         # times of this invocation (a resumed run counts from its restart), rank 0's CPU time
         "train_seconds": train_seconds, "train_cpu_seconds": train_cpu,
@@ -400,6 +462,14 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
              f"robust accuracy {_fmt(result['robustness']['accuracy'])}")
     _log(f"done in {metrics['total_seconds']:.1f} s ({metrics['total_cpu_seconds']:.1f} s CPU): {output_dir}")
     return metrics
+
+
+def patience_exhausted(best: dict, epochs_done: int, patience: int | None) -> bool:
+    """Whether training stops after `epochs_done` epochs: the best dev accuracy is `patience` or more epochs
+    old. False without a patience, or before any epoch."""
+    if not patience or best.get("epoch") is None or epochs_done == 0:
+        return False
+    return epochs_done - best["epoch"] >= patience
 
 
 def fused_backend(device) -> str:
@@ -435,7 +505,7 @@ def evaluate_run(run_dir: Path, *, data_dir: str | None = None, device_arg: str 
     device = Distributed(device_arg).device
     vocab = Vocab.from_dict(checkpoint["vocab"])
     task = load_task(config["dataset"], config["data_dir"], max_examples=config["max_eval_examples"],
-                     require_train=False)
+                     require_train=False, recipe=config.get("sst_recipe") or "ours")
     model = build_model(config, len(vocab)).to(device)
     model.load_state_dict(checkpoint["model"])
     result = {"run": str(run_dir), "best_epoch": checkpoint["epoch"], "robustness_eps": config["robustness_eps"],
