@@ -36,6 +36,14 @@ def comparable(run_dir: Path) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMES}
 
 
+def differences(a, b, where="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
@@ -60,7 +68,12 @@ def test_ray_executor_runs_the_smoke_grid_like_the_local_executor(local_ray, tmp
     assert "sweep: 2 done, 0 failed, 0 skipped (local executor" in err
     assert "sweep: 2 done, 0 failed, 0 skipped (ray executor" in err
     for run in SMOKE:
-        assert comparable(tmp_path / "ray" / run.name) == comparable(tmp_path / "local" / run.name)
+        ray_run, local_run = tmp_path / "ray" / run.name, tmp_path / "local" / run.name
+        # on a mismatch, say which numbers differ and which code each run started from (sweep_code.json: the
+        # working tree may change under a test when others edit it)
+        assert comparable(ray_run) == comparable(local_run), (
+            differences(comparable(ray_run), comparable(local_run)),
+            [(d / "sweep_code.json").read_text() for d in (ray_run, local_run)])
         assert (json.loads((tmp_path / "ray" / run.name / "config.json").read_text())
                 == json.loads((tmp_path / "local" / run.name / "config.json").read_text()))
         assert f"sweep: finished {run.name}: test accuracy " in err
