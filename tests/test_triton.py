@@ -232,3 +232,39 @@ def test_float64_eps_is_not_rounded_to_float32():
         reference = python_ref.attention_pool(inputs.h, inputs.scores, inputs.mask, perturbation=kind,
                                               grad=inputs.grad, eps=0.7)
         torch.testing.assert_close(out.attention, reference.attention, rtol=1e-13, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torch.compile with dynamic shapes (issue 14, item 9)
+
+@pytest.mark.parametrize("kind", ("at", "iat"))
+def test_torch_compile_dynamic_shapes_do_not_recompile(kind):
+    """dynamic=True: three (B, T) in turn compile once (a compile counter sees no new graph after the first
+    call), forward and backward matching eager. backend="aot_eager" (AOTAutograd's traced forward and backward,
+    run eagerly): Inductor also runs under the interpreter, where the op is opaque to it (see _define_op), but
+    costs seconds of C++ compiles per graph on a CPU, and its cache (keyed on the graph that calls the op, not
+    on the op's code) can hand back a stale graph after the op changes."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(h, scores, mask, grad):
+        out = fused_attn_at.attention_pool(h, scores, mask, perturbation=kind, grad=grad, backend="triton")
+        return out.context, out.attention
+
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    graphs = []
+    for batch, length in ((3, 7), (4, 11), (6, 5)):
+        inputs = make_inputs(batch, length, 4, "padding", seed=38 + batch)
+        dc, da = cotangents(inputs)
+        results = []
+        for fn in (compiled, step):
+            h, scores = inputs.leaves()
+            context, attention = fn(h, scores, inputs.mask, inputs.grad)
+            grads = torch.autograd.grad((context * dc).sum() + (attention * da).sum(), (h, scores))
+            results.append((context, attention) + grads)
+        graphs.append(counter.frame_count)
+        for name, a, b in zip(("context", "attention", "grad_h", "grad_scores"), *results):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"B={batch} T={length} {name}: {m}")
+    assert graphs[0] >= 1 and graphs == graphs[:1] * 3, f"graphs compiled after each shape: {graphs}"

@@ -530,22 +530,36 @@ def _backward(grad_context: torch.Tensor, grad_attention: Optional[torch.Tensor]
 
 # -------------------------------------------------------------------------------------- torch.library ops
 
-if AVAILABLE:
+def _define_op(name: str):
+    """torch.library.triton_op on a GPU: torch.compile traces into the op and its kernels. Under the interpreter
+    wrap_triton cannot trace a kernel (it hands back the interpreted function, which cannot run on the fake
+    tensors of a trace), so a traced triton_op would silently drop its kernels and return uninitialised memory:
+    there the op is an opaque torch.library.custom_op (the compiled graph calls it on real tensors) whose fake
+    implementation is the launcher itself, which only allocates on fake tensors (_skip_launch)."""
+    def define(fn):
+        if not _INTERPRETING:
+            return torch.library.triton_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
+        op.register_fake(fn)
+        return op
+    return define
 
-    @torch.library.triton_op(f"{NAMESPACE}::attention_pool_fwd", mutates_args=())
+
+if AVAILABLE:
+    @_define_op("attention_pool_fwd")
     def attention_pool_fwd(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor],
                            direction: Optional[torch.Tensor], kind: int,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B, H], attention [B, T]) of masked_softmax(scores + r) over h [B, T, H]."""
         return _forward(h, scores, mask, direction, kind, eps)
 
-    @torch.library.triton_op(f"{NAMESPACE}::attention_pool_bwd", mutates_args=())
+    @_define_op("attention_pool_bwd")
     def attention_pool_bwd(grad_context: torch.Tensor, grad_attention: Optional[torch.Tensor], h: torch.Tensor,
                            attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(grad_h [B, T, H], grad_scores [B, T]); r is a constant, so this is the softmax-pooling backward."""
         return _backward(grad_context, grad_attention, h, attention)
 
-    @torch.library.triton_op(f"{NAMESPACE}::perturbation", mutates_args=())
+    @_define_op("perturbation")
     def perturbation_op(scores: torch.Tensor, mask: Optional[torch.Tensor], direction: torch.Tensor, kind: int,
                         eps: float) -> torch.Tensor:
         """r [B, T] in the dtype of scores (kind 1: AT/RP, 2: iAT)."""
