@@ -11,7 +11,7 @@ The pooling is memory-bound, so these passes are its cost; everything else is [B
       perturbed forward                              read h
       loss.backward(): clean branch's backward       read h, write dh
                        perturbed branch's backward   read h, write dh
-                       autograd sums the two dh      read 2 dh, write dh
+                       autograd sums the two dh      read 2 dh, write dh (in place into one of them)
       at/iat: 5 reads of h + 4 dh written + 2 dh read = 11 passes; rp (no g): 4 + 3 + 2 = 9 passes
     the pair op (backends "cpu" and "reference"):
       clean forward, no autograd                     read h
@@ -19,13 +19,17 @@ The pooling is memory-bound, so these passes are its cost; everything else is [B
       attention_pool_pair: both forwards             read h
       loss.backward(): the pair's one backward       read h, write dh once
       at/iat: 4 reads of h + 1 dh written = 5 passes; rp (no g, no clean forward): 2 + 1 = 3 passes
-which is the minimum: g needs dL/dc_clean, which needs the clean context (a pass) and the head, before the
+(tests/test_pair_op.py counts the [B, T, H] allocations and additions of both: 1 and 0 against 3 and 1.)
+This is the minimum: g needs dL/dc_clean, which needs the clean context (a pass) and the head, before the
 perturbed forward can start; g itself needs <h_t, dL/dc> (a pass); the perturbed context a pass; the backward
 of both branches one pass that writes dh once.
 
 The head runs on the clean context twice ([B, H], cheap): once on a detached copy to get dL/dc_clean (no
 parameter is touched), once inside the objective. Its random draws (dropout) are replayed for the second run,
-so both see the same sample, as the single head run of the two-op path did.
+so both see the same sample, as the single head run of the two-op path did. (For rp without a `generator` the
+noise comes from the global generator before the head runs, where the two-op path drew it after the clean
+head: the same distribution, but another sample when the head draws random numbers too. The experiments pass
+a generator of its own.)
 """
 from __future__ import annotations
 

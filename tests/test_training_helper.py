@@ -168,3 +168,76 @@ def test_bad_arguments():
         fused_attn_at.adversarial_attention_loss(h, scores, mask, model.head, _loss_fn(labels), compat="paper")
     with pytest.raises(ValueError, match=r"scores must require grad .*perturbation='at'"):
         fused_attn_at.adversarial_attention_loss(h, scores.detach(), mask, model.head, _loss_fn(labels))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# issue 17: the step with the pair op (5 passes over h for at/iat, 3 for rp) equals the two-op step (11, 9)
+
+def _stepped(model, tokens, labels, kind, compat, backend, step, dropout):
+    """One step of `step` (fused_attn_at.training._pair_step or _two_op_step) on `model` (the head behind a
+    dropout in train mode when `dropout`, seeded alike for both steps), backward included:
+    (AdversarialLoss, {parameter: grad}, (h.grad-free) dL/dh)."""
+    h, scores, mask = model.encode(tokens)
+    h.retain_grad()
+    drop = nn.Dropout(0.3).train()
+
+    def head(c):
+        return model.head(drop(c) if dropout else c)
+
+    torch.manual_seed(99)
+    out = step(h, scores, mask, head, _loss_fn(labels), kind, EPS, LAM, compat,
+               torch.Generator().manual_seed(SEED), backend)
+    model.zero_grad(set_to_none=True)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters()}, h.grad
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain_head", "dropout_head"])
+@pytest.mark.parametrize("compat", [None, "released"])
+@pytest.mark.parametrize("kind", ["at", "iat", "rp"])
+def test_pair_step_equals_the_two_op_step(backend_name, kind, compat, dropout):
+    """float64: the loss, its parts, the attentions and every parameter gradient of the pair step equal
+    those of the two-op step (the path before issue 17). With a dropout in the head, the head's two runs
+    on the clean context see one dropout sample, as the two-op step's single run did."""
+    require_backend(backend_name)
+    from fused_attn_at import training
+
+    tokens, labels = _batch()
+    model = _model()
+    new, new_grads, new_dh = _stepped(model, tokens, labels, kind, compat, backend_name, training._pair_step, dropout)
+    old, old_grads, old_dh = _stepped(model, tokens, labels, kind, compat, backend_name, training._two_op_step, dropout)
+
+    for name in ("loss", "clean_loss", "adversarial_loss", "clean_logits"):
+        torch.testing.assert_close(getattr(new, name), getattr(old, name), rtol=1e-12, atol=1e-14,
+                                   msg=lambda m: f"{name}: {m}")
+    for branch in ("clean", "adversarial"):
+        for field in ("context", "attention"):
+            torch.testing.assert_close(getattr(getattr(new, branch), field), getattr(getattr(old, branch), field),
+                                       rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(new_dh, old_dh, rtol=1e-10, atol=1e-14)
+    for name, grad in old_grads.items():
+        torch.testing.assert_close(new_grads[name], grad, rtol=1e-10, atol=1e-14, msg=lambda m: f"{name}: {m}")
+        assert grad.abs().sum() > 0, f"{name} got no gradient"
+
+
+@pytest.mark.parametrize("backend_name, pair", [("cpu", True), ("reference", True), ("triton", False)])
+def test_helper_takes_the_pair_path_where_the_backend_has_it(monkeypatch, backend_name, pair):
+    """adversarial_attention_loss runs the pair step on cpu and reference, two single ops on triton (no pair
+    op there yet), and its result is the pair step's."""
+    require_backend(backend_name)
+    from fused_attn_at import training
+
+    calls = []
+    real = training.attention_pool_pair
+    monkeypatch.setattr(training, "attention_pool_pair", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tokens, labels = _batch()
+    model = _model()
+    out = fused_attn_at.adversarial_attention_loss(
+        *model.encode(tokens), model.head, _loss_fn(labels), perturbation="iat", eps=EPS, lam=LAM,
+        backend=backend_name)
+    assert len(calls) == (1 if pair else 0)
+    if pair:
+        direct = training._pair_step(*model.encode(tokens), model.head, _loss_fn(labels), "iat", EPS, LAM, None,
+                                     None, backend_name)
+        torch.testing.assert_close(out.loss, direct.loss, rtol=0, atol=0)
