@@ -216,6 +216,26 @@ def test_sixty_four_bit_offsets(gpu_backend):
 
 
 @needs_gpu
+def test_triton_double_backward_matches_reference():
+    """create_graph=True through the Triton backend on the GPU: first and second order gradients against
+    python_ref's autograd on the CPU (float64, padding and a fully masked row)."""
+    require_backend("triton", "cuda")
+    inputs = make_inputs(4, 9, 5, "empty_row", seed=51, dtype=torch.float64)
+
+    def second_order(pool):
+        h, scores = inputs.leaves()
+        out = pool(h, scores, inputs.mask, perturbation="at", grad=inputs.grad, eps=0.8)
+        dc, da = cotangents(inputs)
+        first = torch.autograd.grad((out.context * dc).sum() + (out.attention * da).sum(), (h, scores),
+                                    create_graph=True)
+        second = torch.autograd.grad(first[0].square().sum() + first[1].square().sum(), (h, scores))
+        return [x.detach() for x in first] + list(second)
+
+    for got, expected in zip(second_order(pool_on_gpu("triton")), second_order(python_ref.attention_pool)):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@needs_gpu
 def test_dispatch_prefers_cuda_then_triton():
     require_backend("cuda", "cuda")
     device = torch.device("cuda")

@@ -235,6 +235,77 @@ def test_float64_eps_is_not_rounded_to_float32():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Double backward (issue 14, item 1): with create_graph=True the backward is the composite of differentiable
+# torch ops (fused_attn_at/ops/_composite.py) over the saved attention, an output of the op.
+
+def _second_order(pool, inputs: Inputs, kind, seed: int = 7):
+    """First-order gradients (recorded) and the gradients of <v, first-order> wrt (h, scores)."""
+    h, scores = inputs.leaves()
+    out = pool(h, scores, inputs.mask, **inputs.kwargs(kind, 0.8))
+    dc, da = cotangents(inputs)
+    first = torch.autograd.grad((out.context * dc).sum() + (out.attention * da).sum(), (h, scores), create_graph=True)
+    generator = torch.Generator().manual_seed(seed)
+    v_h, v_s = (torch.randn(x.shape, generator=generator, dtype=x.dtype) for x in first)
+    second = torch.autograd.grad((first[0] * v_h).sum() + (first[1] * v_s).sum(), (h, scores), allow_unused=True)
+    second = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(second, (h, scores)))
+    return tuple(x.detach() for x in first), second
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_double_backward_gradgradcheck(kind):
+    """gradgradcheck in float64 with padding and a fully masked row, r held fixed (grad/noise are constants;
+    iAT's r is rebuilt from the scores, so there only h varies: the scores' second order is checked against
+    the reference below)."""
+    inputs = make_inputs(3, 6, 4, "empty_row", seed=31, dtype=torch.float64)
+    h, scores = inputs.leaves()
+    pool = fused_pool("triton")
+    kwargs = inputs.kwargs(kind, 0.8)
+    # Default launch parameters (one block per row): gradgradcheck runs the forward many times.
+    if kind == "iat":
+        assert torch.autograd.gradgradcheck(
+            lambda h: tuple(pool(h, inputs.scores, inputs.mask, **kwargs)), (h,), fast_mode=True)
+    else:
+        assert torch.autograd.gradgradcheck(
+            lambda h, scores: tuple(pool(h, scores, inputs.mask, **kwargs)), (h, scores), fast_mode=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_double_backward_matches_reference(kind):
+    """First and second order gradients against python_ref's autograd (plain PyTorch) at rtol 1e-10; the fully
+    masked row's are exactly 0."""
+    inputs = make_inputs(4, 9, 5, "empty_row", seed=32, dtype=torch.float64)
+    with tri.launch_overrides(block_t=4, block_h=2, split=2):
+        got = _second_order(fused_pool("triton"), inputs, kind)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = _second_order(python_ref.attention_pool, inputs, kind)
+    names = ("grad_h", "grad_scores", "grad_h of <v, grads>", "grad_scores of <v, grads>")
+    for name, a, b in zip(names, got[0] + got[1], expected[0] + expected[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"kind={kind} {name}: {m}")
+        assert torch.equal(a[0], torch.zeros_like(a[0])), f"{name}: the fully masked row is not 0"
+    assert got[1][1].abs().sum() > 0 and got[1][0].abs().sum() > 0  # not vacuous
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_recorded_backward_matches_the_kernel_backward(dtype):
+    """create_graph=True takes the composite (float32 inside for bfloat16), plain backward the kernels: the same
+    first-order gradients."""
+    inputs = make_inputs(3, 21, 6, "padding", seed=33, dtype=dtype)
+    dc, da = cotangents(inputs)
+    grads = {}
+    for create_graph in (False, True):
+        h, scores = inputs.leaves()
+        out = fused_attn_at.attention_pool(h, scores, inputs.mask, perturbation="at", grad=inputs.grad,
+                                           backend="triton")
+        grads[create_graph] = torch.autograd.grad((out.context * dc).sum() + (out.attention * da).sum(), (h, scores),
+                                                  create_graph=create_graph)
+        assert all(g.dtype == dtype for g in grads[create_graph])
+    assert grads[True][1].requires_grad and not grads[False][1].requires_grad
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-5 if dtype == torch.float32 else 1.6e-2, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # torch.compile with dynamic shapes (issue 14, item 9)
 
 @pytest.mark.parametrize("kind", ("at", "iat"))

@@ -546,6 +546,8 @@ def _define_op(name: str):
 
 
 if AVAILABLE:
+    from ._composite import attention_pool_backward_composite
+
     @_define_op("attention_pool_fwd")
     def attention_pool_fwd(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor],
                            direction: Optional[torch.Tensor], kind: int,
@@ -574,13 +576,20 @@ if AVAILABLE:
     def _setup_context(ctx, inputs, output) -> None:
         h, _scores, _mask, _direction, _kind, _eps = inputs
         _context, attention = output
+        # The attention is saved as the op's output: in a recorded backward (create_graph=True) autograd then
+        # links it back to the scores through this very backward, which is what makes double backward exact.
         ctx.save_for_backward(h, attention)
 
     def _attention_pool_backward(ctx, grad_context, grad_attention):
         h, attention = ctx.saved_tensors
         if grad_context is None:
             grad_context = h.new_zeros((h.shape[0], h.shape[2]))
-        grad_h, grad_scores = attention_pool_bwd(grad_context, grad_attention, h, attention)
+        if torch.is_grad_enabled():
+            # create_graph=True: the backward must itself be differentiable, and the kernel op has no
+            # derivative: the same formula as differentiable torch ops (fused_attn_at/ops/_composite.py).
+            grad_h, grad_scores = attention_pool_backward_composite(grad_context, grad_attention, h, attention)
+        else:
+            grad_h, grad_scores = attention_pool_bwd(grad_context, grad_attention, h, attention)
         return grad_h, grad_scores, None, None, None, None
 
     attention_pool_fwd.register_autograd(_attention_pool_backward, setup_context=_setup_context)
