@@ -31,7 +31,7 @@ def _backend_module(backend: str):
 # Backends whose kernels check the values they read (NaN or inf at real positions raise ValueError): the
 # separate check (isfinite & mask, any, per tensor) cost ~25 us per tensor, more than the whole CPU kernel at
 # small shapes. The other backends get the check here, before the call.
-_KERNEL_CHECKS_VALUES = ("cpu",)
+_KERNEL_CHECKS_VALUES = ("cpu", "triton")
 
 
 def _check_or_defer_values(backend, scores, mask, grad, noise) -> None:

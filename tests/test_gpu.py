@@ -235,6 +235,40 @@ def test_triton_double_backward_matches_reference():
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+_NONFINITE_SCRIPT = """
+import sys, torch, fused_attn_at
+compiled = sys.argv[1] == "compile"
+h = torch.randn(3, 10, 4, device="cuda")
+scores = torch.randn(3, 10, device="cuda")
+scores[1, 0] = float("nan")
+def pool(h, scores):
+    return fused_attn_at.attention_pool(h, scores, None, backend="triton").context
+fn = torch.compile(pool, fullgraph=True) if compiled else pool
+try:
+    fn(h, scores)
+    torch.cuda.synchronize()
+except Exception as exc:
+    print("RAISED", type(exc).__name__, exc)
+    sys.exit(3)
+print("NO ERROR")
+"""
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", ("eager", "compile"))
+def test_triton_nonfinite_scores_fail_on_the_gpu(mode):
+    """NaN at a real position: the kernels' flag reaches torch._assert_async (device-side, no host sync), so the
+    error surfaces at the next synchronisation, eager and compiled alike. A subprocess: a device-side assertion
+    leaves the CUDA context unusable."""
+    import subprocess
+
+    require_backend("triton", "cuda")
+    proc = subprocess.run([sys.executable, "-c", _NONFINITE_SCRIPT, mode], capture_output=True, text=True,
+                          timeout=300)
+    output = proc.stdout + proc.stderr
+    assert "NO ERROR" not in output and proc.returncode != 0, output[-3000:]
+
+
 @needs_gpu
 def test_dispatch_prefers_cuda_then_triton():
     require_backend("cuda", "cuda")

@@ -9,6 +9,7 @@ Hopper GPU (sm_90) without one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -303,6 +304,97 @@ def test_recorded_backward_matches_the_kernel_backward(dtype):
     assert grads[True][1].requires_grad and not grads[False][1].requires_grad
     for a, b in zip(grads[True], grads[False]):
         torch.testing.assert_close(a.detach(), b, rtol=1e-5 if dtype == torch.float32 else 1.6e-2, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# NaN/inf at real positions, caught by the kernels (issue 14, item 2)
+
+NONFINITE_CASES = (("scores", None), ("scores", "iat"), ("grad", "at"), ("grad", "iat"), ("noise", "rp"))
+
+
+def _poisoned(inputs: Inputs, which: str, value: float, padded: bool) -> Inputs:
+    """`inputs` with `value` in tensor `which` at a real position (row 1, position 0), or at every padded one."""
+    x = getattr(inputs, which).clone()
+    if padded:
+        x = x.masked_fill(~inputs.mask, value)
+    else:
+        assert inputs.mask[1, 0]
+        x[1, 0] = value
+    return dataclasses.replace(inputs, **{which: x})
+
+
+@pytest.mark.parametrize("value", (float("nan"), float("inf")))
+@pytest.mark.parametrize("which, kind", NONFINITE_CASES)
+def test_nonfinite_real_value_raises(which, kind, value):
+    """ValueError naming the argument, from attention_pool and perturbation; the check is the kernels' own
+    (fused_attn_at.functional no longer runs one for this backend)."""
+    from fused_attn_at import functional
+
+    assert "triton" in functional._KERNEL_CHECKS_VALUES
+    inputs = _poisoned(make_inputs(3, 10, 4, "padding", seed=34), which, value, padded=False)
+    message = f"{which} holds NaN or inf at real \\(unmasked\\) positions"
+    with tri.launch_overrides(block_t=4, split=2):
+        with pytest.raises(ValueError, match=message):
+            fused_attn_at.attention_pool(inputs.h, inputs.scores, inputs.mask, backend="triton", **inputs.kwargs(kind))
+        if kind is not None:
+            with pytest.raises(ValueError, match=message):
+                fused_attn_at.perturbation(kind, inputs.scores, inputs.mask, backend="triton",
+                                           **inputs.perturbation_kwargs(kind))
+
+
+@pytest.mark.parametrize("kind", (0, 1, 2))
+def test_ops_check_the_values_they_read(kind):
+    """The ops themselves (no Python check before them) reject NaN in the scores and in the direction."""
+    inputs = make_inputs(3, 10, 4, "padding", seed=35)
+    ops = torch.ops.fused_attn_at_triton
+    bad_scores = _poisoned(inputs, "scores", float("nan"), padded=False).scores
+    with pytest.raises(ValueError, match="scores holds NaN or inf"):
+        ops.attention_pool_fwd(inputs.h, bad_scores, inputs.mask, inputs.grad if kind else None, kind, 1.0)
+    if kind:
+        bad_grad = _poisoned(inputs, "grad", float("inf"), padded=False).grad
+        with pytest.raises(ValueError, match="direction holds NaN or inf"):
+            ops.attention_pool_fwd(inputs.h, inputs.scores, inputs.mask, bad_grad, kind, 1.0)
+        with pytest.raises(ValueError, match="scores holds NaN or inf"):
+            ops.perturbation(bad_scores, inputs.mask, inputs.grad, kind, 1.0)
+        with pytest.raises(ValueError, match="direction holds NaN or inf"):
+            ops.perturbation(inputs.scores, inputs.mask, bad_grad, kind, 1.0)
+
+
+@pytest.mark.parametrize("which, kind", NONFINITE_CASES)
+def test_nonfinite_padded_values_are_accepted(which, kind):
+    inputs = make_inputs(3, 10, 4, "padding", seed=36)
+    clean = pool_with_grads(fused_pool("triton"), inputs, kind)
+    dirty = pool_with_grads(fused_pool("triton"), _poisoned(inputs, which, float("nan"), padded=True), kind)
+    for name, tensor in clean.items():
+        assert torch.equal(tensor, dirty[name]), name
+
+
+def _compiled_pool(kind, **compile_kwargs):
+    def step(h, scores, mask, grad, noise):
+        out = fused_attn_at.attention_pool(h, scores, mask, perturbation=kind, grad=grad, noise=noise,
+                                           backend="triton")
+        return out.context, out.attention
+    return torch.compile(step, backend="aot_eager", fullgraph=True, **compile_kwargs)
+
+
+@pytest.mark.parametrize("which, kind", (("scores", "at"), ("grad", "iat"), ("noise", "rp")))
+def test_nonfinite_under_torch_compile(which, kind):
+    """torch.compile(fullgraph=True) rejects what eager rejects (the Python check is skipped while compiling:
+    the kernels' flags are what catch it) and accepts NaN at padded positions, with eager's result.
+    backend="aot_eager": under the interpreter the op is opaque to the compiler (see _define_op); on a GPU
+    the flags reach torch._assert_async in the traced graph (tests/test_gpu.py)."""
+    torch._dynamo.reset()
+    inputs = make_inputs(3, 10, 4, "padding", seed=37)
+    compiled = _compiled_pool(kind)
+    bad = _poisoned(inputs, which, float("nan"), padded=False)
+    with pytest.raises((ValueError, RuntimeError), match="holds NaN or inf at real \\(unmasked\\) positions"):
+        compiled(bad.h, bad.scores, bad.mask, bad.kwargs(kind)["grad"], bad.kwargs(kind)["noise"])
+    padded = _poisoned(inputs, which, float("nan"), padded=True)
+    got = compiled(padded.h, padded.scores, padded.mask, padded.kwargs(kind)["grad"], padded.kwargs(kind)["noise"])
+    expected = fused_attn_at.attention_pool(inputs.h, inputs.scores, inputs.mask, backend="triton",
+                                            **inputs.kwargs(kind))
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------------------

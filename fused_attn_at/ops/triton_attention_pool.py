@@ -138,6 +138,19 @@ if AVAILABLE:
         return valid
 
     @triton.jit
+    def _nonfinite(x, valid):
+        """1 if x holds a NaN or inf at a valid position of the block, else 0 (an int32 scalar)."""
+        bad = valid & ((x != x) | (tl.abs(x) == float("inf")))
+        return tl.max(tl.where(bad, 1, 0), 0)
+
+    @triton.jit
+    def _flag(flag_ptr, bad_scores, bad_direction):
+        """Clears the "scores are finite" (flag_ptr[0]) and "direction is finite" (flag_ptr[1]) flags where a
+        program found a non-finite real value (they start at 1: the host asserts they are nonzero)."""
+        tl.atomic_and(flag_ptr, 0, mask=bad_scores != 0)
+        tl.atomic_and(flag_ptr + 1, 0, mask=bad_direction != 0)
+
+    @triton.jit
     def _masked_sumsq(x_ptr, row_x, stride_xt, mask_ptr, row_m, stride_mt, T,
                       HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
         """sum_t x_t^2 over the valid positions of one row."""
@@ -181,13 +194,16 @@ if AVAILABLE:
         return u
 
     @triton.jit
-    def _iat_coeff_kernel(s_ptr, mask_ptr, g_ptr, w_ptr, B, T,
+    def _iat_coeff_kernel(s_ptr, mask_ptr, g_ptr, w_ptr, flag_ptr, B, T,
                           stride_sb, stride_st, stride_mb, stride_mt, stride_gb, stride_gt,
                           HAS_MASK: tl.constexpr, ACC: tl.constexpr,
                           BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
         """One program per row i: W[i, :] (the iAT coefficient of every difference direction, divided once
-        more by its norm so that u_i = sum_j W[i, j] D_ij needs no normalised d_ij)."""
+        more by its norm so that u_i = sum_j W[i, j] D_ij needs no normalised d_ij). Flags a non-finite real
+        score or grad value of row i."""
         row_i = tl.program_id(0).to(tl.int64)
+        bad_s = tl.zeros([], tl.int32)
+        bad_g = tl.zeros([], tl.int32)
         for j0 in range(0, B, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
             in_j = offs_j < B
@@ -200,6 +216,8 @@ if AVAILABLE:
                 valid_i = _valid_positions(mask_ptr, row_i * stride_mb, stride_mt, offs_t, offs_t < T, HAS_MASK)
                 s_i = tl.load(s_ptr + row_i * stride_sb + offs_t64 * stride_st, mask=valid_i, other=0).to(ACC)
                 g_i = tl.load(g_ptr + row_i * stride_gb + offs_t64 * stride_gt, mask=valid_i, other=0).to(ACC)
+                bad_s = tl.maximum(bad_s, _nonfinite(s_i, valid_i))
+                bad_g = tl.maximum(bad_g, _nonfinite(g_i, valid_i))
                 diff = _score_differences(s_ptr, mask_ptr, s_i, valid_i, rows_j, in_j, offs_t64,
                                           stride_sb, stride_st, stride_mb, stride_mt, HAS_MASK, ACC)
                 sq_norm += diff * diff
@@ -207,15 +225,17 @@ if AVAILABLE:
             norm = tl.maximum(tl.sqrt(tl.sum(sq_norm, axis=1)), _TL_DELTA)
             coeff = tl.sum(g_dot_d, axis=1) / (norm * norm)
             tl.store(w_ptr + row_i * B + offs_j, coeff, mask=in_j)
+        _flag(flag_ptr, bad_s, bad_g)
 
     @triton.jit
-    def _perturbation_kernel(s_ptr, mask_ptr, d_ptr, w_ptr, r_ptr, B, T, eps_hi, eps_lo,
+    def _perturbation_kernel(s_ptr, mask_ptr, d_ptr, w_ptr, r_ptr, flag_ptr, B, T, eps_hi, eps_lo,
                              stride_sb, stride_st, stride_mb, stride_mt, stride_db, stride_dt,
                              stride_rb, stride_rt,
                              KIND: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
                              BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr):
         """One program per row: r = eps * v / max(||v||, delta), zero at padded positions; v is the direction
-        (KIND 1) or the iAT combination u_i of the score differences (KIND 2, from W)."""
+        (KIND 1) or the iAT combination u_i of the score differences (KIND 2, from W). Flags a non-finite real
+        score or direction value (KIND 2: the scores; _iat_coeff_kernel read the grad)."""
         row = tl.program_id(0).to(tl.int64)
         row_m = row * stride_mb
         if KIND == 1:
@@ -234,20 +254,25 @@ if AVAILABLE:
                 sq_acc += u * u
             sq_norm = tl.sum(sq_acc, 0)
         scale = _eps(eps_hi, eps_lo, ACC) / tl.maximum(tl.sqrt(sq_norm), _TL_DELTA)
+        bad_s = tl.zeros([], tl.int32)
+        bad_d = tl.zeros([], tl.int32)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             offs_t64 = offs_t.to(tl.int64)
             in_t = offs_t < T
             valid = _valid_positions(mask_ptr, row_m, stride_mt, offs_t, in_t, HAS_MASK)
+            s_i = tl.load(s_ptr + row * stride_sb + offs_t64 * stride_st, mask=valid, other=0).to(ACC)
+            bad_s = tl.maximum(bad_s, _nonfinite(s_i, valid))
             if KIND == 1:
                 v = tl.load(d_ptr + row * stride_db + offs_t64 * stride_dt, mask=valid, other=0).to(ACC)
+                bad_d = tl.maximum(bad_d, _nonfinite(v, valid))
             else:
-                s_i = tl.load(s_ptr + row * stride_sb + offs_t64 * stride_st, mask=valid, other=0).to(ACC)
                 v = _iat_direction_block(s_ptr, mask_ptr, w_ptr, row * B, s_i, valid, offs_t, B,
                                          stride_sb, stride_st, stride_mb, stride_mt,
                                          HAS_MASK, ACC, BLOCK_J, BLOCK_T)
             r = tl.where(valid, v * scale, 0.0)
             tl.store(r_ptr + row * stride_rb + offs_t64 * stride_rt, _cast(r, r_ptr.dtype.element_ty), mask=in_t)
+        _flag(flag_ptr, bad_s, bad_d)
 
     @triton.jit
     def _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
@@ -260,14 +285,15 @@ if AVAILABLE:
         return tl.where(valid, x, float("-inf"))
 
     @triton.jit
-    def _fwd_kernel(h_ptr, s_ptr, mask_ptr, d_ptr, ctx_ptr, a_ptr, T, H, eps_hi, eps_lo,
+    def _fwd_kernel(h_ptr, s_ptr, mask_ptr, d_ptr, ctx_ptr, a_ptr, flag_ptr, T, H, eps_hi, eps_lo,
                     stride_hb, stride_ht, stride_hh, stride_sb, stride_st, stride_mb, stride_mt,
                     stride_db, stride_dt, stride_cb, stride_ch, stride_ab, stride_at,
                     PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
         """Program (row, k) of a grid (B, n): the softmax of row's perturbed scores and the context columns
         [k BLOCK_H, (k+1) BLOCK_H) + multiples of n BLOCK_H. Program k = 0 also writes the attention.
-        PERTURB 0: none; 1: r = eps * d / max(||d||, delta) computed here; 2: r = d given (already scaled)."""
+        PERTURB 0: none; 1: r = eps * d / max(||d||, delta) computed here; 2: r = d given (already scaled).
+        Program k = 0 flags a non-finite real score (and direction value, PERTURB 1) while it writes the attention."""
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         n_split = tl.num_programs(1)
@@ -300,15 +326,26 @@ if AVAILABLE:
         inv_total = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
 
         if split == 0:
+            bad_s = tl.zeros([], tl.int32)
+            bad_d = tl.zeros([], tl.int32)
             for t0 in range(0, T, BLOCK_T):
                 offs_t = t0 + tl.arange(0, BLOCK_T)
+                offs_t64 = offs_t.to(tl.int64)
                 in_t = offs_t < T
                 valid = _valid_positions(mask_ptr, row_m, stride_mt, offs_t, in_t, HAS_MASK)
-                x = _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
-                                      PERTURB, ACC)
+                # (the same loads as _perturbed_scores', kept apart so that each tensor is checked on its own)
+                s = tl.load(s_ptr + row_s + offs_t64 * stride_st, mask=valid, other=0).to(ACC)
+                bad_s = tl.maximum(bad_s, _nonfinite(s, valid))
+                if PERTURB != 0:
+                    d = tl.load(d_ptr + row_d + offs_t64 * stride_dt, mask=valid, other=0).to(ACC)
+                    if PERTURB == 1:
+                        bad_d = tl.maximum(bad_d, _nonfinite(d, valid))
+                    s += scale * d
+                x = tl.where(valid, s, float("-inf"))
                 a = tl.exp(x - row_shift) * inv_total
-                tl.store(a_ptr + row * stride_ab + offs_t.to(tl.int64) * stride_at, _cast(a, a_ptr.dtype.element_ty),
+                tl.store(a_ptr + row * stride_ab + offs_t64 * stride_at, _cast(a, a_ptr.dtype.element_ty),
                          mask=in_t)
+            _flag(flag_ptr, bad_s, bad_d)
 
         for h0 in range(split * BLOCK_H, H, n_split * BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
@@ -444,9 +481,55 @@ def _check_kind(kind: int, direction: Optional[torch.Tensor]) -> None:
         raise ValueError(f"direction [B, T] is required for kind={kind}")
 
 
+_SCORES_MESSAGE = "scores holds NaN or inf at real (unmasked) positions; expected finite values"
+# Eager on CPU tensors raises ValueError with the op's name for the tensor, "direction", which
+# fused_attn_at.functional renames to the argument the user passed (grad or noise), as for the C++ kernels.
+_DIRECTION_MESSAGE = "direction holds NaN or inf at real (unmasked) positions; expected finite values"
+# The device-side assertion cannot be renamed afterwards: it names the argument itself (iAT always takes grad).
+_ASYNC_DIRECTION_MESSAGE = {
+    _KIND_NORMALISE: "grad (or noise, for perturbation='rp') holds NaN or inf at real (unmasked) positions; "
+                     "expected finite values",
+    _KIND_IAT: "grad holds NaN or inf at real (unmasked) positions; expected finite values",
+}
+
+
+def _new_flags(like: torch.Tensor) -> torch.Tensor:
+    """int32 [2]: "the real scores are finite", "the real direction values are finite"; the kernels clear them."""
+    return torch.ones(2, dtype=torch.int32, device=like.device)
+
+
+def _is_eager_tensor(x: torch.Tensor) -> bool:
+    """A plain tensor holding values (not a fake, functional or traced one), outside torch.compile's tracing."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return (type(x) is torch.Tensor and not is_fake(x) and not torch._is_functional_tensor(x)
+            and not torch.compiler.is_compiling())
+
+
+def _raise_if_nonfinite(flags: torch.Tensor, kind: int) -> None:
+    """After the kernels: NaN or inf at a real position of the scores or the direction is an error.
+
+    CPU tensors (Triton's interpreter) in eager: the flags are read here (no device to wait for) and a ValueError
+    is raised, the class the C++ kernels and the input checks raise. CUDA tensors, or any tensor while
+    torch.compile traces the op: torch._assert_async, a device-side assertion that costs no host
+    synchronisation: the error surfaces at the next synchronisation as a CUDA "device-side assert triggered"
+    RuntimeError (which, as for any device assertion, leaves the CUDA context unusable), and torch.compile
+    keeps it in the graph, so compiled and eager code reject the same inputs."""
+    if flags.device.type == "cpu" and _is_eager_tensor(flags):
+        scores_ok, direction_ok = flags.tolist()
+        if not scores_ok:
+            raise ValueError(_SCORES_MESSAGE)
+        if not direction_ok:
+            raise ValueError(_DIRECTION_MESSAGE)
+        return
+    torch._assert_async(flags[0], _SCORES_MESSAGE)
+    if kind != _KIND_NONE:
+        torch._assert_async(flags[1], _ASYNC_DIRECTION_MESSAGE[kind])
+
+
 def _launch_perturbation(scores: torch.Tensor, mask: Optional[torch.Tensor], direction: torch.Tensor, kind: int,
-                         eps: float, out: torch.Tensor) -> None:
-    """r [B, T] of kind 1 or 2 into `out` (any float dtype and strides)."""
+                         eps: float, out: torch.Tensor, flags: torch.Tensor) -> None:
+    """r [B, T] of kind 1 or 2 into `out` (any float dtype and strides); non-finite inputs clear `flags`."""
     B, T = scores.shape
     p = _launch_params(B, T, 1, scores.dtype, scores.device)
     acc = _acc_dtype(scores.dtype)
@@ -456,13 +539,13 @@ def _launch_perturbation(scores: torch.Tensor, mask: Optional[torch.Tensor], dir
     if kind == _KIND_IAT:
         coeff = torch.empty((B, B), dtype=acc, device=scores.device)  # W[i, j]
         torch.library.wrap_triton(_iat_coeff_kernel)[(B,)](
-            scores, mask_t, direction, coeff, B, T,
+            scores, mask_t, direction, coeff, flags, B, T,
             scores.stride(0), scores.stride(1), smb, smt, direction.stride(0), direction.stride(1),
             HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_J=p["block_j"], BLOCK_T=block_t, num_warps=p["num_warps"])
     else:
         coeff = scores  # unused
     torch.library.wrap_triton(_perturbation_kernel)[(B,)](
-        scores, mask_t, direction, coeff, out, B, T, *_eps_parts(eps),
+        scores, mask_t, direction, coeff, out, flags, B, T, *_eps_parts(eps),
         scores.stride(0), scores.stride(1), smb, smt, direction.stride(0), direction.stride(1),
         out.stride(0), out.stride(1),
         KIND=kind, HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_J=p["block_j"], BLOCK_T=block_t,
@@ -482,9 +565,10 @@ def _forward(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor]
     acc = _acc_dtype(h.dtype)
     p = _launch_params(B, T, H, h.dtype, h.device)
     mask_t, smb, smt, has_mask = _mask_arg(mask, scores)
+    flags = _new_flags(h)
     if kind == _KIND_IAT:
         r = torch.empty((B, T), dtype=acc, device=h.device)
-        _launch_perturbation(scores, mask, direction, kind, eps, r)
+        _launch_perturbation(scores, mask, direction, kind, eps, r, flags)
         perturb, d = _PERTURB_GIVEN, r
     elif kind == _KIND_NORMALISE:
         perturb, d = _PERTURB_NORMALISE, direction
@@ -492,11 +576,12 @@ def _forward(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor]
         perturb, d = _PERTURB_NONE, scores  # unused
     split = _split(p["split"], triton.cdiv(max(H, 1), p["fwd_block_h"]), B, h.device)
     torch.library.wrap_triton(_fwd_kernel)[(B, split)](
-        h, scores, mask_t, d, context, attention, T, H, *_eps_parts(eps),
+        h, scores, mask_t, d, context, attention, flags, T, H, *_eps_parts(eps),
         h.stride(0), h.stride(1), h.stride(2), scores.stride(0), scores.stride(1), smb, smt,
         d.stride(0), d.stride(1), context.stride(0), context.stride(1), attention.stride(0), attention.stride(1),
         PERTURB=perturb, HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_T=p["fwd_block_t"], BLOCK_H=p["fwd_block_h"],
         num_warps=p["num_warps"])
+    _raise_if_nonfinite(flags, kind)
     return context, attention
 
 
@@ -570,7 +655,9 @@ if AVAILABLE:
             raise ValueError("perturbation needs kind 1 (AT/RP) or 2 (iAT), got 0")
         out = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
         if out.numel() and not _skip_launch(scores):
-            _launch_perturbation(scores, mask, direction, kind, eps, out)
+            flags = _new_flags(scores)
+            _launch_perturbation(scores, mask, direction, kind, eps, out, flags)
+            _raise_if_nonfinite(flags, kind)
         return out
 
     def _setup_context(ctx, inputs, output) -> None:
@@ -668,6 +755,8 @@ def compile_for_gpu(name: str, dtype: torch.dtype = torch.float32, arch: int = 9
         elif arg.endswith("_ptr"):
             if arg == "mask_ptr":
                 signature[arg] = "*u8"
+            elif arg == "flag_ptr":
+                signature[arg] = "*i32"
             elif arg in ("w_ptr", "da_ptr") or (arg == "d_ptr" and perturb_given):
                 signature[arg] = "*" + _TRITON_TYPE[acc]
             else:
