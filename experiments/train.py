@@ -19,6 +19,7 @@ from paper.data import TASKS, DataFormatError, MissingDataError
 from paper.data_tasks import SST_RECIPES
 from paper.methods import COMPAT_METHODS, DEFAULT_EPS, METHODS, WORD_IAT_NORMS
 from paper.models import ATTENTIONS, EMBEDDING_NORMS, ENCODERS
+from paper.transformer_cli import RESULT_KEYS as TRANSFORMER_KEYS
 
 DESCRIPTION = __doc__.split("\n\n")[0]
 
@@ -28,7 +29,7 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 RESULT_KEYS = ("dataset", "data_dir", "method", "encoder", "attention", "eps", "lam", "compat", "epochs",
                "patience", "sst_recipe", "word_embedding_norm", "word_iat_norm", "batch_size", "lr", "weight_decay", "seed", "embeddings", "embed_size", "hidden_size",
                "cnn_channels", "kernel_sizes", "decoder_size", "dropout", "max_train_examples",
-               "max_eval_examples", "robustness_eps")
+               "max_eval_examples", "robustness_eps") + TRANSFORMER_KEYS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "fewer dropped from every split (they used 300-d fastText vectors; the default GloVe "
                            "vectors are used here unless --embeddings says otherwise)")
     what.add_argument("--encoder", choices=ENCODERS, default="lstm",
-                      help="BiLSTM (128 per direction) or CNN (kernels 1,3,5,7 x 32 channels)")
+                      help="BiLSTM (128 per direction), CNN (kernels 1,3,5,7 x 32 channels) or a Transformer "
+                           "trained from scratch (--transformer-* sizes; --perturb-layers)")
     what.add_argument("--attention", choices=ATTENTIONS, default="additive",
                       help="additive (tanh) or scaled dot-product attention scores")
 
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="size of the test-time AT perturbation of the attention scores for the robustness "
                           "numbers (default: --eps)")
 
+    import paper.transformer_cli
+    paper.transformer_cli.add_arguments(parser)  # --encoder transformer's sizes, --perturb-layers, --hf-model
+
     opt = parser.add_argument_group("optimisation (defaults of the paper)")
     opt.add_argument("--epochs", "--max-epochs", dest="epochs", type=positive_int, default=None,
                      help="the most epochs to train (default: 8 for binary classification; 100 for QA and NLI, "
@@ -98,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--batch-size", type=positive_int, default=None,
                      help="examples per step, per process with torchrun (default: 50 for bAbI as Jain & Wallace, "
                           "else 32)")
-    opt.add_argument("--lr", type=positive_float, default=1e-3, help="Adam (amsgrad) learning rate")
+    opt.add_argument("--lr", type=positive_float, default=None,
+                     help="learning rate (default: 1e-3, Adam amsgrad; with --hf-model 2e-5, AdamW)")
     opt.add_argument("--weight-decay", type=non_negative_float, default=1e-5,
                      help="L2 weight decay of every parameter except the attention's")
     opt.add_argument("--dropout", type=float, default=0.0,
@@ -160,7 +166,7 @@ def resolve_config(args, parser) -> dict:
     eps = DEFAULT_EPS[args.method] if args.eps is None else args.eps
     patience = DEFAULT_PATIENCE[info.kind] if args.patience is None else (args.patience or None)
     word_norm = args.word_embedding_norm or ("frequency" if args.method.startswith("word_") else "none")
-    return {
+    config = {
         "dataset": args.dataset, "kind": info.kind,
         "data_dir": None if args.data_dir is None else str(Path(args.data_dir).resolve()),
         "method": args.method, "encoder": args.encoder, "attention": args.attention,
@@ -177,6 +183,8 @@ def resolve_config(args, parser) -> dict:
         "kernel_sizes": list(args.kernel_sizes), "decoder_size": args.decoder_size,
         "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
     }
+    import paper.transformer_cli
+    return paper.transformer_cli.resolve(config, args, parser)  # Transformer settings (issue 18)
 
 
 def _shown(value) -> str:
@@ -197,6 +205,9 @@ def _as_configured(key: str, value, saved: dict):
         return list(value)
     if key == "patience":
         return value or None
+    if key in TRANSFORMER_KEYS:
+        import paper.transformer_cli
+        return paper.transformer_cli.as_configured(key, value)
     return value
 
 

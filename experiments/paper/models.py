@@ -19,7 +19,7 @@ from torch import nn
 
 import fused_attn_at
 
-ENCODERS = ("lstm", "cnn")
+ENCODERS = ("lstm", "cnn", "transformer")  # transformer: paper.transformer (issue 18)
 # How the model's input embeddings are formed from the embedding table: "none" uses the rows as they are;
 # "frequency" standardises every row with the frequency-weighted mean and variance of the vocabulary (Miyato
 # et al. 2017), recomputed from the current (trainable) table at every forward.
@@ -108,11 +108,14 @@ def normalize_embeddings(weight: torch.Tensor, frequency: torch.Tensor) -> torch
 
 
 def make_encoder(kind: str, embed_size: int, hidden_size: int, cnn_channels: int,
-                 kernel_sizes: tuple[int, ...]) -> nn.Module:
+                 kernel_sizes: tuple[int, ...], encoder_options: dict | None = None) -> nn.Module:
     if kind == "lstm":
         return LSTMEncoder(embed_size, hidden_size)
     if kind == "cnn":
         return CNNEncoder(embed_size, cnn_channels, kernel_sizes)
+    if kind == "transformer":  # layers/heads/width/ff_size/dropout from encoder_options (train.py --transformer-*)
+        from .transformer import TransformerEncoder
+        return TransformerEncoder(embed_size, **(encoder_options or {}))
     raise ValueError(f"encoder must be one of {ENCODERS}, got {kind!r}")
 
 
@@ -143,6 +146,7 @@ class AttentionClassifier(nn.Module):
         pos_weight: float | None = None,
         embedding_norm: str = "none",
         word_frequency: torch.Tensor | None = None,
+        encoder_options: dict | None = None,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -175,10 +179,11 @@ class AttentionClassifier(nn.Module):
             frequency[PAD] = 0.0
             self.register_buffer("word_frequency", frequency)
         self.dropout = nn.Dropout(dropout)
-        self.encoder = make_encoder(encoder, embed_size, hidden_size, cnn_channels, kernel_sizes)
+        self.encoder = make_encoder(encoder, embed_size, hidden_size, cnn_channels, kernel_sizes, encoder_options)
         H = self.encoder.output_size
         pair = kind != "bc"
-        self.query_encoder = make_encoder(encoder, embed_size, hidden_size, cnn_channels, kernel_sizes) if pair else None
+        self.query_encoder = make_encoder(encoder, embed_size, hidden_size, cnn_channels, kernel_sizes,
+                                          encoder_options) if pair else None
         if attention == "additive":
             self.scorer = fused_attn_at.AdditiveScorer(H, query_size=H if pair else 0)
         else:  # the pair form scores h_t . q, which needs q of size H: the question encoder has the same type

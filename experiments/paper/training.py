@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import interpret, methods
+from . import hf_finetune, interpret, methods, transformer
 from .data import Vocab, load_embeddings, load_task, make_batches
 from .heatmaps import write_heatmaps
 from .metrics import attention_gradient_correlation, classification_metrics, mean_total_variation
@@ -102,7 +102,8 @@ def build_model(config: dict, vocab_size: int, pretrained: torch.Tensor | None =
         encoder=config["encoder"], attention=config["attention"], hidden_size=config["hidden_size"],
         cnn_channels=config["cnn_channels"], kernel_sizes=tuple(config["kernel_sizes"]),
         decoder_size=config["decoder_size"], dropout=config["dropout"], pretrained=pretrained,
-        embedding_norm=config.get("word_embedding_norm") or "none", word_frequency=word_frequency)
+        embedding_norm=config.get("word_embedding_norm") or "none", word_frequency=word_frequency,
+        encoder_options=transformer.encoder_options(config) if config["encoder"] == "transformer" else None)
 
 
 def embedding_coverage(vocab: Vocab, examples, vectors_found: set[int] | None) -> dict:
@@ -333,6 +334,9 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
 
     torch.manual_seed(config["seed"])
     task, vocab = load_data(config)
+    hf = bool(config.get("hf_model_path"))  # --hf-model: a pretrained encoder, word-pieced (paper.hf_finetune)
+    if hf:
+        vocab = hf_finetune.WordPieceVocab(config["hf_model_path"])
     config["label_names"] = list(task.label_names)
     config["n_labels"] = 1 if config["kind"] == "bc" else task.num_labels  # bc: one logit
     pretrained = None
@@ -350,14 +354,17 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
         config["embed_size"] = pretrained.shape[1]
     config["vocab_size"] = len(vocab)
     frequency = vocab.token_counts(task.train) if config.get("word_embedding_norm") == "frequency" else None
-    model = build_model(config, len(vocab), pretrained, frequency).to(device)
-    optimizer = make_optimizer(model, config)
+    model = (hf_finetune.build_model(config, vocab) if hf else
+             build_model(config, len(vocab), pretrained, frequency)).to(device)
+    optimizer = (hf_finetune.make_optimizer if hf else make_optimizer)(model, config)
     shuffle_gen = torch.Generator().manual_seed(config["seed"])
     # attention_rp's noise; each process of a distributed run draws its own
     noise_gen = torch.Generator(device=device).manual_seed(config["seed"] + 1 + 1000 * ddp.rank)
-    objective = methods.Objective(model, config["method"], eps=config["eps"], lam=config["lam"],
-                                  compat=config["compat"], generator=noise_gen,
-                                  word_iat_norm=config.get("word_iat_norm") or "perturbation")
+    # --hf-model and --perturb-layers self/all: objectives that run their own backward (backward_in_step)
+    objective = (hf_finetune.make_objective(model, config, noise_gen, vocab, task, ddp.world) if hf else
+                 transformer.make_objective(model, config, noise_gen, ddp.world)) or methods.Objective(
+        model, config["method"], eps=config["eps"], lam=config["lam"], compat=config["compat"], generator=noise_gen,
+        word_iat_norm=config.get("word_iat_norm") or "perturbation")
     history, best, start_epoch = [], {"epoch": None, "dev": None}, 0
     if checkpoint is not None:
         if vocab.to_dict() != checkpoint["vocab"]:
@@ -396,7 +403,8 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
         for batch in bar:
             optimizer.zero_grad(set_to_none=True)
             step = trainer(batch)
-            step.loss.backward()
+            if not getattr(objective, "backward_in_step", False):
+                step.loss.backward()
             optimizer.step()
             n = len(batch)
             sums[0] += step.loss.item() * n
@@ -436,9 +444,9 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
         return None
     train_seconds, train_cpu = time.time() - started, time.process_time() - cpu_started
     model.load_state_dict(load_checkpoint(best_path)["model"])
-    tests = test_metrics(model, task, vocab, config, device)
+    tests = (hf_finetune.test_metrics if hf else test_metrics)(model, task, vocab, config, device)
     first_test = next(iter(task.tests))
-    html, png = write_run_heatmaps(model, task.tests[first_test], vocab, config, device, output_dir / "heatmaps",
+    html, png = (hf_finetune.write_run_heatmaps if hf else write_run_heatmaps)(model, task.tests[first_test], vocab, config, device, output_dir / "heatmaps",
                                    f"{config['dataset']} {config['method']} ({config['encoder']}, "
                                    f"{config['attention']}): best epoch {best['epoch']}, {first_test} sentences")
     metrics = {
@@ -496,6 +504,8 @@ def evaluate_run(run_dir: Path, *, data_dir: str | None = None, device_arg: str 
         raise UsageError(f"{best_path} does not exist: {run_dir} is not a finished or started run directory")
     checkpoint = load_checkpoint(best_path)
     config = dict(checkpoint["config"])
+    if config.get("hf_model_path"):
+        raise UsageError(f"{run_dir} is a --hf-model run: its metrics.json already holds every measure")
     if data_dir is not None:
         if not Path(data_dir).is_dir():
             raise UsageError(f"--data-dir {data_dir} is not a folder")
