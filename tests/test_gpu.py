@@ -270,6 +270,37 @@ def test_triton_nonfinite_scores_fail_on_the_gpu(mode):
 
 
 @needs_gpu
+def test_triton_launches_on_the_tensors_gpu():
+    """Tensors on cuda:1 while cuda:0 is current: the Triton launches run on cuda:1 (right results, and the
+    current device is left as it was)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, found {torch.cuda.device_count()}")
+    require_backend("triton", "cuda")
+    inputs = make_inputs(4, 50, 16, "padding", seed=52)
+    device = torch.device("cuda", 1)
+
+    def pool(h, scores, mask=None, *, grad=None, noise=None, **kwargs):
+        def move(x):
+            return None if x is None else x.to(device)
+        out = fused_attn_at.attention_pool(move(h), move(scores), move(mask), grad=move(grad), noise=move(noise),
+                                           backend="triton", **kwargs)
+        assert out.context.device == device
+        return python_ref.AttentionPoolOutput(out.context.cpu(), out.attention.cpu())
+
+    with torch.cuda.device(0):
+        for kind in ("at", "iat"):
+            actual = pool_with_grads(pool, inputs, kind)
+            reference_low = pool_with_grads(python_ref.attention_pool, inputs, kind)
+            reference64 = pool_with_grads(python_ref.attention_pool, inputs.to(torch.float64), kind)
+            assert_within_rule(actual, reference64, reference_low, what=f"triton on cuda:1 kind={kind}")
+            r = fused_attn_at.perturbation(kind, inputs.scores.to(device), inputs.mask.to(device),
+                                           grad=inputs.grad.to(device), backend="triton")
+            torch.testing.assert_close(r.cpu(), python_ref.perturbation(kind, inputs.scores, inputs.mask,
+                                                                        grad=inputs.grad))
+        assert torch.cuda.current_device() == 0
+
+
+@needs_gpu
 def test_dispatch_prefers_cuda_then_triton():
     require_backend("cuda", "cuda")
     device = torch.device("cuda")

@@ -9,6 +9,7 @@ Hopper GPU (sm_90) without one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -431,3 +432,26 @@ def test_torch_compile_dynamic_shapes_do_not_recompile(kind):
         for name, a, b in zip(("context", "attention", "grad_h", "grad_scores"), *results):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"B={batch} T={length} {name}: {m}")
     assert graphs[0] >= 1 and graphs == graphs[:1] * 3, f"graphs compiled after each shape: {graphs}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The launches run on the tensors' device (issue 14, item 13)
+
+def test_launches_enter_the_tensors_device(monkeypatch):
+    """Every launch (forward, backward, perturbation) goes through _device_guard with the inputs' device;
+    for a CUDA device that is torch.cuda.device(device), not the current device (2 GPUs: tests/test_gpu.py)."""
+    entered = []
+    real_guard = tri._device_guard
+
+    def spy(device):
+        entered.append(device)
+        return real_guard(device)
+
+    monkeypatch.setattr(tri, "_device_guard", spy)
+    inputs = make_inputs(3, 6, 4, "padding", seed=40)
+    pool_with_grads(fused_pool("triton"), inputs, "iat")
+    fused_attn_at.perturbation("at", inputs.scores, inputs.mask, grad=inputs.grad, backend="triton")
+    assert entered == [torch.device("cpu")] * 3  # forward, backward, perturbation
+    assert isinstance(real_guard(torch.device("cpu")), contextlib.nullcontext)
+    guard = real_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1

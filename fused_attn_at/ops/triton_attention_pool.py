@@ -527,6 +527,13 @@ def _raise_if_nonfinite(flags: torch.Tensor, kind: int) -> None:
         torch._assert_async(flags[1], _ASYNC_DIRECTION_MESSAGE[kind])
 
 
+def _device_guard(device: torch.device):
+    """Launch on the tensors' GPU, not on the current one (a no-op context for CPU tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _launch_perturbation(scores: torch.Tensor, mask: Optional[torch.Tensor], direction: torch.Tensor, kind: int,
                          eps: float, out: torch.Tensor, flags: torch.Tensor) -> None:
     """r [B, T] of kind 1 or 2 into `out` (any float dtype and strides); non-finite inputs clear `flags`."""
@@ -638,13 +645,15 @@ if AVAILABLE:
                            direction: Optional[torch.Tensor], kind: int,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(context [B, H], attention [B, T]) of masked_softmax(scores + r) over h [B, T, H]."""
-        return _forward(h, scores, mask, direction, kind, eps)
+        with _device_guard(h.device):
+            return _forward(h, scores, mask, direction, kind, eps)
 
     @_define_op("attention_pool_bwd")
     def attention_pool_bwd(grad_context: torch.Tensor, grad_attention: Optional[torch.Tensor], h: torch.Tensor,
                            attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(grad_h [B, T, H], grad_scores [B, T]); r is a constant, so this is the softmax-pooling backward."""
-        return _backward(grad_context, grad_attention, h, attention)
+        with _device_guard(h.device):
+            return _backward(grad_context, grad_attention, h, attention)
 
     @_define_op("perturbation")
     def perturbation_op(scores: torch.Tensor, mask: Optional[torch.Tensor], direction: torch.Tensor, kind: int,
@@ -656,7 +665,8 @@ if AVAILABLE:
         out = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
         if out.numel() and not _skip_launch(scores):
             flags = _new_flags(scores)
-            _launch_perturbation(scores, mask, direction, kind, eps, out, flags)
+            with _device_guard(scores.device):
+                _launch_perturbation(scores, mask, direction, kind, eps, out, flags)
             _raise_if_nonfinite(flags, kind)
         return out
 
