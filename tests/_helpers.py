@@ -237,3 +237,93 @@ def row_norms(r: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is not None:
         r = r.masked_fill(~mask, 0.0)
     return r.norm(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# float16 / bfloat16: the ulp rule
+
+# Slack of the ulp rule, in units of the dtype's eps (an ulp at 1.0) times the row's largest magnitude.
+LOW_PRECISION_ULPS = 2
+
+
+def rows_of(x: torch.Tensor) -> torch.Tensor:
+    """x as rows along its last dimension (context [B, H] -> B rows of H, grad_h [B, T, H] -> B*T rows of H),
+    in float64.  # -> [rows, last]"""
+    x = x.detach().double()
+    return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+
+
+def ulp_rule_violations(actual: torch.Tensor, reference64: torch.Tensor, reference32: torch.Tensor,
+                        dtype: torch.dtype, ulps: float = LOW_PRECISION_ULPS) -> tuple[int, float]:
+    """(rows out of the rule, the worst ratio error / bound) of a float16/bfloat16 result.
+
+    The rule, row by row along the last dimension: a kernel that reads and writes `dtype` but accumulates in
+    float32 lands within the float32 result rounded to `dtype` plus `ulps` ulps at the row's scale:
+
+        max_row |x - x64| <= max_row |round_dtype(x32) - x64| + ulps * eps(dtype) * max_row |x64|
+
+    x64 is the reference in float64 and x32 the reference in float32, both from the very same (low precision)
+    inputs. Per row, not per tensor: a row whose values are small next to the tensor's largest ones is held to
+    its own scale (a bound from the max of the whole tensor would let its error hide)."""
+    a, r64 = rows_of(actual), rows_of(reference64)
+    r32 = rows_of(reference32.detach().to(dtype))
+    if a.numel() == 0:
+        return 0, 0.0
+    err = (a - r64).abs().amax(dim=1)
+    bound = (r32 - r64).abs().amax(dim=1) + ulps * torch.finfo(dtype).eps * r64.abs().amax(dim=1)
+    bad = ~(err <= bound)  # also catches nan
+    ratio = torch.where(bound > 0, err / bound.clamp_min(torch.finfo(torch.float64).tiny),
+                        torch.where(err > 0, torch.full_like(err, float("inf")), torch.zeros_like(err)))
+    return int(bad.sum()), float(ratio.nan_to_num(float("inf")).max())
+
+
+def assert_within_ulp_rule(actual: dict[str, torch.Tensor], reference64: dict[str, torch.Tensor],
+                           reference32: dict[str, torch.Tensor], dtype: torch.dtype,
+                           ulps: float = LOW_PRECISION_ULPS, what: str = "") -> None:
+    """ulp_rule_violations for every tensor of a pool_with_grads result; `actual` must have dtype `dtype`."""
+    failures = []
+    for name, expected in reference64.items():
+        got = actual[name]
+        if got.dtype != dtype or got.shape != expected.shape:
+            failures.append(f"{name}: {got.dtype} {tuple(got.shape)}, expected {dtype} {tuple(expected.shape)}")
+            continue
+        rows, worst = ulp_rule_violations(got, expected, reference32[name], dtype, ulps)
+        if rows:
+            failures.append(f"{name}: {rows} rows out of the {ulps}-ulp rule (worst error {worst:.3g}x the bound)")
+    assert not failures, f"{what}: " + "; ".join(failures)
+
+
+def low_precision_references(inputs: Inputs, kind: str | None, eps: float = 1.0,
+                             used: tuple[str, ...] = ("context", "attention")) -> tuple[dict, dict]:
+    """(reference in float64, reference in float32) of pool_with_grads from the low precision inputs' values.
+
+    The op returns the attention in the inputs' dtype and its backward reads that saved attention (SPEC), so
+    the float32 reference's gradients are computed, in float32, from the float32 reference attention rounded
+    to the dtype: grad_h = a dc, grad_scores = a (da - <a, da>), da = h dc + dattention. (From the unrounded
+    attention instead, a float32-accumulating kernel is off by the rounding of a_t times |da_t - <a, da>|,
+    which a small grad_scores row does not cover.)"""
+    import warnings
+
+    dtype = inputs.h.dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # iAT with a batch of one
+        reference64 = pool_with_grads(python_ref.attention_pool, inputs.to(torch.float64), kind, eps, used)
+        reference32 = pool_with_grads(python_ref.attention_pool, inputs.to(torch.float32), kind, eps, used)
+    a = reference32["attention"].to(dtype).float()
+    dc, da_up = (c.float() for c in cotangents(inputs))
+    h = inputs.h.float()
+    dc = dc if "context" in used else torch.zeros_like(dc)
+    da = torch.bmm(h, dc[:, :, None]).squeeze(-1) + (da_up if "attention" in used else 0.0)
+    reference32["grad_h"] = a[:, :, None] * dc[:, None, :]
+    reference32["grad_scores"] = a * (da - (a * da).sum(-1, keepdim=True))
+    return reference64, reference32
+
+
+def check_low_precision_against_reference(backend: str, inputs: Inputs, kind: str | None, eps: float = 1.0,
+                                          used: tuple[str, ...] = ("context", "attention"), what: str = "",
+                                          pool: Callable | None = None) -> None:
+    """Forward and backward of `backend` (or of `pool`) on float16/bfloat16 `inputs` under the ulp rule."""
+    actual = pool_with_grads(pool or fused_pool(backend), inputs, kind, eps, used)
+    reference64, reference32 = low_precision_references(inputs, kind, eps, used)
+    assert_within_ulp_rule(actual, reference64, reference32, inputs.h.dtype,
+                           what=what or f"{backend} {inputs.h.dtype} kind={kind} eps={eps}")

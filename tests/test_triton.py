@@ -28,12 +28,15 @@ from _helpers import (
     KINDS,
     Inputs,
     check_against_reference,
+    check_low_precision_against_reference,
     check_perturbation_against_reference,
     cotangents,
     fused_pool,
     make_inputs,
+    low_precision_references,
     pool_with_grads,
     require_backend,
+    ulp_rule_violations,
 )
 from fused_attn_at.ops import triton_attention_pool as tri
 
@@ -116,12 +119,13 @@ def test_float64_gradcheck_through_block_loops(kind):
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_low_precision(dtype):
-    """float16/bfloat16 in and out, float32 inside, within the tolerance rule against the reference computed in
-    that dtype. (The interpreter truncates float32 -> bfloat16; the kernels round to nearest even as a GPU does.)"""
+    """float16/bfloat16 in and out, float32 inside: within the ulp rule (tests/_helpers.py: the float32 reference
+    rounded to the dtype plus 2 ulps, row by row). (The interpreter truncates float32 -> bfloat16; the kernels
+    round to nearest even as a GPU does.)"""
     for kind in (None, "at", "iat"):
-        inputs = make_inputs(4, 37, 16, "padding", seed=25, dtype=dtype)
+        inputs = make_inputs(4, 37, 16, "empty_row", seed=25, dtype=dtype)
         with tri.launch_overrides(block_t=16, block_h=8):
-            check_against_reference("triton", inputs, kind, what=f"{dtype} kind={kind}")
+            check_low_precision_against_reference("triton", inputs, kind, what=f"{dtype} kind={kind}")
 
 
 def test_split_rows_are_deterministic():
@@ -455,3 +459,49 @@ def test_launches_enter_the_tensors_device(monkeypatch):
     assert isinstance(real_guard(torch.device("cpu")), contextlib.nullcontext)
     guard = real_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The ulp rule of float16/bfloat16 has teeth (issue 14, item 7)
+
+def _accumulating_in(dtype, h, scores, mask, lanes: int):
+    """(context, attention) of a forward shaped like the Triton kernel (`lanes` positions at a time, one running
+    sum per lane) whose accumulators are held in `dtype`: each lane's sum is rounded to `dtype` after every add."""
+    B, T, H = h.shape
+    valid = torch.ones(B, T, dtype=torch.bool) if mask is None else mask
+    s = scores.float().masked_fill(~valid, float("-inf"))
+    row_max = s.amax(-1, keepdim=True)
+    row_max = torch.where(valid.any(-1, keepdim=True), row_max, torch.zeros_like(row_max))
+    e = torch.exp(s - row_max)
+    pad = (-T) % lanes
+    e_blocks = torch.nn.functional.pad(e, (0, pad)).reshape(B, -1, lanes)
+    lane_sum = torch.zeros(B, lanes, dtype=dtype)
+    for k in range(e_blocks.shape[1]):
+        lane_sum = (lane_sum.float() + e_blocks[:, k]).to(dtype)
+    a = e / lane_sum.float().sum(-1, keepdim=True).clamp_min(1e-30)
+    a_blocks = torch.nn.functional.pad(a, (0, pad)).reshape(B, -1, lanes)
+    h_blocks = torch.nn.functional.pad(h.float(), (0, 0, 0, pad)).reshape(B, -1, lanes, H)
+    acc = torch.zeros(B, lanes, H, dtype=dtype)
+    for k in range(a_blocks.shape[1]):
+        acc = (acc.float() + a_blocks[:, k, :, None] * h_blocks[:, k]).to(dtype)
+    return acc.float().sum(1).to(dtype), a.to(dtype)
+
+
+def test_ulp_rule_rejects_low_precision_accumulation():
+    """At long rows the rule tells float32 accumulation (the kernels) from bfloat16 accumulation: a forward that
+    accumulates in bfloat16 (one lane, or 16 lanes at T = 4096) fails it, and so does python_ref computed entirely
+    in bfloat16 (its gradient wrt h), while the Triton kernels pass at the same shape."""
+    dtype = torch.bfloat16
+    inputs = make_inputs(3, 4096, 8, "empty_row", seed=41, dtype=dtype)
+    reference64, reference32 = low_precision_references(inputs, None)
+    for lanes in (1, 16):
+        context, attention = _accumulating_in(dtype, inputs.h, inputs.scores, inputs.mask, lanes)
+        rows, worst = ulp_rule_violations(context, reference64["context"], reference32["context"], dtype)
+        assert rows > 0 and worst > 1.5, f"{lanes} lanes: bfloat16 accumulation of the context passed ({worst:.3g})"
+        rows, worst = ulp_rule_violations(attention, reference64["attention"], reference32["attention"], dtype)
+        assert rows > 0, f"{lanes} lanes: bfloat16 accumulation of the softmax sum passed ({worst:.3g})"
+    all_low = pool_with_grads(python_ref.attention_pool, inputs, None)
+    assert ulp_rule_violations(all_low["grad_h"], reference64["grad_h"], reference32["grad_h"], dtype)[0] > 0
+    short = dataclasses.replace(inputs, h=inputs.h[:, :1024], scores=inputs.scores[:, :1024],
+                                mask=inputs.mask[:, :1024], grad=inputs.grad[:, :1024], noise=inputs.noise[:, :1024])
+    check_low_precision_against_reference("triton", short, None, what="triton bfloat16 T=1024")
