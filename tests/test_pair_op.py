@@ -360,3 +360,28 @@ def test_backends_without_the_pair_say_so(backend):
         with pytest.raises(NotImplementedError, match=r"backend 'triton'"):
             fused_attn_at.attention_pool_pair(inputs.h, inputs.scores, inputs.mask, perturbation="at",
                                               grad=inputs.grad, backend="triton")
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 256), (3, 63, 200)], ids=str)
+def test_pair_and_scores_grad_are_bitwise_identical_across_thread_counts(shape):
+    """As the op (README, Determinism): the split of rows into feature chunks depends on the shape only."""
+    _require("cpu")
+    B_, T_, H_ = shape
+    inputs = make_inputs(B_, T_, H_, "padding", seed=7)
+    gen = torch.Generator().manual_seed(5)
+    cot = [torch.randn(B_, H_, generator=gen), torch.randn(B_, T_, generator=gen)] * 2
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 2):
+            torch.set_num_threads(n)
+            h, scores = inputs.leaves()
+            outs = cpp.attention_pool_pair(h, scores, inputs.mask, inputs.grad, 1, EPS)
+            grads = torch.autograd.grad(sum((o * c).sum() for o, c in zip(outs, cot)), (h, scores))
+            g = torch.ops.fused_attn_at.attention_scores_grad(cot[0], None, inputs.h, outs[1].detach())
+            results.append([x.detach() for x in (*outs, *grads, g)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for got, expected in zip(other, results[0]):
+            assert torch.equal(got, expected)
