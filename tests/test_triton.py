@@ -39,6 +39,8 @@ from _helpers import (
     ulp_rule_violations,
 )
 from fused_attn_at.ops import triton_attention_pool as tri
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 @pytest.fixture(autouse=True)
@@ -459,6 +461,61 @@ def test_launches_enter_the_tensors_device(monkeypatch):
     assert isinstance(real_guard(torch.device("cpu")), contextlib.nullcontext)
     guard = real_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hypothesis over the block loops (issue 14, item 8): small launch parameters drawn too, so that the
+# multi-block paths (online softmax across T blocks, H blocks, rows split over programs, iAT's blocks of other
+# rows) are fuzzed, not only the single-block one of the default parameters at small shapes.
+
+LAUNCHES = st.fixed_dictionaries(dict(block_t=st.sampled_from((4, 8, 16)), block_h=st.sampled_from((2, 4, 8)),
+                                      block_j=st.sampled_from((1, 2, 4)), split=st.integers(1, 3)))
+# Examples per property, sized for about a minute for the two of them under the interpreter on one core
+# (B <= 6, T <= 40 and H <= 12 still span up to 10 T blocks, 6 H blocks and 6 blocks of other rows).
+BLOCK_EXAMPLES = {"pool": 20, "perturbation": 20}
+
+
+@st.composite
+def block_cases(draw):
+    batch = draw(st.integers(1, 6))
+    length = draw(st.integers(1, 40))
+    hidden = draw(st.integers(1, 12))
+    mask_kind = draw(st.sampled_from(("none", "lengths", "any")))
+    if mask_kind == "none":
+        mask = None
+    elif mask_kind == "lengths":  # right padding; a length of 0 is a fully masked row
+        lengths = draw(st.lists(st.integers(0, length), min_size=batch, max_size=batch))
+        mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+    else:
+        bits = draw(st.lists(st.booleans(), min_size=batch * length, max_size=batch * length))
+        mask = torch.tensor(bits, dtype=torch.bool).reshape(batch, length)
+    kind = draw(st.sampled_from(KINDS))
+    eps = draw(st.one_of(st.sampled_from((0.0, 1.0)), st.floats(0.0, 20.0)))
+    scale = draw(st.sampled_from((0.1, 2.0, 10.0)))
+    seed = draw(st.integers(0, 2**16))
+    inputs = make_inputs(batch, length, hidden, "none", seed=seed, score_scale=scale)
+    return dataclasses.replace(inputs, mask=mask), kind, eps, draw(LAUNCHES)
+
+
+@settings(max_examples=BLOCK_EXAMPLES["pool"], deadline=None, derandomize=True, database=None)
+@given(case=block_cases())
+def test_block_loops_property(case):
+    inputs, kind, eps, launch = case
+    with tri.launch_overrides(**launch), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # iAT with B = 1
+        check_against_reference("triton", inputs, kind, eps,
+                                what=f"B,T,H={tuple(inputs.h.shape)} kind={kind} eps={eps} {launch}")
+
+
+@settings(max_examples=BLOCK_EXAMPLES["perturbation"], deadline=None, derandomize=True, database=None)
+@given(case=block_cases())
+def test_block_loops_perturbation_property(case):
+    inputs, kind, eps, launch = case
+    kind = kind or "iat"
+    with tri.launch_overrides(**launch), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_perturbation_against_reference("triton", inputs, kind, eps,
+                                             what=f"B,T={tuple(inputs.scores.shape)} {kind} eps={eps} {launch}")
 
 
 # ---------------------------------------------------------------------------------------------------------
