@@ -441,6 +441,36 @@ def test_torch_compile_dynamic_shapes_do_not_recompile(kind):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Zero sizes (issue 14, item 10): values and gradients, not just shapes
+
+@pytest.mark.parametrize("backend_name", ("triton", "reference"))
+@pytest.mark.parametrize("shape", ((0, 5, 3), (3, 0, 4), (3, 5, 0), (0, 0, 0)), ids=str)
+def test_zero_sizes_match_reference(backend_name, shape):
+    batch, length, hidden = shape
+    generator = torch.Generator().manual_seed(39)
+    base = make_inputs(max(batch, 1), max(length, 1), max(hidden, 1), "none", seed=39)
+    inputs = Inputs(base.h[:batch, :length, :hidden].contiguous(), base.scores[:batch, :length].contiguous(),
+                    torch.rand(batch, length, generator=generator) < 0.7, base.grad[:batch, :length].contiguous(),
+                    base.noise[:batch, :length].contiguous())
+    for kind in KINDS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = pool_with_grads(fused_pool(backend_name), inputs, kind)
+            expected = pool_with_grads(python_ref.attention_pool, inputs, kind)
+            if kind is not None:
+                r = fused_attn_at.perturbation(kind, inputs.scores, inputs.mask, backend=backend_name,
+                                               **inputs.perturbation_kwargs(kind))
+                r_ref = python_ref.perturbation(kind, inputs.scores, inputs.mask, **inputs.perturbation_kwargs(kind))
+                torch.testing.assert_close(r, r_ref, rtol=1e-6, atol=1e-7)
+        for name, tensor in expected.items():
+            assert got[name].shape == tensor.shape, name
+            torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-7,
+                                       msg=lambda m: f"{shape} kind={kind} {name}: {m}")
+        if hidden == 0 and batch * length:  # the attention and its gradient still carry values
+            assert expected["attention"].abs().sum() > 0 and expected["grad_scores"].abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The launches run on the tensors' device (issue 14, item 13)
 
 def test_launches_enter_the_tensors_device(monkeypatch):
