@@ -21,5 +21,10 @@ direction = grad (SPEC). mask is None or bool [B, T]; values at masked positions
 Gradients flow to h and scores only; r is a constant.
 """
 KIND = {None: 0, "at": 1, "rp": 1, "iat": 2}
-# The backends that implement the pair calls; the others raise NotImplementedError naming themselves.
+# The backends that implement the pair calls; the others raise NotImplementedError naming themselves, and
+# fused_attn_at.adversarial_attention_loss runs two single ops there. To add one: "cuda" once csrc/cuda registers
+# the three ops attention_scores_grad, attention_pool_pair_fwd, attention_pool_pair_bwd for CUDA (schemas in
+# csrc/ops.cpp; the autograd and fakes are shared, and cpp.PAIR_DEVICES then lists "cuda"); "triton" once
+# triton_attention_pool.py offers attention_pool_pair and attention_scores_grad with the contract above.
+# tests/test_pair_op.py and tests/test_training_helper.py then test it (add it to their backend lists).
 PAIR_BACKENDS = ("cpu", "reference")
