@@ -25,6 +25,7 @@ if str(EXPERIMENTS) not in sys.path:
 
 from paper.cli import ArgumentParser  # noqa: E402
 from sweep import DEFAULT_OUT, Run, load_grid, status  # noqa: E402
+from report_transformers import transformer_sections  # noqa: E402  (issue 18: grids transformer, minilm)
 
 NOT_RUN = "not run"
 # Jain & Wallace 2019, vanilla BiLSTM with additive attention (their Table 2), as the issue quotes them.
@@ -1017,6 +1018,7 @@ def build(args) -> str:
             "finished its first epoch after 447 s, while the same run with 1 thread takes about 38 s per epoch "
             "(OpenMP threads waiting on each other when the cores are oversubscribed).",
             ""]
+    doc += [""] + transformer_sections(results)
     return "\n".join(doc)
 
 

@@ -144,7 +144,9 @@ class SelfAttentionObjective(methods.Objective):
         if self.kind is None or self.perturb_layers == "pooling":
             result = super().forward(batch)
             result.loss.backward()  # this objective always leaves the gradient in .grad itself
-            return result._replace(loss=result.loss.detach())
+            detach = lambda t: None if t is None else t.detach()  # noqa: E731
+            return result._replace(loss=detach(result.loss), clean_loss=detach(result.clean_loss),
+                                   adversarial_loss=detach(result.adversarial_loss))
         return self._self_attention_step(batch)
 
     def _self_attention_step(self, batch) -> methods.StepResult:
