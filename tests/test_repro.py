@@ -366,6 +366,11 @@ def test_rerun_grids_list_and_name_their_new_settings():
     assert {dict(r.args).get("compat") for r in runs["repro_released_iat"] if r.method == "attention_iat"} == {"released"}
     assert all(dict(r.args)["sst-recipe"] == "released" for r in runs["repro_sst_released"])
     assert all(r.eps == 0.5 for r in runs["repro_picked_eps"])
+    # the report's views of the reruns: the main grid and the eps grid under the new defaults
+    repro_main, repro_eps = load_grid("repro_main"), load_grid("repro_eps")
+    assert len(repro_main) == 12 + 6 + 54 + 12 and len(repro_eps) == 24 + 16
+    assert all(dict(r.args).get("word-embedding-norm") == "frequency" for r in repro_main + repro_eps
+               if r.method.startswith("word_"))
     # none of them lands in a run directory of the older grids (trained under the old defaults) by accident,
     # except where the settings are truly the same (SST, default vectors unchanged)
     old = {r.name for g in ("main", "eps", "compat") for r in load_grid(g)}
