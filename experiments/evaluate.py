@@ -3,6 +3,11 @@
 attention-vs-gradient-importance correlation, robustness), print them and write <run>/evaluation.json.
 
     python experiments/evaluate.py runs/sst_attention_at_lstm_20260101-120000
+
+evaluation.json holds every measure the current code computes, among them the correlation of the attention
+with each importance definition (test.<split>.correlations: gradient x input with the attention held
+constant, the gradient norm, gradient x input through the attention). report.py reads them from there for
+runs whose metrics.json predates them (issue 15), so re-evaluating an older run fills its '—' cells.
 """
 from __future__ import annotations
 
