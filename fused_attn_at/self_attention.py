@@ -4,8 +4,9 @@
     out = fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True)                  # [B, nh, Tq, dv]
     out = fused_attn_at.perturbed_attention(q, k, v, key_mask, perturbation="at", grad=G)    # G = dL_clean/dS
 
-Only the "reference" backend (materialised maps, `ops/reference_self_attention.py`) exists so far; the fused
-flash-style kernels will take the same arguments. A model whose attention calls this op can be trained with
+Backends: "reference" (materialised maps, `ops/reference_self_attention.py`) and "cpu" (flash-style C++ kernels,
+`ops/cpp_self_attention.py`, the default for CPU tensors when fused_attn_at._C has them; iAT, dropout_p > 0 and
+return_attention=True run the reference there). A model whose attention calls this op can be trained with
 `fused_attn_at.SelfAttentionAT` (one AT/iAT/RP step over chosen layers) without ever handling G: the helper
 gives each call of its clean pass a `CleanPassRecord`, which the backend fills with what the adversarial pass
 needs (the reference: G itself, and the clean scores for iAT), and passes the record back as `grad=`.
@@ -22,8 +23,8 @@ from python_ref.self_attention import (
     check_self_attention_inputs,
 )
 
-SELF_ATTENTION_BACKENDS = ("reference",)
-_NOT_BUILT = ("cpu", "cuda", "triton")
+SELF_ATTENTION_BACKENDS = ("cpu", "reference")
+_NOT_BUILT = ("cuda", "triton")
 
 
 class CleanPassRecord:
@@ -35,7 +36,7 @@ class CleanPassRecord:
     recompute G block by block instead. `clear()` frees it.
     """
 
-    __slots__ = ("grad", "scores", "keep_scores", "backward_done", "shape")
+    __slots__ = ("grad", "scores", "keep_scores", "backward_done", "shape", "fused")
 
     def __init__(self, keep_scores: bool = False):
         self.keep_scores = keep_scores  # iAT needs the clean S, AT and RP do not
@@ -43,18 +44,23 @@ class CleanPassRecord:
         self.scores: torch.Tensor | None = None
         self.shape: tuple | None = None
         self.backward_done = False  # set by whoever ran the clean backward: no grad then means G = 0
+        # the cpu backend: a FusedCleanPass (clean Q, K, V, O, log-sum-exp, bias; dO and G's row norms after
+        # the backward), from which the adversarial call recomputes G block by block
+        self.fused = None
 
     def _set_grad(self, g: torch.Tensor) -> None:
         self.grad = g.detach() if self.grad is None else self.grad + g.detach()
 
     def clear(self) -> None:
-        self.grad = self.scores = None
+        self.grad = self.scores = self.fused = None
         self.backward_done = False
 
     def gradient(self) -> torch.Tensor:
         """G of the clean pass; zeros when the backward ran but reached no score of this call."""
         if self.grad is not None:
             return self.grad
+        if self.fused is not None and self.fused.dout is not None:  # filled by the cpu backend: materialise G
+            return self.fused.grad_map()
         if self.shape is None:
             raise RuntimeError("this CleanPassRecord was never passed as record= to a clean perturbed_attention call")
         if not self.backward_done:
@@ -82,17 +88,36 @@ def _pop_interceptor(fn: Callable) -> None:
     _INTERCEPTORS.remove(fn)
 
 
-def _backend_module(backend: str | None):
-    if backend is None or backend == "reference":
+def why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run perturbed_attention on tensors on `device`, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        from .ops import cpp_self_attention
+
+        return cpp_self_attention.why_unavailable(device)
+    if backend in _NOT_BUILT:
+        return (f"the fused self-attention kernels are not built yet for {backend!r} (self-attention has 'cpu' "
+                "and 'reference')")
+    raise ValueError(f"backend must be None, 'cpu' or 'reference' for perturbed_attention, got {backend!r}")
+
+
+def _backend_module(backend: str | None, device: torch.device | None = None):
+    """backend None: 'cpu' for CPU tensors when fused_attn_at._C has its kernels, else the reference."""
+    if backend is None:
+        backend = "cpu" if device is not None and why_unavailable("cpu", device) is None else "reference"
+    if backend == "reference":
         from .ops import reference_self_attention
 
         return reference_self_attention
-    if backend in _NOT_BUILT:
-        raise NotImplementedError(
-            f"backend={backend!r}: the fused self-attention kernels are not built yet (only attention_pool has "
-            "cpu/cuda/triton kernels); use backend=None or 'reference' for perturbed_attention")
-    raise ValueError(f"backend must be None or 'reference' for perturbed_attention (kernels: not built yet), "
-                     f"got {backend!r}")
+    reason = why_unavailable(backend, device if device is not None else torch.device("cpu"))
+    if reason is not None:
+        if backend in _NOT_BUILT:
+            raise NotImplementedError(f"backend={backend!r}: {reason}; use backend=None, 'cpu' or 'reference'")
+        raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+    from .ops import cpp_self_attention
+
+    return cpp_self_attention
 
 
 def perturbed_attention(
@@ -137,7 +162,7 @@ def perturbed_attention(
     calling layer to fused_attn_at.SelfAttentionAT (ignored otherwise).
 
     Returns O [B, nh, Tq, dv], or SelfAttentionOutput(output, attention) with return_attention=True.
-    backend: None or "reference" (the fused kernels are not built yet).
+    backend: None (the best for the device: "cpu" for CPU tensors when built), "cpu" or "reference".
     """
     if _INTERCEPTORS and perturbation is None and grad is None and noise is None and record is None:
         kwargs = dict(causal=causal, bias=bias, scale=scale, norm=norm, attn_mask=attn_mask, query_mask=query_mask,
@@ -158,7 +183,8 @@ def _perturbed_attention(q, k, v, key_mask=None, *, causal=False, bias=None, sca
                          grad=None, noise=None, eps=1.0, norm="example", attn_mask=None, query_mask=None,
                          dropout_p=0.0, return_attention=False, generator=None, record=None, backend=None,
                          iat_max_bytes=None):
-    impl = _backend_module(backend)
+    # the attention map is materialised by the reference only
+    impl = _backend_module("reference" if return_attention else backend, q.device)
     is_record = isinstance(grad, CleanPassRecord)
     check_self_attention_inputs(q, k, v, key_mask, causal=causal, bias=bias, scale=scale, perturbation=perturbation,
                                 grad=grad, noise=noise, eps=eps, norm=norm, attn_mask=attn_mask,

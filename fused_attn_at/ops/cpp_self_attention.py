@@ -1,0 +1,305 @@
+"""The "cpu" backend of fused_attn_at.perturbed_attention: flash-style C++ kernels (csrc/self_attention/), made
+differentiable and traceable here.
+
+Loading fused_attn_at._C registers (schemas in csrc/self_attention/self_attention_cpu.cpp):
+    torch.ops.fused_attn_at.sa_fwd(q, k, v, key_mask?, bias?, causal, scale, kind, coef?, dense?, seed,
+        cq?, ck?, cv?, co?, cdo?, clse?, cbias?) -> (out [B, nh, Tq, dv], lse [B, nh, Tq])
+    torch.ops.fused_attn_at.sa_bwd(dout, q, k, v, out, lse, key_mask?, bias?, causal, scale, bias_grad,
+        <the perturbation arguments of sa_fwd>) -> (dq, dk, dv, dbias, gsq [B, nh, Tq])
+    torch.ops.fused_attn_at.sa_rowsq(q, k, key_mask?, bias?, causal, dense?, seed) -> [B, nh, Tq]
+    torch.ops.fused_attn_at.sa_rp_noise(q, k, seed) -> [B, nh, Tq, Tk]      (the hashed RP noise, for tests)
+The perturbation is r[b, h, i, j] = coef[b, h, i] * X[b, h, i, j] on the allowed entries; kind says what X is:
+0 none, 1 `dense` (a given [B, nh, Tq, Tk] tensor: the user's G or noise), 2 standard normal noise hashed from
+(seed, b, h, i, j) (RP; the same numbers in the forward and the backward, never stored), 3 G = dL_clean/dS
+recomputed block by block from the clean pass's cq, ck, cv, co, cdo (its dO), clse and cbias (AT through a
+CleanPassRecord). coef = eps / norm (zero at padded queries) is computed here from the row sums of X^2 over the
+allowed keys: sa_rowsq for kinds 1 and 2, the clean backward's gsq output for kind 3. No op allocates anything of
+size B * nh * Tq * Tk; their working set is a block of 64 queries x 128 keys per thread.
+
+sa_fwd's derivative (sa_bwd) is registered with torch.library.register_autograd; the clean call of an AT step
+(record=CleanPassRecord) runs through an autograd.Function whose backward also keeps dO and gsq in the record.
+Kernels compute in float32 (float16/bfloat16/float32 inputs) or float64.
+
+What this backend hands to the reference (materialised maps, python_ref): iAT (its O(B^2 nh Tq Tk) work and the
+[B, B, ...] differences; the existing memory limit FUSED_ATTN_AT_IAT_MAX_BYTES / iat_max_bytes applies), dropout_p
+> 0 (torch's dropout RNG on the map) and return_attention=True (the map is the result).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from python_ref.perturbations import DELTA
+from python_ref.self_attention import _check_finite_at, self_attention_masks
+from python_ref.self_attention import attention_scores as _scores
+from python_ref.self_attention import self_attention_perturbation  # noqa: F401  (materialises r by definition)
+
+from . import cpp
+from . import reference_self_attention as _reference
+
+KIND_NONE, KIND_DENSE, KIND_HASH, KIND_CLEAN = 0, 1, 2, 3
+_OPS = ("sa_fwd", "sa_bwd", "sa_rowsq", "sa_rp_noise")
+_NO_CLEAN = (None,) * 7
+
+
+def _status() -> tuple[bool, str]:
+    if cpp._C is None:
+        return False, f"the C++ extension fused_attn_at._C is not importable ({cpp.UNAVAILABLE_REASON})"
+    try:
+        missing = [op for op in _OPS
+                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_attn_at::{op}", "CPU")]
+    except RuntimeError:
+        missing = list(_OPS)
+    if missing:
+        return False, (f"fused_attn_at._C has no CPU kernel for {', '.join(missing)} (built from older sources: "
+                       "rebuild it, `python setup.py build_ext --inplace` or `pip install --no-build-isolation .`)")
+    return True, ""
+
+
+AVAILABLE, UNAVAILABLE_REASON = _status()
+
+
+def why_unavailable(device: torch.device) -> str | None:
+    """None when the cpu backend can run tensors on `device`, else why not (the style of _backend.py)."""
+    if device.type != "cpu":
+        return f"backend 'cpu' runs CPU tensors only; the inputs are on {device}"
+    if not AVAILABLE:
+        return UNAVAILABLE_REASON + ("; let the first import compile it (needs a C++ compiler and ninja; see README, "
+                                     "Troubleshooting)" if cpp._C is None else "")
+    return None
+
+
+if AVAILABLE:
+    _ops = torch.ops.fused_attn_at
+
+    @torch.library.register_fake("fused_attn_at::sa_fwd")
+    def _sa_fwd_fake(q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo, clse,
+                     cbias):
+        B, H, Tq, _ = q.shape
+        return q.new_empty((B, H, Tq, v.shape[3])), q.new_empty((B, H, Tq))
+
+    @torch.library.register_fake("fused_attn_at::sa_bwd")
+    def _sa_bwd_fake(dout, q, k, v, out, lse, key_mask, bias, causal, scale, bias_grad, kind, coef, dense, seed, cq,
+                     ck, cv, co, cdo, clse, cbias):
+        B, H, Tq, _ = q.shape
+        dbias = q.new_empty(bias.shape) if bias_grad else q.new_empty((0,))
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, q.new_empty((B, H, Tq))
+
+    @torch.library.register_fake("fused_attn_at::sa_rowsq")
+    def _sa_rowsq_fake(q, k, key_mask, bias, causal, dense, seed):
+        return q.new_empty(q.shape[:3])
+
+    @torch.library.register_fake("fused_attn_at::sa_rp_noise")
+    def _sa_rp_noise_fake(q, k, seed):
+        return q.new_empty((*q.shape[:3], k.shape[2]))
+
+    def _sa_fwd_setup(ctx, inputs, output):
+        (q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo, clse, cbias) = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, key_mask, bias, coef, dense, cq, ck, cv, co, cdo, clse, cbias)
+        ctx.causal, ctx.scale, ctx.kind, ctx.seed = causal, scale, kind, seed
+
+    def _sa_fwd_backward(ctx, dout, dlse):
+        q, k, v, out, lse, key_mask, bias, coef, dense, cq, ck, cv, co, cdo, clse, cbias = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, dbias, _ = _ops.sa_bwd(dout, q, k, v, out, lse, key_mask, bias, ctx.causal, ctx.scale, bias_grad,
+                                           ctx.kind, coef, dense, ctx.seed, cq, ck, cv, co, cdo, clse, cbias)
+        return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 13
+
+    torch.library.register_autograd("fused_attn_at::sa_fwd", _sa_fwd_backward, setup_context=_sa_fwd_setup)
+
+
+def _require() -> None:
+    if not AVAILABLE:
+        raise RuntimeError(f"the cpu self-attention backend is not available: {UNAVAILABLE_REASON}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The clean pass of an AT step: what the adversarial pass needs to recompute G = dL_clean/dS block by block
+
+
+class FusedCleanPass:
+    """Kept in CleanPassRecord.fused by a clean call of the cpu backend: the clean pass's Q, K, V, O, log-sum-exp,
+    bias (with attn_mask folded in as -inf), masks, and - set by its backward - dO and the squared norms of G's
+    rows. O(B nh T d) memory: the attention's own activations."""
+
+    __slots__ = ("q", "k", "v", "out", "lse", "bias", "key_mask", "causal", "scale", "dout", "gsq")
+
+    def __init__(self, q, k, v, out, lse, bias, key_mask, causal, scale):
+        self.q, self.k, self.v, self.out, self.lse = q, k, v, out, lse
+        self.bias, self.key_mask, self.causal, self.scale = bias, key_mask, causal, scale
+        self.dout = self.gsq = None
+
+    def _add_dout(self, dout: torch.Tensor, gsq: torch.Tensor) -> None:
+        if self.dout is None:
+            self.dout, self.gsq = dout, gsq
+        else:  # a second backward through the clean call: G is linear in dO, its norm is not
+            self.dout, self.gsq = self.dout + dout, None
+
+    def row_sq_norms(self) -> torch.Tensor:
+        """sum_j G[b, h, i, j]^2, [B, nh, Tq]."""
+        if self.gsq is None:
+            with torch.no_grad():
+                self.gsq = _ops.sa_bwd(self.dout, self.q, self.k, self.v, self.out, self.lse, self.key_mask, self.bias,
+                                       self.causal, self.scale, False, KIND_NONE, None, None, 0, *_NO_CLEAN)[4]
+        return self.gsq
+
+    def clean_args(self) -> tuple:
+        return (self.q, self.k, self.v, self.out, self.dout, self.lse, self.bias)
+
+    def grad_map(self) -> torch.Tensor:
+        """G [B, nh, Tq, Tk] materialised (for a consumer that wants the map: the reference backend)."""
+        with torch.no_grad():
+            s = _scores(self.q, self.k, self.bias, self.scale)
+            allowed, _ = self_attention_masks(self.q, self.k, self.key_mask, causal=self.causal, bias=self.bias)
+            p = torch.where(allowed, torch.exp(s - self.lse[..., None]), 0.0)
+            dp = self.dout @ self.v.transpose(-1, -2)
+            return p * (dp - (self.dout * self.out).sum(-1, keepdim=True))
+
+
+class _CleanPass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, key_mask, causal, scale, record):
+        out, lse = _ops.sa_fwd(q, k, v, key_mask, bias, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN)
+        ctx.save_for_backward(q, k, v, out, lse, bias, key_mask)
+        ctx.causal, ctx.scale, ctx.record = causal, scale, record
+        record.fused = FusedCleanPass(q.detach(), k.detach(), v.detach(), out.detach(), lse,
+                                      None if bias is None else bias.detach(), key_mask, causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, bias, key_mask = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[3]
+        dout = dout.contiguous()
+        dq, dk, dv, dbias, gsq = _ops.sa_bwd(dout, q, k, v, out, lse, key_mask, bias, ctx.causal, ctx.scale,
+                                             bias_grad, KIND_NONE, None, None, 0, *_NO_CLEAN)
+        fused = ctx.record.fused
+        if fused is not None and fused.lse is lse:  # the record was not reused by a later clean call meanwhile
+            fused._add_dout(dout.detach(), gsq)
+        return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The backend-module calls of fused_attn_at.self_attention
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _effective_bias(bias, attn_mask, dtype):
+    """The additive bias with attn_mask folded in (-inf where attention is not allowed): the kernels' one map."""
+    if bias is not None:
+        bias = bias.to(dtype)
+    if attn_mask is None:
+        return bias
+    base = bias if bias is not None else torch.zeros((), dtype=dtype, device=attn_mask.device)
+    return torch.where(attn_mask, base, float("-inf"))
+
+
+def _query_valid(key_mask, query_mask, Tq, Tk):
+    if query_mask is None and key_mask is not None and Tq == Tk:
+        query_mask = key_mask
+    return query_mask
+
+
+def perturbation_coefficients(rows: torch.Tensor, query_valid, eps: float, norm: str) -> torch.Tensor:
+    """coef [B, nh, Tq] = eps / max(||X||, delta) with ||X||^2 summed from `rows` (sum over allowed keys of X^2,
+    [B, nh, Tq]) over the valid queries of each example (norm="example") or per row (norm="row"); 0 at padded
+    queries."""
+    if query_valid is not None:
+        rows = rows * query_valid[:, None, :].to(rows.dtype)
+    sq = rows.sum((1, 2), keepdim=True) if norm == "example" else rows
+    coef = eps / sq.sqrt().clamp_min(DELTA)
+    coef = coef.expand(rows.shape)
+    if query_valid is not None:
+        coef = coef * query_valid[:, None, :].to(rows.dtype)
+    return coef.contiguous()
+
+
+def _draw_seed(generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+def _check_dense_finite(name, x, q, k, key_mask, causal, bias, query_mask):
+    if torch.compiler.is_compiling() or bool(torch.isfinite(x).all()):
+        return
+    _, valid = self_attention_masks(q, k, key_mask, causal=causal, bias=bias, query_mask=query_mask)
+    _check_finite_at(name, x, valid)
+
+
+def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,
+                        dropout_p, generator, record, iat_max_bytes):
+    """(O [B, nh, Tq, dv], None); `grad` is a tensor G or the CleanPassRecord of the same layer's clean call."""
+    if kind == "iat" or dropout_p > 0 or (record is not None and record.keep_scores):
+        return _reference.perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm,
+                                              attn_mask, query_mask, dropout_p, generator, record, iat_max_bytes)
+    _require()
+    B, H, Tq, d = q.shape
+    Tk = k.shape[2]
+    dtype = _compute_dtype(q.dtype)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+    b = _effective_bias(bias, attn_mask, dtype)
+    km = None if key_mask is None else key_mask.contiguous()
+    if record is not None:
+        record.clear()
+        record.shape = (B, H, Tq, Tk)
+        needs_grad = torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (qc, kc, vc, b))
+        if needs_grad:
+            out = _CleanPass.apply(qc, kc, vc, b, km, causal, scale, record)
+        else:  # no backward will run: the record stays empty
+            out, _ = _ops.sa_fwd(qc, kc, vc, km, b, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN)
+        return out.to(q.dtype), None
+
+    pkind, dense, seed, clean, rows = KIND_NONE, None, 0, _NO_CLEAN, None
+    if kind == "at":
+        fused = getattr(grad, "fused", None)
+        if fused is not None:  # a CleanPassRecord filled by this backend: recompute G block by block
+            if record_shape(grad) != (B, H, Tq, Tk):
+                raise ValueError(f"the CleanPassRecord holds a map of shape {record_shape(grad)}; this call's scores "
+                                 f"are {(B, H, Tq, Tk)}: pass the record of the same layer's clean call")
+            if fused.dout is None:
+                if not grad.backward_done:
+                    raise RuntimeError("no gradient has reached the clean scores of this attention call: "
+                                       "back-propagate the clean loss (and mark_backward_done()) before the "
+                                       "adversarial call")
+                # the clean loss does not depend on this call: G = 0, r = 0
+            else:
+                pkind, rows, clean = KIND_CLEAN, fused.row_sq_norms(), fused.clean_args()
+        else:
+            g = grad if isinstance(grad, torch.Tensor) else grad.gradient()  # a tensor, or a reference record
+            if tuple(g.shape) != (B, H, Tq, Tk):
+                raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(g.shape)}; this call's scores "
+                                 f"are {(B, H, Tq, Tk)}: pass the record of the same layer's clean call")
+            dense = g.detach().to(device=q.device, dtype=dtype)
+    elif kind == "rp":
+        if noise is not None:
+            dense = noise.detach().to(dtype)
+        else:
+            pkind, seed = KIND_HASH, _draw_seed(generator)
+            rows = _ops.sa_rowsq(qc.detach(), kc.detach(), km, None if b is None else b.detach(), causal, None, seed)
+    if dense is not None:
+        _check_dense_finite("grad" if kind == "at" else "noise", dense, qc.detach(), kc.detach(), km, causal,
+                            None if b is None else b.detach(), query_mask)
+        pkind = KIND_DENSE
+        rows = _ops.sa_rowsq(qc.detach(), kc.detach(), km, None if b is None else b.detach(), causal, dense, 0)
+    coef = None
+    if pkind != KIND_NONE:
+        coef = perturbation_coefficients(rows, _query_valid(key_mask, query_mask, Tq, Tk), float(eps), norm)
+        coef = coef.to(dtype)
+    out, _ = _ops.sa_fwd(qc, kc, vc, km, b, causal, scale, pkind, coef, dense, seed, *clean)
+    return out.to(q.dtype), None
+
+
+def record_shape(record) -> tuple | None:
+    return None if record.shape is None else tuple(record.shape)
+
+
+def rp_noise(q: torch.Tensor, k: torch.Tensor, seed: int) -> torch.Tensor:
+    """The standard normal noise [B, nh, Tq, Tk] the kernels hash from `seed` (materialised: for tests)."""
+    _require()
+    return _ops.sa_rp_noise(q, k, int(seed))

@@ -1,0 +1,453 @@
+"""The "cpu" backend of fused_attn_at.perturbed_attention (flash-style C++ kernels, csrc/self_attention/) against
+the reference with materialised maps (python_ref), in float64: values and gradients for none/AT/iAT/RP, padding,
+fully masked rows, causal, bias (broadcast, -inf entries, learnable), attn_mask, Tq != Tk, B = 1, odd sizes
+crossing the 64-query and 128-key block edges; the AT step through a CleanPassRecord (G recomputed from the clean
+pass's saved tensors) and through SelfAttentionAT; gradcheck with r held fixed; opcheck of every op;
+torch.compile(fullgraph=True); and a memory trace: at T = 2048 the AT step allocates nothing of B*nh*T*T."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fused_attn_at
+import python_ref
+from fused_attn_at.ops import cpp_self_attention as cpu_sa
+
+pytestmark = pytest.mark.skipif(not cpu_sa.AVAILABLE, reason=f"cpu backend: {cpu_sa.UNAVAILABLE_REASON}")
+
+F64 = torch.float64
+
+
+def _t(*shape, seed=0, dtype=F64, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=dtype)
+    return x.requires_grad_(grad)
+
+
+# name: B, nh, Tq, Tk, d, dv, key-mask pattern, causal, bias shape (None = no bias), attn_mask
+CASES = {
+    "padding": (2, 2, 67, 67, 8, 5, "pad", False, None, False),
+    "causal_bias": (2, 2, 70, 70, 4, 4, None, True, (1, 2), False),
+    "cross_fullymasked_bias_inf": (2, 3, 5, 133, 6, 3, "empty", False, (2, 1), False),
+    "b1_causal_pad": (1, 1, 129, 129, 3, 7, "pad", True, (1, 1), False),
+    "attn_mask_rows": (2, 2, 9, 130, 4, 4, "pad", False, None, True),
+    "tq_gt_tk_causal": (2, 1, 131, 66, 5, 2, "pad", True, (2, 1), False),
+}
+
+
+def make_case(name, seed=0):
+    B, nh, Tq, Tk, d, dv, mask, causal, bias_shape, with_attn_mask = CASES[name]
+    q, k, v = _t(B, nh, Tq, d, seed=seed, grad=True), _t(B, nh, Tk, d, seed=seed + 1, grad=True), \
+        _t(B, nh, Tk, dv, seed=seed + 2, grad=True)
+    key_mask = None
+    if mask is not None:
+        key_mask = torch.ones(B, Tk, dtype=torch.bool)
+        key_mask[-1, Tk - Tk // 3:] = False
+        if mask == "empty":
+            key_mask[0] = False  # example 0: every query row fully masked
+    bias = None
+    if bias_shape is not None:
+        bias = _t(*bias_shape, Tq, Tk, seed=seed + 3)
+        bias[..., 1, :] = -math.inf  # a fully masked row in every example/head
+        bias[..., 2, ::3] = -math.inf
+        bias.requires_grad_(True)
+    attn_mask = None
+    if with_attn_mask:
+        g = torch.Generator().manual_seed(seed + 4)
+        attn_mask = torch.rand(B, 1, Tq, Tk, generator=g) > 0.3
+        attn_mask[:, :, 0] = False
+    kw = dict(causal=causal, bias=bias, attn_mask=attn_mask)
+    return (q, k, v, key_mask), kw
+
+
+def _leaves(args, kw):
+    q, k, v, _ = args
+    return [x for x in (q, k, v, kw.get("bias")) if x is not None and x.requires_grad]
+
+
+def _compare(out, ref, args, kw, atol=1e-10):
+    torch.testing.assert_close(out, ref, atol=atol, rtol=1e-9)
+    leaves = _leaves(args, kw)
+    w = _t(*out.shape, seed=99)
+    g1 = torch.autograd.grad((out * w).sum(), leaves, allow_unused=True)
+    g2 = torch.autograd.grad((ref * w).sum(), leaves, allow_unused=True)
+    for a, b in zip(g1, g2):
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-9)
+
+
+def _map_shape(args):
+    q, k, _, _ = args
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("kind,norm", [(None, "example"), ("at", "example"), ("at", "row"), ("rp", "example"),
+                                       ("rp", "row"), ("iat", "example")])
+def test_values_and_gradients_vs_reference(name, kind, norm):
+    args, kw = make_case(name)
+    extra = dict(perturbation=kind, norm=norm, eps=1.7)
+    if kind in ("at", "iat"):
+        extra["grad"] = _t(*_map_shape(args), seed=7)
+    if kind == "rp":
+        extra["noise"] = _t(*_map_shape(args), seed=8)
+    out = fused_attn_at.perturbed_attention(*args, **kw, **extra, backend="cpu")
+    ref = python_ref.perturbed_attention(*args, **kw, **extra)
+    _compare(out, ref, args, kw)
+
+
+def test_default_backend_for_cpu_tensors_is_cpu(monkeypatch):
+    args, kw = make_case("padding")
+    calls = []
+    real = cpu_sa._ops.sa_fwd
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.fused_attn_at, name)
+
+        def sa_fwd(self, *a):
+            calls.append(1)
+            return real(*a)
+
+    monkeypatch.setattr(cpu_sa, "_ops", Spy())
+    fused_attn_at.perturbed_attention(*args, **kw)
+    assert calls
+
+
+@pytest.mark.parametrize("name", ["padding", "cross_fullymasked_bias_inf", "b1_causal_pad"])
+@pytest.mark.parametrize("norm", ["example", "row"])
+def test_rp_hashed_noise_equals_reference_fed_the_same_noise(name, norm):
+    """RP without a noise tensor: the kernels hash standard normal numbers from a seed drawn from `generator`;
+    the reference given those numbers (sa_rp_noise materialises them) gives the same values and gradients."""
+    args, kw = make_case(name)
+    out = fused_attn_at.perturbed_attention(*args, **kw, perturbation="rp", norm=norm, eps=0.9, backend="cpu",
+                                            generator=torch.Generator().manual_seed(3))
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)).item())
+    noise = cpu_sa.rp_noise(args[0].detach(), args[1].detach(), seed)
+    ref = python_ref.perturbed_attention(*args, **kw, perturbation="rp", norm=norm, eps=0.9, noise=noise)
+    _compare(out, ref, args, kw)
+
+
+def test_rp_hashed_noise_is_standard_normal_and_seeded():
+    q, k = torch.zeros(2, 3, 100, 1), torch.zeros(2, 3, 200, 1)
+    z = cpu_sa.rp_noise(q.double(), k.double(), 12345)
+    assert z.shape == (2, 3, 100, 200)
+    assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+    assert abs((z ** 4).mean().item() - 3) < 0.1  # Gaussian kurtosis
+    assert torch.equal(z, cpu_sa.rp_noise(q.double(), k.double(), 12345))
+    assert not torch.equal(z, cpu_sa.rp_noise(q.double(), k.double(), 12346))
+    # different seeds from the generator: different r; the same generator state: the same r
+    args, kw = make_case("padding")
+    o1 = fused_attn_at.perturbed_attention(*args, perturbation="rp", generator=torch.Generator().manual_seed(1))
+    o2 = fused_attn_at.perturbed_attention(*args, perturbation="rp", generator=torch.Generator().manual_seed(1))
+    o3 = fused_attn_at.perturbed_attention(*args, perturbation="rp", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(o1, o2) and not torch.equal(o1, o3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AT through a CleanPassRecord: G recomputed block by block from the clean pass
+
+
+def _clean_then_adv(args, kw, backend, norm, clean_loss_w, seed=0):
+    """Clean call with a record, backward of a clean loss, adversarial call with the record; returns (out_adv,
+    grads of L_clean + L_adv wrt the leaves)."""
+    rec = fused_attn_at.CleanPassRecord()
+    clean = fused_attn_at.perturbed_attention(*args, **kw, record=rec, backend=backend)
+    leaves = _leaves(args, kw)
+    g_clean = torch.autograd.grad((clean * clean_loss_w).sum(), leaves, retain_graph=False)
+    rec.mark_backward_done()
+    adv = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec, eps=1.3, norm=norm,
+                                            backend=backend)
+    w = _t(*adv.shape, seed=seed + 50)
+    g_adv = torch.autograd.grad((adv * w).sum(), leaves)
+    return adv, [a + b for a, b in zip(g_clean, g_adv)]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("norm", ["example", "row"])
+def test_at_through_record_matches_reference(name, norm):
+    args, kw = make_case(name)
+    w = _t(args[0].shape[0], args[0].shape[1], args[0].shape[2], args[2].shape[3], seed=31)
+    adv1, g1 = _clean_then_adv(args, kw, "cpu", norm, w)
+    adv2, g2 = _clean_then_adv(args, kw, "reference", norm, w)
+    torch.testing.assert_close(adv1, adv2, atol=1e-10, rtol=1e-9)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_record_filled_by_cpu_materialises_g_for_the_reference():
+    args, kw = make_case("causal_bias")
+    w = _t(2, 2, 70, 4, seed=31)
+    rec_cpu, rec_ref = fused_attn_at.CleanPassRecord(), fused_attn_at.CleanPassRecord()
+    for rec, backend in ((rec_cpu, "cpu"), (rec_ref, "reference")):
+        out = fused_attn_at.perturbed_attention(*args, **kw, record=rec, backend=backend)
+        (out * w).sum().backward()
+        rec.mark_backward_done()
+    assert rec_cpu.grad is None and rec_cpu.fused is not None
+    torch.testing.assert_close(rec_cpu.gradient(), rec_ref.gradient(), atol=1e-12, rtol=1e-10)
+    # a record of either backend feeds an adversarial call of the other
+    a = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec_cpu, backend="reference")
+    b = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec_ref, backend="cpu")
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+def test_record_errors_and_zero_gradient():
+    args, kw = make_case("padding")
+    rec = fused_attn_at.CleanPassRecord()
+    fused_attn_at.perturbed_attention(*args, record=rec, backend="cpu")
+    with pytest.raises(RuntimeError, match="no gradient has reached the clean scores"):
+        fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend="cpu")
+    rec.mark_backward_done()  # the clean loss did not use this call: G = 0, r = 0
+    out = fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend="cpu")
+    torch.testing.assert_close(out, fused_attn_at.perturbed_attention(*args, backend="cpu"))
+    q, k, v, m = args
+    with pytest.raises(ValueError, match="CleanPassRecord holds a map of shape"):
+        fused_attn_at.perturbed_attention(q[:, :1], k[:, :1], v[:, :1], m, perturbation="at", grad=rec,
+                                          backend="cpu")
+
+
+def test_record_two_backwards_accumulate_g():
+    args, kw = make_case("padding")
+    w1, w2 = _t(2, 2, 67, 5, seed=1), _t(2, 2, 67, 5, seed=2)
+    outs = []
+    for backend in ("cpu", "reference"):
+        rec = fused_attn_at.CleanPassRecord()
+        clean = fused_attn_at.perturbed_attention(*args, record=rec, backend=backend)
+        (clean * w1).sum().backward(retain_graph=True)
+        (clean * w2).sum().backward()
+        rec.mark_backward_done()
+        outs.append(fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend=backend))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-10, rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole-model step
+
+
+class TinyAttention(torch.nn.Module):
+    def __init__(self, dim, nh, causal, backend):
+        super().__init__()
+        self.nh, self.causal, self.backend = nh, causal, backend
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, mask):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)
+        o = fused_attn_at.perturbed_attention(q, k, v, mask, causal=self.causal, layer=self, backend=self.backend)
+        return x + self.out(o.transpose(1, 2).reshape(B, T, D))
+
+
+class TinyModel(torch.nn.Module):
+    def __init__(self, dim=8, nh=2, layers=2, causal=False, backend=None):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(TinyAttention(dim, nh, causal, backend) for _ in range(layers))
+        self.head = torch.nn.Linear(dim, 3)
+
+    def forward(self, x, mask):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.head(x[:, 0])
+
+    def set_backend(self, backend):
+        for layer in self.layers:
+            layer.backend = backend
+
+
+@pytest.mark.parametrize("perturbation", ["at", "rp", "iat"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_attention_at_step_cpu_equals_reference(perturbation, causal):
+    torch.manual_seed(0)
+    model = TinyModel(causal=causal).double()
+    x = torch.randn(3, 70, 8, dtype=F64)
+    mask = torch.ones(3, 70, dtype=torch.bool)
+    mask[1, 50:] = False
+    y = torch.tensor([0, 2, 1])
+    results = []
+    for backend in ("cpu", "reference"):
+        model.set_backend(backend)
+        model.zero_grad()
+        gen = torch.Generator().manual_seed(5)
+        if perturbation == "rp" and backend == "reference":
+            # the reference is fed the kernels' hashed noise for the same seeds, in call order
+            seeds = [int(torch.randint(0, 2**62, (1,), generator=gen).item()) for _ in range(2)]
+            noises = iter(cpu_sa.rp_noise(torch.zeros(3, 2, 70, 1, dtype=F64), torch.zeros(3, 2, 70, 1, dtype=F64),
+                                          s) for s in seeds)
+            real = fused_attn_at.self_attention._perturbed_attention
+
+            def with_noise(*a, **kw):
+                if kw.get("perturbation") == "rp":
+                    kw = {**kw, "noise": next(noises), "generator": None}
+                return real(*a, **kw)
+
+            fused_attn_at.self_attention._perturbed_attention = with_noise
+        try:
+            at = fused_attn_at.SelfAttentionAT(model, perturbation, eps=0.7, generator=gen)
+            step = at.step(lambda: torch.nn.functional.cross_entropy(model(x, mask), y))
+        finally:
+            if perturbation == "rp" and backend == "reference":
+                fused_attn_at.self_attention._perturbed_attention = real
+        results.append((step.loss, [p.grad.clone() for p in model.parameters()]))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, atol=1e-10, rtol=1e-9)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gradcheck (r held fixed: G, the noise or the seed, and the clean pass are constants), opcheck, compile
+
+
+@pytest.mark.parametrize("kind", [None, "at", "rp_noise", "rp_seed", "at_record"])
+@pytest.mark.parametrize("size", ["small", "block_edges"])
+def test_gradcheck(kind, size):
+    # block_edges crosses the 64-query and 128-key blocks (fast mode: a random projection of the Jacobian)
+    B, nh, Tq, Tk, d = (2, 2, 5, 7, 3) if size == "small" else (2, 1, 66, 130, 2)
+    q, k, v = _t(B, nh, Tq, d, seed=1, grad=True), _t(B, nh, Tk, d, seed=2, grad=True), \
+        _t(B, nh, Tk, d, seed=3, grad=True)
+    key_mask = torch.ones(B, Tk, dtype=torch.bool)
+    key_mask[1, Tk - 3:] = False
+    attn_mask = torch.ones(1, 1, Tq, Tk, dtype=torch.bool)
+    attn_mask[..., 3, :] = False  # a fully masked row
+    bias = (_t(1, nh, Tq, Tk, seed=4) * 0.3).requires_grad_(True)
+    kw = dict(causal=True, attn_mask=attn_mask, query_mask=torch.ones(B, Tq, dtype=torch.bool), eps=0.8)
+    if kind == "at":
+        kw.update(perturbation="at", grad=_t(B, nh, Tq, Tk, seed=5))
+    elif kind == "rp_noise":
+        kw.update(perturbation="rp", noise=_t(B, nh, Tq, Tk, seed=6))
+    elif kind == "at_record":
+        rec = fused_attn_at.CleanPassRecord()
+        with torch.enable_grad():
+            cq, ck, cv, cb = (x.detach().clone().requires_grad_(True) for x in (q, k, v, bias))
+            out = fused_attn_at.perturbed_attention(cq, ck, cv, key_mask, **{**kw, "eps": 1.0}, bias=cb, record=rec,
+                                                    backend="cpu")
+            (out * _t(*out.shape, seed=7)).sum().backward()
+        rec.mark_backward_done()
+        kw.update(perturbation="at", grad=rec)
+
+    def f(q, k, v, bias):
+        extra = {}
+        if kind == "rp_seed":
+            extra = dict(perturbation="rp", generator=torch.Generator().manual_seed(11))
+        return fused_attn_at.perturbed_attention(q, k, v, key_mask, **{**kw, "bias": bias}, **extra, backend="cpu")
+
+    inputs = (q, k, v, bias) if size == "small" else (q, k, v, bias.detach())
+    assert torch.autograd.gradcheck(f, inputs, atol=1e-7, fast_mode=size != "small")
+
+
+def _op_args(kind, dtype=F64, bias_grad=False):
+    B, nh, Tq, Tk, d = 2, 2, 5, 7, 3
+    q, k, v = _t(B, nh, Tq, d, seed=1, dtype=dtype), _t(B, nh, Tk, d, seed=2, dtype=dtype), \
+        _t(B, nh, Tk, 4, seed=3, dtype=dtype)
+    key_mask = torch.ones(B, Tk, dtype=torch.bool)
+    key_mask[1, 5:] = False
+    bias = _t(1, nh, Tq, Tk, seed=4, dtype=dtype)
+    coef = _t(B, nh, Tq, seed=5, dtype=dtype).abs() if kind else None
+    dense = _t(B, nh, Tq, Tk, seed=6, dtype=dtype) if kind == 1 else None
+    clean = (None,) * 7
+    if kind == 3:
+        cout, clse = torch.ops.fused_attn_at.sa_fwd(q, k, v, key_mask, bias, False, 0.5, 0, None, None, 0,
+                                                    *(None,) * 7)
+        clean = (q, k, v, cout, _t(B, nh, Tq, 4, seed=8, dtype=dtype), clse, bias)
+    return q, k, v, key_mask, bias, coef, dense, clean
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_opcheck_sa_fwd(kind, dtype):
+    q, k, v, key_mask, bias, coef, dense, clean = _op_args(kind, dtype)
+    for x in (q, k, v, bias):
+        x.requires_grad_(True)
+    torch.library.opcheck(torch.ops.fused_attn_at.sa_fwd,
+                          (q, k, v, key_mask, bias, True, 0.5, kind, coef, dense, 1234, *clean))
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, 3])
+def test_opcheck_sa_bwd_rowsq_noise(kind):
+    q, k, v, key_mask, bias, coef, dense, clean = _op_args(kind)
+    out, lse = torch.ops.fused_attn_at.sa_fwd(q, k, v, key_mask, bias, False, 0.5, kind, coef, dense, 9, *clean)
+    dout = _t(*out.shape, seed=12)
+    for bias_grad in (False, True):
+        torch.library.opcheck(torch.ops.fused_attn_at.sa_bwd, (dout, q, k, v, out, lse, key_mask, bias, False, 0.5,
+                                                               bias_grad, kind, coef, dense, 9, *clean))
+    torch.library.opcheck(torch.ops.fused_attn_at.sa_rowsq, (q, k, key_mask, bias, True, dense, 9))
+    torch.library.opcheck(torch.ops.fused_attn_at.sa_rp_noise, (q, k, 9))
+
+
+def test_compile_fullgraph_matches_eager():
+    args, kw = make_case("causal_bias")
+    torch._dynamo.reset()
+
+    def f(q, k, v, key_mask, bias):
+        return fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True, bias=bias, backend="cpu")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    q, k, v, m = args
+    out = compiled(q, k, v, m, kw["bias"])
+    ref = f(q, k, v, m, kw["bias"])
+    _compare(out, ref, args, kw)
+
+
+def test_half_precision_runs_in_float32():
+    args, kw = make_case("padding")
+    q, k, v, m = (x.detach().to(torch.bfloat16) if x.dtype == F64 else x for x in args)
+    q.requires_grad_(True)
+    out = fused_attn_at.perturbed_attention(q, k, v, m, perturbation="at", grad=_t(2, 2, 67, 67, seed=3),
+                                            backend="cpu")
+    assert out.dtype == torch.bfloat16
+    ref = python_ref.perturbed_attention(q.float(), k.float(), v.float(), m, perturbation="at",
+                                         grad=_t(2, 2, 67, 67, seed=3).float())
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16
+
+
+def test_errors_and_what_runs_the_reference():
+    args, kw = make_case("padding")
+    q, k, v, m = args
+    bad = q.detach().clone()
+    bad[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"scores \(scale \* q k\^T \+ bias\) holds NaN or inf"):
+        fused_attn_at.perturbed_attention(bad, k, v, m, backend="cpu")
+    g = _t(2, 2, 67, 67, seed=1)
+    g[0, 0, 0, 0] = math.inf
+    with pytest.raises(ValueError, match="grad holds NaN or inf"):
+        fused_attn_at.perturbed_attention(q, k, v, m, perturbation="at", grad=g, backend="cpu")
+    # iAT runs the reference, with its memory limit
+    with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):
+        fused_attn_at.perturbed_attention(q, k, v, m, perturbation="iat", grad=_t(2, 2, 67, 67), backend="cpu",
+                                          iat_max_bytes=1000)
+    res = fused_attn_at.perturbed_attention(q, k, v, m, return_attention=True, backend="cpu")
+    assert res.attention.shape == (2, 2, 67, 67)
+    with pytest.raises(ValueError, match="backend must be None, 'cpu' or 'reference'"):
+        fused_attn_at.perturbed_attention(q, k, v, backend="flash")
+    with pytest.raises(NotImplementedError, match="not built yet"):
+        fused_attn_at.perturbed_attention(q, k, v, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: no tensor of B * nh * T * T elements during the AT step at T = 2048
+
+
+@pytest.mark.parametrize("perturbation", ["at", "rp"])
+def test_memory_at_step_allocates_no_map(perturbation):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    B, T, D, nh = 1, 2048, 16, 1
+    model = TinyModel(dim=D, nh=nh, layers=1, causal=True, backend="cpu")
+    x = torch.randn(B, T, D)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 2000:] = False
+    y = torch.tensor([1])
+    at = fused_attn_at.SelfAttentionAT(model, perturbation, eps=1.0, generator=torch.Generator().manual_seed(0))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step = at.step(lambda: torch.nn.functional.cross_entropy(model(x, mask), y))
+    assert torch.isfinite(step.loss)
+    map_bytes = B * nh * T * T * 4
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0]
+    assert sizes, "the profiler recorded no allocation"
+    assert max(sizes) < map_bytes // 8, f"an allocation of {max(sizes)} bytes (a map is {map_bytes})"
