@@ -17,7 +17,7 @@ import torch
 
 import fused_attn_at
 import python_ref
-from _helpers import assert_within_rule, make_inputs, pool_with_grads, relative_error
+from _helpers import check_low_precision_against_reference, make_inputs, relative_error
 from fused_attn_at.ops import cpp
 
 NO_EXT = os.environ.get("FUSED_ATTN_AT_NO_EXT", "0").lower() not in ("", "0", "false", "no")
@@ -343,22 +343,9 @@ def test_empty_sizes(extension):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", [None, "at", "iat"])
 def test_low_precision_against_float64_reference(monkeypatch, isa, dtype, kind):
+    """float16/bfloat16 under the ulp rule every backend shares (tests/_helpers.py): the float32 result rounded to
+    the dtype plus 2 ulp, element by element."""
     if isa == "default":
         monkeypatch.setenv("FUSED_ATTN_AT_CPU_ISA", "default")
     inputs = make_inputs(5, 77, 40, "empty_row", seed=9, dtype=dtype)
-
-    def cpu_pool(h, scores, mask=None, **kwargs):
-        return fused_attn_at.attention_pool(h, scores, mask, backend="cpu", **kwargs)
-
-    actual = pool_with_grads(cpu_pool, inputs, kind)
-    reference_low = pool_with_grads(python_ref.attention_pool, inputs, kind)
-    reference64 = pool_with_grads(python_ref.attention_pool, inputs.to(torch.float64), kind)
-    # slack: one rounding of the output to the low dtype (half an ulp at the tensor's scale)
-    assert_within_rule(actual, reference64, reference_low, atol=torch.finfo(dtype).eps,
-                       what=f"{dtype} kind={kind} isa={cpp.cpu_isa()}")
-    # and float32 accumulation makes it no worse than the float32 result rounded to the dtype, plus an ulp
-    actual32 = pool_with_grads(cpu_pool, inputs.to(torch.float32), kind)
-    for name, value in actual.items():
-        err = relative_error(value, reference64[name])
-        bound = relative_error(actual32[name].to(dtype), reference64[name]) + 2 * torch.finfo(dtype).eps
-        assert err <= bound, f"{name}: {err:.3g} > {bound:.3g}"
+    check_low_precision_against_reference("cpu", inputs, kind, what=f"{dtype} kind={kind} isa={cpp.cpu_isa()}")

@@ -38,6 +38,8 @@ from _helpers import (
     KINDS,
     Inputs,
     assert_within_rule,
+    assert_within_ulp_rule,
+    low_precision_references,
     cotangents,
     make_inputs,
     pool_with_grads,
@@ -269,53 +271,6 @@ def references(inputs: Inputs, kind, eps=1.0, used=("context", "attention")):
 
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-LOW_PRECISION_ULPS = 2
-
-
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of `dtype` at |x| (float64 tensor in, float64 out; the subnormal spacing near zero)."""
-    info = torch.finfo(dtype)
-    exponent = torch.floor(torch.log2(x.abs().clamp_min(info.smallest_normal)))
-    return torch.exp2(exponent) * info.eps
-
-
-def low_precision_references(inputs: Inputs, kind, eps=1.0, used=("context", "attention")):
-    """(reference in float64, reference in float32) from the float16/bfloat16 inputs' values. The backward reads
-    the attention the forward returned, in the dtype (SPEC): the float32 reference's gradients are computed from
-    its attention rounded to the dtype (grad_h = a dc, grad_scores = a (da - <a, da>), da = h dc + dattention)."""
-    dtype = inputs.h.dtype
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reference64 = pool_with_grads(python_ref.attention_pool, inputs.to(torch.float64), kind, eps, used)
-        reference32 = pool_with_grads(python_ref.attention_pool, inputs.to(torch.float32), kind, eps, used)
-    a = reference32["attention"].to(dtype).float()
-    dc, da_up = (c.float() for c in cotangents(inputs))
-    dc = dc if "context" in used else torch.zeros_like(dc)
-    da = torch.bmm(inputs.h.float(), dc[:, :, None]).squeeze(-1) + (da_up if "attention" in used else 0.0)
-    reference32["grad_h"] = a[:, :, None] * dc[:, None, :]
-    reference32["grad_scores"] = a * (da - (a * da).sum(-1, keepdim=True))
-    return reference64, reference32
-
-
-def assert_within_ulp_rule(actual, reference64, reference32, dtype, ulps=LOW_PRECISION_ULPS, what=""):
-    """The float16/bfloat16 rule of the CPU tests, per element: |x - x64| <= |round_dtype(x32) - x64| +
-    ulps * ulp_dtype(x64). (Written here: the shared helper announced for tests/_helpers.py was not there.)"""
-    failures = []
-    for name, expected in reference64.items():
-        got = actual[name]
-        if got.dtype != dtype or got.shape != expected.shape:
-            failures.append(f"{name}: {got.dtype} {tuple(got.shape)}, expected {dtype} {tuple(expected.shape)}")
-            continue
-        x, x64 = got.double(), expected.double()
-        rounded = reference32[name].to(dtype).double()
-        err = (x - x64).abs()
-        bound = (rounded - x64).abs() + ulps * ulp(x64, dtype)
-        bad = ~(err <= bound)  # also catches nan
-        if bad.any():
-            worst = int((err - bound).argmax())
-            failures.append(f"{name}: {int(bad.sum())} elements out of the {ulps}-ulp rule, e.g. flat index "
-                            f"{worst}: {float(x.flatten()[worst]):.6g} vs {float(x64.flatten()[worst]):.6g}")
-    assert not failures, f"{what}: " + "; ".join(failures)
 
 
 def check_emulated(lib, inputs: Inputs, kind, eps=1.0, sms=4, used=("context", "attention"), what=""):
