@@ -82,9 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "and the adversarial pass; 'none': the raw embeddings (word methods before issue 15). "
                           "Default: frequency for word_at/word_iat, none for the other methods")
     adv.add_argument("--word-iat-norm", choices=WORD_IAT_NORMS, default="coefficients",
-                     help="word_iat only: 'coefficients' (Sato et al. 2018): the coefficients of the neighbour "
-                          "directions have norm eps over the example; 'perturbation': the perturbation has norm eps "
-                          "(before issue 15)")
+                     help="word_iat only: 'coefficients' (Sato et al. 2018's public code): each token's "
+                          "coefficients of its neighbour directions have unit norm, then the perturbation has norm "
+                          "eps per example; 'perturbation': only the latter (before issue 15)")
     adv.add_argument("--robustness-eps", type=non_negative_float, default=None,
                      help="size of the test-time AT perturbation of the attention scores for the robustness "
                           "numbers (default: --eps)")

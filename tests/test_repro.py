@@ -210,23 +210,22 @@ def test_word_methods_default_to_normalised_embeddings():
 
 
 def word_iat_loop(embedded, grad, neighbours, mask, eps):
-    """Sato et al. (2018) written out: d_tk = (w_k - w_t) / ||w_k - w_t||, the coefficient gradients
-    k_tk = <g_t, d_tk>, alpha = eps * k / ||k|| over the example's (valid token, neighbour) pairs,
-    r_t = sum_k alpha_tk d_tk."""
+    """Sato et al. (2018) as their public code computes it, written out: d_tk = (w_k - w_t) / ||w_k - w_t||, the
+    coefficient gradients k_tk = <g_t, d_tk>, alpha_t = k_t / ||k_t|| per token over its K neighbours,
+    u_t = sum_k alpha_tk d_tk, r_b = eps * u_b / ||u_b|| over the example's valid tokens (SPEC)."""
     B, T, K, E = neighbours.shape
     r = torch.zeros(B, T, E, dtype=torch.float64)
     for b in range(B):
-        d, k = {}, {}
         for t in range(T):
             if not mask[b, t]:
                 continue
+            d = [(neighbours[b, t, j] - embedded[b, t]).double() for j in range(K)]
+            d = [x / x.norm() for x in d]
+            k = [float(grad[b, t].double() @ x) for x in d]
+            norm_k = sum(v * v for v in k) ** 0.5
             for j in range(K):
-                diff = (neighbours[b, t, j] - embedded[b, t]).double()
-                d[t, j] = diff / diff.norm()
-                k[t, j] = float(grad[b, t].double() @ d[t, j])
-        norm = sum(v * v for v in k.values()) ** 0.5
-        for (t, j), value in k.items():
-            r[b, t] += eps * value / norm * d[t, j]
+                r[b, t] += k[j] / norm_k * d[j]
+        r[b] = eps * r[b] / r[b].norm()
     return r
 
 
@@ -241,7 +240,9 @@ def test_word_iat_coefficients_match_the_loop_definition():
     want = word_iat_loop(embedded, grad, neighbours, mask, 0.7)
     assert torch.allclose(got, want, atol=1e-10)
     assert torch.all(got[~mask] == 0)
-    # not the same as normalising the perturbation itself (the older default)
+    assert torch.allclose(got.flatten(1).norm(dim=-1), torch.full((B,), 0.7, dtype=torch.float64))
+    # not the same as normalising the perturbation alone (the older default): the per-token coefficient norm
+    # weighs each token's direction equally, whatever its gradient's size
     old = python_ref.word_iat_perturbation(embedded, grad, neighbours, mask, eps=0.7, normalize="perturbation")
     assert not torch.allclose(old, want, atol=1e-3)
     assert torch.allclose(old.flatten(1).norm(dim=-1), torch.full((B,), 0.7, dtype=torch.float64))

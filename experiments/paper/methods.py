@@ -38,8 +38,9 @@ COMPAT_METHODS = ("attention_at", "attention_iat")
 DEFAULT_EPS = {"vanilla": 1.0, "word_at": 1.0, "word_iat": 2.0, "attention_rp": 0.5, "attention_at": 0.5,
                "attention_iat": 0.5}
 COMPAT_MODES = (None, "released")
-# Word iAT's normalisation (python_ref.word_iat_perturbation): "coefficients" = Sato et al.'s alpha = eps g / ||g||
-# over the example's coefficients (train.py's default); "perturbation" = ||r|| = eps (before issue 15).
+# Word iAT's normalisation (python_ref.word_iat_perturbation): "coefficients" = Sato et al.'s public code: each
+# token's coefficients normalised over its K neighbours, then ||r_b|| = eps per example (train.py's default);
+# "perturbation" = only ||r_b|| = eps (before issue 15).
 WORD_IAT_NORMS = ("coefficients", "perturbation")
 
 
