@@ -28,14 +28,21 @@ def _backend_module(backend: str):
     return reference
 
 
-# Backends whose kernels check the values they read (NaN or inf at real positions raise ValueError): the
-# separate check (isfinite & mask, any, per tensor) cost ~25 us per tensor, more than the whole CPU kernel at
-# small shapes. The other backends get the check here, before the call.
-_KERNEL_CHECKS_VALUES = ("cpu", "triton")
+# Backends whose kernels check the values they read (NaN or inf at real positions): the separate check
+# (isfinite & mask, any, per tensor) cost ~25 us per tensor, more than the whole CPU kernel at small shapes. The
+# reference gets the check here, before the call.
+_KERNEL_CHECKS_VALUES = ("cpu", "cuda", "triton")
 
 
 def _check_or_defer_values(backend, scores, mask, grad, noise) -> None:
+    """On CPU tensors the kernels raise ValueError themselves. On CUDA tensors the kernels (cuda and triton) set
+    a device-side flag that raises through torch._assert_async without a host sync, which is what runs under
+    torch.compile and CUDA-graph capture; but such an assert surfaces late and leaves the CUDA context unusable,
+    so in plain eager mode the values are also checked here first, for a clean ValueError naming the argument."""
     if backend not in _KERNEL_CHECKS_VALUES:
+        check_values(scores, mask, grad, noise)
+    elif (scores.device.type == "cuda" and not torch.compiler.is_compiling()
+          and not torch.cuda.is_current_stream_capturing()):
         check_values(scores, mask, grad, noise)
 
 
