@@ -332,3 +332,36 @@ def check_low_precision_against_reference(backend: str, inputs: Inputs, kind: st
     reference64, reference32 = low_precision_references(inputs, kind, eps, used)
     assert_within_ulp_rule(actual, reference64, reference32, inputs.h.dtype,
                            what=what or f"{backend} {inputs.h.dtype} kind={kind} eps={eps}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hypothesis: random (inputs, kind, eps) cases of attention_pool
+
+
+def pool_cases(max_batch: int = 5, max_length: int = 40, max_hidden: int = 17):
+    """A hypothesis strategy of (Inputs with a drawn mask: none, right padding with possibly empty rows, or any
+    pattern; kind; eps)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw):
+        batch = draw(st.integers(1, max_batch))
+        length = draw(st.integers(1, max_length))
+        hidden = draw(st.integers(1, max_hidden))
+        mask_kind = draw(st.sampled_from(("none", "lengths", "any")))
+        if mask_kind == "none":
+            mask = None
+        elif mask_kind == "lengths":  # right padding, a length may be 0 (fully masked row)
+            lengths = draw(st.lists(st.integers(0, length), min_size=batch, max_size=batch))
+            mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+        else:
+            bits = draw(st.lists(st.booleans(), min_size=batch * length, max_size=batch * length))
+            mask = torch.tensor(bits, dtype=torch.bool).reshape(batch, length)
+        kind = draw(st.sampled_from(KINDS))
+        eps = draw(st.one_of(st.sampled_from((0.0, 1.0)), st.floats(0.0, 20.0)))
+        scale = draw(st.sampled_from((0.1, 2.0, 10.0)))
+        seed = draw(st.integers(0, 2**16))
+        inputs = make_inputs(batch, length, hidden, "none", seed=seed, score_scale=scale)
+        return dataclasses.replace(inputs, mask=mask), kind, eps
+
+    return cases()

@@ -9,11 +9,11 @@ import warnings
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import fused_attn_at
 import python_ref
 from _helpers import (  # noqa: F401  (backend is a fixture)
+    pool_cases,
     FUSED_BACKENDS,
     KINDS,
     MASK_PATTERNS,
@@ -295,28 +295,6 @@ def test_second_backward_with_retain_graph(backend, kind):
 
 # Per backend example counts, bounded so the file stays fast (the interpreter is slow).
 EXAMPLES = {"cpu": 60, "triton": 10}
-
-
-@st.composite
-def pool_cases(draw):
-    batch = draw(st.integers(1, 5))
-    length = draw(st.integers(1, 40))
-    hidden = draw(st.integers(1, 17))
-    mask_kind = draw(st.sampled_from(("none", "lengths", "any")))
-    if mask_kind == "none":
-        mask = None
-    elif mask_kind == "lengths":  # right padding, a length may be 0 (fully masked row)
-        lengths = draw(st.lists(st.integers(0, length), min_size=batch, max_size=batch))
-        mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
-    else:
-        bits = draw(st.lists(st.booleans(), min_size=batch * length, max_size=batch * length))
-        mask = torch.tensor(bits, dtype=torch.bool).reshape(batch, length)
-    kind = draw(st.sampled_from(KINDS))
-    eps = draw(st.one_of(st.sampled_from((0.0, 1.0)), st.floats(0.0, 20.0)))
-    scale = draw(st.sampled_from((0.1, 2.0, 10.0)))
-    seed = draw(st.integers(0, 2**16))
-    inputs = make_inputs(batch, length, hidden, "none", seed=seed, score_scale=scale)
-    return dataclasses.replace(inputs, mask=mask), kind, eps
 
 
 @pytest.mark.parametrize("backend_name", FUSED_BACKENDS)

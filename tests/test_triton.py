@@ -32,8 +32,9 @@ from _helpers import (
     check_perturbation_against_reference,
     cotangents,
     fused_pool,
-    make_inputs,
     low_precision_references,
+    make_inputs,
+    pool_cases,
     pool_with_grads,
     require_backend,
     ulp_rule_violations,
@@ -507,24 +508,9 @@ BLOCK_EXAMPLES = {"pool": 20, "perturbation": 20}
 
 @st.composite
 def block_cases(draw):
-    batch = draw(st.integers(1, 6))
-    length = draw(st.integers(1, 40))
-    hidden = draw(st.integers(1, 12))
-    mask_kind = draw(st.sampled_from(("none", "lengths", "any")))
-    if mask_kind == "none":
-        mask = None
-    elif mask_kind == "lengths":  # right padding; a length of 0 is a fully masked row
-        lengths = draw(st.lists(st.integers(0, length), min_size=batch, max_size=batch))
-        mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
-    else:
-        bits = draw(st.lists(st.booleans(), min_size=batch * length, max_size=batch * length))
-        mask = torch.tensor(bits, dtype=torch.bool).reshape(batch, length)
-    kind = draw(st.sampled_from(KINDS))
-    eps = draw(st.one_of(st.sampled_from((0.0, 1.0)), st.floats(0.0, 20.0)))
-    scale = draw(st.sampled_from((0.1, 2.0, 10.0)))
-    seed = draw(st.integers(0, 2**16))
-    inputs = make_inputs(batch, length, hidden, "none", seed=seed, score_scale=scale)
-    return dataclasses.replace(inputs, mask=mask), kind, eps, draw(LAUNCHES)
+    """pool_cases (B <= 6, T <= 40, H <= 12) with launch parameters drawn too."""
+    inputs, kind, eps = draw(pool_cases(max_batch=6, max_length=40, max_hidden=12))
+    return inputs, kind, eps, draw(LAUNCHES)
 
 
 @settings(max_examples=BLOCK_EXAMPLES["pool"], deadline=None, derandomize=True, database=None)
