@@ -41,6 +41,17 @@ def _direction(inputs, kind):
     return dict(grad=inputs.grad if kind in ("at", "iat") else None, noise=inputs.noise if kind == "rp" else None)
 
 
+def _clean_and_adversarial(pair: bool, h, scores, inputs, kind, backend):
+    """(clean, adversarial) pooling outputs from the pair op, or from the two single ops it replaces."""
+    if pair:
+        return fused_attn_at.attention_pool_pair(h, scores, inputs.mask, perturbation=kind, eps=EPS, backend=backend,
+                                                 **_direction(inputs, kind))
+    clean = fused_attn_at.attention_pool(h, scores, inputs.mask, backend=backend)
+    adv = fused_attn_at.attention_pool(h, scores, inputs.mask, perturbation=kind, eps=EPS, backend=backend,
+                                       **_direction(inputs, kind))
+    return clean, adv
+
+
 def _pair_vs_singles(backend, inputs, kind, h_layout="contiguous"):
     """(pair results, two-single-op results): the four outputs, then dL/dh and dL/dscores for one random
     cotangent of each output, both as dicts of float64 tensors."""
@@ -54,13 +65,7 @@ def _pair_vs_singles(backend, inputs, kind, h_layout="contiguous"):
         scores = inputs.scores.detach().clone().requires_grad_()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # iAT with a batch of one
-            if pair:
-                clean, adv = fused_attn_at.attention_pool_pair(h, scores, inputs.mask, perturbation=kind, eps=EPS,
-                                                               backend=backend, **_direction(inputs, kind))
-            else:
-                clean = fused_attn_at.attention_pool(h, scores, inputs.mask, backend=backend)
-                adv = fused_attn_at.attention_pool(h, scores, inputs.mask, perturbation=kind, eps=EPS, backend=backend,
-                                                   **_direction(inputs, kind))
+            clean, adv = _clean_and_adversarial(pair, h, scores, inputs, kind, backend)
         outs = (clean.context, clean.attention, adv.context, adv.attention)
         loss = sum((o * c).sum() for o, c in zip(outs, cot))
         grad_h, grad_scores = torch.autograd.grad(loss, (h, scores))
@@ -147,13 +152,7 @@ def test_pair_double_backward_equals_two_single_ops(backend, kind):
     results = []
     for pair in (True, False):
         h, scores = inputs.leaves()
-        if pair:
-            clean, adv = fused_attn_at.attention_pool_pair(h, scores, inputs.mask, perturbation=kind, eps=EPS,
-                                                           backend=backend, **_direction(inputs, kind))
-        else:
-            clean = fused_attn_at.attention_pool(h, scores, inputs.mask, backend=backend)
-            adv = fused_attn_at.attention_pool(h, scores, inputs.mask, perturbation=kind, eps=EPS, backend=backend,
-                                               **_direction(inputs, kind))
+        clean, adv = _clean_and_adversarial(pair, h, scores, inputs, kind, backend)
         loss = (torch.tanh(clean.context) * w_clean).sum() + (adv.context * w_adv).sum() + (adv.attention ** 2).sum()
         gh, gs = torch.autograd.grad(loss, (h, scores), create_graph=True)
         penalty = (gh ** 2).sum() + (gs ** 3).sum()
