@@ -13,6 +13,7 @@ needs (the reference: G itself, and the clean scores for iAT), and passes the re
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -103,7 +104,11 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
 
 
 def _backend_module(backend: str | None, device: torch.device | None = None):
-    """backend None: 'cpu' for CPU tensors when fused_attn_at._C has its kernels, else the reference."""
+    """backend None: $FUSED_ATTN_AT_BACKEND when it names a self-attention backend ('cpu' or 'reference'; the
+    attention_pool-only names are ignored here), else 'cpu' for CPU tensors when fused_attn_at._C has its kernels,
+    else the reference."""
+    if backend is None and os.environ.get("FUSED_ATTN_AT_BACKEND") in SELF_ATTENTION_BACKENDS:
+        backend = os.environ["FUSED_ATTN_AT_BACKEND"]
     if backend is None:
         backend = "cpu" if device is not None and why_unavailable("cpu", device) is None else "reference"
     if backend == "reference":
