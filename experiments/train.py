@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="examples per step, per process with torchrun (default: 50 for bAbI as Jain & Wallace, "
                           "else 32)")
     opt.add_argument("--lr", type=positive_float, default=None,
-                     help="learning rate (default: 1e-3, Adam amsgrad; with --hf-model 2e-5, AdamW)")
+                     help="Adam (amsgrad) learning rate; with --hf-model AdamW at 2e-5 unless given (default: 0.001)")
     opt.add_argument("--weight-decay", type=non_negative_float, default=1e-5,
                      help="L2 weight decay of every parameter except the attention's")
     opt.add_argument("--dropout", type=float, default=0.0,

