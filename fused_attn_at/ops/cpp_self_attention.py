@@ -27,6 +27,7 @@ What this backend hands to the reference (materialised maps, python_ref): iAT (i
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -230,10 +231,18 @@ def _check_dense_finite(name, x, q, k, key_mask, causal, bias, query_mask):
     _check_finite_at(name, x, valid)
 
 
+_warned_dropout: list = []
+
+
 def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,
                         dropout_p, generator, record, iat_max_bytes):
     """(O [B, nh, Tq, dv], None); `grad` is a tensor G or the CleanPassRecord of the same layer's clean call."""
     if kind == "iat" or dropout_p > 0 or (record is not None and record.keep_scores):
+        if dropout_p > 0 and not _warned_dropout and not torch.compiler.is_compiling():
+            _warned_dropout.append(True)
+            warnings.warn("fused_attn_at: the cpu self-attention backend has no fused attention dropout yet; calls "
+                          "with dropout_p > 0 run the reference, which materialises [B, nh, Tq, Tk] maps (set the "
+                          "model's attention dropout to 0 to keep the fused kernels)", RuntimeWarning, stacklevel=4)
         return _reference.perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm,
                                               attn_mask, query_mask, dropout_p, generator, record, iat_max_bytes)
     _require()
