@@ -383,14 +383,16 @@ def test_opcheck_sa_bwd_rowsq_noise(kind):
     torch.library.opcheck(torch.ops.fused_attn_at.sa_rp_noise, (q, k, 9))
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("kind", [None, "at"])
+def test_compile_fullgraph_matches_eager(kind):
     args, kw = make_case("causal_bias")
     torch._dynamo.reset()
+    extra = {} if kind is None else dict(perturbation="at", grad=_t(2, 2, 70, 70, seed=5), norm="row")
 
     def f(q, k, v, key_mask, bias):
-        return fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True, bias=bias, backend="cpu")
+        return fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True, bias=bias, backend="cpu", **extra)
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
     q, k, v, m = args
     out = compiled(q, k, v, m, kw["bias"])
     ref = f(q, k, v, m, kw["bias"])
