@@ -80,3 +80,9 @@ def test_attention_pool(benchmark, case, roofline, compiled_reference, bench_set
     gbps = nbytes / median / 1e9
     info.update(effective_gbps=gbps, pct_read_bw=100 * gbps / bw["read_gbps"],
                 pct_copy_bw=100 * gbps / bw["copy_gbps"])
+    info.update(benchlib.round_percentiles(benchmark.stats.stats))
+    info["working_set_bytes"] = benchlib.working_set_bytes(case.B, case.T, case.H, case.dtype, case.mode)
+    floor = benchlib.roofline_seconds(bw, case.B, case.T, case.H, case.dtype, case.perturbation, case.mode)
+    if floor is not None:
+        info.update(roofline_s=floor, pct_roofline=100 * floor / median)
+

@@ -37,13 +37,17 @@ BACKENDS = (("cpu", "eager"), ("cpu", "compile"), ("cpu", "cpu"),
 FUSED = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 BASELINES = ("eager", "compile")
 
-# The issue's goals (CPU, float32, 2 threads).
+# The issue's goals (issue 17 item 4; CPU, float32, 2 threads), each a ratio measured in one run.
 GOAL_SHAPE = (64, 256, 256)
-GOAL_EAGER_SPEEDUP = 5.0
-GOAL_COMPILE_SPEEDUP = 2.0
+GOAL_EAGER_SPEEDUP = 4.0  # op fwd+bwd end-to-end p50 vs python_ref eager
+GOAL_COMPILE_SPEEDUP = 2.5  # ... vs torch.compile(python_ref)
+GOAL_ROOFLINE_FRACTION = 0.70  # ... roofline time at its working-set size / p50
+GOAL_P90_P50 = 1.3  # ... p90 / p50 of the end-to-end time
 GOAL_LONG_T = 1024
-GOAL_READ_FRACTION = 0.50
-GOAL_AT_STEP_RATIO = 1.25
+GOAL_READ_FRACTION = 0.70  # T >= 1024, fwd and bwd: effective GB/s / read bandwidth at the working-set size
+GOAL_LONG_MODES = ("fwd", "bwd")
+GOAL_PAIR_RATIO = 1.3  # pooling part of an attention_at step (both branches, fwd+bwd) / vanilla's pooling part
+GOAL_AT_STEP_RATIO = 1.25  # whole training step (issue 14), still reported
 
 ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
@@ -91,6 +95,65 @@ def ideal_bytes(B: int, T: int, H: int, dtype: str, perturbation: str, mode: str
     fwd = bth * e + bt * e + bt + (bt * e if perturbation != "none" else 0) + bh * e + bt * e
     bwd = bh * e + bth * e + bt * e + bth * e + bt * e
     return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}[mode]
+
+
+def ideal_bytes_split(B: int, T: int, H: int, dtype: str, perturbation: str, mode: str) -> tuple[int, int]:
+    """(bytes read, bytes written) of ideal_bytes: the roofline prices reads and writes at their own bandwidth."""
+    e = ELEMENT_SIZE[dtype]
+    bt, bth, bh = B * T, B * T * H, B * H
+    fwd = (bth * e + bt * e + bt + (bt * e if perturbation != "none" else 0), bh * e + bt * e)
+    bwd = (bh * e + bth * e + bt * e, bth * e + bt * e)
+    if mode == "fwd":
+        return fwd
+    if mode == "bwd":
+        return bwd
+    return fwd[0] + bwd[0], fwd[1] + bwd[1]
+
+
+def working_set_bytes(B: int, T: int, H: int, dtype: str, mode: str) -> int:
+    """Distinct bytes a call touches, i.e. what has to fit in a cache level for the call to run from it:
+    forward h (+ the [B,T]/[B,H] arrays); backward and fwd+bwd h and dh (each read or written once per pass,
+    so fwd+bwd at B=64 T=256 H=256 touches 32 MiB although it moves 48 MiB)."""
+    e = ELEMENT_SIZE[dtype]
+    bt, bth, bh = B * T, B * T * H, B * H
+    small = 6 * bt * e + 2 * bh * e
+    return (bth if mode == "fwd" else 2 * bth) * e + small
+
+
+def roofline_seconds(profile: dict, B: int, T: int, H: int, dtype: str, perturbation: str, mode: str):
+    """The least time a kernel needs to move a call's ideal bytes: reads at the read bandwidth and writes at
+    the write bandwidth measured at the call's working-set size (bandwidth.bandwidth_at). None without a
+    per-size profile."""
+    import bandwidth
+
+    ws = working_set_bytes(B, T, H, dtype, mode)
+    read_bw, write_bw = bandwidth.bandwidth_at(profile, ws, "read"), bandwidth.bandwidth_at(profile, ws, "write")
+    if read_bw is None or write_bw is None:
+        return None
+    nread, nwrite = ideal_bytes_split(B, T, H, dtype, perturbation, mode)
+    return nread / (read_bw * 1e9) + nwrite / (write_bw * 1e9)
+
+
+def percentiles(times) -> dict:
+    """{'p10', 'p50', 'p90'} of a list of seconds."""
+    import bandwidth
+
+    return {f"p{q}": bandwidth.percentile(times, q) for q in (10, 50, 90)}
+
+
+def round_percentiles(stats) -> dict:
+    """p10/p50/p90 of a pytest-benchmark case's timed rounds, per call (scaled so that p50 is its median)."""
+    data = list(getattr(stats, "data", []) or [])
+    if not data:
+        return {}
+    p = percentiles(data)
+    scale = stats.median / p["p50"] if p["p50"] else 1.0
+    return {k: v * scale for k, v in p.items()}
+
+
+def bench_set_of(config) -> str:
+    """--bench-set, else $FUSED_ATTN_AT_BENCH_SET, else full (as conftest.bench_option reads it)."""
+    return config.getoption("--bench-set") or os.environ.get("FUSED_ATTN_AT_BENCH_SET", "full")
 
 
 # ---------------------------------------------------------------------------------------------- case sets
@@ -354,3 +417,118 @@ def relative_error(x, ref) -> float:
 
 # Loose on purpose: tests/ checks accuracy; this only catches a benchmark that times the wrong thing.
 SANITY_RTOL = {"float32": 1e-3, "bfloat16": 6e-2, "float16": 1e-2, "float64": 1e-9}
+
+
+# ------------------------------------------------------------------ kernel vs end-to-end (issue 17 item 2)
+# Where the end-to-end time of the op beyond its kernels goes, measured: bench_op_breakdown.py.
+BREAKDOWN_GOAL_CASES = tuple((GOAL_SHAPE, p) for p in PERTURBATIONS) + (((64, 1024, 256), "none"),
+                                                                          ((64, 4096, 256), "none"))
+BREAKDOWN_SMOKE_CASES = (((4, 16, 32), "none"), ((4, 16, 32), "at"))
+ALLOC_OPS = ("aten::empty", "aten::empty_like", "aten::empty_strided", "aten::zeros", "aten::zeros_like",
+             "aten::zero_", "aten::fill_", "aten::new_empty", "aten::new_zeros", "aten::new_empty_strided")
+
+
+def rusage_counters() -> dict:
+    """This process's minor page faults and context switches (voluntary: waits; involuntary: preempted by
+    another process, i.e. the host taking the core) so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"minflt": r.ru_minflt, "nvcsw": r.ru_nvcsw, "nivcsw": r.ru_nivcsw}
+
+
+def timed_samples(fn, rounds: int) -> tuple[list[float], dict]:
+    """(seconds of each of `rounds` calls, rusage counters per call over them)."""
+    import time
+
+    before = rusage_counters()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    after = rusage_counters()
+    return times, {k: (after[k] - before[k]) / max(rounds, 1) for k in before}
+
+
+def breakdown_callables(case: Case, inputs: dict) -> dict:
+    """name -> callable of one fwd+bwd of the cpu op, at three depths:
+        e2e      the public op: fused_attn_at.attention_pool(...) + torch.autograd.grad (what training pays)
+        public_fwd_nograd  the public op's forward under no_grad (Python checks, dispatch, kernel; no autograd)
+        ops      torch.ops.fused_attn_at.attention_pool_fwd + attention_pool_bwd called directly under no_grad
+                 on pre-allocated, reused inputs: the kernels and the allocation of their outputs (the C++ ops
+                 have no out= entry), nothing of Python's or autograd's
+        ops_fwd, ops_bwd   each of the two alone."""
+    import torch
+
+    import fused_attn_at
+    from fused_attn_at.ops import KIND
+
+    h, scores, mask, dc = inputs["h"], inputs["scores"], inputs["mask"], inputs["dcontext"]
+    kw = pool_kwargs(case, inputs)
+    kind = KIND[kw["perturbation"]]
+    direction = inputs["noise"] if case.perturbation == "rp" else inputs["grad"]
+    hd, sd = h.detach(), scores.detach()
+    ops = torch.ops.fused_attn_at
+    with torch.no_grad():
+        _, attention = ops.attention_pool_fwd(hd, sd, mask, direction, kind, 1.0)
+
+    def e2e():
+        out = fused_attn_at.attention_pool(h, scores, mask, backend="cpu", **kw)
+        return torch.autograd.grad(out.context, (h, scores), dc)
+
+    def public_fwd_nograd():
+        with torch.no_grad():
+            return fused_attn_at.attention_pool(h, scores, mask, backend="cpu", **kw)
+
+    def ops_fwd():
+        with torch.no_grad():
+            return ops.attention_pool_fwd(hd, sd, mask, direction, kind, 1.0)
+
+    def ops_bwd():
+        with torch.no_grad():
+            return ops.attention_pool_bwd(dc, None, hd, attention)
+
+    def ops_both():
+        with torch.no_grad():
+            _, att = ops.attention_pool_fwd(hd, sd, mask, direction, kind, 1.0)
+            return ops.attention_pool_bwd(dc, None, hd, att)
+
+    return {"e2e": e2e, "public_fwd_nograd": public_fwd_nograd, "ops": ops_both, "ops_fwd": ops_fwd,
+            "ops_bwd": ops_bwd}
+
+
+def profile_breakdown(fn, calls: int) -> dict:
+    """Per call, from torch.profiler (CPU) over `calls` calls of fn: self CPU seconds of the fused_attn_at::
+    kernels, of allocation ops (ALLOC_OPS), of autograd's engine and nodes, of other aten ops, and the wall
+    time per call under the profiler; 'outside_ops' = wall - all of them: Python (the op's checks, the
+    autograd.grad call) and whatever the profiler does not see. Self times, so nothing is counted twice."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        wall = (time.perf_counter() - t0) / calls
+    parts = {"kernel_s": 0.0, "alloc_s": 0.0, "autograd_s": 0.0, "other_ops_s": 0.0}
+    kernels = {}
+    for ev in prof.key_averages():
+        self_s = ev.self_cpu_time_total * 1e-6 / calls
+        if ev.key.startswith("fused_attn_at::"):
+            parts["kernel_s"] += self_s
+            kernels[ev.key] = self_s
+        elif ev.key in ALLOC_OPS:
+            parts["alloc_s"] += self_s
+        elif "autograd" in ev.key:
+            parts["autograd_s"] += self_s
+        else:
+            parts["other_ops_s"] += self_s
+    parts["profiled_wall_s"] = wall
+    parts["outside_ops_s"] = max(0.0, wall - sum(v for k, v in parts.items() if k != "profiled_wall_s"))
+    parts["kernels"] = kernels
+    del torch
+    return parts

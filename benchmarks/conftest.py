@@ -182,17 +182,23 @@ def measure_roofline(config, device: str, when: str) -> dict:
     import bandwidth
 
     threads = int(bench_option(config, "threads"))
-    # With --benchmark-disable nothing is timed: a small array exercises the code in a fraction of a second.
-    mib = 32 if _benchmark_disabled(config) else 256
-    reps = 3 if _benchmark_disabled(config) else 15
-    result = bandwidth.measure_bandwidth(threads=threads, mib=mib, reps=reps, device=device)
+    if device == "cuda":  # a GPU's cache is not the roofline question here: one large copy, as gpu_check.py
+        result = bandwidth.measure_bandwidth(threads=threads, mib=256, reps=15, device=device)
+    elif _benchmark_disabled(config):
+        # Nothing is timed: small arrays exercise the code in a fraction of a second.
+        result = bandwidth.measure_profile(threads=threads, sizes_mib=(1, 4), reps=3, device=device, first_touch_mib=4)
+    else:
+        # Read/write/copy at sizes in L2, L3 and DRAM: each case is judged at its own working-set size.
+        result = bandwidth.measure_profile(threads=threads, sizes_mib=bandwidth.DEFAULT_SIZES_MIB, reps=15,
+                                           device=device)
     _BANDWIDTH.setdefault(device, {})[when] = result
     return result
 
 
 @pytest.fixture(scope="session")
 def roofline(request):
-    """device -> bandwidth measured at the start of this session (measured on first use per device)."""
+    """device -> bandwidth profile measured at the start of this session (measured on first use per device;
+    bandwidth.measure_profile on the CPU: per size, read/write/copy; bandwidth.bandwidth_at reads it)."""
     cache = {}
 
     def get(device: str) -> dict:
