@@ -88,33 +88,32 @@ def _synthetic_setup(data):
     return batch, len(vocab), None, "synthetic SST-like lengths, random embeddings (smoke)"
 
 
-@pytest.fixture(scope="session")
-def step_setup(bench_settings):
-    """(batch, vocabulary size, pretrained vectors or None, where the batch comes from)."""
+def load_step_setup(smoke: bool):
+    """(batch, vocabulary size, pretrained vectors or None, where the batch comes from); raises RuntimeError
+    with the reason when experiments/ cannot be imported. Also used by allocator.py's worker processes."""
     modules, reason = _experiments()
     if modules is None:
-        pytest.skip(reason)
+        raise RuntimeError(reason)
     train_cli, data, _, training = modules
-    if bench_settings["set"] == "smoke":
+    if smoke:
         return _synthetic_setup(data)
     return _real_setup(train_cli, data, training)
 
 
-def _pool_backend() -> str:
-    import fused_attn_at
-
+@pytest.fixture(scope="session")
+def step_setup(bench_settings):
+    """(batch, vocabulary size, pretrained vectors or None, where the batch comes from)."""
     try:
-        return fused_attn_at.resolve_backend(None, torch.device("cpu"))
-    except Exception as exc:  # noqa: BLE001
-        return f"unknown ({type(exc).__name__})"
+        return load_step_setup(bench_settings["set"] == "smoke")
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
 
 
-@pytest.mark.filterwarnings("ignore:fused_attn_at. no fused kernel")
-@pytest.mark.parametrize("name", list(STEP_METHODS))
-def test_training_step(benchmark, name, step_setup, bench_settings):
+def make_step(name: str, step_setup):
+    """(step callable: zero_grad, objective, backward, optimizer step -> detached loss; model, config)."""
     (train_cli, _, methods, training), _ = _experiments()
-    batch, vocab_size, pretrained, batch_source = step_setup
-    method, compat, description = STEP_METHODS[name]
+    batch, vocab_size, pretrained, _ = step_setup
+    method, compat, _ = STEP_METHODS[name]
     config = _default_config(train_cli, method, compat)
     if pretrained is not None:
         config["embed_size"] = pretrained.shape[1]
@@ -131,6 +130,25 @@ def test_training_step(benchmark, name, step_setup, bench_settings):
         result.loss.backward()
         optimizer.step()
         return result.loss.detach()
+
+    return step, model, config
+
+
+def _pool_backend() -> str:
+    import fused_attn_at
+
+    try:
+        return fused_attn_at.resolve_backend(None, torch.device("cpu"))
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({type(exc).__name__})"
+
+
+@pytest.mark.filterwarnings("ignore:fused_attn_at. no fused kernel")
+@pytest.mark.parametrize("name", list(STEP_METHODS))
+def test_training_step(benchmark, name, step_setup, bench_settings):
+    batch, vocab_size, pretrained, batch_source = step_setup
+    description = STEP_METHODS[name][2]
+    step, model, config = make_step(name, step_setup)
 
     benchmark.group = "training step (experiments/train.py defaults: BiLSTM, SST, batch 32)"
     info = benchmark.extra_info
@@ -156,3 +174,4 @@ def test_training_step(benchmark, name, step_setup, bench_settings):
         samples.append(time.perf_counter() - t0)
     rounds = max(bench_settings["min_rounds"], min(500, round(2 * bench_settings["time"] / statistics.median(samples))))
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["pct"] = benchlib.round_percentiles(benchmark.stats.stats)

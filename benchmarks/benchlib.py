@@ -49,6 +49,10 @@ GOAL_LONG_MODES = ("fwd", "bwd")
 GOAL_PAIR_RATIO = 1.3  # pooling part of an attention_at step (both branches, fwd+bwd) / vanilla's pooling part
 GOAL_AT_STEP_RATIO = 1.25  # whole training step (issue 14), still reported
 
+# Results of a session that are not pytest-benchmark cases (the allocator table): conftest writes them into the
+# JSON as fused_attn_at_extras.
+RUN_EXTRAS: dict = {}
+
 ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 

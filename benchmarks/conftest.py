@@ -240,3 +240,4 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["fused_attn_at_skipped"] = _SKIPPED
     output_json["fused_attn_at_loadavg"] = {"start": _LOADAVG_START, "end": list(os.getloadavg())}
     output_json["fused_attn_at_other_load"] = _other_load()
+    output_json["fused_attn_at_extras"] = benchlib.RUN_EXTRAS

@@ -1,0 +1,173 @@
+"""What the memory allocator does to CPU training here (issue 17 item 2): the default training step under
+glibc's malloc with its defaults, glibc with its thresholds raised, and jemalloc / tcmalloc preloaded.
+
+    python benchmarks/allocator.py [--steps 200] [--methods attention_at,vanilla] [--threads 2] [--smoke]
+                                   [--json out.json]
+
+Each variant runs in a subprocess of its own (the environment below set before Python starts) that builds the
+step of bench_training_step.py (the model `experiments/train.py` builds by default, on the fixed median-length
+SST batch of 32; --smoke: the synthetic batch), runs warm-up steps, then `--steps` timed steps per method, and
+prints p10/p50/p90 step time, minor page faults and involuntary context switches per step, and its peak RSS.
+    glibc           no variable set (glibc's defaults: mmap for blocks >= a dynamic threshold from 128 KiB,
+                    trimming the heap top beyond 128 KiB)
+    glibc-tuned     MALLOC_MMAP_THRESHOLD_=32 MiB (glibc's largest) and MALLOC_TRIM_THRESHOLD_=1 GiB: freed
+                    memory stays in the process instead of going back to the OS and faulting in again
+    jemalloc        LD_PRELOAD=libjemalloc.so.2 (Debian: apt-get install libjemalloc2)
+    tcmalloc        LD_PRELOAD=libtcmalloc_minimal.so.4 (Debian: apt-get install libtcmalloc-minimal4)
+A variant whose library is not installed is reported as absent; a preload that did not take (the library is
+not mapped into the worker) is reported as such, never timed as if it were that allocator. The variants run
+in order twice (ABCD ABCD) and each variant's times pool both passes, so a slow phase of the machine does not
+land on one variant only. The benchmark session runs this through bench_allocator.py; report.py renders the
+table ("Allocator").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+VARIANTS = {
+    # name: (environment, library to preload or None, what)
+    "glibc": ({}, None, "glibc malloc, defaults"),
+    "glibc-tuned": ({"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}, None,
+                    "glibc, MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=1 GiB"),
+    "jemalloc": ({}, "libjemalloc.so.2", "jemalloc 5 (LD_PRELOAD)"),
+    "tcmalloc": ({}, "libtcmalloc_minimal.so.4", "tcmalloc-minimal (LD_PRELOAD)"),
+}
+DEFAULT_METHODS = ("attention_at", "vanilla")  # attention_at is train.py's default method
+
+
+def find_library(name: str) -> str | None:
+    for folder in LIB_DIRS:
+        path = pathlib.Path(folder) / name
+        if path.exists():
+            return str(path)
+    return None
+
+
+def _mapped(fragment: str) -> bool:
+    try:
+        return fragment in pathlib.Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def worker(methods, steps: int, warmup: int, threads: int, smoke: bool) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(HERE))
+    import benchlib
+    import bench_training_step as bts
+
+    setup = bts.load_step_setup(smoke)
+    out = {"methods": {}, "threads": threads, "batch_source": setup[3]}
+    built = {m: bts.make_step(m, setup)[0] for m in methods}
+    for step in built.values():
+        for _ in range(warmup):
+            step()
+    for method, step in built.items():
+        times, counters = benchlib.timed_samples(step, steps)
+        out["methods"][method] = {**benchlib.percentiles(times), "times": times, **counters}
+    import resource
+
+    out["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["maps"] = {name: _mapped(name) for name in ("jemalloc", "tcmalloc")}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run_variant(name: str, methods, steps: int, warmup: int, threads: int, smoke: bool, timeout: float = 900) -> dict:
+    env_extra, lib, what = VARIANTS[name]
+    result = {"variant": name, "what": what, "env": dict(env_extra)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    env.update(env_extra)
+    if lib is not None:
+        path = find_library(lib)
+        if path is None:
+            result["absent"] = f"{lib} is not installed"
+            return result
+        env["LD_PRELOAD"] = path
+        result["env"]["LD_PRELOAD"] = path
+    cmd = [sys.executable, "-P", str(HERE / "allocator.py"), "--worker", "--methods", ",".join(methods),
+           "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)] + (["--smoke"] if smoke else [])
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
+    result["wall_s"] = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"allocator variant {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    if lib is not None and not data["maps"].get(name, False):
+        result["absent"] = f"LD_PRELOAD={env['LD_PRELOAD']} did not take (the library is not mapped in the worker)"
+        return result
+    result.update(data)
+    return result
+
+
+def run_all(methods=DEFAULT_METHODS, steps: int = 200, warmup: int = 10, threads: int = 2, smoke: bool = False,
+            variants=tuple(VARIANTS), passes: int = 2) -> dict:
+    """{'variants': {name: {...p10/p50/p90 per method...}}, 'methods', 'steps', 'passes'}"""
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(passes):
+        for name in variants:
+            runs[name].append(run_variant(name, methods, max(1, steps // passes), warmup, threads, smoke))
+    merged = {}
+    for name, parts in runs.items():
+        first = parts[0]
+        if "absent" in first:
+            merged[name] = first
+            continue
+        entry = {k: first[k] for k in ("variant", "what", "env", "threads", "batch_source")}
+        entry["max_rss_mib"] = max(p["max_rss_mib"] for p in parts)
+        entry["methods"] = {}
+        for method in methods:
+            times = [t for p in parts for t in p["methods"][method]["times"]]
+            import benchlib
+
+            entry["methods"][method] = {**benchlib.percentiles(times), "steps": len(times),
+                                        **{k: statistics.mean(p["methods"][method][k] for p in parts)
+                                           for k in ("minflt", "nvcsw", "nivcsw")}}
+        merged[name] = entry
+    return {"variants": merged, "methods": list(methods), "steps": steps, "passes": passes, "smoke": smoke}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per method and variant (default 200)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="synthetic batch (seconds)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the result here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if args.worker:
+        print(json.dumps(worker(methods, args.steps, args.warmup, args.threads, args.smoke)))
+        return 0
+    sys.path.insert(0, str(HERE))
+    result = run_all(methods, args.steps, args.warmup, args.threads, args.smoke,
+                     tuple(v for v in args.variants.split(",") if v))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    for name, v in result["variants"].items():
+        if "absent" in v:
+            print(f"{name:12s} absent: {v['absent']}")
+            continue
+        cells = "  ".join(f"{m} p50 {1e3 * s['p50']:.2f} ms p90 {1e3 * s['p90']:.2f} ms faults/step {s['minflt']:.0f}"
+                          for m, s in v["methods"].items())
+        print(f"{name:12s} {cells}  peak RSS {v['max_rss_mib']:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
