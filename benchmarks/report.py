@@ -42,18 +42,24 @@ OTHER_LOAD_LIMIT = 0.05
 # ------------------------------------------------------------------------------------------ loading
 def load(path: pathlib.Path) -> dict:
     data = json.loads(path.read_text())
-    pool, steps = {}, {}
+    pool, steps, breakdown, pair = {}, {}, {}, {}
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         median = bench["stats"]["median"]
-        if info.get("kind") == "training_step":
+        kind = info.get("kind")
+        if kind == "training_step":
             steps[info["method"]] = {"median": median, "rounds": bench["stats"]["rounds"], **info}
+        elif kind == "op_breakdown":
+            breakdown[(info["B"], info["T"], info["H"], info["perturbation"])] = {"median": median, **info}
+        elif kind == "pair_step":
+            pair[info["variant"]] = {"median": median, "rounds": bench["stats"]["rounds"], **info}
         elif "backend" in info:
             key = (info["device"], info["dtype"], info["B"], info["T"], info["H"], info["perturbation"],
                    info["mode"], info["backend"])
             pool[key] = {"median": median, "rounds": bench["stats"]["rounds"], "iqr": bench["stats"].get("iqr"),
                          "iterations": bench["stats"]["iterations"], **info}
-    return {"raw": data, "pool": pool, "steps": steps}
+    return {"raw": data, "pool": pool, "steps": steps, "breakdown": breakdown, "pair": pair,
+            "allocator": data.get("fused_attn_at_extras", {}).get("allocator")}
 
 
 def fmt_time(seconds: float | None) -> str:
@@ -96,75 +102,210 @@ def read_bw(raw: dict, device: str) -> float | None:
     return bw.get("start", {}).get("read_gbps")
 
 
+def bw_profile(raw: dict, device: str = "cpu") -> dict:
+    """The bandwidth profile measured at the start of the run (bandwidth.measure_profile; {} if none)."""
+    return raw.get("fused_attn_at_bandwidth", {}).get(device, {}).get("start", {})
+
+
+def roofline(res: dict, B: int, T: int, H: int, pert: str, mode: str, dtype: str = "float32") -> float | None:
+    """Seconds an ideal kernel needs at the bandwidths of the call's working-set size (benchlib.roofline_seconds)."""
+    profile = bw_profile(res["raw"])
+    return benchlib.roofline_seconds(profile, B, T, H, dtype, pert, mode) if profile.get("sizes") else None
+
+
+def bw_at(res: dict, nbytes: float, kind: str) -> float | None:
+    import bandwidth
+
+    profile = bw_profile(res["raw"])
+    return bandwidth.bandwidth_at(profile, nbytes, kind) if profile.get("sizes") else None
+
+
+def pct_of(entry: dict | None, q: str) -> float | None:
+    """p10/p50/p90 of a case's rounds (recorded by the benchmark); p50 falls back to the median."""
+    if entry is None:
+        return None
+    if entry.get(q) is not None:
+        return entry[q]
+    return entry["median"] if q == "p50" else None
+
+
+def fmt_pcts(p: dict | None) -> str:
+    if not p:
+        return NONE
+    return " / ".join(fmt_time(p.get(q)) for q in ("p10", "p50", "p90"))
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.3g} MiB"
+
+
 # --------------------------------------------------------------------------------------------- goals
-def goal_rows(res: dict) -> list[tuple[str, str, str, str]]:
-    """(goal, target, measured, met) rows for the issue's goals (CPU, float32)."""
-    pool, raw = res["pool"], res["raw"]
+PASSES = {"vanilla": (2, 1), "pair-at": (4, 1), "pair-iat": (4, 1), "pair-rp": (2, 1),
+          "two_ops-at": (5, 4), "two_ops-iat": (5, 4), "two_ops-rp": (4, 3)}
+"""(reads of h, writes of a [B,T,H] gradient) of the pooling part of one step, fwd+bwd (fused_attn_at/training.py;
+the two-op path also reads the 2 dh it sums)."""
+
+
+def goal_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
+    """(goal, target, measured, verdict, what bounds it) for issue 17's goals (CPU, float32): the last cell says,
+    for a goal not met, the measurement that bounds it (bytes, the bandwidth at that size, where else the time
+    goes); empty for a met one."""
+    pool = res["pool"]
     rows = []
     B, T, H = benchlib.GOAL_SHAPE
-    for perturbation in benchlib.PERTURBATIONS:
-        base = ("cpu", "float32", B, T, H, perturbation, "fwdbwd")
+    for pert in benchlib.PERTURBATIONS:
+        base = ("cpu", "float32", B, T, H, pert, "fwdbwd")
         fused = pool.get(base + ("cpu",))
+        floor = roofline(res, B, T, H, pert, "fwdbwd")
+        p50 = pct_of(fused, "p50")
+        where = f"op fwd+bwd, B={B} T={T} H={H}, {pert}, end-to-end p50"
+        frac = floor / p50 if floor is not None and p50 else None
+        rows.append(_goal(f"{where}: % of the roofline at its working set",
+                          f">= {benchlib.GOAL_ROOFLINE_FRACTION:.0%}", NONE if frac is None else
+                          f"{frac:.0%} ({fmt_time(floor)} floor / {fmt_time(p50)})", frac,
+                          benchlib.GOAL_ROOFLINE_FRACTION, lambda: _bound_roofline(res, B, T, H, pert, fused)))
         for backend, target in (("eager", benchlib.GOAL_EAGER_SPEEDUP), ("compile", benchlib.GOAL_COMPILE_SPEEDUP)):
-            r = ratio(pool.get(base + (backend,)), fused)
-            rows.append((f"fused fwd+bwd vs {backend}, B={B} T={T} H={H}, {perturbation}",
-                         f">= {target:g}x", fmt_ratio(r), _met(r, target)))
-    bw = read_bw(raw, "cpu")
+            other = pool.get(base + (backend,))
+            r = ratio(other, fused)
+            rows.append(_goal(f"{where}: vs {'python_ref eager' if backend == 'eager' else 'torch.compile(python_ref)'}",
+                              f">= {target:g}x", fmt_ratio(r), r, target,
+                              lambda other=other, floor=floor: _bound_speedup(res, other, floor, B, T, H, pert)))
+        p90 = pct_of(fused, "p90")
+        tail = p90 / p50 if p90 and p50 else None
+        rows.append(_goal(f"{where}: p90 / p50", f"<= {benchlib.GOAL_P90_P50:g}", fmt_ratio(tail), tail,
+                          benchlib.GOAL_P90_P50, lambda: _bound_tail(res, B, T, H, pert, fused), below=True))
     long_cases = [e for k, e in pool.items() if k[0] == "cpu" and k[1] == "float32" and k[7] == "cpu"
                   and k[3] >= benchlib.GOAL_LONG_T]
-    for mode in benchlib.MODES:
-        mode_cases = [e for e in long_cases if e["mode"] == mode]
-        if not mode_cases or bw is None:
-            rows.append((f"fused {mode}, T >= {benchlib.GOAL_LONG_T}: % of read bandwidth (worst case)",
-                         f">= {benchlib.GOAL_READ_FRACTION:.0%}", NONE, "not measured"))
+    for mode in benchlib.GOAL_LONG_MODES:
+        name = f"op {mode}, T >= {benchlib.GOAL_LONG_T} (DRAM-resident): % of the read bandwidth at its working set"
+        target = f">= {benchlib.GOAL_READ_FRACTION:.0%}"
+        scored = []
+        for e in (e for e in long_cases if e["mode"] == mode):
+            ws = benchlib.working_set_bytes(e["B"], e["T"], e["H"], "float32", mode)
+            bw = bw_at(res, ws, "read")
+            if bw is not None:
+                scored.append((gbps(e) / bw, e, bw, ws))
+        if not scored:
+            rows.append((name, target, NONE, "not measured", ""))
             continue
-        worst = min(mode_cases, key=gbps)
-        fraction = gbps(worst) / bw
-        rows.append((f"fused {mode}, T >= {benchlib.GOAL_LONG_T}: % of read bandwidth (worst of {len(mode_cases)}: "
-                     f"B={worst['B']} T={worst['T']} H={worst['H']} {worst['perturbation']})",
-                     f">= {benchlib.GOAL_READ_FRACTION:.0%}", f"{fraction:.0%} ({gbps(worst):.3g} of {bw:.3g} GB/s)",
-                     _met(fraction, benchlib.GOAL_READ_FRACTION)))
+        frac, worst, bw, ws = min(scored, key=lambda x: x[0])
+        rows.append(_goal(f"{name} (worst of {len(scored)}: B={worst['B']} T={worst['T']} H={worst['H']} "
+                          f"{worst['perturbation']})", target,
+                          f"{frac:.0%} ({gbps(worst):.3g} of {bw:.3g} GB/s at {mib(ws)})", frac,
+                          benchlib.GOAL_READ_FRACTION, lambda w=worst, b=bw, m=mode: _bound_long(res, w, b, m)))
+    pair = res["pair"]
+    at, vanilla = pair.get("pair-at"), pair.get("vanilla")
+    r = ratio(at, vanilla)
+    rows.append(_goal(f"pooling part of an attention_at step (both branches, fwd+bwd) / vanilla's, "
+                      f"B={B} T={T} H={H}", f"<= {benchlib.GOAL_PAIR_RATIO:g}x", fmt_ratio(r), r,
+                      benchlib.GOAL_PAIR_RATIO, lambda: _bound_pair(res), below=True))
+    # issue 14's goals, still watched
     pairs = fused_vs_eager(pool)
     if pairs:
         slower = [(r, k) for r, k in pairs if r < 1.0]
         worst_r, worst_k = min(pairs)
         rows.append((f"no case where fused is slower than eager ({len(pairs)} paired cases)", "0 cases",
                      f"{len(slower)} slower; worst {worst_r:.2f}x at {_case_text(worst_k)}",
-                     "met" if not slower else "NOT met"))
+                     "met" if not slower else "NOT met", ""))
     else:
-        rows.append(("no case where fused is slower than eager", "0 cases", NONE, "not measured"))
+        rows.append(("no case where fused is slower than eager", "0 cases", NONE, "not measured", ""))
     steps = res["steps"]
     r = ratio(steps.get("attention_at"), steps.get("vanilla"))
     rows.append(("attention_at training step / vanilla step", f"<= {benchlib.GOAL_AT_STEP_RATIO:g}x",
-                 fmt_ratio(r), NONE if r is None and not steps else _met(r, benchlib.GOAL_AT_STEP_RATIO, below=True)))
+                 fmt_ratio(r), NONE if r is None and not steps else _met(r, benchlib.GOAL_AT_STEP_RATIO, below=True), ""))
     return rows
 
 
-def limit_rows(res: dict) -> list[str]:
-    """The goal shape against the memory floor: the time an ideal kernel needs to move its bytes at the read
-    bandwidth measured in the same run, and so the largest speedup over eager / compile any CPU kernel could
-    show here (a speedup goal above it cannot be met by a kernel that reads h and writes dh once)."""
-    pool, bw = res["pool"], read_bw(res["raw"], "cpu")
+def _goal(name, target, measured, value, threshold, bound, below=False):
+    verdict = _met(value, threshold, below)
+    return (name, target, measured, verdict, bound() if verdict == "NOT met" else "")
+
+
+def _bound_roofline(res, B, T, H, pert, fused) -> str:
+    """Bytes, bandwidths at the working set, and where the time beyond the kernels goes (op breakdown)."""
+    nread, nwrite = benchlib.ideal_bytes_split(B, T, H, "float32", pert, "fwdbwd")
+    ws = benchlib.working_set_bytes(B, T, H, "float32", "fwdbwd")
+    rbw, wbw = bw_at(res, ws, "read"), bw_at(res, ws, "write")
+    text = (f"reads {mib(nread)} at {fmt_num(rbw)} GB/s + writes {mib(nwrite)} at {fmt_num(wbw)} GB/s "
+            f"(bandwidths at its {mib(ws)} working set)")
+    b = res["breakdown"].get((B, T, H, pert))
+    if b:
+        ops = (b.get("ops_pct") or {}).get("p50")
+        e2e = (b.get("e2e_pct") or {}).get("p50") or b["median"]
+        floor = roofline(res, B, T, H, pert, "fwdbwd")
+        text += (f"; the kernels alone (direct ops) take {fmt_time(ops)}"
+                 + (f" = {floor / ops:.0%} of the roofline" if ops and floor else "")
+                 + f", the rest of the {fmt_time(e2e)} end-to-end: {_beyond_text(b)}")
+    return text
+
+
+def _beyond_text(b: dict) -> str:
+    parts = breakdown_parts(b)
+    return ", ".join(f"{name} {fmt_time(v)}" for name, v in parts.items() if v is not None) or NONE
+
+
+def _bound_speedup(res, other, floor, B, T, H, pert) -> str:
+    if other is None or floor is None:
+        return "not measured"
+    return (f"{other['backend']} takes {fmt_time(other['median'])}; at the roofline ({fmt_time(floor)}) a kernel "
+            f"would be {other['median'] / floor:.2f}x faster, the most any kernel can show here")
+
+
+def _bound_tail(res, B, T, H, pert, fused) -> str:
+    b = res["breakdown"].get((B, T, H, pert))
+    text = f"p10/p50/p90 {fmt_pcts({q: pct_of(fused, q) for q in ('p10', 'p50', 'p90')})}"
+    if b:
+        rus = b.get("e2e_rusage") or {}
+        text += (f"; per call {rus.get('nivcsw', 0):.2f} involuntary context switches (another process took the "
+                 f"core), {rus.get('minflt', 0):.0f} page faults; the kernels alone p10/p50/p90 "
+                 f"{fmt_pcts(b.get('ops_pct'))}")
+    return text
+
+
+def _bound_long(res, entry, read_bw, mode) -> str:
+    B, T, H, pert = entry["B"], entry["T"], entry["H"], entry["perturbation"]
+    floor = roofline(res, B, T, H, pert, mode)
+    nread, nwrite = benchlib.ideal_bytes_split(B, T, H, "float32", pert, mode)
+    if floor is None:
+        return "not measured"
+    most = entry["ideal_bytes"] / floor / 1e9 / read_bw
+    ws = benchlib.working_set_bytes(B, T, H, "float32", mode)
+    return (f"reads {mib(nread)}, writes {mib(nwrite)}; with writes at the write bandwidth at {mib(ws)} "
+            f"({fmt_num(bw_at(res, ws, 'write'))} GB/s) the most a kernel can reach is {most:.0%} of the read "
+            f"bandwidth; this one reaches {floor / entry['median']:.0%} of that roofline")
+
+
+def _bound_pair(res) -> str:
+    """The pair path's passes over h against vanilla's, priced at the working set's bandwidths."""
     B, T, H = benchlib.GOAL_SHAPE
-    if bw is None:
-        return ["Not measured (no bandwidth in this run).", ""]
-    lines = [f"The goal shape B={B} T={T} H={H}, float32, fwd+bwd. Floor = ideal bytes / read bandwidth "
-             f"({bw:.3g} GB/s, measured at the start of this run): no kernel that must read h twice and write "
-             "dh once can be faster. The bound on a speedup is baseline median / floor.",
-             "",
-             "| perturbation | ideal bytes | floor | fused | fused / floor | eager | bound vs eager | compile "
-             "| bound vs compile |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for perturbation in benchlib.PERTURBATIONS:
-        base = ("cpu", "float32", B, T, H, perturbation, "fwdbwd")
-        nbytes = benchlib.ideal_bytes(B, T, H, "float32", perturbation, "fwdbwd")
-        floor = nbytes / (bw * 1e9)
-        cells = [perturbation, f"{nbytes / 2**20:.1f} MiB", fmt_time(floor)]
-        for backend in ("cpu", "eager", "compile"):  # each: its median, and that over the floor
-            entry = pool.get(base + (backend,))
-            cells += [fmt_time(entry["median"]), fmt_ratio(entry["median"] / floor)] if entry else [NONE, NONE]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+    bth = B * T * H * 4
+    ws = benchlib.working_set_bytes(B, T, H, "float32", "fwdbwd")
+    rbw, wbw = bw_at(res, ws, "read"), bw_at(res, ws, "write")
+    pair = res["pair"]
+    text = "passes over h (reads + dh writes): pair-at 4 + 1, vanilla 2 + 1"
+    if rbw and wbw:
+        def t(reads, writes):
+            return reads * bth / (rbw * 1e9) + writes * bth / (wbw * 1e9)
+        text += (f"; at the bandwidths of the {mib(ws)} working set that is {fmt_time(t(4, 1))} vs "
+                 f"{fmt_time(t(2, 1))}: a memory-bound ratio of {t(4, 1) / t(2, 1):.2f}x")
+    if pair.get("pair-at") and pair.get("vanilla"):
+        text += (f"; measured p50 {fmt_time(pair['pair-at']['median'])} vs {fmt_time(pair['vanilla']['median'])}")
+    return text
+
+
+def breakdown_parts(b: dict) -> dict:
+    """Where a case's end-to-end time beyond the kernels goes, per call, all measured: allocation (profiler
+    self time of allocation ops), page faults (faults per call x the first-touch cost per fault of bandwidth.py),
+    autograd (profiler self time of the engine and its nodes), other aten ops, and Python + host (the rest of the
+    end-to-end p50 beyond the profiled self times)."""
+    prof = b.get("profile") or {}
+    e2e = (b.get("e2e_pct") or {}).get("p50") or b.get("median")
+    faults = (b.get("e2e_rusage") or {}).get("minflt")
+    fault_s = faults * b["us_per_fault"] * 1e-6 if faults is not None and b.get("us_per_fault") else None
+    seen = sum(prof.get(k, 0.0) for k in ("kernel_s", "alloc_s", "autograd_s", "other_ops_s"))
+    return {"allocation": prof.get("alloc_s"), "page faults": fault_s, "autograd": prof.get("autograd_s"),
+            "other aten ops": prof.get("other_ops_s"),
+            "Python + host": max(0.0, e2e - seen) if e2e is not None and prof else None}
 
 
 def _met(value: float | None, target: float, below: bool = False) -> str:
@@ -205,8 +346,8 @@ def shape_tables(res: dict) -> list[str]:
             lines.append(f"No fused {device} backend was measured in this run (see the skipped cases below).\n")
         head = ["perturbation", "mode", "eager", "compile"] + fused_names
         for name in fused_names:
-            head += [f"{name} vs eager", f"{name} vs compile", f"{name} GB/s", f"{name} % read BW",
-                     f"{name} IQR/median"]
+            head += [f"{name} vs eager", f"{name} vs compile", f"{name} GB/s", f"{name} % roofline",
+                     f"{name} p90/p50"]
         if not fused_names:
             head += ["compile vs eager", "eager GB/s"]
         shapes = sorted({k[2:5] for k in pool if k[0] == device and k[1] == dtype})
@@ -225,13 +366,214 @@ def shape_tables(res: dict) -> list[str]:
                     row += [fmt_time(f and f["median"]) for f in fused.values()]
                     for f in fused.values():
                         g = gbps(f)
-                        row += [fmt_ratio(ratio(eager, f)), fmt_ratio(ratio(compiled, f)), fmt_num(g),
-                                NONE if g is None or bw is None else f"{100 * g / bw:.0f}%", spread(f)]
+                        fl = roofline(res, B, T, H, pert, mode, dtype) if f and device == "cpu" else None
+                        if fl is not None:
+                            pct = f"{100 * fl / f['median']:.0f}%"
+                        else:  # a GPU, or an older JSON: the single read bandwidth
+                            pct = NONE if g is None or bw is None else f"{100 * g / bw:.0f}% of read"
+                        tail = pct_of(f, "p90") / f["median"] if f and pct_of(f, "p90") else None
+                        row += [fmt_ratio(ratio(eager, f)), fmt_ratio(ratio(compiled, f)), fmt_num(g), pct,
+                                fmt_ratio(tail) if tail else spread(f)]
                     if not fused_names:
                         row += [fmt_ratio(ratio(eager, compiled)), fmt_num(gbps(eager))]
                     lines.append("| " + " | ".join(row) + " |")
             lines.append("")
     return lines
+
+
+def roofline_table(res: dict) -> list[str]:
+    """The bandwidth profile of the run: read/write/copy GB/s per array size, and the first-touch cost."""
+    profile = bw_profile(res["raw"])
+    if not profile.get("sizes"):
+        return ["Not measured in this run (a JSON from before the per-size profile: one read bandwidth only).", ""]
+    lines = [f"Measured at the start of the run (`bandwidth.measure_profile`, {profile.get('threads')} threads, "
+             f"{profile.get('reps')} repetitions per size, warm buffers: allocated and touched before timing). GB/s "
+             "p10 / p50 / p90; read = torch.sum, write = fill_, copy = copy_ (read + write bytes). Each case's roofline "
+             "takes the p50 read and write bandwidth at its own working-set size (log-log interpolation between "
+             "these sizes; benchlib.working_set_bytes, benchlib.roofline_seconds).", "",
+             "| array | read GB/s | write GB/s | copy GB/s |", "|---|---|---|---|"]
+    for size in sorted(profile["sizes"], key=lambda x: x["mib"]):
+        cells = [" / ".join(f"{size[k][q]:.3g}" for q in ("p10", "p50", "p90")) for k in ("read", "write", "copy")]
+        lines.append(f"| {size['mib']:g} MiB | " + " | ".join(cells) + " |")
+    ft = profile.get("first_touch")
+    if ft:
+        per_fault = ft.get("us_per_fault")
+        lines += ["", f"First touch (a fresh {ft['mib']:g} MiB array: torch.empty + fill_, what an op pays for an output "
+                  f"in memory the allocator had returned to the OS): {ft['gbps']:.3g} GB/s, {ft['faults_per_mib']:.0f} "
+                  f"page faults per MiB, {fmt_num(per_fault)} us per fault."]
+    end = res["raw"].get("fused_attn_at_bandwidth", {}).get("cpu", {}).get("end", {})
+    if end.get("sizes"):
+        lines += ["", "At the end of the run, p50 read GB/s: " + ", ".join(
+            f"{x['mib']:g} MiB {x['read']['p50']:.3g}" for x in sorted(end["sizes"], key=lambda x: x["mib"])) + "."]
+    return lines + [""]
+
+
+LIMIT_CASES = tuple((benchlib.GOAL_SHAPE, p, "fwdbwd") for p in benchlib.PERTURBATIONS) + tuple(
+    ((64, T, 256), "none", m) for T in (1024, 4096) for m in benchlib.MODES)
+
+
+def limit_section(res: dict) -> list[str]:
+    """'Where the limit is', from the per-size roofline: each case against the bandwidth at its own working set."""
+    pool, profile = res["pool"], bw_profile(res["raw"])
+    if not profile.get("sizes"):
+        return ["Not measured (no per-size bandwidth profile in this run).", ""]
+    import bandwidth
+
+    B, T, H = benchlib.GOAL_SHAPE
+    ws = benchlib.working_set_bytes(B, T, H, "float32", "fwdbwd")
+    largest = max(profile["sizes"], key=lambda x: x["mib"])
+    r_ws, r_dram = bandwidth.bandwidth_at(profile, ws, "read"), largest["read"]["p50"]
+    nbytes = benchlib.ideal_bytes(B, T, H, "float32", "none", "fwdbwd")
+    floor = roofline(res, B, T, H, "none", "fwdbwd")
+    lines = [f"Roofline = ideal bytes read / read bandwidth + bytes written / write bandwidth, both measured in this run "
+             f"at the case's working-set size (the distinct bytes it touches: h, and dh for a backward). The goal shape "
+             f"B={B} T={T} H={H} fwd+bwd moves {mib(nbytes)} over a {mib(ws)} working set, read at {r_ws:.3g} GB/s "
+             f"here against {r_dram:.3g} GB/s at {largest['mib']:g} MiB: its roofline is {fmt_time(floor)} (perturbation "
+             f"none), where dividing its bytes by the {largest['mib']:g}-MiB read bandwidth gives "
+             f"{fmt_time(nbytes / (r_dram * 1e9))}. The bound on a speedup is baseline p50 / roofline; 'kernels' is the "
+             "direct C++ ops' p50 (op breakdown below).", "",
+             "| case | working set | read / write | GB/s at that size (read / write) | roofline | fused p50 | % roofline "
+             "| kernels | eager | bound vs eager | compile | bound vs compile |", "|" + "---|" * 12]
+    for (b, t, h), pert, mode in LIMIT_CASES:
+        base = ("cpu", "float32", b, t, h, pert, mode)
+        fused = pool.get(base + ("cpu",))
+        if fused is None:
+            continue
+        w = benchlib.working_set_bytes(b, t, h, "float32", mode)
+        nread, nwrite = benchlib.ideal_bytes_split(b, t, h, "float32", pert, mode)
+        fl = roofline(res, b, t, h, pert, mode)
+        bd = res["breakdown"].get((b, t, h, pert)) if mode == "fwdbwd" else None
+        kern = (bd.get("ops_pct") or {}).get("p50") if bd else None
+        cells = [f"B={b} T={t} H={h} {pert} {mode}", mib(w), f"{mib(nread)} / {mib(nwrite)}",
+                 f"{bandwidth.bandwidth_at(profile, w, 'read'):.3g} / {bandwidth.bandwidth_at(profile, w, 'write'):.3g}",
+                 fmt_time(fl), fmt_time(fused["median"]), f"{fl / fused['median']:.0%}" if fl else NONE, fmt_time(kern)]
+        for backend in ("eager", "compile"):
+            e = pool.get(base + (backend,))
+            cells += [fmt_time(e and e["median"]), fmt_ratio(e["median"] / fl) if e and fl else NONE]
+        lines.append("| " + " | ".join(cells) + " |")
+    if lines[-1].startswith("|---"):
+        lines[-3:] = lines[-3:-2] + ["", "None of these cases was measured in this run."]
+    lines.append("")
+    # What follows from the table, computed (never a fixed sentence).
+    for pert in benchlib.PERTURBATIONS:
+        base = ("cpu", "float32", B, T, H, pert, "fwdbwd")
+        fused, eager, compiled = (pool.get(base + (x,)) for x in ("cpu", "eager", "compile"))
+        fl = roofline(res, B, T, H, pert, "fwdbwd")
+        if not (fused and fl):
+            continue
+        parts = [f"- {pert}: the op runs at {fl / fused['median']:.0%} of its roofline"]
+        for e, target, name in ((eager, benchlib.GOAL_EAGER_SPEEDUP, "eager"),
+                                (compiled, benchlib.GOAL_COMPILE_SPEEDUP, "compile")):
+            if e:
+                bound = e["median"] / fl
+                parts.append(f"{target:g}x over {name} is {'within' if bound >= target else 'beyond'} reach "
+                             f"(bound {bound:.2f}x, measured {e['median'] / fused['median']:.2f}x)")
+        bd = res["breakdown"].get((B, T, H, pert))
+        if bd and (bd.get("ops_pct") or {}).get("p50"):
+            k = bd["ops_pct"]["p50"]
+            e2e = (bd.get("e2e_pct") or {}).get("p50") or bd["median"]
+            parts.append(f"the kernels alone take {fmt_time(k)} ({fl / k:.0%} of the roofline) of {fmt_time(e2e)} "
+                         f"end-to-end; beyond them: {_beyond_text(bd)}")
+        lines.append("; ".join(parts) + ".")
+    return lines + [""]
+
+
+def breakdown_table(res: dict) -> list[str]:
+    bd = res["breakdown"]
+    if not bd:
+        return ["Not measured in this run (bench_op_breakdown.py).", ""]
+    lines = ["Per case (cpu, float32, fwd+bwd), in one process: **end-to-end** = `fused_attn_at.attention_pool` + "
+             "`torch.autograd.grad` (what training pays); **kernels** = `torch.ops.fused_attn_at.attention_pool_fwd` + "
+             "`attention_pool_bwd` called directly under no_grad on pre-allocated inputs (the C++ ops have no out= "
+             "entry, so this includes allocating their outputs, nothing of Python's or autograd's); p10 / p50 / p90 of "
+             "the timed rounds. The rest of the end-to-end time, per call: allocation = torch.profiler self CPU time of "
+             "allocation ops; page faults = minor faults per call (getrusage) x the first-touch cost per fault; autograd "
+             "= profiler self time of the engine and its nodes; Python + host = end-to-end p50 minus all profiled self "
+             "times (the op's checks, autograd.grad's Python, preemption); ctx sw = involuntary context switches per "
+             "call (another process took the core).", "",
+             "| case | end-to-end p10 / p50 / p90 | kernels p10 / p50 / p90 | fwd op p50 | bwd op p50 | beyond kernels "
+             "| kernel self (profiler) | allocation | page faults | autograd | other aten ops | Python + host | ctx sw |",
+             "|" + "---|" * 13]
+    for (B, T, H, pert), b in sorted(bd.items()):
+        e2e = b.get("e2e_pct") or {"p50": b["median"]}
+        ops = b.get("ops_pct") or {}
+        parts = breakdown_parts(b)
+        faults = (b.get("e2e_rusage") or {}).get("minflt")
+        beyond = e2e["p50"] - ops["p50"] if ops.get("p50") else None
+        cells = [f"B={B} T={T} H={H} {pert}", fmt_pcts(e2e), fmt_pcts(ops),
+                 fmt_time((b.get("ops_fwd_pct") or {}).get("p50")), fmt_time((b.get("ops_bwd_pct") or {}).get("p50")),
+                 fmt_time(beyond), fmt_time((b.get("profile") or {}).get("kernel_s")), fmt_time(parts["allocation"]),
+                 NONE if faults is None else f"{faults:.3g} ({fmt_time(parts['page faults'])})",
+                 fmt_time(parts["autograd"]), fmt_time(parts["other aten ops"]), fmt_time(parts["Python + host"]),
+                 fmt_num((b.get("e2e_rusage") or {}).get("nivcsw"), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def pair_table(res: dict) -> list[str]:
+    pair = res["pair"]
+    if not pair:
+        return ["Not measured in this run (bench_pair_step.py).", ""]
+    first = next(iter(pair.values()))
+    vanilla = pair.get("vanilla")
+    lines = [f"The pooling part of one training step at B={first['B']} T={first['T']} H={first['H']} (cpu, float32): from "
+             "h and scores (leaves) through the head (Linear(H, 1)) and the loss to their gradients. vanilla: the clean "
+             "op; two_ops: clean op, g by autograd.grad, perturbed op, both backwards (the path before the pair op); "
+             "pair: `adversarial_attention_loss` on cpu (clean forward without autograd, g by attention_scores_grad, "
+             "attention_pool_pair, one backward). Passes over h: reads + [B,T,H] gradient writes.", "",
+             "| variant | passes (reads + writes) | p10 / p50 / p90 | vs vanilla | page faults per call |",
+             "|---|---|---|---|---|"]
+    for name in ("vanilla", "two_ops-at", "pair-at", "two_ops-iat", "pair-iat", "two_ops-rp", "pair-rp"):
+        e = pair.get(name)
+        if e is None:
+            continue
+        reads, writes = PASSES[name]
+        faults = (e.get("rusage") or {}).get("minflt")
+        lines.append(f"| {name} | {reads} + {writes} | {fmt_pcts(e.get('pct') or {'p50': e['median']})} | "
+                     f"{fmt_ratio(ratio(e, vanilla))} | {NONE if faults is None else f'{faults:.0f}'} |")
+    return lines + [""]
+
+
+def allocator_table(res: dict) -> list[str]:
+    alloc = res.get("allocator")
+    if not alloc:
+        return ["Not measured in this run (bench_allocator.py / allocator.py).", ""]
+    methods = alloc["methods"]
+    glibc = alloc["variants"].get("glibc", {}).get("methods", {})
+    lines = [f"The default training step (bench_training_step.py's, one subprocess per allocator, {alloc['steps']} "
+             f"timed steps per method in {alloc['passes']} interleaved passes), p10 / p50 / p90 step time; vs glibc = "
+             "glibc's p50 / this p50 (> 1: faster than glibc's defaults); faults = minor page faults per step.", "",
+             "| allocator | " + " | ".join(f"{m} p10 / p50 / p90 | {m} vs glibc | {m} faults" for m in methods)
+             + " | peak RSS |", "|---|" + "---|---|---|" * len(methods) + "---|"]
+    for name, v in alloc["variants"].items():
+        if "absent" in v:
+            lines.append(f"| {name} | " + " | ".join([f"absent: {v['absent']}"] + [""] * (3 * len(methods))) + " |")
+            continue
+        cells = [f"{name} ({v['what']})"]
+        for m in methods:
+            s = v["methods"][m]
+            g = glibc.get(m, {}).get("p50")
+            cells += [fmt_pcts(s), fmt_ratio(g / s["p50"]) if g else NONE, f"{s['minflt']:.0f}"]
+        cells.append(f"{v['max_rss_mib']:.0f} MiB")
+        lines.append("| " + " | ".join(cells) + " |")
+    best = _best_allocator(alloc)
+    if best:
+        lines += ["", best]
+    return lines + [""]
+
+
+def _best_allocator(alloc: dict) -> str:
+    """One computed sentence: the variant with the lowest p50 of the first method, and by how much."""
+    method = alloc["methods"][0]
+    timed = {n: v["methods"][method]["p50"] for n, v in alloc["variants"].items() if "methods" in v}
+    if "glibc" not in timed or len(timed) < 2:
+        return ""
+    best = min(timed, key=timed.get)
+    if best == "glibc":
+        return f"For {method}, glibc's defaults were the fastest of the variants measured."
+    return (f"For {method}, {best} gave the lowest p50: {timed['glibc'] / timed[best]:.2f}x glibc's defaults "
+            f"({fmt_time(timed[best])} vs {fmt_time(timed['glibc'])}).")
 
 
 def step_table(res: dict) -> list[str]:
@@ -245,10 +587,10 @@ def step_table(res: dict) -> list[str]:
              f"{first.get('vocab_size')}) on a fixed batch: {first.get('batch_source')}; {first.get('batch')} "
              f"sentences, lengths {first.get('lengths')}; torch threads {first.get('threads')}; attention pooling "
              f"backend: {first.get('pool_backend')}.",
-             "", "| method | what runs | median | vs vanilla |", "|---|---|---|---|"]
+             "", "| method | what runs | p10 / p50 / p90 | vs vanilla |", "|---|---|---|---|"]
     for method, entry in steps.items():
-        lines.append(f"| {method} | {entry.get('description', '')} | {fmt_time(entry['median'])} | "
-                     f"{fmt_ratio(ratio(entry, vanilla))} |")
+        lines.append(f"| {method} | {entry.get('description', '')} | "
+                     f"{fmt_pcts(entry.get('pct') or {'p50': entry['median']})} | {fmt_ratio(ratio(entry, vanilla))} |")
     lines.append("")
     return lines
 
@@ -267,7 +609,8 @@ def machine_lines(res: dict) -> tuple[list[str], list[str]]:
     warnings = []
     for device, bw in raw.get("fused_attn_at_bandwidth", {}).items():
         start, end = bw.get("start", {}), bw.get("end", {})
-        lines.append(f"- {device} bandwidth (threads={start.get('threads')}, {start.get('array_mib')} MiB arrays, median): "
+        lines.append(f"- {device} bandwidth (threads={start.get('threads')}, {start.get('array_mib')} MiB arrays, median; "
+                     "per size: Roofline per working-set size): "
                      f"read {fmt_num(start.get('read_gbps'))} GB/s, copy {fmt_num(start.get('copy_gbps'))} GB/s at the "
                      f"start; read {fmt_num(end.get('read_gbps'))}, copy {fmt_num(end.get('copy_gbps'))} at the end")
         if start.get("read_gbps") and end.get("read_gbps"):
@@ -352,7 +695,7 @@ def plot(res: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
                         ax.set_yscale("log")
                     elif bw:
                         ax.axhline(bw, color="grey", lw=0.8, ls="--", label="read BW")
-                        ax.axhline(benchlib.GOAL_READ_FRACTION * bw, color="grey", lw=0.8, ls=":", label="50% read BW")
+                        ax.axhline(benchlib.GOAL_READ_FRACTION * bw, color="grey", lw=0.8, ls=":", label=f"{benchlib.GOAL_READ_FRACTION:.0%} read BW")
                         ax.set_yscale("log")
                     ax.set_xscale("log", base=2)
                     ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -385,10 +728,11 @@ def render(res: dict, json_path: pathlib.Path, out: pathlib.Path, plots: list[pa
         "",
         *(banner if noise else []),
         f"Generated by `{command}` from `{_rel(json_path, out.parent)}` on "
-        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Medians; "
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}. Medians (= p50) unless p10/p90 are named; "
         "ratios are baseline median / fused median (> 1: fused is faster). GB/s counts the bytes an ideal "
-        "kernel must move (benchlib.ideal_bytes) over the median time; % read BW compares it with the "
-        "machine's read bandwidth measured at the start of the same run.",
+        "kernel must move (benchlib.ideal_bytes) over the median time; % roofline compares the case's roofline "
+        "(its bytes at the read and write bandwidth measured at its own working-set size, in the same run) with "
+        "its median.",
         "",
         "## Machine",
         "",
@@ -396,16 +740,31 @@ def render(res: dict, json_path: pathlib.Path, out: pathlib.Path, plots: list[pa
         "",
         "## Goals (CPU, float32)",
         "",
-        "| goal | target | measured | |",
-        "|---|---|---|---|",
+        "Issue 17's goals, each a ratio measured in this run (2 threads); for a goal not met, the last column gives "
+        "the measurement that bounds it.",
+        "",
+        "| goal | target | measured | | what bounds it |",
+        "|---|---|---|---|---|",
         *("| " + " | ".join(row) + " |" for row in goal_rows(res)),
         "",
+        "## Roofline per working-set size",
+        "",
+        *roofline_table(res),
         "### Where the limit is",
         "",
-        *limit_rows(res),
+        *limit_section(res),
+        "## Kernel vs end-to-end",
+        "",
+        *breakdown_table(res),
+        "## The AT step's pooling part: pair op vs two single ops",
+        "",
+        *pair_table(res),
         "## Training step",
         "",
         *step_table(res),
+        "## Allocator",
+        "",
+        *allocator_table(res),
         "## Plots",
         "",
         *(f"![{p.stem}]({_rel(p, out.parent)})" for p in plots),
