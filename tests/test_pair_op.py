@@ -1,9 +1,10 @@
 """The pair ops of the AT training step (issue 17, item 3): attention_pool_pair (the clean and the perturbed
 pooling of one h as one op) equals two single attention_pool calls in values and gradients (float64, every
-backend that has it here: cpu, reference), double backward included; the ops pass torch.library.opcheck and
-trace under torch.compile(fullgraph=True); attention_scores_grad equals the scores gradient of the op's backward
-and allocates no [B, T, H] tensor (profiler memory records), and the training step allocates one [B, T, H]
-gradient instead of four; backends without the pair (triton, cuda) raise NotImplementedError naming themselves."""
+backend that has it here: cpu, reference, triton under the interpreter), double backward included; the ops pass
+torch.library.opcheck and trace under torch.compile(fullgraph=True); attention_scores_grad equals the scores
+gradient of the op's backward and allocates no [B, T, H] tensor (profiler memory records), and the training step
+allocates one [B, T, H] gradient instead of four; a backend without the pair (cuda, until csrc/cuda has it)
+raises NotImplementedError naming itself. The emulated CUDA kernels of the pair: tests/test_cuda_compile.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,7 @@ from _helpers import make_inputs, require_backend
 from fused_attn_at import functional, training
 from fused_attn_at.ops import cpp
 
-PAIR_BACKENDS = ("cpu", "reference")
+PAIR_BACKENDS = ("cpu", "reference", "triton")
 KIND_CODE = {"at": 1, "rp": 1, "iat": 2}
 EPS = 0.7
 
@@ -71,7 +72,7 @@ def _pair_vs_singles(backend, inputs, kind, h_layout="contiguous"):
         grad_h, grad_scores = torch.autograd.grad(loss, (h, scores))
         names = ("context_clean", "attention_clean", "context_adv", "attention_adv", "grad_h", "grad_scores")
         results.append(dict(zip(names, (*[o.detach() for o in outs], grad_h, grad_scores))))
-        if pair and h_layout != "contiguous":
+        if pair and h_layout != "contiguous" and backend == "cpu":  # (Triton's backward writes it contiguous)
             assert grad_h.stride() == torch.empty_like(h).stride(), "grad_h keeps h's layout"
     return results
 
@@ -347,18 +348,13 @@ def test_pair_checks_its_inputs():
         ops.attention_scores_grad(dc[:, :2], None, inputs.h, attention)
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", ["cuda"])
 def test_backends_without_the_pair_say_so(backend):
-    """Until they have it, cuda and triton raise NotImplementedError naming themselves (the training helper
-    runs two single ops there: tests/test_training_helper.py, triton case)."""
+    """Until it has it, cuda raises NotImplementedError naming itself (the training helper runs two single ops
+    there)."""
     for what in ("attention_pool_pair", "attention_scores_grad"):
         with pytest.raises(NotImplementedError, match=rf"{what} is not implemented for backend '{backend}' yet"):
             functional._pair_module(backend, what)
-    if backend == "triton" and fused_attn_at._backend.why_unavailable("triton", torch.device("cpu")) is None:
-        inputs = make_inputs(2, 4, 3, "padding", seed=1)
-        with pytest.raises(NotImplementedError, match=r"backend 'triton'"):
-            fused_attn_at.attention_pool_pair(inputs.h, inputs.scores, inputs.mask, perturbation="at",
-                                              grad=inputs.grad, backend="triton")
 
 
 @pytest.mark.parametrize("shape", [(1, 300, 256), (3, 63, 200)], ids=str)
@@ -384,3 +380,161 @@ def test_pair_and_scores_grad_are_bitwise_identical_across_thread_counts(shape):
     for other in results[1:]:
         for got, expected in zip(other, results[0]):
             assert torch.equal(got, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton (under the interpreter on CPU): its kernels' own paths, registration, compile, flags, device guard
+
+def _triton():
+    _require("triton")
+    from fused_attn_at.ops import triton_attention_pool as tri
+
+    return tri
+
+
+# T = 13 is four T blocks of 4 (the last one partial), H = 6 two H blocks of 4 (forward split over two programs,
+# backward's T blocks split over two programs), B = 4 two blocks of 2 other rows for iAT.
+TRITON_SMALL_BLOCKS = dict(block_t=4, block_h=4, block_j=2, split=2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "along_t"])
+@pytest.mark.parametrize("kind", ["at", "iat", "rp"])
+def test_triton_pair_block_loops_equal_two_single_ops(kind, layout):
+    """Small blocks: both softmaxes online over several T blocks, both contexts over H blocks split over
+    programs, the backward's T blocks split; padding holds NaN in the scores, one row fully masked."""
+    tri = _triton()
+    inputs = make_inputs(4, 13, 6, "empty_row", seed=17, dtype=torch.float64)
+    inputs = dataclasses.replace(inputs, scores=inputs.scores.masked_fill(~inputs.mask, float("nan")))
+    with tri.launch_overrides(**TRITON_SMALL_BLOCKS):
+        pair, singles = _pair_vs_singles("triton", inputs, kind, layout)
+        _assert_close(pair, singles, what=f"triton small blocks {kind} {layout}")
+        for name, value in pair.items():
+            assert torch.isfinite(value).all(), f"{name}: NaN of the padding leaked"
+        attention = pair["attention_clean"]
+        gen = torch.Generator().manual_seed(2)
+        dc, da = torch.randn(4, 6, generator=gen, dtype=torch.float64), torch.randn(4, 13, generator=gen,
+                                                                                     dtype=torch.float64)
+        h = _layout(inputs.h, layout)
+        for ga in (None, da):
+            expected = torch.ops.fused_attn_at_triton.attention_pool_bwd(dc, ga, h, attention)[1]
+            got = functional.attention_scores_grad(dc, h, attention, ga, backend="triton")
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_pair_low_precision_is_as_good_as_two_single_ops(dtype):
+    _triton()
+    inputs = make_inputs(3, 12, 8, "padding", seed=5, dtype=dtype)
+    pair, singles = _pair_vs_singles("triton", inputs, "at")
+    exact, _ = _pair_vs_singles("reference", inputs.to(torch.float64), "at")
+    for name, value in exact.items():
+        err_pair = float((pair[name].double() - value).abs().max() / value.abs().max())
+        err_singles = float((singles[name].double() - value).abs().max() / value.abs().max())
+        assert err_pair <= err_singles + 2 * torch.finfo(dtype).eps, f"{name}: {err_pair:.3g} vs {err_singles:.3g}"
+
+
+def test_triton_pair_gradcheck():
+    """Numerical first derivatives through the Triton pair (its second derivatives: the double-backward test
+    above; gradgradcheck under the interpreter costs half a minute)."""
+    tri = _triton()
+    inputs = make_inputs(2, 5, 3, "padding", seed=4, dtype=torch.float64)
+
+    def f(h, scores):
+        return tri.attention_pool_pair(h, scores, inputs.mask, inputs.grad, 1, EPS)
+
+    h, scores = inputs.leaves()
+    assert torch.autograd.gradcheck(f, (h, scores))
+
+
+TRITON_OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")  # as tests/test_triton.py
+
+
+@pytest.mark.parametrize("kind", ["at", "iat"])
+def test_triton_opcheck(kind):
+    _triton()
+    ops = torch.ops.fused_attn_at_triton
+    inputs = make_inputs(3, 6, 5, "empty_row", seed=3, dtype=torch.float64)
+    h, scores = inputs.leaves()
+    torch.library.opcheck(ops.attention_pool_pair_fwd, (h, scores, inputs.mask, inputs.grad, KIND_CODE[kind], EPS),
+                          test_utils=TRITON_OPCHECK_UTILS)
+    attention_clean = python_ref.masked_softmax(inputs.scores, inputs.mask)
+    attention_adv = python_ref.masked_softmax(inputs.scores + inputs.grad, inputs.mask)
+    gen = torch.Generator().manual_seed(0)
+    dc_clean, dc_adv = torch.randn(3, 5, generator=gen, dtype=torch.float64), torch.randn(3, 5, generator=gen,
+                                                                                           dtype=torch.float64)
+    da = torch.randn(3, 6, generator=gen, dtype=torch.float64) if kind == "iat" else None
+    torch.library.opcheck(ops.attention_pool_pair_bwd,
+                          (dc_clean, da, dc_adv, da, inputs.h, attention_clean, attention_adv),
+                          test_utils=TRITON_OPCHECK_UTILS)
+    torch.library.opcheck(ops.attention_scores_grad, (dc_clean, da, inputs.h, attention_clean),
+                          test_utils=TRITON_OPCHECK_UTILS)
+
+
+def test_triton_compile_fullgraph_pair_and_scores_grad():
+    """As test_compile_fullgraph_pair_and_scores_grad, with backend="aot_eager": under the interpreter the ops
+    are opaque to the compiler (triton_attention_pool._define_op), which still traces them without a break."""
+    _triton()
+    inputs = make_inputs(4, 9, 6, "empty_row", seed=6, dtype=torch.float64)
+    w = torch.linspace(-1, 1, 6, dtype=torch.float64)
+
+    def step(h, scores, mask):
+        clean = fused_attn_at.attention_pool(h, scores, mask, backend="triton")
+        g = functional.attention_scores_grad(torch.tanh(clean.context) * w, h, clean.attention, backend="triton")
+        pair = fused_attn_at.attention_pool_pair(h, scores, mask, perturbation="iat", grad=g, eps=0.5,
+                                                 backend="triton")
+        return pair.clean.context, pair.clean.attention, pair.adversarial.context, pair.adversarial.attention
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
+    results = []
+    for fn in (step, compiled):
+        h, scores = inputs.leaves()
+        cc, ac, ca, aa = fn(h, scores, inputs.mask)
+        loss = (cc * w).sum() + (ca ** 2).sum() + (ac * aa).sum()
+        results.append((cc, ac, ca, aa, *torch.autograd.grad(loss, (h, scores))))
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind, which", [("at", "scores"), ("at", "grad"), ("rp", "noise"), ("iat", "grad")])
+def test_triton_pair_rejects_nonfinite_real_values(kind, which):
+    """The pair forward's kernels flag NaN/inf at real positions as the single op's do (ValueError on CPU
+    tensors, naming the argument); at padded positions they are never read."""
+    _triton()
+    inputs = make_inputs(3, 6, 4, "padding", seed=9)
+    direction = _direction(inputs, kind)
+    scores = inputs.scores.clone()
+    target = scores if which == "scores" else direction[which].clone()
+    if which != "scores":
+        direction[which] = target
+    target[0, 0] = float("nan")  # position 0 is real in every row
+    with pytest.raises(ValueError, match=rf"{which} holds NaN or inf at real"):
+        fused_attn_at.attention_pool_pair(inputs.h, scores, inputs.mask, perturbation=kind, backend="triton",
+                                          **direction)
+    padded = ~inputs.mask
+    target[0, 0] = 1.0
+    target.masked_fill_(padded, float("inf"))
+    out = fused_attn_at.attention_pool_pair(inputs.h, scores, inputs.mask, perturbation=kind, backend="triton",
+                                            **direction)
+    assert all(torch.isfinite(x).all() for x in (*out.clean, *out.adversarial))
+
+
+def test_triton_pair_launches_enter_the_tensors_device(monkeypatch):
+    tri = _triton()
+    entered = []
+    real_guard = tri._device_guard
+    monkeypatch.setattr(tri, "_device_guard", lambda device: entered.append(device) or real_guard(device))
+    inputs = make_inputs(3, 6, 4, "padding", seed=40)
+    h, scores = inputs.leaves()
+    pair = fused_attn_at.attention_pool_pair(h, scores, inputs.mask, perturbation="at", grad=inputs.grad,
+                                             backend="triton")
+    (pair.clean.context.sum() + pair.adversarial.context.sum()).backward()
+    functional.attention_scores_grad(torch.ones(3, 4), inputs.h, pair.clean.attention.detach(), backend="triton")
+    assert entered == [torch.device("cpu")] * 3  # pair forward, pair backward, scores grad
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 3), (2, 0, 3), (2, 5, 0)], ids=str)
+def test_triton_pair_zero_sizes(shape):
+    _triton()
+    inputs = make_inputs(*shape, "none", seed=1, dtype=torch.float64)
+    pair, singles = _pair_vs_singles("triton", inputs, "at")
+    _assert_close(pair, singles, what=f"triton {shape}")

@@ -221,10 +221,10 @@ def test_pair_step_equals_the_two_op_step(backend_name, kind, compat, dropout):
         assert grad.abs().sum() > 0, f"{name} got no gradient"
 
 
-@pytest.mark.parametrize("backend_name, pair", [("cpu", True), ("reference", True), ("triton", False)])
+@pytest.mark.parametrize("backend_name, pair", [("cpu", True), ("reference", True), ("triton", True)])
 def test_helper_takes_the_pair_path_where_the_backend_has_it(monkeypatch, backend_name, pair):
-    """adversarial_attention_loss runs the pair step on cpu and reference, two single ops on triton (no pair
-    op there yet), and its result is the pair step's."""
+    """adversarial_attention_loss runs the pair step where the backend has the pair op (cpu, reference,
+    triton; two single ops elsewhere), and its result is the pair step's."""
     require_backend(backend_name)
     from fused_attn_at import training
 

@@ -188,6 +188,10 @@ HOPPER_BUILDS = (
     ("_bwd_dh_da_kernel", "float64", {}), ("_bwd_dscores_kernel", "float32", {}),
     ("_iat_coeff_kernel", "float32", {}), ("_perturbation_kernel", "float32", {"KIND": 1}),
     ("_perturbation_kernel", "float32", {"KIND": 2}),
+    # the pair ops (issue 17): both softmaxes and contexts in one forward, the pair backward, dh not written
+    ("_fwd_kernel", "float32", {"PAIR": True}), ("_fwd_kernel", "bfloat16", {"PAIR": True, "PERTURB": 2}),
+    ("_bwd_dh_da_kernel", "float32", {"PAIR": True}), ("_bwd_dh_da_kernel", "bfloat16", {"PAIR": True}),
+    ("_bwd_dh_da_kernel", "float32", {"STORE_DH": False}), ("_bwd_dscores_kernel", "float32", {"PAIR": True}),
 )
 
 _COMPILE_SCRIPT = """
@@ -225,8 +229,10 @@ def test_kernels_compile_for_hopper():
         assert result["target_sm90"] and result["cubin_bytes"] > 0, what
         if result["name"] in ("_fwd_kernel", "_bwd_dh_da_kernel"):
             assert result["vector_loads"] > 0, f"{what}: no vector loads of h"
-        if result["name"] == "_bwd_dh_da_kernel":
+        if result["name"] == "_bwd_dh_da_kernel" and result["constexprs"].get("STORE_DH", True):
             assert result["vector_stores"] > 0, f"{what}: no vector stores of dh"
+        if result["name"] == "_bwd_dh_da_kernel" and not result["constexprs"].get("STORE_DH", True):
+            assert result["vector_stores"] == 0, f"{what}: stores dh [B, T, H] without STORE_DH"
 
 
 def test_float64_eps_is_not_rounded_to_float32():

@@ -3,7 +3,7 @@
     attention_pool(h, scores, mask, direction, kind, eps) -> (context [B, H], attention [B, T])
     perturbation(scores, mask, direction, kind, eps) -> r [B, T]
 
-and, where the backend has them (cpu, reference; not yet cuda, triton), the pair calls of the AT training step
+and, where the backend has them (cpu, reference, triton; not yet cuda), the pair calls of the AT training step
 (fused_attn_at/training.py; issue 17), with the same contract on every backend:
 
     attention_pool_pair(h, scores, mask, direction, kind, eps)
@@ -24,7 +24,6 @@ KIND = {None: 0, "at": 1, "rp": 1, "iat": 2}
 # The backends that implement the pair calls; the others raise NotImplementedError naming themselves, and
 # fused_attn_at.adversarial_attention_loss runs two single ops there. To add one: "cuda" once csrc/cuda registers
 # the three ops attention_scores_grad, attention_pool_pair_fwd, attention_pool_pair_bwd for CUDA (schemas in
-# csrc/ops.cpp; the autograd and fakes are shared, and cpp.PAIR_DEVICES then lists "cuda"); "triton" once
-# triton_attention_pool.py offers attention_pool_pair and attention_scores_grad with the contract above.
+# csrc/ops.cpp; the autograd and fakes are shared, and cpp.PAIR_DEVICES then lists "cuda").
 # tests/test_pair_op.py and tests/test_training_helper.py then test it (add it to their backend lists).
-PAIR_BACKENDS = ("cpu", "reference")
+PAIR_BACKENDS = ("cpu", "reference", "triton")

@@ -4,6 +4,9 @@ pooling, in one module (Liger-Kernel style).
 Backend-module contract (see ops/__init__.py):
     attention_pool(h, scores, mask, direction, kind, eps) -> (context [B, H], attention [B, T])
     perturbation(scores, mask, direction, kind, eps) -> r [B, T]
+    attention_pool_pair(h, scores, mask, direction, kind, eps) -> (context_clean, attention_clean, context_adv,
+        attention_adv)                                       (one sweep over h forward, one backward)
+    attention_scores_grad(grad_context, grad_attention, h, attention) -> grad_scores [B, T]   (no grad_h)
 
 Kernels (each program owns one batch row, or one slice of it; strides are passed, offsets are 64-bit):
   _iat_coeff_kernel      W[i, j] = <g_i, D_ij> / max(||D_ij||, delta)^2, D_ij = (s_i - s_j) m_i m_j.     O(B^2 T)
@@ -11,16 +14,21 @@ Kernels (each program owns one batch row, or one slice of it; strides are passed
                          u_i = sum_j W[i, j] D_ij (iAT, rebuilt block by block from the scores: no [B, B, T]).
   _fwd_kernel            online-softmax statistics of s + r over T blocks (r normalised inline for AT/RP, or
                          read from _perturbation_kernel for iAT), the attention, and the context of an H slice.
-  _bwd_dh_da_kernel      da_t = <dc, h_t> (+ grad_attention_t) and dh_t = a_t dc over a slice of T.
-  _bwd_dscores_kernel    dscores = a * (da - sum_t a_t da_t).
+                         PAIR: the clean softmax and context too, from the same loads of h (the pair op).
+  _bwd_dh_da_kernel      da_t = <dc, h_t> (+ grad_attention_t) and dh_t = a_t dc over a slice of T. STORE_DH
+                         off: da alone (attention_scores_grad). PAIR: a second branch's da2 from the same loads
+                         of h, and dh_t = a_t dc + a2_t dc2 stored once (the pair op's backward).
+  _bwd_dscores_kernel    dscores = a * (da - sum_t a_t da_t) (PAIR: + a2 * (da2 - sum_t a2_t da2_t)).
 Why the forward takes the iAT r from a separate kernel: on a GPU the forward splits H over several programs per
 row to fill the chip at small batches, and each of them would otherwise rebuild u_i (O(B T) per program).
 
 float16/bfloat16 accumulate in float32, float64 in float64. Without a GPU the same functions run on CPU tensors
 under Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported), which is how CI tests them.
 The ops live in their own namespace, fused_attn_at_triton::{attention_pool_fwd, attention_pool_bwd,
-perturbation}, registered with torch.library.triton_op (torch.compile traces into the kernels; the fake
-implementation is the launcher itself, run on fake tensors) and an autograd formula.
+perturbation} and the pair ops of the AT training step (issue 17: attention_scores_grad,
+attention_pool_pair_fwd, attention_pool_pair_bwd, with the contract of ops/__init__.py), registered with
+torch.library.triton_op (torch.compile traces into the kernels; the fake implementation is the launcher itself,
+run on fake tensors) and an autograd formula (attention_pool_fwd and attention_pool_pair_fwd).
 """
 from __future__ import annotations
 
@@ -285,14 +293,36 @@ if AVAILABLE:
         return tl.where(valid, x, float("-inf"))
 
     @triton.jit
-    def _fwd_kernel(h_ptr, s_ptr, mask_ptr, d_ptr, ctx_ptr, a_ptr, flag_ptr, T, H, eps_hi, eps_lo,
+    def _softmax_update(lane_max, lane_sum, x):
+        """One block of the online softmax: one running (max, sum) per lane, merged by _softmax_finish."""
+        new_max = tl.maximum(lane_max, x)
+        # A lane that has seen only padding keeps max -inf; shift by 0 there so that no inf - inf appears.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
+        return new_max, lane_sum
+
+    @triton.jit
+    def _softmax_finish(lane_max, lane_sum):
+        """(shift, 1 / total) of a row from its lanes: a = exp(x - shift) * inv_total."""
+        row_max = tl.max(lane_max, 0)
+        row_shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+        total = tl.sum(lane_sum * tl.exp(lane_max - row_shift), 0)
+        # A fully masked row has total 0: attention 0, context 0 (and no 1/0 evaluated in the other branch).
+        inv_total = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+        return row_shift, inv_total
+
+    @triton.jit
+    def _fwd_kernel(h_ptr, s_ptr, mask_ptr, d_ptr, ctx_ptr, a_ptr, ctxc_ptr, ac_ptr, flag_ptr, T, H, eps_hi, eps_lo,
                     stride_hb, stride_ht, stride_hh, stride_sb, stride_st, stride_mb, stride_mt,
                     stride_db, stride_dt, stride_cb, stride_ch, stride_ab, stride_at,
-                    PERTURB: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+                    stride_ccb, stride_cch, stride_acb, stride_act,
+                    PERTURB: tl.constexpr, PAIR: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
         """Program (row, k) of a grid (B, n): the softmax of row's perturbed scores and the context columns
         [k BLOCK_H, (k+1) BLOCK_H) + multiples of n BLOCK_H. Program k = 0 also writes the attention.
         PERTURB 0: none; 1: r = eps * d / max(||d||, delta) computed here; 2: r = d given (already scaled).
+        PAIR (PERTURB 1 or 2; the pair op): also the clean softmax of the unperturbed scores, its attention
+        (ac_ptr) and context (ctxc_ptr), from the same loads of h: both contexts in one sweep over h.
         Program k = 0 flags a non-finite real score (and direction value, PERTURB 1) while it writes the attention."""
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
@@ -306,24 +336,23 @@ if AVAILABLE:
         else:
             scale = 1.0
 
-        # Online softmax statistics, one running (max, sum) per lane, merged at the end.
+        # Online softmax statistics, one running (max, sum) per lane, merged at the end (PAIR: both softmaxes).
         lane_max = tl.full([BLOCK_T], float("-inf"), ACC)
         lane_sum = tl.zeros([BLOCK_T], ACC)
+        lane_max_c = tl.full([BLOCK_T], float("-inf"), ACC)
+        lane_sum_c = tl.zeros([BLOCK_T], ACC)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             valid = _valid_positions(mask_ptr, row_m, stride_mt, offs_t, offs_t < T, HAS_MASK)
             x = _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
                                   PERTURB, ACC)
-            new_max = tl.maximum(lane_max, x)
-            # A lane that has seen only padding keeps max -inf; shift by 0 there so that no inf - inf appears.
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(x - shift)
-            lane_max = new_max
-        row_max = tl.max(lane_max, 0)
-        row_shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-        total = tl.sum(lane_sum * tl.exp(lane_max - row_shift), 0)
-        # A fully masked row has total 0: attention 0, context 0 (and no 1/0 evaluated in the other branch).
-        inv_total = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+            lane_max, lane_sum = _softmax_update(lane_max, lane_sum, x)
+            if PAIR:
+                x_c = _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
+                                        0, ACC)
+                lane_max_c, lane_sum_c = _softmax_update(lane_max_c, lane_sum_c, x_c)
+        row_shift, inv_total = _softmax_finish(lane_max, lane_sum)
+        row_shift_c, inv_total_c = _softmax_finish(lane_max_c, lane_sum_c)
 
         if split == 0:
             bad_s = tl.zeros([], tl.int32)
@@ -336,6 +365,10 @@ if AVAILABLE:
                 # (the same loads as _perturbed_scores', kept apart so that each tensor is checked on its own)
                 s = tl.load(s_ptr + row_s + offs_t64 * stride_st, mask=valid, other=0).to(ACC)
                 bad_s = tl.maximum(bad_s, _nonfinite(s, valid))
+                if PAIR:
+                    a_c = tl.exp(tl.where(valid, s, float("-inf")) - row_shift_c) * inv_total_c
+                    tl.store(ac_ptr + row * stride_acb + offs_t64 * stride_act, _cast(a_c, ac_ptr.dtype.element_ty),
+                             mask=in_t)
                 if PERTURB != 0:
                     d = tl.load(d_ptr + row_d + offs_t64 * stride_dt, mask=valid, other=0).to(ACC)
                     if PERTURB == 1:
@@ -352,6 +385,7 @@ if AVAILABLE:
             in_h = offs_h < H
             offs_h64 = offs_h.to(tl.int64)
             acc = tl.zeros([BLOCK_T, BLOCK_H], ACC)
+            acc_c = tl.zeros([BLOCK_T, BLOCK_H], ACC)
             for t0 in range(0, T, BLOCK_T):
                 offs_t = t0 + tl.arange(0, BLOCK_T)
                 valid = _valid_positions(mask_ptr, row_m, stride_mt, offs_t, offs_t < T, HAS_MASK)
@@ -363,17 +397,30 @@ if AVAILABLE:
                             + offs_h64[None, :] * stride_hh,
                             mask=valid[:, None] & in_h[None, :], other=0).to(ACC)
                 acc += a[:, None] * h
+                if PAIR:
+                    x_c = _perturbed_scores(s_ptr, row_s, stride_st, d_ptr, row_d, stride_dt, offs_t, valid, scale,
+                                            0, ACC)
+                    a_c = tl.exp(x_c - row_shift_c) * inv_total_c
+                    acc_c += a_c[:, None] * h
             context = tl.sum(acc, axis=0)
             tl.store(ctx_ptr + row * stride_cb + offs_h64 * stride_ch, _cast(context, ctx_ptr.dtype.element_ty),
                      mask=in_h)
+            if PAIR:
+                context_c = tl.sum(acc_c, axis=0)
+                tl.store(ctxc_ptr + row * stride_ccb + offs_h64 * stride_cch,
+                         _cast(context_c, ctxc_ptr.dtype.element_ty), mask=in_h)
 
     @triton.jit
-    def _bwd_dh_da_kernel(dc_ptr, ga_ptr, h_ptr, a_ptr, dh_ptr, da_ptr, T, H,
+    def _bwd_dh_da_kernel(dc_ptr, ga_ptr, h_ptr, a_ptr, dh_ptr, da_ptr, dc2_ptr, ga2_ptr, a2_ptr, da2_ptr, T, H,
                           stride_cb, stride_ch, stride_gb, stride_gt, stride_hb, stride_ht, stride_hh,
                           stride_ab, stride_at, stride_xb, stride_xt, stride_xh,
-                          HAS_GA: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                          stride_c2b, stride_c2h, stride_g2b, stride_g2t, stride_a2b, stride_a2t,
+                          HAS_GA: tl.constexpr, PAIR: tl.constexpr, HAS_GA2: tl.constexpr, STORE_DH: tl.constexpr,
+                          ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
         """Program (row, k) of a grid (B, n): T blocks k, k + n, ... of the row. da_t = <dc, h_t> + ga_t into a
-        [B, T] buffer (ACC, contiguous) and dh_t = a_t dc (strides stride_x*)."""
+        [B, T] buffer (ACC, contiguous) and dh_t = a_t dc (strides stride_x*; not written without STORE_DH: the
+        scores gradient alone). PAIR (the pair op's backward): a second branch (dc2, ga2, a2) read against the
+        same loads of h, da2_t = <dc2, h_t> + ga2_t into da2_ptr, and dh_t = a_t dc + a2_t dc2 written once."""
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         n_split = tl.num_programs(1)
@@ -384,29 +431,51 @@ if AVAILABLE:
             a = tl.load(a_ptr + row * stride_ab + offs_t64 * stride_at, mask=in_t, other=0).to(ACC)
             # Where a_t = 0 (padding, or underflow) dscores_t = a_t (...) = 0 and dh_t = 0: h_t is not needed.
             weighted = in_t & (a != 0)
+            if PAIR:
+                a2 = tl.load(a2_ptr + row * stride_a2b + offs_t64 * stride_a2t, mask=in_t, other=0).to(ACC)
+                weighted2 = in_t & (a2 != 0)
+                read = weighted | weighted2
+            else:
+                a2 = a  # unused
+                weighted2 = weighted
+                read = weighted
             acc = tl.zeros([BLOCK_T, BLOCK_H], ACC)
+            acc2 = tl.zeros([BLOCK_T, BLOCK_H], ACC)
             for h0 in range(0, H, BLOCK_H):
                 offs_h = h0 + tl.arange(0, BLOCK_H)
                 offs_h64 = offs_h.to(tl.int64)
                 in_h = offs_h < H
                 dc = tl.load(dc_ptr + row * stride_cb + offs_h64 * stride_ch, mask=in_h, other=0).to(ACC)
                 h = tl.load(h_ptr + row * stride_hb + offs_t64[:, None] * stride_ht + offs_h64[None, :] * stride_hh,
-                            mask=weighted[:, None] & in_h[None, :], other=0).to(ACC)
+                            mask=read[:, None] & in_h[None, :], other=0).to(ACC)
                 acc += h * dc[None, :]
                 dh = a[:, None] * dc[None, :]
-                tl.store(dh_ptr + row * stride_xb + offs_t64[:, None] * stride_xt + offs_h64[None, :] * stride_xh,
-                         _cast(dh, dh_ptr.dtype.element_ty), mask=in_t[:, None] & in_h[None, :])
+                if PAIR:
+                    dc2 = tl.load(dc2_ptr + row * stride_c2b + offs_h64 * stride_c2h, mask=in_h, other=0).to(ACC)
+                    acc2 += h * dc2[None, :]
+                    dh += a2[:, None] * dc2[None, :]
+                if STORE_DH:
+                    tl.store(dh_ptr + row * stride_xb + offs_t64[:, None] * stride_xt + offs_h64[None, :] * stride_xh,
+                             _cast(dh, dh_ptr.dtype.element_ty), mask=in_t[:, None] & in_h[None, :])
             da = tl.sum(acc, axis=1)
             if HAS_GA:
                 da += tl.load(ga_ptr + row * stride_gb + offs_t64 * stride_gt, mask=weighted, other=0).to(ACC)
             tl.store(da_ptr + row * T + offs_t64, da, mask=in_t)
+            if PAIR:
+                da2 = tl.sum(acc2, axis=1)
+                if HAS_GA2:
+                    da2 += tl.load(ga2_ptr + row * stride_g2b + offs_t64 * stride_g2t, mask=weighted2,
+                                   other=0).to(ACC)
+                tl.store(da2_ptr + row * T + offs_t64, da2, mask=in_t)
 
     @triton.jit
-    def _bwd_dscores_kernel(a_ptr, da_ptr, ds_ptr, T, stride_ab, stride_at, stride_xb, stride_xt,
-                            ACC: tl.constexpr, BLOCK_T: tl.constexpr):
-        """One program per row: dscores = a * (da - sum_t a_t da_t)."""
+    def _bwd_dscores_kernel(a_ptr, da_ptr, a2_ptr, da2_ptr, ds_ptr, T, stride_ab, stride_at, stride_a2b, stride_a2t,
+                            stride_xb, stride_xt, PAIR: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One program per row: dscores = a * (da - sum_t a_t da_t) (PAIR: plus a2 * (da2 - sum_t a2_t da2_t),
+        the second branch's, in the same pass)."""
         row = tl.program_id(0).to(tl.int64)
         dot_acc = tl.zeros([BLOCK_T], ACC)
+        dot2_acc = tl.zeros([BLOCK_T], ACC)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             offs_t64 = offs_t.to(tl.int64)
@@ -414,15 +483,24 @@ if AVAILABLE:
             a = tl.load(a_ptr + row * stride_ab + offs_t64 * stride_at, mask=in_t, other=0).to(ACC)
             da = tl.load(da_ptr + row * T + offs_t64, mask=in_t, other=0)
             dot_acc += a * da
+            if PAIR:
+                a2 = tl.load(a2_ptr + row * stride_a2b + offs_t64 * stride_a2t, mask=in_t, other=0).to(ACC)
+                da2 = tl.load(da2_ptr + row * T + offs_t64, mask=in_t, other=0)
+                dot2_acc += a2 * da2
         dot = tl.sum(dot_acc, 0)
+        dot2 = tl.sum(dot2_acc, 0)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             offs_t64 = offs_t.to(tl.int64)
             in_t = offs_t < T
             a = tl.load(a_ptr + row * stride_ab + offs_t64 * stride_at, mask=in_t, other=0).to(ACC)
             da = tl.load(da_ptr + row * T + offs_t64, mask=in_t, other=0)
-            tl.store(ds_ptr + row * stride_xb + offs_t64 * stride_xt, _cast(a * (da - dot), ds_ptr.dtype.element_ty),
-                     mask=in_t)
+            ds = a * (da - dot)
+            if PAIR:
+                a2 = tl.load(a2_ptr + row * stride_a2b + offs_t64 * stride_a2t, mask=in_t, other=0).to(ACC)
+                da2 = tl.load(da2_ptr + row * T + offs_t64, mask=in_t, other=0)
+                ds += a2 * (da2 - dot2)
+            tl.store(ds_ptr + row * stride_xb + offs_t64 * stride_xt, _cast(ds, ds_ptr.dtype.element_ty), mask=in_t)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -560,15 +638,29 @@ def _launch_perturbation(scores: torch.Tensor, mask: Optional[torch.Tensor], dir
 
 
 def _forward(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor], direction: Optional[torch.Tensor],
-             kind: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+             kind: int, eps: float, pair: bool = False) -> tuple[torch.Tensor, ...]:
+    """(context, attention) of the (perturbed) pooling; pair=True (kind 1 or 2): (context_clean,
+    attention_clean, context_adv, attention_adv) from one sweep over h."""
     _check_kind(kind, direction)
+    if pair and kind == _KIND_NONE:
+        raise ValueError("kind must be 1 (AT/RP: normalise direction) or 2 (iAT) for the pair op (its second "
+                         f"branch is the perturbed one), got {kind}")
     B, T, H = h.shape
     context = torch.empty((B, H), dtype=h.dtype, device=h.device)
     attention = torch.empty((B, T), dtype=h.dtype, device=h.device)
+    if pair:
+        context_c = torch.empty((B, H), dtype=h.dtype, device=h.device)
+        attention_c = torch.empty((B, T), dtype=h.dtype, device=h.device)
+        outputs = (context_c, attention_c, context, attention)
+    else:
+        context_c, attention_c = context, attention  # unused
+        outputs = (context, attention)
     if B == 0 or _skip_launch(h):
-        return context, attention
+        return outputs
     if T == 0:
-        return context.zero_(), attention
+        context.zero_()
+        context_c.zero_()
+        return outputs
     acc = _acc_dtype(h.dtype)
     p = _launch_params(B, T, H, h.dtype, h.device)
     mask_t, smb, smt, has_mask = _mask_arg(mask, scores)
@@ -583,40 +675,55 @@ def _forward(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor]
         perturb, d = _PERTURB_NONE, scores  # unused
     split = _split(p["split"], triton.cdiv(max(H, 1), p["fwd_block_h"]), B, h.device)
     torch.library.wrap_triton(_fwd_kernel)[(B, split)](
-        h, scores, mask_t, d, context, attention, flags, T, H, *_eps_parts(eps),
+        h, scores, mask_t, d, context, attention, context_c, attention_c, flags, T, H, *_eps_parts(eps),
         h.stride(0), h.stride(1), h.stride(2), scores.stride(0), scores.stride(1), smb, smt,
         d.stride(0), d.stride(1), context.stride(0), context.stride(1), attention.stride(0), attention.stride(1),
-        PERTURB=perturb, HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_T=p["fwd_block_t"], BLOCK_H=p["fwd_block_h"],
-        num_warps=p["num_warps"])
+        context_c.stride(0), context_c.stride(1), attention_c.stride(0), attention_c.stride(1),
+        PERTURB=perturb, PAIR=pair, HAS_MASK=has_mask, ACC=_TL_ACC[acc], BLOCK_T=p["fwd_block_t"],
+        BLOCK_H=p["fwd_block_h"], num_warps=p["num_warps"])
     _raise_if_nonfinite(flags, kind)
-    return context, attention
+    return outputs
 
 
 def _backward(grad_context: torch.Tensor, grad_attention: Optional[torch.Tensor], h: torch.Tensor,
-              attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              attention: torch.Tensor, second: Optional[tuple] = None,
+              store_dh: bool = True) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(grad_h, grad_scores) of the op's backward. second = (grad_context, grad_attention, attention) of a
+    second branch over the same h (the pair op): both branches' gradients summed, from one sweep over h, grad_h
+    written once. store_dh=False: grad_scores alone (grad_h None), nothing of size B*T*H written."""
     B, T, H = h.shape
-    grad_h = torch.empty_like(h, memory_format=torch.contiguous_format)
+    grad_h = torch.empty_like(h, memory_format=torch.contiguous_format) if store_dh else None
     grad_scores = torch.empty((B, T), dtype=attention.dtype, device=h.device)
     if _skip_launch(h):
         return grad_h, grad_scores
     if B == 0 or T == 0:
-        return grad_h.zero_(), grad_scores
+        if grad_h is not None:
+            grad_h.zero_()
+        return grad_h, grad_scores
     acc = _acc_dtype(h.dtype)
     p = _launch_params(B, T, H, h.dtype, h.device)
-    da = torch.empty((B, T), dtype=acc, device=h.device)  # dL/da_t, contiguous
+    da = torch.empty((2 if second is not None else 1, B, T), dtype=acc, device=h.device)  # dL/da_t, contiguous
     ga = grad_attention if grad_attention is not None else attention  # unused when None
+    if second is not None:
+        dc2, ga2_given, a2 = second
+        ga2 = ga2_given if ga2_given is not None else a2  # unused when None
+    else:
+        dc2, ga2_given, ga2, a2 = grad_context, None, ga, attention  # unused
+    dh = grad_h if grad_h is not None else h  # unused without store_dh
     split = _split(p["split"], triton.cdiv(T, p["block_t"]), B, h.device)
     torch.library.wrap_triton(_bwd_dh_da_kernel)[(B, split)](
-        grad_context, ga, h, attention, grad_h, da, T, H,
+        grad_context, ga, h, attention, dh, da[0], dc2, ga2, a2, da[-1], T, H,
         grad_context.stride(0), grad_context.stride(1), ga.stride(0), ga.stride(1),
         h.stride(0), h.stride(1), h.stride(2), attention.stride(0), attention.stride(1),
-        grad_h.stride(0), grad_h.stride(1), grad_h.stride(2),
-        HAS_GA=grad_attention is not None, ACC=_TL_ACC[acc], BLOCK_T=p["block_t"], BLOCK_H=p["block_h"],
+        dh.stride(0), dh.stride(1), dh.stride(2),
+        dc2.stride(0), dc2.stride(1), ga2.stride(0), ga2.stride(1), a2.stride(0), a2.stride(1),
+        HAS_GA=grad_attention is not None, PAIR=second is not None, HAS_GA2=ga2_given is not None,
+        STORE_DH=store_dh, ACC=_TL_ACC[acc], BLOCK_T=p["block_t"], BLOCK_H=p["block_h"],
         num_warps=p["num_warps"])
     torch.library.wrap_triton(_bwd_dscores_kernel)[(B,)](
-        attention, da, grad_scores, T, attention.stride(0), attention.stride(1),
-        grad_scores.stride(0), grad_scores.stride(1), ACC=_TL_ACC[acc], BLOCK_T=p["block_t"],
-        num_warps=p["num_warps"])
+        attention, da[0], a2, da[-1], grad_scores, T, attention.stride(0), attention.stride(1),
+        a2.stride(0), a2.stride(1), grad_scores.stride(0), grad_scores.stride(1), PAIR=second is not None,
+        ACC=_TL_ACC[acc], BLOCK_T=p["block_t"], num_warps=p["num_warps"])
     return grad_h, grad_scores
 
 
@@ -691,6 +798,62 @@ if AVAILABLE:
 
     attention_pool_fwd.register_autograd(_attention_pool_backward, setup_context=_setup_context)
 
+    # ---- the pair ops of the AT training step (issue 17; the contract in ops/__init__.py) ----
+
+    @_define_op("attention_scores_grad")
+    def attention_scores_grad_op(grad_context: torch.Tensor, grad_attention: Optional[torch.Tensor],
+                                 h: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """grad_scores [B, T] of attention_pool_bwd without grad_h: h read once, nothing [B, T, H] written.
+        No derivative (a constant, like the perturbation)."""
+        with _device_guard(h.device):
+            return _backward(grad_context, grad_attention, h, attention, store_dh=False)[1]
+
+    @_define_op("attention_pool_pair_fwd")
+    def attention_pool_pair_fwd(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor],
+                                direction: torch.Tensor, kind: int,
+                                eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(context_clean, attention_clean, context_adv, attention_adv): the clean pooling and that of
+        masked_softmax(scores + r) (kind 1 or 2), both contexts from one sweep over h."""
+        with _device_guard(h.device):
+            return _forward(h, scores, mask, direction, kind, eps, pair=True)
+
+    @_define_op("attention_pool_pair_bwd")
+    def attention_pool_pair_bwd(grad_context_clean: torch.Tensor, grad_attention_clean: Optional[torch.Tensor],
+                                grad_context_adv: torch.Tensor, grad_attention_adv: Optional[torch.Tensor],
+                                h: torch.Tensor, attention_clean: torch.Tensor,
+                                attention_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grad_h, grad_scores) of the pair, both branches summed: one sweep over h, grad_h written once
+        (a_clean dc_clean + a_adv dc_adv)."""
+        with _device_guard(h.device):
+            return _backward(grad_context_clean, grad_attention_clean, h, attention_clean,
+                             second=(grad_context_adv, grad_attention_adv, attention_adv))
+
+    def _pair_setup_context(ctx, inputs, output) -> None:
+        h = inputs[0]
+        _context_clean, attention_clean, _context_adv, attention_adv = output
+        ctx.save_for_backward(h, attention_clean, attention_adv)  # outputs, as in _setup_context
+
+    def _attention_pool_pair_backward(ctx, grad_context_clean, grad_attention_clean, grad_context_adv,
+                                      grad_attention_adv):
+        h, attention_clean, attention_adv = ctx.saved_tensors
+        if grad_context_clean is None:
+            grad_context_clean = h.new_zeros((h.shape[0], h.shape[2]))
+        if grad_context_adv is None:
+            grad_context_adv = h.new_zeros((h.shape[0], h.shape[2]))
+        if torch.is_grad_enabled():  # create_graph=True: each branch's backward as differentiable torch ops
+            gh_clean, gs_clean = attention_pool_backward_composite(grad_context_clean, grad_attention_clean, h,
+                                                                   attention_clean)
+            gh_adv, gs_adv = attention_pool_backward_composite(grad_context_adv, grad_attention_adv, h,
+                                                               attention_adv)
+            grad_h, grad_scores = gh_clean + gh_adv, gs_clean + gs_adv
+        else:
+            grad_h, grad_scores = attention_pool_pair_bwd(grad_context_clean, grad_attention_clean,
+                                                          grad_context_adv, grad_attention_adv, h,
+                                                          attention_clean, attention_adv)
+        return grad_h, grad_scores, None, None, None, None
+
+    attention_pool_pair_fwd.register_autograd(_attention_pool_pair_backward, setup_context=_pair_setup_context)
+
 
 # ------------------------------------------------------------------------------------- backend-module API
 
@@ -723,6 +886,22 @@ def perturbation(scores: torch.Tensor, mask: Optional[torch.Tensor], direction: 
     return perturbation_op(scores.detach(), mask, direction.detach(), int(kind), float(eps))
 
 
+def attention_pool_pair(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor], direction: torch.Tensor,
+                        kind: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(context_clean, attention_clean, context_adv, attention_adv) of one sweep over h (kind 1 or 2);
+    differentiable wrt h and scores, with one backward for both branches (grad_h written once)."""
+    _require_available()
+    _warn_single_row_iat(kind, h.shape[0])
+    return attention_pool_pair_fwd(h, scores, mask, direction.detach(), int(kind), float(eps))
+
+
+def attention_scores_grad(grad_context: torch.Tensor, grad_attention: Optional[torch.Tensor], h: torch.Tensor,
+                          attention: torch.Tensor) -> torch.Tensor:
+    """grad_scores [B, T] of the op's backward without grad_h (call it under no_grad: a constant)."""
+    _require_available()
+    return attention_scores_grad_op(grad_context, grad_attention, h, attention)
+
+
 # ------------------------------------------------------------------------------ compiling without a GPU
 
 # Unit strides of the contiguous layouts (innermost dimension of each tensor argument), per kernel: the JIT
@@ -730,9 +909,11 @@ def perturbation(scores: torch.Tensor, mask: Optional[torch.Tensor], direction: 
 _UNIT_STRIDES = {
     "_iat_coeff_kernel": ("stride_st", "stride_mt", "stride_gt"),
     "_perturbation_kernel": ("stride_st", "stride_mt", "stride_dt", "stride_rt"),
-    "_fwd_kernel": ("stride_st", "stride_mt", "stride_dt", "stride_hh", "stride_ch", "stride_at"),
-    "_bwd_dh_da_kernel": ("stride_ch", "stride_gt", "stride_hh", "stride_at", "stride_xh"),
-    "_bwd_dscores_kernel": ("stride_at", "stride_xt"),
+    "_fwd_kernel": ("stride_st", "stride_mt", "stride_dt", "stride_hh", "stride_ch", "stride_at", "stride_cch",
+                    "stride_act"),
+    "_bwd_dh_da_kernel": ("stride_ch", "stride_gt", "stride_hh", "stride_at", "stride_xh", "stride_c2h",
+                          "stride_g2t", "stride_a2t"),
+    "_bwd_dscores_kernel": ("stride_at", "stride_a2t", "stride_xt"),
 }
 _TRITON_TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -752,6 +933,7 @@ def compile_for_gpu(name: str, dtype: torch.dtype = torch.float32, arch: int = 9
     acc = _acc_dtype(dtype)
     p = _launch_params(64, 1024, 256, dtype, torch.device("cpu"))
     defaults = {"PERTURB": _PERTURB_NORMALISE, "KIND": _KIND_IAT, "HAS_MASK": True, "HAS_GA": True,
+                "PAIR": False, "HAS_GA2": True, "STORE_DH": True,
                 "ACC": _TL_ACC[acc], "BLOCK_T": p["block_t"], "BLOCK_H": p["block_h"], "BLOCK_J": p["block_j"]}
     constants = {k: v for k, v in {**defaults, **constexprs}.items() if k in kernel.arg_names}
     perturb_given = constants.get("PERTURB") == _PERTURB_GIVEN
@@ -767,7 +949,7 @@ def compile_for_gpu(name: str, dtype: torch.dtype = torch.float32, arch: int = 9
                 signature[arg] = "*u8"
             elif arg == "flag_ptr":
                 signature[arg] = "*i32"
-            elif arg in ("w_ptr", "da_ptr") or (arg == "d_ptr" and perturb_given):
+            elif arg in ("w_ptr", "da_ptr", "da2_ptr") or (arg == "d_ptr" and perturb_given):
                 signature[arg] = "*" + _TRITON_TYPE[acc]
             else:
                 signature[arg] = "*" + _TRITON_TYPE[dtype]
