@@ -293,6 +293,9 @@ def _bound_pair(res) -> str:
     return text
 
 
+FAULTS_PART = "page faults (inside the ops' time)"
+
+
 def breakdown_parts(b: dict) -> dict:
     """Where a case's end-to-end time beyond the kernels goes, per call, all measured: allocation (profiler
     self time of allocation ops), page faults (faults per call x the first-touch cost per fault of bandwidth.py),
@@ -303,7 +306,8 @@ def breakdown_parts(b: dict) -> dict:
     faults = (b.get("e2e_rusage") or {}).get("minflt")
     fault_s = faults * b["us_per_fault"] * 1e-6 if faults is not None and b.get("us_per_fault") else None
     seen = sum(prof.get(k, 0.0) for k in ("kernel_s", "alloc_s", "autograd_s", "other_ops_s"))
-    return {"allocation": prof.get("alloc_s"), "page faults": fault_s, "autograd": prof.get("autograd_s"),
+    return {"allocation": prof.get("alloc_s"), FAULTS_PART: fault_s,
+            "autograd": prof.get("autograd_s"),
             "other aten ops": prof.get("other_ops_s"),
             "Python + host": max(0.0, e2e - seen) if e2e is not None and prof else None}
 
@@ -487,7 +491,9 @@ def breakdown_table(res: dict) -> list[str]:
              "`attention_pool_bwd` called directly under no_grad on pre-allocated inputs (the C++ ops have no out= "
              "entry, so this includes allocating their outputs, nothing of Python's or autograd's); p10 / p50 / p90 of "
              "the timed rounds. The rest of the end-to-end time, per call: allocation = torch.profiler self CPU time of "
-             "allocation ops; page faults = minor faults per call (getrusage) x the first-touch cost per fault; autograd "
+             "allocation ops; page faults = minor faults per call (getrusage) x the first-touch cost per fault of the "
+             "bandwidth profile (an op pays them while writing a fresh output, so they lie inside the kernel and "
+             "allocation times, not on top of them); autograd "
              "= profiler self time of the engine and its nodes; Python + host = end-to-end p50 minus all profiled self "
              "times (the op's checks, autograd.grad's Python, preemption); ctx sw = involuntary context switches per "
              "call (another process took the core).", "",
@@ -503,7 +509,7 @@ def breakdown_table(res: dict) -> list[str]:
         cells = [f"B={B} T={T} H={H} {pert}", fmt_pcts(e2e), fmt_pcts(ops),
                  fmt_time((b.get("ops_fwd_pct") or {}).get("p50")), fmt_time((b.get("ops_bwd_pct") or {}).get("p50")),
                  fmt_time(beyond), fmt_time((b.get("profile") or {}).get("kernel_s")), fmt_time(parts["allocation"]),
-                 NONE if faults is None else f"{faults:.3g} ({fmt_time(parts['page faults'])})",
+                 NONE if faults is None else f"{faults:.3g} ({fmt_time(parts[FAULTS_PART])})",
                  fmt_time(parts["autograd"]), fmt_time(parts["other aten ops"]), fmt_time(parts["Python + host"]),
                  fmt_num((b.get("e2e_rusage") or {}).get("nivcsw"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
