@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+import scipy.stats
+
 EXPERIMENTS = Path(__file__).resolve().parent
 REPO = EXPERIMENTS.parent
 if str(EXPERIMENTS) not in sys.path:
@@ -550,6 +552,53 @@ def compat_discussion(results: Results, compat_runs: list[Run], main: list[Run])
                 f"rather than from adversarial training."]
 
 
+# The authors' own demo page (released repository, docs/static/media/attention_gradient_{vanilla,AttentionAT,
+# AttentioniAT}.html: 8 SST sentences they chose, values read from the cell colours), as issue 15 quotes it: a
+# showcase, not a test set. method -> (mean per-sentence Pearson r, mean max attention)
+AUTHORS_SHOWCASE = {"vanilla": (0.766, 0.415), "attention_at": (0.517, 0.610), "attention_iat": (0.897, 0.429)}
+
+
+def paired_by_seed(a: dict[int, float], b: dict[int, float]) -> tuple[list[int], float, float, float] | None:
+    """(seeds, mean of a - b over the seeds both have, and the two ends of its 95% t interval); None below 2."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    mean = statistics.fmean(diffs)
+    half = scipy.stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return seeds, mean, mean - half, mean + half
+
+
+def released_iat_paired(results: Results, runs: list[Run]) -> list[str]:
+    """Issue 15 item 4: the released iAT's Pearson r (and accuracy) against vanilla's, paired by seed, with a 95%
+    t interval of the mean difference; then the authors' showcase numbers for comparison."""
+    finished = results.finished(runs)
+    released = {r.seed: m for r, m in finished if r.method == "attention_iat" and compat_version(r)}
+    vanilla = {r.seed: m for r, m in finished if r.method == "vanilla"}
+    lines = []
+    for measure, value in (("attention-gradient Pearson r", pearson_r),
+                           ("test accuracy", lambda m: first_test(m)["accuracy"])):
+        paired = paired_by_seed({s: value(m) for s, m in released.items()}, {s: value(m) for s, m in vanilla.items()})
+        if paired is None:
+            continue
+        seeds, mean, low, high = paired
+        verdict = ("the interval excludes 0" if low > 0 or high < 0 else
+                   "the interval includes 0: no difference shown")
+        lines.append(f"| {measure} | {len(seeds)} ({', '.join(map(str, seeds))}) | "
+                     f"{fmt([value(released[s]) for s in seeds])} | {fmt([value(vanilla[s]) for s in seeds])} | "
+                     f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] | {verdict} |")
+    if not lines:
+        return []
+    showcase = ", ".join(f"{m} {r:.3f} / {a:.3f}" for m, (r, a) in AUTHORS_SHOWCASE.items())
+    return ["", "Released iAT against vanilla, paired by seed (SST, eps 1; mean ± sd over the seeds, and the mean of "
+                "the per-seed differences with its 95% t interval):", "",
+            "| measure | seeds | released iAT | vanilla | released - vanilla [95% CI] | |", "|---|---|---|---|---|---|",
+            *lines, "",
+            f"For comparison only, the authors' own demo page (8 SST sentences they chose, values read from the "
+            f"cell colours; a showcase, not a test set) gives mean per-sentence Pearson r / mean max attention: "
+            f"{showcase}."]
+
+
 # ----------------------------------------------------------------------------------------------- heat maps
 
 def copy_heatmap(run_dir: Path, metrics: dict, target: Path, max_width: int = 1100) -> bool:
@@ -966,6 +1015,7 @@ def build(args) -> str:
             "other jobs, so only large ratios mean anything.", ""]
     doc += compat_table(results, compat_runs)
     doc += compat_discussion(results, compat_runs, main)
+    doc += released_iat_paired(results, load_grid(args.released_grid) if args.released_grid else [])
     doc += ["", "## 5. Heat maps: attention vs gradient importance on the same SST test sentences", "",
             "The first six SST test sentences of 6 to 30 tokens, for the seed-1 main-grid models; each row is "
             "scaled by its own maximum (train.py writes these; an HTML version with the raw values on hover is in "
@@ -1030,6 +1080,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--main-grid", default="main", help="grid of the per-task and correlation tables")
     parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot")
     parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison")
+    parser.add_argument("--released-grid", default="repro_released_iat",
+                        help="grid of the seed-paired released iAT vs vanilla comparison; '' = none")
     parser.add_argument("--attention-stats", action=argparse.BooleanOptionalAction, default=True,
                         help="measure how peaked each seed-1 and eps-grid model's attention is from its best.pt "
                              "(~25 min of CPU for all of them, measured on 2026-11-29; kept in each run folder as "

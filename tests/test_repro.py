@@ -436,3 +436,26 @@ def test_report_summary_opens_with_each_claims_verdict(tmp_path):
     at_row = next(line for line in table if line.startswith("| sst | attention_at |"))
     assert "0.900 (beats vanilla)" in at_row and "0.300 (below vanilla)" in at_row
     assert any("evaluate.py" in line for line in table)
+
+
+def test_report_pairs_released_iat_with_vanilla_by_seed(tmp_path):
+    """Issue 15 item 4: the per-seed differences, their mean and a 95% t interval (here by hand: differences
+    0.10, 0.02, 0.06 -> mean 0.06, sd 0.04, half width t(0.975, 2) * 0.04 / sqrt(3) = 0.0994); a seed without
+    its partner is left out."""
+    report = script("report")
+    from sweep import Run
+
+    vanilla = [Run("sst", "vanilla", s, None) for s in (1, 2, 3, 4)]
+    released = [Run("sst", "attention_iat", s, 1.0, (("compat", "released"),)) for s in (1, 2, 3)]
+    for run, r in zip(vanilla, (0.70, 0.75, 0.72, 0.9)):
+        fake_run(tmp_path, run, 0.80, r)
+    for run, r in zip(released, (0.80, 0.77, 0.78)):
+        fake_run(tmp_path, run, 0.81, r)
+    lines = report.released_iat_paired(report.Results(tmp_path), vanilla + released)
+    row = next(line for line in lines if line.startswith("| attention-gradient Pearson r |"))
+    assert "| 3 (1, 2, 3) |" in row
+    assert "+0.060 [-0.039, +0.159]" in row and "includes 0" in row
+    accuracy = next(line for line in lines if line.startswith("| test accuracy |"))
+    assert "+0.010 [+0.010, +0.010]" in accuracy
+    assert any("showcase, not a test set" in line for line in lines)
+    assert report.released_iat_paired(report.Results(tmp_path), vanilla[:1] + released[:1]) == []
