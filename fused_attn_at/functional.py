@@ -173,8 +173,7 @@ def attention_pool_pair(
     for both contexts, and their backward reads h once and writes grad_h once (a_clean dc_clean + a_adv dc_adv)
     instead of twice plus a sum. perturbation: "at" or "iat" (grad = dL_clean/dscores, e.g. from
     attention_scores_grad) or "rp" (noise, or drawn from `generator`). Same checks, backends and autocast rule
-    as attention_pool; backends "cpu", "reference" and "triton" (NotImplementedError naming the backend
-    elsewhere, for now).
+    as attention_pool; every backend ("cpu", "cuda", "triton", "reference").
     """
     if perturbation is None:
         raise ValueError("perturbation must be one of 'at', 'iat', 'rp' for attention_pool_pair (its second "
@@ -225,8 +224,8 @@ def attention_scores_grad(
     """g = dL/dscores [B, T] for out = attention_pool(h, scores, mask) (attention = out.attention) from
     dL/dcontext [B, H] (and dL/dattention [B, T]): what torch.autograd.grad(L, scores) gives, without the
     grad_h [B, T, H] that the op's backward would also compute (a kernel reads h once and writes nothing of
-    that size). A constant (no gradient flows through it), like the perturbation. Backends "cpu", "reference"
-    and "triton" (NotImplementedError naming the backend elsewhere, for now)."""
+    that size). A constant (no gradient flows through it), like the perturbation. Every backend ("cpu", "cuda",
+    "triton", "reference")."""
     _check_scores_grad_inputs(grad_context, h, attention, grad_attention)
     if h.dtype != attention.dtype:  # e.g. h of an autocast region: run in the wider dtype, as attention_pool
         h = h.to(torch.promote_types(h.dtype, attention.dtype))

@@ -14,6 +14,10 @@
    against torch's own c10/cuda headers and the toolkit's (g++ -fsyntax-only, where a CUDA toolkit is found), and
    built over the emulated kernels into a library torch loads (tests/cuda_stubs/), so that its input checks,
    views, launches and device-side value checks run for real on CPU tensors.
+5. The pair ops of the AT training step (issue 17, last section): the launchers fa_cuda_attention_scores_grad,
+   fa_cuda_attention_pool_pair_fwd and fa_cuda_attention_pool_pair_bwd against two single launches and python_ref
+   (float64, masks, iAT, vector and scalar paths, column groups and position chunks), and the binding's three ops
+   against the cpu backend's pair ops.
 """
 from __future__ import annotations
 
@@ -92,6 +96,10 @@ def test_nvcc_compiles_device_code_for_sm80_and_sm90(tmp_path):
     print(proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert obj.stat().st_size > 0
+    # The pair ops' kernels (issue 17) spill no register (fwd_kernel<..., PAIR = true>, bwd_dh_da_kernel<..., MODE
+    # BWD_SCORES_ONLY or BWD_PAIR>, bwd_dscores_kernel<..., PAIR = true>).
+    spilled = re.findall(r"spilled to local memory in function '([^']+)'", proc.stderr)
+    assert not [f for f in spilled if re.search(PAIR_KERNEL_SYMBOL, f)], spilled
     cuobjdump = _cuobjdump()
     if cuobjdump is None:
         print("cuobjdump not found: the object's architectures are not listed")
@@ -99,6 +107,19 @@ def test_nvcc_compiles_device_code_for_sm80_and_sm90(tmp_path):
     listing = subprocess.run([cuobjdump, "--list-elf", str(obj)], capture_output=True, text=True, timeout=120)
     assert listing.returncode == 0, listing.stderr
     assert "sm_80" in listing.stdout and "sm_90" in listing.stdout, listing.stdout
+    symbols = subprocess.run([cuobjdump, "--dump-elf-symbols", str(obj)], capture_output=True, text=True, timeout=120)
+    assert symbols.returncode == 0, symbols.stderr
+    pair_kernels = set(re.findall(PAIR_KERNEL_SYMBOL, symbols.stdout))
+    # both architectures, 4 dtypes x vector/scalar: the pair forward (2 perturbations), backward, dscores-only
+    assert {"fwd_kernel", "bwd_dh_da_kernel", "bwd_dscores_kernel"} <= {m.split("I")[0] for m in pair_kernels}, \
+        sorted(pair_kernels)
+    assert len(pair_kernels) == 4 * 2 * 2 + 4 * 2 * 2 + 4, sorted(pair_kernels)
+
+
+# Mangled names of the pair ops' kernel instances: fwd_kernel<T, VEC, PERTURB, true>,
+# bwd_dh_da_kernel<T, VEC, 1 or 2>, bwd_dscores_kernel<T, true>.
+PAIR_KERNEL_SYMBOL = (r"fwd_kernelI\w+?Li\d+ELi\d+ELb1EE|bwd_dh_da_kernelI\w+?Li\d+ELi[12]EE"
+                      r"|bwd_dscores_kernelI\w+?Lb1EE")
 
 
 def test_header_is_plain_c():
@@ -151,8 +172,14 @@ def build_emulated(source: pathlib.Path, library: pathlib.Path, extra_flags=()) 
                                                i32, ptr, ptr]
     lib.fa_cuda_attention_pool_bwd.argtypes = [i32, i64, i64, i64, View, View, View, View, View, View, ptr, i32,
                                                ptr]
+    lib.fa_cuda_attention_scores_grad.argtypes = [i32, i64, i64, i64, View, View, View, View, View, ptr, i32, ptr]
+    lib.fa_cuda_attention_pool_pair_fwd.argtypes = [i32, i32, i64, i64, i64, dbl, View, View, View, View, View, View,
+                                                    View, View, i32, ptr, ptr]
+    lib.fa_cuda_attention_pool_pair_bwd.argtypes = [i32, i64, i64, i64, View, View, View, View, View, View, View,
+                                                    View, View, ptr, i32, ptr]
     for name in ("fa_cuda_iat_coefficients", "fa_cuda_perturbation", "fa_cuda_attention_pool_fwd",
-                 "fa_cuda_attention_pool_bwd"):
+                 "fa_cuda_attention_pool_bwd", "fa_cuda_attention_scores_grad", "fa_cuda_attention_pool_pair_fwd",
+                 "fa_cuda_attention_pool_pair_bwd"):
         getattr(lib, name).restype = i32
     lib.path = library
     return lib
@@ -758,3 +785,287 @@ def test_ulp_rule_catches_accumulation_in_the_storage_dtype(tmp_path):
     inputs = make_inputs(3, 300, 16, "none", seed=34, dtype=torch.bfloat16, score_scale=0.3)
     with pytest.raises(AssertionError, match="context: .* out of the 2-ulp rule"):
         check_emulated(lib, inputs, "at")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pair ops of the AT training step (issue 17): attention_scores_grad, attention_pool_pair_fwd/bwd
+
+
+def emulated_scores_grad(lib, grad_context, grad_attention, h, attention, sms):
+    """grad_scores as attention_scores_grad_cuda computes it (no grad_h buffer exists)."""
+    B, T, H = h.shape
+    grad_scores = dense((B, T), h.dtype)
+    da = torch.full((B, T), float("nan"), dtype=_acc(h.dtype))
+    assert lib.fa_cuda_attention_scores_grad(FA_DTYPE[h.dtype], B, T, H, _view(grad_context), _view(grad_attention),
+                                             _view(h), _view(attention), _view(grad_scores), da.data_ptr(), sms,
+                                             None) == 0
+    return grad_scores
+
+
+def emulated_pair_forward(lib, h, scores, mask, direction, kind, eps, sms, flags=None):
+    """(context_clean, attention_clean, context_adv, attention_adv) as attention_pool_pair_fwd_cuda computes them
+    (kind 1 or 2); flags as in _perturbation."""
+    B, T, H = h.shape
+    check = flags is None
+    flags = Flags() if flags is None else flags
+    outs = [dense((B, H), h.dtype), dense((B, T), h.dtype), dense((B, H), h.dtype), dense((B, T), h.dtype)]
+    if kind == 1:
+        perturb, given = 1, direction
+    else:
+        perturb, given = 2, dense((B, T), _acc(h.dtype))
+        _perturbation(lib, scores, mask, direction, 2, eps, given, out_is_acc=True, flags=flags)
+    assert lib.fa_cuda_attention_pool_pair_fwd(FA_DTYPE[h.dtype], perturb, B, T, H, eps, _view(h), _view(scores),
+                                               _view(mask), _view(given), *(_view(x) for x in outs), sms,
+                                               flags.ptr(), None) == 0
+    if check:
+        assert flags.value == 0, f"nonfinite flags {flags.value} for finite inputs"
+    return tuple(outs)
+
+
+def emulated_pair_backward(lib, dc_clean, da_clean, dc_adv, da_adv, h, attention_clean, attention_adv, sms):
+    B, T, H = h.shape
+    grad_h = dense(h.shape, h.dtype)
+    grad_scores = dense((B, T), h.dtype)
+    da = torch.full((2, B, T), float("nan"), dtype=_acc(h.dtype))  # both branches' workspace, contiguous
+    assert lib.fa_cuda_attention_pool_pair_bwd(FA_DTYPE[h.dtype], B, T, H, _view(dc_clean), _view(da_clean),
+                                               _view(dc_adv), _view(da_adv), _view(h), _view(attention_clean),
+                                               _view(attention_adv), _view(grad_h), _view(grad_scores),
+                                               da.data_ptr(), sms, None) == 0
+    return grad_h, grad_scores
+
+
+PAIR_NAMES = ("context_clean", "attention_clean", "context_adv", "attention_adv", "grad_h", "grad_scores")
+
+
+def _pair_cotangents(inputs: Inputs):
+    """dL/d(context_clean, attention_clean, context_adv, attention_adv), in the inputs' dtype."""
+    dc_clean, da_clean = cotangents(inputs, seed=1)
+    dc_adv, da_adv = cotangents(inputs, seed=2)
+    return dc_clean, da_clean, dc_adv, da_adv
+
+
+def emulated_pair_vs_singles(lib, inputs: Inputs, kind: str, eps: float, sms: int):
+    """(the pair launchers' results, two single launches' results, summed as autograd sums them), as dicts."""
+    direction = inputs.noise if kind == "rp" else inputs.grad
+    code = KIND_CODE[kind]
+    cot = _pair_cotangents(inputs)
+    pair_fwd = emulated_pair_forward(lib, inputs.h, inputs.scores, inputs.mask, direction, code, eps, sms)
+    pair_bwd = emulated_pair_backward(lib, cot[0], cot[1], cot[2], cot[3], inputs.h, pair_fwd[1], pair_fwd[3], sms)
+    clean = emulated_forward(lib, inputs.h, inputs.scores, inputs.mask, None, 0, eps, sms)
+    adv = emulated_forward(lib, inputs.h, inputs.scores, inputs.mask, direction, code, eps, sms)
+    gh_clean, gs_clean = emulated_backward(lib, cot[0], cot[1], inputs.h, clean[1], sms)
+    gh_adv, gs_adv = emulated_backward(lib, cot[2], cot[3], inputs.h, adv[1], sms)
+    pair = dict(zip(PAIR_NAMES, (*pair_fwd, *pair_bwd)))
+    singles = dict(zip(PAIR_NAMES, (*clean, *adv, gh_clean + gh_adv, gs_clean + gs_adv)))
+    return pair, singles
+
+
+def reference_pair(inputs: Inputs, kind: str, eps: float):
+    """The pair's outputs and gradients (same cotangents) from python_ref, in float64."""
+    x = inputs.to(torch.float64)
+    h = x.h.clone().requires_grad_()
+    scores = x.scores.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # iAT with a batch of one
+        clean = python_ref.attention_pool(h, scores, x.mask)
+        adv = python_ref.attention_pool(h, scores, x.mask, **x.kwargs(kind, eps))
+    outs = (clean.context, clean.attention, adv.context, adv.attention)
+    cot = [c.to(torch.float64) for c in _pair_cotangents(inputs)]
+    loss = sum((o * c).sum() for o, c in zip(outs, cot))
+    grad_h, grad_scores = torch.autograd.grad(loss, (h, scores))
+    return dict(zip(PAIR_NAMES, (*(o.detach() for o in outs), grad_h, grad_scores)))
+
+
+def _assert_pair_close(got: dict, expected: dict, rtol: float, atol: float, what: str) -> None:
+    for name, value in expected.items():
+        torch.testing.assert_close(got[name].to(value.dtype), value, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{what} {name}: {m}")
+
+
+@pytest.mark.parametrize("mask_pattern", ("none", "padding", "empty_row"))
+@pytest.mark.parametrize("kind", ("at", "iat", "rp"))
+def test_emulated_pair_launchers_equal_two_single_launches(emulated, kind, mask_pattern):
+    """float64, the 16-byte path (H = 24), T = 300 (two chunks of 256 staged weights, several position chunks):
+    the pair forward's four outputs equal the two single forwards' bitwise (the same arithmetic), its backward
+    the two single backwards summed (to rounding: dh is rounded once, not twice), and python_ref."""
+    inputs = make_inputs(5, 300, 24, mask_pattern, seed=51, dtype=torch.float64)
+    pair, singles = emulated_pair_vs_singles(emulated, inputs, kind, 0.7, sms=4)
+    for name in PAIR_NAMES[:4]:
+        assert torch.equal(pair[name], singles[name]), f"{kind} {mask_pattern} {name}: not the single launches'"
+    _assert_pair_close(pair, singles, 1e-12, 1e-13, f"{kind} {mask_pattern} vs singles")
+    _assert_pair_close(pair, reference_pair(inputs, kind, 0.7), 1e-10, 1e-12, f"{kind} {mask_pattern} vs python_ref")
+
+
+@pytest.mark.parametrize("layout", ("column_groups", "odd_hidden", "transposed", "batch_of_one"))
+def test_emulated_pair_launchers_paths(emulated, layout):
+    """Column groups and position chunks (H = 200, 1 and 64 multiprocessors), the scalar path (H = 7, h and the
+    [B, T] tensors transposed in memory), a batch of one (iAT: r = 0); padding holds NaN in the scores."""
+    sms_list = (4,)
+    if layout == "column_groups":
+        inputs, sms_list = make_inputs(3, 150, 200, "padding", seed=52, dtype=torch.float64), (1, 64)
+    elif layout == "odd_hidden":
+        inputs = make_inputs(4, 37, 7, "empty_row", seed=53, dtype=torch.float64)
+    elif layout == "transposed":
+        base = make_inputs(4, 37, 16, "padding", seed=54, dtype=torch.float64)
+
+        def tr(x):
+            return x.transpose(0, 1).contiguous().transpose(0, 1)
+        inputs = Inputs(base.h.transpose(1, 2).contiguous().transpose(1, 2), tr(base.scores), tr(base.mask),
+                        tr(base.grad), tr(base.noise))
+    else:
+        inputs = make_inputs(1, 40, 8, "padding", seed=55, dtype=torch.float64)
+    inputs = dataclasses.replace(inputs, scores=inputs.scores.masked_fill(~inputs.mask, float("nan")))
+    for sms in sms_list:
+        for kind in ("at", "iat"):
+            pair, singles = emulated_pair_vs_singles(emulated, inputs, kind, 0.7, sms=sms)
+            _assert_pair_close(pair, singles, 1e-12, 1e-13, f"{layout} sms={sms} {kind} vs singles")
+            _assert_pair_close(pair, reference_pair(inputs, kind, 0.7), 1e-10, 1e-12,
+                               f"{layout} sms={sms} {kind} vs python_ref")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_emulated_pair_low_precision_is_as_good_as_two_single_launches(emulated, dtype):
+    """float32/bfloat16 accumulate in float32: the pair is no further from float64 than the two single launches
+    are (plus 2 ulp: its grad_h is rounded once, theirs twice and summed)."""
+    inputs = make_inputs(4, 70, 32, "padding", seed=56, dtype=dtype)
+    pair, singles = emulated_pair_vs_singles(emulated, inputs, "at", 0.7, sms=4)
+    exact = reference_pair(inputs, "at", 0.7)
+    for name, value in exact.items():
+        err_pair = float((pair[name].double() - value).abs().max() / value.abs().max())
+        err_singles = float((singles[name].double() - value).abs().max() / value.abs().max())
+        assert err_pair <= err_singles + 2 * torch.finfo(dtype).eps, f"{name}: {err_pair:.3g} vs {err_singles:.3g}"
+
+
+@pytest.mark.parametrize("with_grad_attention", (False, True))
+@pytest.mark.parametrize("layout", ("vector", "scalar"))
+def test_emulated_scores_grad_equals_the_backward(emulated, with_grad_attention, layout):
+    """fa_cuda_attention_scores_grad gives fa_cuda_attention_pool_bwd's grad_scores bitwise (the same da and
+    dscores arithmetic, without the dh stores), and python_ref's gradient of the scores."""
+    hidden = 24 if layout == "vector" else 7
+    inputs = make_inputs(4, 300, hidden, "empty_row", seed=57, dtype=torch.float64)
+    _, attention = emulated_forward(emulated, inputs.h, inputs.scores, inputs.mask, None, 0, 1.0, 4)
+    dc, da = cotangents(inputs)
+    da = da if with_grad_attention else None
+    got = emulated_scores_grad(emulated, dc, da, inputs.h, attention, 4)
+    _, expected = emulated_backward(emulated, dc, da, inputs.h, attention, 4)
+    assert torch.equal(got, expected)
+    scores = inputs.scores.clone().requires_grad_()
+    out = python_ref.attention_pool(inputs.h, scores, inputs.mask)
+    loss = (out.context * dc).sum() + ((out.attention * da).sum() if da is not None else 0)
+    (reference,) = torch.autograd.grad(loss, scores)
+    torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ("at", "iat", "rp"))
+def test_emulated_pair_forward_flags_nonfinite_values(emulated, kind):
+    """NaN/inf at a real position of the scores or the direction sets the flag of the one that holds it (as the
+    single forward does); at padded positions, none."""
+    inputs = make_inputs(3, 10, 4, "padding", seed=58, dtype=torch.float32)
+    direction = inputs.noise if kind == "rp" else inputs.grad
+    row = 1
+    position = int(inputs.mask[row].nonzero()[-1])
+    for target, bit in (("scores", NONFINITE_SCORES), ("direction", NONFINITE_DIRECTION)):
+        for value in (float("nan"), float("inf")):
+            scores = _poison(inputs.scores, row, position, value) if target == "scores" else inputs.scores
+            direct = _poison(direction, row, position, value) if target == "direction" else direction
+            flags = Flags()
+            emulated_pair_forward(emulated, inputs.h, scores, inputs.mask, direct, KIND_CODE[kind], 1.0, 4, flags)
+            assert flags.value & bit, f"{kind}: {target}={value} not flagged ({flags.value})"
+    pad = ~inputs.mask
+    flags = Flags()
+    emulated_pair_forward(emulated, inputs.h, inputs.scores.masked_fill(pad, float("nan")), inputs.mask,
+                          direction.masked_fill(pad, float("inf")), KIND_CODE[kind], 1.0, 4, flags)
+    assert flags.value == 0
+
+
+def test_emulated_pair_forward_rejects_an_unperturbed_branch(emulated):
+    inputs = make_inputs(2, 5, 4, "none", seed=59)
+    outs = [dense((2, 4), torch.float32), dense((2, 5), torch.float32)] * 2
+    assert emulated.fa_cuda_attention_pool_pair_fwd(FA_DTYPE[torch.float32], 0, 2, 5, 4, 1.0, _view(inputs.h),
+                                                    _view(inputs.scores), _view(None), _view(None),
+                                                    *(_view(x) for x in outs), 4, None, None) != 0
+
+
+def _cpu_pair_ops():
+    import fused_attn_at  # noqa: F401  (loads fused_attn_at._C: the cpu backend's pair ops)
+    from fused_attn_at.ops import cpp
+
+    if "cpu" not in cpp.PAIR_DEVICES:
+        pytest.fail(f"fused_attn_at._C has no CPU pair ops: {cpp.UNAVAILABLE_REASON}", pytrace=False)
+    return torch.ops.fused_attn_at
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "views"))
+@pytest.mark.parametrize("mask_pattern", ("padding", "empty_row"))
+@pytest.mark.parametrize("kind", ("at", "iat", "rp"))
+def test_binding_on_emulation_pair_ops_match_cpu(emulated_binding, kind, mask_pattern, layout):
+    """The binding's three pair ops against the cpu backend's (float64): its views of strided inputs, the iAT r
+    buffer, a direction in another dtype, the [2, B, T] workspace, grad_h in h's layout."""
+    cpu = _cpu_pair_ops()
+    inputs = make_inputs(4, 40, 12, mask_pattern, seed=61, dtype=torch.float64)
+    call = inputs
+    if layout == "views":  # [B, T] tensors transposed in memory, every other channel of h, a float32 direction
+        def tr(x):
+            return x.t().contiguous().t()
+        wide = torch.randn(4, 40, 24, dtype=torch.float64)
+        wide[:, :, ::2] = inputs.h
+        call = Inputs(wide[:, :, ::2], tr(inputs.scores), tr(inputs.mask), tr(inputs.grad).float(),
+                      tr(inputs.noise).float())
+    direction = _binding_direction(call, kind)
+    code = KIND_CODE[kind]
+    got = emulated_binding.attention_pool_pair_fwd(call.h, call.scores, call.mask, direction, code, 0.6)
+    expected = cpu.attention_pool_pair_fwd(call.h, call.scores, call.mask, direction, code, 0.6)
+    cot = _pair_cotangents(inputs)
+    if layout == "views":
+        cot = tuple(c.t().contiguous().t() for c in cot)
+    got_bwd = emulated_binding.attention_pool_pair_bwd(cot[0], cot[1], cot[2], cot[3], call.h, got[1], got[3])
+    expected_bwd = cpu.attention_pool_pair_bwd(cot[0], cot[1], cot[2], cot[3], call.h, expected[1], expected[3])
+    assert got_bwd[0].stride() == torch.empty_like(call.h).stride(), "grad_h keeps h's layout"
+    for what, g in (("grad_attention", cot[1]), ("none", None)):
+        got_g = emulated_binding.attention_scores_grad(cot[0], g, call.h, got[1])
+        expected_g = cpu.attention_scores_grad(cot[0], g, call.h, expected[1])
+        torch.testing.assert_close(got_g, expected_g, rtol=1e-12, atol=1e-13, msg=lambda m: f"scores grad {what}: {m}")
+    for name, a, b in zip(PAIR_NAMES, (*got, *got_bwd), (*expected, *expected_bwd)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=lambda m: f"{kind} {layout} {name}: {m}")
+    _assert_pair_close(dict(zip(PAIR_NAMES, (*got, *got_bwd))), reference_pair(inputs, kind, 0.6), 1e-10, 1e-12,
+                       f"binding {kind} {layout} vs python_ref")
+
+
+def test_binding_on_emulation_pair_ops_check_inputs_and_values(emulated_binding):
+    """The shared checks of csrc/ops.cpp (kind 0 refused, shapes named), the device-side assertion of NaN/inf at a
+    real position, float32 outputs for float32 inputs, and zero sizes."""
+    inputs = make_inputs(3, 10, 4, "padding", seed=62)
+    ops = emulated_binding
+    with pytest.raises(ValueError, match=r"kind must be 1 \(AT/RP: normalise direction\) or 2 \(iAT\) for the pair"):
+        ops.attention_pool_pair_fwd(inputs.h, inputs.scores, inputs.mask, inputs.grad, 0, 1.0)
+    dc = torch.randn(3, 4)
+    attention = torch.softmax(inputs.scores, -1)
+    with pytest.raises(ValueError, match=r"grad_context_adv must have shape \[B, H\] = \[3, 4\]"):
+        ops.attention_pool_pair_bwd(dc, None, dc[:, :2], None, inputs.h, attention, attention)
+    with pytest.raises(ValueError, match=r"grad_context must have shape \[B, H\] = \[3, 4\]"):
+        ops.attention_scores_grad(dc[:, :2], None, inputs.h, attention)
+    row = 1
+    position = int(inputs.mask[row].nonzero()[-1])
+    for target in ("scores", "direction"):
+        scores = _poison(inputs.scores, row, position, float("nan")) if target == "scores" else inputs.scores
+        grad = _poison(inputs.grad, row, position, float("inf")) if target == "direction" else inputs.grad
+        for code in (1, 2):
+            with pytest.raises(RuntimeError, match=f"^{target} holds NaN or inf at real"):
+                ops.attention_pool_pair_fwd(inputs.h, scores, inputs.mask, grad, code, 1.0)
+    outs = ops.attention_pool_pair_fwd(inputs.h, inputs.scores, inputs.mask, inputs.grad, 1, 1.0)
+    assert all(x.dtype == torch.float32 for x in outs)
+    gh, gs = ops.attention_pool_pair_bwd(dc, None, dc, None, inputs.h, outs[1], outs[3])
+    assert gh.shape == inputs.h.shape and gs.shape == inputs.scores.shape
+    for B, T, H in ((0, 5, 3), (2, 0, 3), (2, 5, 0)):
+        x = make_inputs(B or 1, T, H, "none", seed=1, dtype=torch.float64)
+        h, scores, grad = x.h[:B], x.scores[:B], x.grad[:B]
+        outs = ops.attention_pool_pair_fwd(h, scores, None, grad, 1, 1.0)
+        expected = _cpu_pair_ops().attention_pool_pair_fwd(h, scores, None, grad, 1, 1.0)
+        for a, b in zip(outs, expected):
+            torch.testing.assert_close(a, b)
+        dcx = torch.randn(B, H, dtype=torch.float64)
+        for a, b in zip(ops.attention_pool_pair_bwd(dcx, None, dcx, None, h, outs[1], outs[3]),
+                        _cpu_pair_ops().attention_pool_pair_bwd(dcx, None, dcx, None, h, outs[1], outs[3])):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(ops.attention_scores_grad(dcx, None, h, outs[1]),
+                                   _cpu_pair_ops().attention_scores_grad(dcx, None, h, outs[1]))

@@ -3,8 +3,8 @@ pooling of one h as one op) equals two single attention_pool calls in values and
 backend that has it here: cpu, reference, triton under the interpreter), double backward included; the ops pass
 torch.library.opcheck and trace under torch.compile(fullgraph=True); attention_scores_grad equals the scores
 gradient of the op's backward and allocates no [B, T, H] tensor (profiler memory records), and the training step
-allocates one [B, T, H] gradient instead of four; a backend without the pair (cuda, until csrc/cuda has it)
-raises NotImplementedError naming itself. The emulated CUDA kernels of the pair: tests/test_cuda_compile.py."""
+allocates one [B, T, H] gradient instead of four; a compiled _C without a device's pair kernels raises
+NotImplementedError naming the device. The CUDA kernels of the pair, on an emulation: tests/test_cuda_compile.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -348,13 +348,18 @@ def test_pair_checks_its_inputs():
         ops.attention_scores_grad(dc[:, :2], None, inputs.h, attention)
 
 
-@pytest.mark.parametrize("backend", ["cuda"])
-def test_backends_without_the_pair_say_so(backend):
-    """Until it has it, cuda raises NotImplementedError naming itself (the training helper runs two single ops
-    there)."""
-    for what in ("attention_pool_pair", "attention_scores_grad"):
-        with pytest.raises(NotImplementedError, match=rf"{what} is not implemented for backend '{backend}' yet"):
-            functional._pair_module(backend, what)
+def test_every_backend_has_the_pair_and_a_device_without_kernels_says_so():
+    """Every backend offers the pair calls; a _C built without a device's pair kernels (here: this CPU build, for
+    CUDA) raises NotImplementedError naming the device."""
+    for backend in ("cpu", "cuda", "reference", "triton"):
+        for what in ("attention_pool_pair", "attention_scores_grad"):
+            module = functional._pair_module(backend, what)
+            assert callable(getattr(module, what))
+    _require("cpu")
+    if "cuda" in cpp.PAIR_DEVICES:
+        pytest.skip("this _C has the CUDA pair kernels")
+    with pytest.raises(NotImplementedError, match=r"the pair ops .* have no cuda kernel in fused_attn_at._C yet"):
+        cpp._require_pair(torch.device("cuda"))
 
 
 @pytest.mark.parametrize("shape", [(1, 300, 256), (3, 63, 200)], ids=str)

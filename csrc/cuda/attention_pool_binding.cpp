@@ -1,8 +1,9 @@
 // Torch binding of the CUDA kernels (attention_pool_kernels.cu, interface attention_pool_cuda.h): checks the
 // inputs, allocates outputs and workspaces with torch's caching allocator on the current stream, and registers
-// the three ops of csrc/ops.cpp under the CUDA dispatch key. Built only where torch has CUDA (setup.py);
-// tests/test_cuda_compile.py also compiles it against the CUDA headers of torch and builds it over the CPU
-// emulation of the kernels (tests/cuda_stubs/), so that its checks run without a GPU.
+// the ops of csrc/ops.cpp under the CUDA dispatch key (the op's three and the three pair ops of issue 17). Built
+// only where torch has CUDA (setup.py); tests/test_cuda_compile.py also compiles it against the CUDA headers of
+// torch and builds it over the CPU emulation of the kernels (tests/cuda_stubs/), so that its checks run without a
+// GPU.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -182,6 +183,103 @@ at::Tensor perturbation_cuda(const at::Tensor& scores, const std::optional<at::T
   return out;
 }
 
+// ---- the pair ops of the AT training step (issue 17) ----
+
+at::Tensor attention_scores_grad_cuda(const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_attention,
+                                      const at::Tensor& h, const at::Tensor& attention) {
+  check_backward_inputs(grad_context, grad_attention, h, attention);
+  check_cuda("h", h);
+  check_batch("h", h.size(0));
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
+  const at::ScalarType dtype = h.scalar_type();
+  at::Tensor grad_scores = at::empty({B, T}, attention.options());
+  if (B == 0 || T == 0) return grad_scores;
+  const at::Tensor dc = as_dtype(grad_context, dtype);
+  const at::Tensor a = as_dtype(attention, dtype);
+  std::optional<at::Tensor> ga;
+  if (grad_attention.has_value()) ga = as_dtype(*grad_attention, dtype);
+  const at::Tensor scores_out = attention.scalar_type() == dtype ? grad_scores : at::empty({B, T}, h.options());
+  at::Tensor da = at::empty({B, T}, h.options().dtype(acc_dtype(dtype)));  // dL/da_t, contiguous workspace
+  check_launch(fa_cuda_attention_scores_grad(to_fa_dtype(dtype), B, T, H, view_of(dc), optional_view(ga), view_of(h),
+                                             view_of(a), view_of(scores_out), da.data_ptr(), num_sms(),
+                                             stream_handle()),
+               "attention_scores_grad kernels");
+  if (!scores_out.is_same(grad_scores)) grad_scores.copy_(scores_out);
+  return grad_scores;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_pair_fwd_cuda(
+    const at::Tensor& h, const at::Tensor& scores, const std::optional<at::Tensor>& mask, const at::Tensor& direction,
+    int64_t kind, double eps) {
+  check_pair_forward_inputs(h, scores, mask, direction, kind, eps);
+  check_cuda("h", h);
+  check_batch("h", h.size(0));
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
+  const at::ScalarType dtype = h.scalar_type();
+  at::Tensor context_clean = at::empty({B, H}, h.options());
+  at::Tensor attention_clean = at::empty({B, T}, h.options());
+  at::Tensor context_adv = at::empty({B, H}, h.options());
+  at::Tensor attention_adv = at::empty({B, T}, h.options());
+  if (B == 0) return {context_clean, attention_clean, context_adv, attention_adv};
+  if (T == 0) return {context_clean.zero_(), attention_clean, context_adv.zero_(), attention_adv};
+  const at::Tensor flags = nonfinite_flags(h);
+  int perturb = FA_PERTURB_NORMALIZE;
+  at::Tensor r_or_direction;
+  if (kind == KIND_NORMALIZE) {
+    r_or_direction = as_dtype(direction, dtype);
+  } else {
+    perturb = FA_PERTURB_GIVEN;
+    r_or_direction = at::empty({B, T}, h.options().dtype(acc_dtype(dtype)));  // r, contiguous
+    launch_perturbation(scores, mask, as_dtype(direction, dtype), kind, eps, r_or_direction, /*out_is_acc=*/true,
+                        flags);
+  }
+  check_launch(fa_cuda_attention_pool_pair_fwd(to_fa_dtype(dtype), perturb, B, T, H, eps, view_of(h),
+                                               view_of(scores), optional_view(mask), view_of(r_or_direction),
+                                               view_of(context_clean), view_of(attention_clean),
+                                               view_of(context_adv), view_of(attention_adv), num_sms(),
+                                               flags.data_ptr<int>(), stream_handle()),
+               "attention_pool_pair forward kernel");
+  assert_finite_async(flags);
+  return {context_clean, attention_clean, context_adv, attention_adv};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_pair_bwd_cuda(
+    const at::Tensor& grad_context_clean, const std::optional<at::Tensor>& grad_attention_clean,
+    const at::Tensor& grad_context_adv, const std::optional<at::Tensor>& grad_attention_adv, const at::Tensor& h,
+    const at::Tensor& attention_clean, const at::Tensor& attention_adv) {
+  check_pair_backward_inputs(grad_context_clean, grad_attention_clean, grad_context_adv, grad_attention_adv, h,
+                             attention_clean, attention_adv);
+  check_cuda("h", h);
+  check_batch("h", h.size(0));
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
+  const at::ScalarType dtype = h.scalar_type();
+  // empty_like keeps h's layout where h is dense and non-overlapping (the fake implementation does the same)
+  at::Tensor grad_h = at::empty_like(h);
+  at::Tensor grad_scores = at::empty({B, T}, attention_clean.options());
+  if (B == 0 || T == 0) return {grad_h.zero_(), grad_scores};
+  const auto optional_as = [dtype](const std::optional<at::Tensor>& x) -> std::optional<at::Tensor> {
+    if (!x.has_value()) return std::nullopt;
+    return as_dtype(*x, dtype);
+  };
+  const at::Tensor dc_clean = as_dtype(grad_context_clean, dtype), dc_adv = as_dtype(grad_context_adv, dtype);
+  const at::Tensor a_clean = as_dtype(attention_clean, dtype), a_adv = as_dtype(attention_adv, dtype);
+  const std::optional<at::Tensor> ga_clean = optional_as(grad_attention_clean);
+  const std::optional<at::Tensor> ga_adv = optional_as(grad_attention_adv);
+  const at::Tensor scores_out =
+      attention_clean.scalar_type() == dtype ? grad_scores : at::empty({B, T}, h.options());
+  at::Tensor da = at::empty({2, B, T}, h.options().dtype(acc_dtype(dtype)));  // both branches' dL/da, contiguous
+  check_launch(fa_cuda_attention_pool_pair_bwd(to_fa_dtype(dtype), B, T, H, view_of(dc_clean),
+                                               optional_view(ga_clean), view_of(dc_adv), optional_view(ga_adv),
+                                               view_of(h), view_of(a_clean), view_of(a_adv), view_of(grad_h),
+                                               view_of(scores_out), da.data_ptr(), num_sms(), stream_handle()),
+               "attention_pool_pair backward kernels");
+  if (!scores_out.is_same(grad_scores)) grad_scores.copy_(scores_out);
+  return {grad_h, grad_scores};
+}
+
 }  // namespace
 }  // namespace fused_attn_at
 
@@ -189,4 +287,7 @@ TORCH_LIBRARY_IMPL(fused_attn_at, CUDA, m) {
   m.impl("attention_pool_fwd", &fused_attn_at::attention_pool_fwd_cuda);
   m.impl("attention_pool_bwd", &fused_attn_at::attention_pool_bwd_cuda);
   m.impl("perturbation", &fused_attn_at::perturbation_cuda);
+  m.impl("attention_scores_grad", &fused_attn_at::attention_scores_grad_cuda);
+  m.impl("attention_pool_pair_fwd", &fused_attn_at::attention_pool_pair_fwd_cuda);
+  m.impl("attention_pool_pair_bwd", &fused_attn_at::attention_pool_pair_bwd_cuda);
 }

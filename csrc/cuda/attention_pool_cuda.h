@@ -80,6 +80,33 @@ int fa_cuda_attention_pool_bwd(fa_dtype dtype, int64_t B, int64_t T, int64_t H, 
                                fa_view grad_attention, fa_view h, fa_view attention, fa_view grad_h,
                                fa_view grad_scores, void* da_workspace, int num_sms, void* stream);
 
+/* The pair ops of the AT training step (issue 17; csrc/ops.cpp's attention_scores_grad, attention_pool_pair_fwd,
+ * attention_pool_pair_bwd). */
+
+/* grad_scores [B, T] of fa_cuda_attention_pool_bwd without grad_h: h read once, nothing [B, T, H] written.
+ * da_workspace: [B, T] acc, contiguous. */
+int fa_cuda_attention_scores_grad(fa_dtype dtype, int64_t B, int64_t T, int64_t H, fa_view grad_context,
+                                  fa_view grad_attention, fa_view h, fa_view attention, fa_view grad_scores,
+                                  void* da_workspace, int num_sms, void* stream);
+
+/* The clean pooling (masked_softmax(scores)) and the perturbed one (perturb FA_PERTURB_NORMALIZE or
+ * FA_PERTURB_GIVEN, as in fa_cuda_attention_pool_fwd) in one kernel: both softmaxes from one read of the scores,
+ * both contexts from one sweep over h. Outputs in `dtype`; flags as fa_cuda_attention_pool_fwd. Another perturb
+ * returns cudaErrorInvalidValue. */
+int fa_cuda_attention_pool_pair_fwd(fa_dtype dtype, int perturb, int64_t B, int64_t T, int64_t H, double eps,
+                                    fa_view h, fa_view scores, fa_view mask, fa_view direction, fa_view context_clean,
+                                    fa_view attention_clean, fa_view context_adv, fa_view attention_adv, int num_sms,
+                                    int* nonfinite, void* stream);
+
+/* The pair's backward, both branches summed, in one sweep over h: grad_h = a_clean dc_clean + a_adv dc_adv
+ * (written once), grad_scores = the sum of both branches' a * (da - sum_t a_t da_t). grad_attention_* .data may be
+ * NULL. All tensors in `dtype`; da_workspace: [2, B, T] acc, contiguous. */
+int fa_cuda_attention_pool_pair_bwd(fa_dtype dtype, int64_t B, int64_t T, int64_t H, fa_view grad_context_clean,
+                                    fa_view grad_attention_clean, fa_view grad_context_adv,
+                                    fa_view grad_attention_adv, fa_view h, fa_view attention_clean,
+                                    fa_view attention_adv, fa_view grad_h, fa_view grad_scores, void* da_workspace,
+                                    int num_sms, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

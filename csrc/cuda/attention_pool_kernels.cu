@@ -11,6 +11,12 @@
 //   bwd_dh_da_kernel       block (b, k): positions of chunk k, eight rows per warp: da_t = <dc, h_t> (+ grad_attention)
 //                          by warp shuffle, dh_t = a_t dc.
 //   bwd_dscores_kernel     block b: dscores = a * (da - sum_t a_t da_t).
+// The pair ops of the AT training step (issue 17) are the same kernels with one more template argument:
+//   fwd_kernel<PAIR>       both softmaxes (clean, perturbed) from one read of the scores, both attentions, and both
+//                          contexts from the same 16-byte loads of h (one sweep over h for both).
+//   bwd_dh_da_kernel<MODE> BWD_SCORES_ONLY: da alone, no dh written (attention_scores_grad); BWD_PAIR: a second
+//                          branch's da2 from the same loads of h, dh_t = a_t dc + a2_t dc2 written once.
+//   bwd_dscores_kernel<PAIR> dscores = a * (da - sum a da) + a2 * (da2 - sum a2 da2).
 // Every reduction has a fixed order (no atomics): results are bitwise reproducible. float16/bfloat16 accumulate
 // in float32, float64 in float64. Offsets are 64-bit. Positions where the mask is False are never read.
 // Non-finite scores/direction at real positions set a flag (FA_NONFINITE_*, atomicOr) that the binding asserts on
@@ -307,15 +313,21 @@ struct FwdParams {
   int cols;         // vector columns per group, a power of two <= kThreads
   double eps;
   int* nonfinite;  // FA_NONFINITE_* flags, nullptr: no check
+  // The pair forward only: the clean (unperturbed) branch's outputs; context/attention above are the perturbed.
+  void* context_clean;
+  int64_t cc_sb, cc_sh;
+  void* attention_clean;
+  int64_t ac_sb, ac_st;
 };
 
-template <typename T, int VEC, int PERTURB>
+template <typename T, int VEC, int PERTURB, bool PAIR>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   using A = typename AccOf<T>::type;
   using DirT = typename Select<PERTURB == FA_PERTURB_GIVEN, A, T>::type;
   __shared__ A scratch_max[kWarps];
   __shared__ A scratch_sum[kWarps];
   __shared__ A weights[kThreads];
+  __shared__ A weights_clean[PAIR ? kThreads : 1];
   __shared__ A partial[kThreads * VEC];
 
   const int64_t b = blockIdx.x;
@@ -352,18 +364,25 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
   auto perturbed = [&](int64_t t) -> A { return perturb(Cvt<T>::to(scores[t * p.s_st]), t); };
 
   A row_max = A(-INFINITY), row_sum = A(0);
+  A clean_max = A(-INFINITY), clean_sum = A(0);  // PAIR: the clean softmax, from the same reads of the scores
   FiniteWatch<A> s_watch;
   for (int64_t t = tid; t < p.T; t += kThreads) {
     if (valid(t)) {
       const A s = Cvt<T>::to(scores[t * p.s_st]);
       s_watch.add(s);
       softmax_merge(row_max, row_sum, perturb(s, t), A(1));
+      if constexpr (PAIR) softmax_merge(clean_max, clean_sum, s, A(1));
     }
   }
   s_watch.report(nonfinite, FA_NONFINITE_SCORES);
   block_softmax_merge(row_max, row_sum, scratch_max, scratch_sum);
   const A shift = row_max == A(-INFINITY) ? A(0) : row_max;
   const A inv_sum = row_sum > A(0) ? A(1) / row_sum : A(0);  // a fully masked row: attention 0, context 0
+  if constexpr (PAIR) block_softmax_merge(clean_max, clean_sum, scratch_max, scratch_sum);
+  const A clean_shift = clean_max == A(-INFINITY) ? A(0) : clean_max;
+  const A clean_inv_sum = clean_sum > A(0) ? A(1) / clean_sum : A(0);
+  T* attention_clean = PAIR ? static_cast<T*>(p.attention_clean) + b * p.ac_sb : nullptr;
+  T* context_clean = PAIR ? static_cast<T*>(p.context_clean) + b * p.cc_sb : nullptr;
 
   T* attention = static_cast<T*>(p.attention) + b * p.a_sb;
   T* context = static_cast<T*>(p.context) + b * p.c_sb;
@@ -377,35 +396,58 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
     const int64_t vcol = group * cols + my_col;
     const bool col_ok = vcol < p.nvec;
     const T* h_col = h + vcol * VEC * p.h_sh;
-    A acc[VEC];
+    A acc[VEC], acc_clean[PAIR ? VEC : 1];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = A(0);
+#pragma unroll
+    for (int e = 0; e < (PAIR ? VEC : 1); ++e) acc_clean[e] = A(0);
     for (int64_t t0 = 0; t0 < p.T; t0 += kThreads) {
       const int64_t t = t0 + tid;
-      A w = A(0);
+      A w = A(0), w_clean = A(0);
       if (t < p.T) {
-        if (valid(t)) w = acc_exp(perturbed(t) - shift) * inv_sum;
+        if (valid(t)) {
+          if constexpr (PAIR) {
+            const A s = Cvt<T>::to(scores[t * p.s_st]);
+            w = acc_exp(perturb(s, t) - shift) * inv_sum;
+            w_clean = acc_exp(s - clean_shift) * clean_inv_sum;
+          } else {
+            w = acc_exp(perturbed(t) - shift) * inv_sum;
+          }
+        }
         if (write_attention) attention[t * p.a_st] = Cvt<T>::from(w);
+        if (PAIR && write_attention) attention_clean[t * p.ac_st] = Cvt<T>::from(w_clean);
       }
       weights[tid] = w;
+      if constexpr (PAIR) weights_clean[tid] = w_clean;
       __syncthreads();
       const int n = static_cast<int>(p.T - t0 < kThreads ? p.T - t0 : kThreads);
       if (col_ok) {
         for (int k0 = my_row; k0 < n; k0 += rows * kUnroll) {
           Pack<T, VEC> pack[kUnroll];
-          A wk[kUnroll];
+          A wk[kUnroll], wc[PAIR ? kUnroll : 1];
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             const int k = k0 + u * rows;
             wk[u] = k < n ? weights[k] : A(0);
+            bool needed = wk[u] != A(0);
+            if constexpr (PAIR) {
+              wc[u] = k < n ? weights_clean[k] : A(0);
+              needed = needed || wc[u] != A(0);
+            }
             // a zero weight (padding, or underflow) needs no h: padded rows of h are never loaded
-            if (wk[u] != A(0)) pack[u] = load_pack<T, VEC>(h_col + (t0 + k) * p.h_st);
+            if (needed) pack[u] = load_pack<T, VEC>(h_col + (t0 + k) * p.h_st);
           }
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             if (wk[u] != A(0)) {
 #pragma unroll
               for (int e = 0; e < VEC; ++e) acc[e] += wk[u] * Cvt<T>::to(pack[u].v[e]);
+            }
+            if constexpr (PAIR) {  // the clean context from the same pack of h
+              if (wc[u] != A(0)) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc_clean[e] += wc[u] * Cvt<T>::to(pack[u].v[e]);
+              }
             }
           }
         }
@@ -423,11 +465,27 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const FwdParams p) {
       if (column < p.H) context[column * p.c_sh] = Cvt<T>::from(sum);
     }
     __syncthreads();
+    if constexpr (PAIR) {  // the clean context, reduced through the same shared buffer
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) partial[(my_row * cols + my_col) * VEC + e] = acc_clean[e];
+      __syncthreads();
+      for (int i = tid; i < width; i += kThreads) {
+        A sum = A(0);
+        for (int r = 0; r < rows; ++r) sum += partial[r * width + i];
+        const int64_t column = group * width + i;
+        if (column < p.H) context_clean[column * p.cc_sh] = Cvt<T>::from(sum);
+      }
+      __syncthreads();
+    }
   }
   if (write_attention) {  // H == 0: no column group, the attention is still an output
     for (int64_t t = tid; t < p.T; t += kThreads) {
       const A w = valid(t) ? acc_exp(perturbed(t) - shift) * inv_sum : A(0);
       attention[t * p.a_st] = Cvt<T>::from(w);
+      if constexpr (PAIR) {
+        const A w_clean = valid(t) ? acc_exp(Cvt<T>::to(scores[t * p.s_st]) - clean_shift) * clean_inv_sum : A(0);
+        attention_clean[t * p.ac_st] = Cvt<T>::from(w_clean);
+      }
     }
   }
 }
@@ -445,11 +503,23 @@ struct BwdParams {
   int64_t dh_sb, dh_st, dh_sh;
   void* grad_scores;
   int64_t ds_sb, ds_st;
-  void* da;  // [B, T] acc, contiguous
+  void* da;  // [B, T] acc, contiguous (the pair: [2, B, T], the second branch's da at da + B * T)
   int64_t T, H, nvec, chunk;
+  // The pair backward only: the second (perturbed) branch; the one above is the clean branch.
+  const void* grad_context2;
+  int64_t dc2_sb, dc2_sh;
+  const void* grad_attention2;  // nullptr: none
+  int64_t ga2_sb, ga2_st;
+  const void* attention2;
+  int64_t a2_sb, a2_st;
+  int64_t B;
 };
 
-template <typename T, int VEC>
+// What bwd_dh_da_kernel computes: the op's backward (da, dh = a dc), da alone (attention_scores_grad), or the
+// pair's backward (da and da2, dh = a dc + a2 dc2 written once).
+enum BwdMode { BWD_SINGLE = 0, BWD_SCORES_ONLY = 1, BWD_PAIR = 2 };
+
+template <typename T, int VEC, int MODE>
 __global__ void __launch_bounds__(kThreads) bwd_dh_da_kernel(const BwdParams p) {
   using A = typename AccOf<T>::type;
   const int64_t b = blockIdx.x;
@@ -462,23 +532,43 @@ __global__ void __launch_bounds__(kThreads) bwd_dh_da_kernel(const BwdParams p) 
   const T* attention = static_cast<const T*>(p.attention) + b * p.a_sb;
   T* dh = static_cast<T*>(p.grad_h) + b * p.dh_sb;
   A* da = static_cast<A*>(p.da) + b * p.T;
+  constexpr bool kPair = MODE == BWD_PAIR;
+  constexpr int kRows2 = kPair ? kRowsPerWarp : 1;  // the second branch's arrays (unused outside the pair)
+  const T* dc2 = kPair ? static_cast<const T*>(p.grad_context2) + b * p.dc2_sb : nullptr;
+  const T* ga2 = static_cast<const T*>(p.grad_attention2);
+  const T* attention2 = kPair ? static_cast<const T*>(p.attention2) + b * p.a2_sb : nullptr;
+  A* da2 = kPair ? static_cast<A*>(p.da) + (p.B + b) * p.T : nullptr;
   for (int64_t t0 = t_begin + warp * kRowsPerWarp; t0 < t_end; t0 += kWarps * kRowsPerWarp) {
-    A a[kRowsPerWarp], part[kRowsPerWarp];
+    A a[kRowsPerWarp], part[kRowsPerWarp], a2[kRows2], part2[kRows2];
 #pragma unroll
     for (int u = 0; u < kRowsPerWarp; ++u) {
       a[u] = t0 + u < t_end ? Cvt<T>::to(attention[(t0 + u) * p.a_st]) : A(0);
       part[u] = A(0);
     }
+    if constexpr (kPair) {
+#pragma unroll
+      for (int u = 0; u < kRowsPerWarp; ++u) {
+        a2[u] = t0 + u < t_end ? Cvt<T>::to(attention2[(t0 + u) * p.a2_st]) : A(0);
+        part2[u] = A(0);
+      }
+    }
     for (int64_t vcol = lane; vcol < p.nvec; vcol += 32) {
       const Pack<T, VEC> dc_pack = load_pack<T, VEC>(dc + vcol * VEC * p.dc_sh);
-      A g[VEC];
+      A g[VEC], g2[kPair ? VEC : 1];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) g[e] = Cvt<T>::to(dc_pack.v[e]);
+      if constexpr (kPair) {
+        const Pack<T, VEC> dc2_pack = load_pack<T, VEC>(dc2 + vcol * VEC * p.dc2_sh);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) g2[e] = Cvt<T>::to(dc2_pack.v[e]);
+      }
       Pack<T, VEC> h_pack[kRowsPerWarp];
 #pragma unroll
       for (int u = 0; u < kRowsPerWarp; ++u) {
         // where a_t = 0 (padding, or underflow), dscores_t = a_t (...) = 0 and dh_t = 0: h_t is not needed
-        if (a[u] != A(0)) h_pack[u] = load_pack<T, VEC>(h + (t0 + u) * p.h_st + vcol * VEC * p.h_sh);
+        bool needed = a[u] != A(0);
+        if constexpr (kPair) needed = needed || a2[u] != A(0);
+        if (needed) h_pack[u] = load_pack<T, VEC>(h + (t0 + u) * p.h_st + vcol * VEC * p.h_sh);
       }
 #pragma unroll
       for (int u = 0; u < kRowsPerWarp; ++u) {
@@ -487,13 +577,22 @@ __global__ void __launch_bounds__(kThreads) bwd_dh_da_kernel(const BwdParams p) 
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           if (a[u] != A(0)) part[u] += Cvt<T>::to(h_pack[u].v[e]) * g[e];
-          out.v[e] = Cvt<T>::from(a[u] * g[e]);
+          if constexpr (kPair) {
+            if (a2[u] != A(0)) part2[u] += Cvt<T>::to(h_pack[u].v[e]) * g2[e];
+            out.v[e] = Cvt<T>::from(a[u] * g[e] + a2[u] * g2[e]);
+          } else {
+            out.v[e] = Cvt<T>::from(a[u] * g[e]);
+          }
         }
-        store_pack<T, VEC>(dh + (t0 + u) * p.dh_st + vcol * VEC * p.dh_sh, out);
+        if constexpr (MODE != BWD_SCORES_ONLY) store_pack<T, VEC>(dh + (t0 + u) * p.dh_st + vcol * VEC * p.dh_sh, out);
       }
     }
 #pragma unroll
     for (int u = 0; u < kRowsPerWarp; ++u) part[u] = warp_sum(part[u]);
+    if constexpr (kPair) {
+#pragma unroll
+      for (int u = 0; u < kRowsPerWarp; ++u) part2[u] = warp_sum(part2[u]);
+    }
     if (lane < kRowsPerWarp) {
       A value = A(0);
 #pragma unroll
@@ -506,24 +605,44 @@ __global__ void __launch_bounds__(kThreads) bwd_dh_da_kernel(const BwdParams p) 
         if (ga != nullptr && a_t != A(0)) value += Cvt<T>::to(ga[b * p.ga_sb + t * p.ga_st]);
         da[t] = value;
       }
+      if constexpr (kPair) {
+        A value2 = A(0), a2_t = A(0);
+#pragma unroll
+        for (int u = 0; u < kRowsPerWarp; ++u) {
+          value2 = lane == u ? part2[u] : value2;
+          a2_t = lane == u ? a2[u] : a2_t;
+        }
+        if (t < t_end) {
+          if (ga2 != nullptr && a2_t != A(0)) value2 += Cvt<T>::to(ga2[b * p.ga2_sb + t * p.ga2_st]);
+          da2[t] = value2;
+        }
+      }
     }
   }
 }
 
-template <typename T>
+template <typename T, bool PAIR>
 __global__ void __launch_bounds__(kThreads) bwd_dscores_kernel(const BwdParams p) {
   using A = typename AccOf<T>::type;
   __shared__ A scratch[kWarps];
   const int64_t b = blockIdx.x;
   const T* attention = static_cast<const T*>(p.attention) + b * p.a_sb;
   const A* da = static_cast<const A*>(p.da) + b * p.T;
+  const T* attention2 = PAIR ? static_cast<const T*>(p.attention2) + b * p.a2_sb : nullptr;
+  const A* da2 = PAIR ? static_cast<const A*>(p.da) + (p.B + b) * p.T : nullptr;
   T* ds = static_cast<T*>(p.grad_scores) + b * p.ds_sb;
-  A dot = A(0);
+  A dot = A(0), dot2 = A(0);
   for (int64_t t = threadIdx.x; t < p.T; t += kThreads) dot += Cvt<T>::to(attention[t * p.a_st]) * da[t];
   dot = block_sum(dot, scratch);
+  if constexpr (PAIR) {
+    for (int64_t t = threadIdx.x; t < p.T; t += kThreads) dot2 += Cvt<T>::to(attention2[t * p.a2_st]) * da2[t];
+    dot2 = block_sum(dot2, scratch);
+  }
   for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
     const A a = Cvt<T>::to(attention[t * p.a_st]);
-    ds[t * p.ds_st] = Cvt<T>::from(a * (da[t] - dot));
+    A value = a * (da[t] - dot);
+    if constexpr (PAIR) value += Cvt<T>::to(attention2[t * p.a2_st]) * (da2[t] - dot2);
+    ds[t * p.ds_st] = Cvt<T>::from(value);
   }
 }
 
@@ -605,7 +724,7 @@ int launch_perturbation(int kind, int out_is_acc, int64_t B, int64_t T, double e
   return launch_perturbation_as<S, S>(kind, B, T, eps, scores, mask, direction, coeff, out, nonfinite, stream);
 }
 
-template <typename S, int VEC>
+template <typename S, int VEC, bool PAIR>
 int launch_fwd_vec(int perturb, FwdParams p, int64_t B, int num_sms, cudaStream_t stream) {
   p.nvec = p.H / VEC;
   // 8 or 16 vector columns per group: 128 or 256 contiguous bytes of each row of h per group; the narrower
@@ -618,30 +737,46 @@ int launch_fwd_vec(int perturb, FwdParams p, int64_t B, int num_sms, cudaStream_
   const int64_t split = p.ngroups < 1 ? 1 : (p.ngroups < kMaxGridY ? p.ngroups : kMaxGridY);
   dim3 grid;
   if (const int error = make_grid(B, split, &grid)) return error;
-  switch (perturb) {
-    case FA_PERTURB_NONE:
-      return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_NONE>, grid, stream, p);
-    case FA_PERTURB_NORMALIZE:
-      return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_NORMALIZE>, grid, stream, p);
-    default:
-      return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_GIVEN>, grid, stream, p);
+  if constexpr (PAIR) {  // the perturbed branch of the pair: r normalised here, or given (iAT)
+    if (perturb == FA_PERTURB_NORMALIZE) {
+      return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_NORMALIZE, true>, grid, stream, p);
+    }
+    if (perturb == FA_PERTURB_GIVEN) return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_GIVEN, true>, grid, stream, p);
+    return static_cast<int>(cudaErrorInvalidValue);
+  } else {
+    switch (perturb) {
+      case FA_PERTURB_NONE:
+        return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_NONE, false>, grid, stream, p);
+      case FA_PERTURB_NORMALIZE:
+        return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_NORMALIZE, false>, grid, stream, p);
+      default:
+        return launch_kernel(&fwd_kernel<S, VEC, FA_PERTURB_GIVEN, false>, grid, stream, p);
+    }
   }
 }
 
+// The forward, or the pair forward (pair: context/attention are the perturbed branch's outputs).
 template <typename S>
-int launch_fwd(int perturb, int64_t B, int64_t T, int64_t H, double eps, fa_view h, fa_view scores, fa_view mask,
-               fa_view direction, fa_view context, fa_view attention, int num_sms, int* nonfinite,
-               cudaStream_t stream) {
+int launch_fwd(bool pair, int perturb, int64_t B, int64_t T, int64_t H, double eps, fa_view h, fa_view scores,
+               fa_view mask, fa_view direction, fa_view context, fa_view attention, fa_view context_clean,
+               fa_view attention_clean, int num_sms, int* nonfinite, cudaStream_t stream) {
   FwdParams p{h.data, h.stride[0], h.stride[1], h.stride[2], scores.data, scores.stride[0], scores.stride[1],
               static_cast<const uint8_t*>(mask.data), mask.stride[0], mask.stride[1], direction.data,
               direction.stride[0], direction.stride[1], context.data, context.stride[0], context.stride[1],
-              attention.data, attention.stride[0], attention.stride[1], T, H, 0, 0, 0, eps, nonfinite};
+              attention.data, attention.stride[0], attention.stride[1], T, H, 0, 0, 0, eps, nonfinite,
+              context_clean.data, context_clean.stride[0], context_clean.stride[1], attention_clean.data,
+              attention_clean.stride[0], attention_clean.stride[1]};
   constexpr int kVec = 16 / sizeof(S);
-  if (vectorizable<S>(h, 3, H)) return launch_fwd_vec<S, kVec>(perturb, p, B, num_sms, stream);
-  return launch_fwd_vec<S, 1>(perturb, p, B, num_sms, stream);
+  const bool vec = vectorizable<S>(h, 3, H);
+  if (pair) {
+    if (vec) return launch_fwd_vec<S, kVec, true>(perturb, p, B, num_sms, stream);
+    return launch_fwd_vec<S, 1, true>(perturb, p, B, num_sms, stream);
+  }
+  if (vec) return launch_fwd_vec<S, kVec, false>(perturb, p, B, num_sms, stream);
+  return launch_fwd_vec<S, 1, false>(perturb, p, B, num_sms, stream);
 }
 
-template <typename S, int VEC>
+template <typename S, int VEC, int MODE>
 int launch_bwd_vec(BwdParams p, int64_t B, int num_sms, cudaStream_t stream) {
   if (B < 1) return static_cast<int>(cudaErrorInvalidConfiguration);  // before ceil_div(.., B)
   p.nvec = p.H / VEC;
@@ -656,23 +791,29 @@ int launch_bwd_vec(BwdParams p, int64_t B, int num_sms, cudaStream_t stream) {
   dim3 grid, rows_grid;
   if (const int error = make_grid(B, split, &grid)) return error;
   if (const int error = make_grid(B, 1, &rows_grid)) return error;
-  if (const int error = launch_kernel(&bwd_dh_da_kernel<S, VEC>, grid, stream, p)) return error;
-  return launch_kernel(&bwd_dscores_kernel<S>, rows_grid, stream, p);
+  if (const int error = launch_kernel(&bwd_dh_da_kernel<S, VEC, MODE>, grid, stream, p)) return error;
+  return launch_kernel(&bwd_dscores_kernel<S, MODE == BWD_PAIR>, rows_grid, stream, p);
 }
 
-template <typename S>
+// The backward (MODE BWD_SINGLE), grad_scores alone (BWD_SCORES_ONLY: grad_h unused), or the pair's backward
+// (BWD_PAIR: the second branch grad_context2, grad_attention2, attention2; da holds 2 B T elements).
+template <typename S, int MODE>
 int launch_bwd(int64_t B, int64_t T, int64_t H, fa_view grad_context, fa_view grad_attention, fa_view h,
-               fa_view attention, fa_view grad_h, fa_view grad_scores, void* da, int num_sms, cudaStream_t stream) {
+               fa_view attention, fa_view grad_h, fa_view grad_scores, void* da, fa_view grad_context2,
+               fa_view grad_attention2, fa_view attention2, int num_sms, cudaStream_t stream) {
   BwdParams p{grad_context.data, grad_context.stride[0], grad_context.stride[1], grad_attention.data,
               grad_attention.stride[0], grad_attention.stride[1], h.data, h.stride[0], h.stride[1], h.stride[2],
               attention.data, attention.stride[0], attention.stride[1], grad_h.data, grad_h.stride[0],
               grad_h.stride[1], grad_h.stride[2], grad_scores.data, grad_scores.stride[0], grad_scores.stride[1],
-              da, T, H, 0, 0};
+              da, T, H, 0, 0, grad_context2.data, grad_context2.stride[0], grad_context2.stride[1],
+              grad_attention2.data, grad_attention2.stride[0], grad_attention2.stride[1], attention2.data,
+              attention2.stride[0], attention2.stride[1], B};
   constexpr int kVec = 16 / sizeof(S);
-  if (vectorizable<S>(h, 3, H) && vectorizable<S>(grad_h, 3, H) && vectorizable<S>(grad_context, 2, H)) {
-    return launch_bwd_vec<S, kVec>(p, B, num_sms, stream);
-  }
-  return launch_bwd_vec<S, 1>(p, B, num_sms, stream);
+  bool vec = vectorizable<S>(h, 3, H) && vectorizable<S>(grad_context, 2, H);
+  if (MODE != BWD_SCORES_ONLY) vec = vec && vectorizable<S>(grad_h, 3, H);
+  if (MODE == BWD_PAIR) vec = vec && vectorizable<S>(grad_context2, 2, H);
+  if (vec) return launch_bwd_vec<S, kVec, MODE>(p, B, num_sms, stream);
+  return launch_bwd_vec<S, 1, MODE>(p, B, num_sms, stream);
 }
 
 }  // namespace
@@ -728,15 +869,48 @@ int fa_cuda_perturbation(fa_dtype dtype, int kind, int out_is_acc, int64_t B, in
 int fa_cuda_attention_pool_fwd(fa_dtype dtype, int perturb, int64_t B, int64_t T, int64_t H, double eps, fa_view h,
                                fa_view scores, fa_view mask, fa_view direction, fa_view context, fa_view attention,
                                int num_sms, int* nonfinite, void* stream) {
-  FA_DISPATCH(dtype, launch_fwd<scalar_t>(perturb, B, T, H, eps, h, scores, mask, direction, context, attention,
-                                          num_sms, nonfinite, static_cast<cudaStream_t>(stream)))
+  const fa_view none{nullptr, {0, 0, 0}};
+  FA_DISPATCH(dtype, launch_fwd<scalar_t>(false, perturb, B, T, H, eps, h, scores, mask, direction, context,
+                                          attention, none, none, num_sms, nonfinite, static_cast<cudaStream_t>(stream)))
 }
 
 int fa_cuda_attention_pool_bwd(fa_dtype dtype, int64_t B, int64_t T, int64_t H, fa_view grad_context,
                                fa_view grad_attention, fa_view h, fa_view attention, fa_view grad_h,
                                fa_view grad_scores, void* da_workspace, int num_sms, void* stream) {
-  FA_DISPATCH(dtype, launch_bwd<scalar_t>(B, T, H, grad_context, grad_attention, h, attention, grad_h, grad_scores,
-                                          da_workspace, num_sms, static_cast<cudaStream_t>(stream)))
+  const fa_view none{nullptr, {0, 0, 0}};
+  FA_DISPATCH(dtype, (launch_bwd<scalar_t, BWD_SINGLE>(B, T, H, grad_context, grad_attention, h, attention, grad_h,
+                                                       grad_scores, da_workspace, none, none, none, num_sms,
+                                                       static_cast<cudaStream_t>(stream))))
+}
+
+int fa_cuda_attention_scores_grad(fa_dtype dtype, int64_t B, int64_t T, int64_t H, fa_view grad_context,
+                                  fa_view grad_attention, fa_view h, fa_view attention, fa_view grad_scores,
+                                  void* da_workspace, int num_sms, void* stream) {
+  const fa_view none{nullptr, {0, 0, 0}};
+  FA_DISPATCH(dtype, (launch_bwd<scalar_t, BWD_SCORES_ONLY>(B, T, H, grad_context, grad_attention, h, attention, none,
+                                                            grad_scores, da_workspace, none, none, none, num_sms,
+                                                            static_cast<cudaStream_t>(stream))))
+}
+
+int fa_cuda_attention_pool_pair_fwd(fa_dtype dtype, int perturb, int64_t B, int64_t T, int64_t H, double eps,
+                                    fa_view h, fa_view scores, fa_view mask, fa_view direction, fa_view context_clean,
+                                    fa_view attention_clean, fa_view context_adv, fa_view attention_adv, int num_sms,
+                                    int* nonfinite, void* stream) {
+  if (perturb != FA_PERTURB_NORMALIZE && perturb != FA_PERTURB_GIVEN) return static_cast<int>(cudaErrorInvalidValue);
+  FA_DISPATCH(dtype, launch_fwd<scalar_t>(true, perturb, B, T, H, eps, h, scores, mask, direction, context_adv,
+                                          attention_adv, context_clean, attention_clean, num_sms, nonfinite,
+                                          static_cast<cudaStream_t>(stream)))
+}
+
+int fa_cuda_attention_pool_pair_bwd(fa_dtype dtype, int64_t B, int64_t T, int64_t H, fa_view grad_context_clean,
+                                    fa_view grad_attention_clean, fa_view grad_context_adv,
+                                    fa_view grad_attention_adv, fa_view h, fa_view attention_clean,
+                                    fa_view attention_adv, fa_view grad_h, fa_view grad_scores, void* da_workspace,
+                                    int num_sms, void* stream) {
+  FA_DISPATCH(dtype, (launch_bwd<scalar_t, BWD_PAIR>(B, T, H, grad_context_clean, grad_attention_clean, h,
+                                                     attention_clean, grad_h, grad_scores, da_workspace,
+                                                     grad_context_adv, grad_attention_adv, attention_adv, num_sms,
+                                                     static_cast<cudaStream_t>(stream))))
 }
 
 }  // extern "C"

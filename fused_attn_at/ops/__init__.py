@@ -3,7 +3,7 @@
     attention_pool(h, scores, mask, direction, kind, eps) -> (context [B, H], attention [B, T])
     perturbation(scores, mask, direction, kind, eps) -> r [B, T]
 
-and, where the backend has them (cpu, reference, triton; not yet cuda), the pair calls of the AT training step
+and the pair calls (every backend: cpu, cuda, reference, triton) of the AT training step
 (fused_attn_at/training.py; issue 17), with the same contract on every backend:
 
     attention_pool_pair(h, scores, mask, direction, kind, eps)
@@ -21,9 +21,9 @@ direction = grad (SPEC). mask is None or bool [B, T]; values at masked positions
 Gradients flow to h and scores only; r is a constant.
 """
 KIND = {None: 0, "at": 1, "rp": 1, "iat": 2}
-# The backends that implement the pair calls; the others raise NotImplementedError naming themselves, and
-# fused_attn_at.adversarial_attention_loss runs two single ops there. To add one: "cuda" once csrc/cuda registers
-# the three ops attention_scores_grad, attention_pool_pair_fwd, attention_pool_pair_bwd for CUDA (schemas in
-# csrc/ops.cpp; the autograd and fakes are shared, and cpp.PAIR_DEVICES then lists "cuda").
-# tests/test_pair_op.py and tests/test_training_helper.py then test it (add it to their backend lists).
-PAIR_BACKENDS = ("cpu", "reference", "triton")
+# The backends that implement the pair calls (all of them now); a backend outside it would raise
+# NotImplementedError naming itself, and fused_attn_at.adversarial_attention_loss would run two single ops there.
+# (The compiled ops: csrc/cpu and csrc/cuda register attention_scores_grad, attention_pool_pair_fwd and
+# attention_pool_pair_bwd, schemas in csrc/ops.cpp; a _C whose CUDA kernels lack them is named by
+# cpp.PAIR_DEVICES.) tests/test_pair_op.py, tests/test_training_helper.py and tests/test_cuda_compile.py test them.
+PAIR_BACKENDS = ("cpu", "cuda", "reference", "triton")
