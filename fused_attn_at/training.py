@@ -5,7 +5,7 @@ adversarial attention pooling; only the cheap pooling and head run twice.
 Passes over h [B, T, H] per step (issue 17, item 3): reads of h, and writes/reads of a [B, T, H] gradient dh.
 The pooling is memory-bound, so these passes are its cost; everything else is [B, T] or [B, H].
 
-    two single ops (the path before issue 17; still the path of backends without the pair op):
+    two single ops (the path before issue 17; now only for perturbation=None):
       clean forward                                  read h
       g = torch.autograd.grad(L_clean, scores)       read h, write a dh that is thrown away
       perturbed forward                              read h
@@ -13,7 +13,7 @@ The pooling is memory-bound, so these passes are its cost; everything else is [B
                        perturbed branch's backward   read h, write dh
                        autograd sums the two dh      read 2 dh, write dh (in place into one of them)
       at/iat: 5 reads of h + 4 dh written + 2 dh read = 11 passes; rp (no g): 4 + 3 + 2 = 9 passes
-    the pair op (backends "cpu" and "reference"):
+    the pair op (every backend: cpu, cuda, triton, reference):
       clean forward, no autograd                     read h
       g = attention_scores_grad(dL/dc_clean, ...)    read h (no dh)
       attention_pool_pair: both forwards             read h
@@ -74,8 +74,8 @@ def adversarial_attention_loss(
     h [B, T, H] and scores [B, T] come from one encoder pass (scores must be part of the autograd graph);
     head maps a context [B, H] to logits (close over a query for pair tasks: `lambda c: decoder(c, q)`);
     loss_fn maps logits to the scalar task loss. g = dL_clean/dscores is taken without touching any
-    parameter's .grad. Where the backend has the pair op ("cpu", "reference") the step makes the fewest
-    passes over h (module docstring); elsewhere it runs two single ops, with the same results.
+    parameter's .grad. Every backend has the pair op, so the step makes the fewest passes over h (module
+    docstring); a backend that lacked it would run two single ops, with the same results.
 
     compat="released" reproduces the authors' released code (SPEC, last section): the objective becomes
     2 L_clean + lam L_adv and the iAT direction becomes eps * normalize(-g). Its third network pass changes
@@ -88,7 +88,7 @@ def adversarial_attention_loss(
                          f"perturbation={perturbation!r}: the AT direction is dL_clean/dscores")
     if perturbation is not None and resolve_backend(backend, h.device) in PAIR_BACKENDS:
         return _pair_step(h, scores, mask, head, loss_fn, perturbation, eps, lam, compat, generator, backend)
-    # No perturbation, or a backend without the pair op yet (cuda, triton): two single ops.
+    # No perturbation (one pooling), or a backend without the pair op: two single ops.
     return _two_op_step(h, scores, mask, head, loss_fn, perturbation, eps, lam, compat, generator, backend)
 
 
