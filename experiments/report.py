@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -907,6 +908,19 @@ def remaining(root: Path, runs: list[Run]) -> list[str]:
     return lines
 
 
+def refuse_to_shrink(out_md: Path, n_finished: int, root: Path, force: bool) -> None:
+    """Stops before anything is written when the existing report was built from more finished runs than `root`
+    holds now (e.g. a fresh machine without the run folders): regenerating would silently drop those results."""
+    try:
+        match = re.search(r"from (\d+) finished runs", out_md.read_text(encoding="utf-8"))
+    except OSError:
+        return
+    if match and int(match.group(1)) > n_finished and not force:
+        raise SystemExit(f"report.py: {out_md.name} was built from {match.group(1)} finished runs, but {root} holds "
+                         f"{n_finished} of its grids' runs: regenerating would drop the others' results. Point "
+                         f"--runs-root at the full run folders, write elsewhere with --output, or pass --force")
+
+
 def build(args) -> str:
     root = args.runs_root if args.runs_root.is_absolute() else REPO / args.runs_root
     out_md = args.output if args.output.is_absolute() else REPO / args.output
@@ -921,6 +935,7 @@ def build(args) -> str:
     order = [r for r in load_grid(args.order_grid) if r.name in in_grids] if args.order_grid else []
     ordered = list({r.name: r for r in order + all_runs}.values())
     finished = results.finished(all_runs)
+    refuse_to_shrink(out_md, len(finished), root, args.force)
     rel = lambda p: Path(p).relative_to(out_md.parent).as_posix() if Path(p).is_relative_to(out_md.parent) else str(p)  # noqa: E731
 
     sst_vanilla = next((m for r, m in results.finished(main) if r.dataset == "sst" and r.method == "vanilla"
@@ -1080,6 +1095,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--main-grid", default="main", help="grid of the per-task and correlation tables")
     parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot")
     parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison")
+    parser.add_argument("--force", action="store_true",
+                        help="write even when the existing report was built from more finished runs than are here")
     parser.add_argument("--released-grid", default="repro_released_iat",
                         help="grid of the seed-paired released iAT vs vanilla comparison; '' = none")
     parser.add_argument("--attention-stats", action=argparse.BooleanOptionalAction, default=True,
