@@ -7,7 +7,8 @@ glibc's malloc with its defaults, glibc with its thresholds raised, and jemalloc
 Each variant runs in a subprocess of its own (the environment below set before Python starts) that builds the
 step of bench_training_step.py (the model `experiments/train.py` builds by default, on the fixed median-length
 SST batch of 32; --smoke: the synthetic batch), runs warm-up steps, then `--steps` timed steps per method, and
-prints p10/p50/p90 step time, minor page faults and involuntary context switches per step, and its peak RSS.
+prints p10/p50/p90 step time, minor page faults and involuntary context switches per step, and its peak RSS
+(VmHWM).
     glibc           no variable set (glibc's defaults: mmap for blocks >= a dynamic threshold from 128 KiB,
                     trimming the heap top beyond 128 KiB)
     glibc-tuned     MALLOC_MMAP_THRESHOLD_=32 MiB (glibc's largest) and MALLOC_TRIM_THRESHOLD_=1 GiB: freed
@@ -59,6 +60,18 @@ def _mapped(fragment: str) -> bool:
         return False
 
 
+def _peak_rss_mib() -> float | None:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: Linux carries that over fork + exec,
+    so a worker would report its parent's peak."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ worker
 def worker(methods, steps: int, warmup: int, threads: int, smoke: bool) -> dict:
     import torch
@@ -77,9 +90,7 @@ def worker(methods, steps: int, warmup: int, threads: int, smoke: bool) -> dict:
     for method, step in built.items():
         times, counters = benchlib.timed_samples(step, steps)
         out["methods"][method] = {**benchlib.percentiles(times), "times": times, **counters}
-    import resource
-
-    out["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["max_rss_mib"] = _peak_rss_mib()
     out["maps"] = {name: _mapped(name) for name in ("jemalloc", "tcmalloc")}
     return out
 
@@ -126,7 +137,8 @@ def run_all(methods=DEFAULT_METHODS, steps: int = 200, warmup: int = 10, threads
             merged[name] = first
             continue
         entry = {k: first[k] for k in ("variant", "what", "env", "threads", "batch_source")}
-        entry["max_rss_mib"] = max(p["max_rss_mib"] for p in parts)
+        peaks = [p["max_rss_mib"] for p in parts if p.get("max_rss_mib") is not None]
+        entry["max_rss_mib"] = max(peaks) if peaks else None
         entry["methods"] = {}
         for method in methods:
             times = [t for p in parts for t in p["methods"][method]["times"]]
@@ -165,7 +177,7 @@ def main(argv=None) -> int:
             continue
         cells = "  ".join(f"{m} p50 {1e3 * s['p50']:.2f} ms p90 {1e3 * s['p90']:.2f} ms faults/step {s['minflt']:.0f}"
                           for m, s in v["methods"].items())
-        print(f"{name:12s} {cells}  peak RSS {v['max_rss_mib']:.0f} MiB")
+        print(f"{name:12s} {cells}  peak RSS {v['max_rss_mib'] or 0:.0f} MiB")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The allocator table of the report: allocator.py's variants (glibc defaults, glibc thresholds raised,
 jemalloc and tcmalloc preloaded) on the default training step, each in a subprocess of its own.
 
-goal/full: every variant, 200 timed steps per method (attention_at, vanilla) in two interleaved passes;
+goal/full: every variant, 200 timed steps per method (200 x --bench-time) (attention_at, vanilla) in two interleaved passes;
 smoke (--benchmark-disable): one variant (the first installed preload, else glibc), one step, to exercise the
 path in seconds. The result goes into the session JSON as fused_attn_at_extras["allocator"].
 """
@@ -22,7 +22,8 @@ def test_allocator_variants(bench_settings, roofline):
         assert "methods" in result["variants"][variant], result["variants"][variant]
         return
     roofline("cpu")  # the session's bandwidth profile first, as for every timed case
-    result = allocator.run_all(steps=200, warmup=10, threads=bench_settings["threads"],
+    steps = max(10, round(200 * bench_settings["time"]))  # 200 at the default --bench-time 1.0
+    result = allocator.run_all(steps=steps, warmup=10, threads=bench_settings["threads"],
                                smoke=bench_settings["set"] == "smoke")
     result["torch_threads_parent"] = torch.get_num_threads()
     benchlib.RUN_EXTRAS["allocator"] = result

@@ -9,7 +9,8 @@ what a training step does with the pooling, from h and scores to their gradients
     pair      fused_attn_at.adversarial_attention_loss on cpu: clean forward without autograd, g by
               attention_scores_grad, attention_pool_pair, the pair's one backward (5 passes; rp 3)
 for perturbations at, iat, rp. The goal: pair (at) / vanilla <= 1.3 (benchlib.GOAL_PAIR_RATIO). Rows are in
-extra_info kind "pair_step" with p10/p50/p90 and page faults per call.
+extra_info kind "pair_step" with p10/p50/p90, page faults per call and the profiler's split (self CPU time of the
+fused_attn_at:: kernels, allocation, autograd, other ops: benchlib.profile_breakdown).
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ def test_pair_step(benchmark, pair_variant, roofline, bench_settings):
     info["threads"] = torch.get_num_threads()
     if bench_settings["disabled"]:
         benchmark(step)
+        benchlib.profile_breakdown(step, 1)
         return
     roofline("cpu")  # the session's bandwidth profile is measured before any timing, as for the op cases
     step()
@@ -103,3 +105,4 @@ def test_pair_step(benchmark, pair_variant, roofline, bench_settings):
     after = benchlib.rusage_counters()
     info["rusage"] = {k: (after[k] - before[k]) / (rounds + 1) for k in before}
     info["pct"] = benchlib.round_percentiles(benchmark.stats.stats)
+    info["profile"] = benchlib.profile_breakdown(step, max(5, min(30, rounds // 4)))

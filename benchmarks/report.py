@@ -196,8 +196,9 @@ def goal_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
     pair = res["pair"]
     at, vanilla = pair.get("pair-at"), pair.get("vanilla")
     r = ratio(at, vanilla)
+    pb, pt, ph = (at["B"], at["T"], at["H"]) if at else (B, T, H)
     rows.append(_goal(f"pooling part of an attention_at step (both branches, fwd+bwd) / vanilla's, "
-                      f"B={B} T={T} H={H}", f"<= {benchlib.GOAL_PAIR_RATIO:g}x", fmt_ratio(r), r,
+                      f"B={pb} T={pt} H={ph}", f"<= {benchlib.GOAL_PAIR_RATIO:g}x", fmt_ratio(r), r,
                       benchlib.GOAL_PAIR_RATIO, lambda: _bound_pair(res), below=True))
     # issue 14's goals, still watched
     pairs = fused_vs_eager(pool)
@@ -277,11 +278,12 @@ def _bound_long(res, entry, read_bw, mode) -> str:
 
 def _bound_pair(res) -> str:
     """The pair path's passes over h against vanilla's, priced at the working set's bandwidths."""
-    B, T, H = benchlib.GOAL_SHAPE
+    pair = res["pair"]
+    at = pair.get("pair-at") or {}
+    B, T, H = (at["B"], at["T"], at["H"]) if at else benchlib.GOAL_SHAPE
     bth = B * T * H * 4
     ws = benchlib.working_set_bytes(B, T, H, "float32", "fwdbwd")
     rbw, wbw = bw_at(res, ws, "read"), bw_at(res, ws, "write")
-    pair = res["pair"]
     text = "passes over h (reads + dh writes): pair-at 4 + 1, vanilla 2 + 1"
     if rbw and wbw:
         def t(reads, writes):
@@ -290,6 +292,11 @@ def _bound_pair(res) -> str:
                  f"{fmt_time(t(2, 1))}: a memory-bound ratio of {t(4, 1) / t(2, 1):.2f}x")
     if pair.get("pair-at") and pair.get("vanilla"):
         text += (f"; measured p50 {fmt_time(pair['pair-at']['median'])} vs {fmt_time(pair['vanilla']['median'])}")
+        k_at = (pair["pair-at"].get("profile") or {}).get("kernel_s")
+        k_v = (pair["vanilla"].get("profile") or {}).get("kernel_s")
+        if k_at and k_v:
+            text += (f", of which the kernels (profiler self time) {fmt_time(k_at)} vs {fmt_time(k_v)} "
+                     f"({k_at / k_v:.2f}x)")
     return text
 
 
@@ -528,16 +535,23 @@ def pair_table(res: dict) -> list[str]:
              "op; two_ops: clean op, g by autograd.grad, perturbed op, both backwards (the path before the pair op); "
              "pair: `adversarial_attention_loss` on cpu (clean forward without autograd, g by attention_scores_grad, "
              "attention_pool_pair, one backward). Passes over h: reads + [B,T,H] gradient writes.", "",
-             "| variant | passes (reads + writes) | p10 / p50 / p90 | vs vanilla | page faults per call |",
-             "|---|---|---|---|---|"]
+             "Kernels = profiler self CPU time of the fused_attn_at:: ops per call; the rest of the p50 is the head, "
+             "the loss, autograd, allocation and Python.", "",
+             "| variant | passes (reads + writes) | p10 / p50 / p90 | vs vanilla | kernels | kernels vs vanilla's "
+             "| page faults per call |",
+             "|---|---|---|---|---|---|---|"]
     for name in ("vanilla", "two_ops-at", "pair-at", "two_ops-iat", "pair-iat", "two_ops-rp", "pair-rp"):
         e = pair.get(name)
         if e is None:
             continue
         reads, writes = PASSES[name]
         faults = (e.get("rusage") or {}).get("minflt")
+        kern = (e.get("profile") or {}).get("kernel_s")
+        kern_v = ((vanilla or {}).get("profile") or {}).get("kernel_s")
         lines.append(f"| {name} | {reads} + {writes} | {fmt_pcts(e.get('pct') or {'p50': e['median']})} | "
-                     f"{fmt_ratio(ratio(e, vanilla))} | {NONE if faults is None else f'{faults:.0f}'} |")
+                     f"{fmt_ratio(ratio(e, vanilla))} | {fmt_time(kern)} | "
+                     f"{fmt_ratio(kern / kern_v) if kern and kern_v else NONE} | "
+                     f"{NONE if faults is None else f'{faults:.0f}'} |")
     return lines + [""]
 
 
@@ -561,7 +575,7 @@ def allocator_table(res: dict) -> list[str]:
             s = v["methods"][m]
             g = glibc.get(m, {}).get("p50")
             cells += [fmt_pcts(s), fmt_ratio(g / s["p50"]) if g else NONE, f"{s['minflt']:.0f}"]
-        cells.append(f"{v['max_rss_mib']:.0f} MiB")
+        cells.append(NONE if v.get("max_rss_mib") is None else f"{v['max_rss_mib']:.0f} MiB")
         lines.append("| " + " | ".join(cells) + " |")
     best = _best_allocator(alloc)
     if best:

@@ -135,7 +135,7 @@ def _fake_json(tmp_path):
                         "extra_info": {"kind": "pair_step", "variant": variant, "path": path,
                                        "perturbation": pert or "none", "B": B, "T": T, "H": H, "backend": "cpu",
                                        "pct": {"p10": 0.9 * median, "p50": median, "p90": 1.1 * median},
-                                       "rusage": {"minflt": 3.0}}})
+                                       "rusage": {"minflt": 3.0}, "profile": {"kernel_s": median / 2}}})
     allocator = {"methods": ["attention_at", "vanilla"], "steps": 200, "passes": 2, "smoke": False, "variants": {
         "glibc": {"variant": "glibc", "what": "glibc malloc, defaults", "max_rss_mib": 500, "methods": {
             "attention_at": {"p10": 0.020, "p50": 0.022, "p90": 0.025, "minflt": 300, "steps": 200},
@@ -205,7 +205,8 @@ def test_report_renders_the_issue_17_tables(tmp_path):
     # kernel vs end-to-end: the percentiles and the measured parts of the difference
     row = next(line for line in text.splitlines() if line.startswith("| B=64 T=256 H=256 at |"))
     assert "1.9 ms / 2 ms / 2.1 ms" in row and "100 (500 us)" in row and "| 0.25 |" in row
-    assert "| pair-at | 4 + 1 |" in text and "| two_ops-at | 5 + 4 |" in text and "| 2.50x |" in text
+    assert "| pair-at | 4 + 1 | 2.16 ms / 2.4 ms / 2.64 ms | 1.20x | 1.2 ms | 1.20x | 3 |" in text
+    assert "| two_ops-at | 5 + 4 |" in text and "| 2.50x |" in text
     assert "absent: libtcmalloc_minimal.so.4 is not installed" in text
     assert "jemalloc gave the lowest p50: 1.10x glibc's defaults" in text
 
