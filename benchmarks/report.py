@@ -1,6 +1,6 @@
 """Benchmark report: runs the benchmarks (optionally) and turns their JSON into RESULTS.md + plots.
 
-One command measures and writes everything (about 8 minutes on 2 quiet cores for the goal set):
+One command measures and writes everything (about 11 minutes on 2 quiet cores for the goal set):
 
     python benchmarks/report.py --run --bench-set goal
 
