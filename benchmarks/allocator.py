@@ -130,6 +130,8 @@ def run_all(methods=DEFAULT_METHODS, steps: int = 200, warmup: int = 10, threads
     for _ in range(passes):
         for name in variants:
             runs[name].append(run_variant(name, methods, max(1, steps // passes), warmup, threads, smoke))
+    import benchlib
+
     merged = {}
     for name, parts in runs.items():
         first = parts[0]
@@ -142,8 +144,6 @@ def run_all(methods=DEFAULT_METHODS, steps: int = 200, warmup: int = 10, threads
         entry["methods"] = {}
         for method in methods:
             times = [t for p in parts for t in p["methods"][method]["times"]]
-            import benchlib
-
             entry["methods"][method] = {**benchlib.percentiles(times), "steps": len(times),
                                         **{k: statistics.mean(p["methods"][method][k] for p in parts)
                                            for k in ("minflt", "nvcsw", "nivcsw")}}

@@ -509,7 +509,6 @@ def profile_breakdown(fn, calls: int) -> dict:
     autograd.grad call) and whatever the profiler does not see. Self times, so nothing is counted twice."""
     import time
 
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -534,5 +533,4 @@ def profile_breakdown(fn, calls: int) -> dict:
     parts["profiled_wall_s"] = wall
     parts["outside_ops_s"] = max(0.0, wall - sum(v for k, v in parts.items() if k != "profiled_wall_s"))
     parts["kernels"] = kernels
-    del torch
     return parts
