@@ -42,7 +42,7 @@ OTHER_LOAD_LIMIT = 0.05
 # ------------------------------------------------------------------------------------------ loading
 def load(path: pathlib.Path) -> dict:
     data = json.loads(path.read_text())
-    pool, steps, breakdown, pair = {}, {}, {}, {}
+    pool, steps, breakdown, pair, sa_op, sa_step = {}, {}, {}, {}, {}, {}
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
         median = bench["stats"]["median"]
@@ -53,12 +53,17 @@ def load(path: pathlib.Path) -> dict:
             breakdown[(info["B"], info["T"], info["H"], info["perturbation"])] = {"median": median, **info}
         elif kind == "pair_step":
             pair[info["variant"]] = {"median": median, "rounds": bench["stats"]["rounds"], **info}
+        elif kind == "sa_op":
+            sa_op[info["sa_backend"]] = {"median": median, "rounds": bench["stats"]["rounds"], **info}
+        elif kind == "sa_step":
+            sa_step[info["variant"]] = {"median": median, "rounds": bench["stats"]["rounds"], **info}
         elif "backend" in info:
             key = (info["device"], info["dtype"], info["B"], info["T"], info["H"], info["perturbation"],
                    info["mode"], info["backend"])
             pool[key] = {"median": median, "rounds": bench["stats"]["rounds"], "iqr": bench["stats"].get("iqr"),
                          "iterations": bench["stats"]["iterations"], **info}
-    return {"raw": data, "pool": pool, "steps": steps, "breakdown": breakdown, "pair": pair,
+    return {"raw": data, "pool": pool, "steps": steps, "breakdown": breakdown, "pair": pair, "sa_op": sa_op,
+            "sa_step": sa_step,
             "allocator": data.get("fused_attn_at_extras", {}).get("allocator")}
 
 
@@ -555,6 +560,121 @@ def pair_table(res: dict) -> list[str]:
     return lines + [""]
 
 
+# ------------------------------------------------------------------------------- self-attention (issue 18)
+SA_GOAL_SDPA_RATIO = 1.5  # perturbed_attention(cpu, None) fwd+bwd p50 / SDPA's, B=8 nh=4 T=512 d=64
+SA_GOAL_STEP_TIME = 2.3  # AT step (SelfAttentionAT "at", cpu) p50 / vanilla step p50, 2-layer Transformer, T=1024
+SA_GOAL_STEP_MEMORY = 1.2  # ... peak resident growth of one step (fresh process) / vanilla's
+
+
+def _sa_growth(entry: dict | None) -> float | None:
+    return ((entry or {}).get("memory") or {}).get("growth_bytes")
+
+
+def _sa_map_bytes(entry: dict) -> int:
+    """One float32 [B, nh, T, T] attention map of the step's shape."""
+    return entry["B"] * entry["heads"] * entry["T"] ** 2 * 4
+
+
+def sa_goal_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
+    """Issue 18's goals: the op vs SDPA; the AT step vs the vanilla step in time and in peak memory."""
+    op, st = res.get("sa_op", {}), res.get("sa_step", {})
+    rows = []
+    cpu, sdpa, ref = op.get("cpu"), op.get("sdpa"), op.get("reference")
+    shape = cpu or sdpa or {}
+    r = ratio(cpu, sdpa)
+
+    def bound_op():
+        text = (f"p10 / p50 / p90: cpu {fmt_pcts(cpu.get('pct'))}, SDPA {fmt_pcts(sdpa.get('pct'))}")
+        if ref:
+            text += f"; the reference (maps materialised) takes {fmt_time(ref['median'])} = {ratio(ref, sdpa):.2f}x SDPA"
+        return text
+
+    where = (f", B={shape['B']} nh={shape['nh']} T={shape['T']} d={shape['d']}" if shape else "")
+    rows.append(_goal(f"perturbed_attention fwd+bwd (cpu, perturbation=None) / SDPA fwd+bwd{where}",
+                      f"<= {SA_GOAL_SDPA_RATIO:g}x", NONE if r is None else
+                      f"{r:.2f}x ({fmt_time(cpu['median'])} vs {fmt_time(sdpa['median'])})", r, SA_GOAL_SDPA_RATIO,
+                      bound_op, below=True))
+    at, van = st.get("at-cpu"), st.get("vanilla-cpu")
+    first = at or van or {}
+    where = f", 2-layer Transformer, B={first['B']} T={first['T']}" if first else ""
+    r = ratio(at, van)
+
+    def bound_time():
+        return (f"the AT step runs 2 forwards + 2 backwards where vanilla runs 1 + 1 (2x inherent); p50 "
+                f"{fmt_time(at['median'])} vs {fmt_time(van['median'])}: {fmt_time(at['median'] - 2 * van['median'])} "
+                "beyond twice vanilla")
+    rows.append(_goal(f"AT step (SelfAttentionAT 'at', cpu) / vanilla step, time{where}", f"<= {SA_GOAL_STEP_TIME:g}x",
+                      NONE if r is None else f"{r:.2f}x ({fmt_time(at['median'])} vs {fmt_time(van['median'])})", r,
+                      SA_GOAL_STEP_TIME, bound_time, below=True))
+    ga, gv = _sa_growth(at), _sa_growth(van)
+    m = ga / gv if ga is not None and gv else None
+
+    def bound_memory():
+        d = at["B"] * at["T"] * at["d_model"] * 4
+        text = (f"the clean pass's records (per layer at least Q, K, V, O, dO: 5 x {mib(d)}, {mib(5 * d * at['layers'])} "
+                f"for {at['layers']} layers) live through the adversarial pass")
+        gr = _sa_growth(st.get("at-reference"))
+        if gr is not None:
+            text += f"; the materialised AT step grows it by {mib(gr)}"
+        return text
+    rows.append(_goal(f"AT step (cpu) / vanilla step, peak memory growth (fresh process){where}",
+                      f"<= {SA_GOAL_STEP_MEMORY:g}x", NONE if m is None else f"{m:.2f}x ({mib(ga)} vs {mib(gv)})", m,
+                      SA_GOAL_STEP_MEMORY, bound_memory, below=True))
+    return rows
+
+
+def sa_section(res: dict) -> list[str]:
+    op, st = res.get("sa_op", {}), res.get("sa_step", {})
+    if not op and not st:
+        return ["Not measured in this run (bench_self_attention.py).", ""]
+    lines = []
+    if op:
+        first = next(iter(op.values()))
+        sdpa = op.get("sdpa")
+        lines += [f"**The op**, forward + backward (`torch.autograd.grad` of a fixed dO into q, k, v) at B={first['B']} "
+                  f"nh={first['nh']} T={first['T']} d={first['d']}, float32, no key mask, torch threads "
+                  f"{first.get('threads')}, side by side in one run. vs SDPA = p50 / SDPA's p50 (> 1: slower than "
+                  "SDPA).", "", "| backend | what | p10 / p50 / p90 | vs SDPA |", "|---|---|---|---|"]
+        what = {"sdpa": "torch.nn.functional.scaled_dot_product_attention",
+                "cpu": "perturbed_attention(backend='cpu', perturbation=None): flash-style C++ kernels",
+                "reference": "perturbed_attention(backend='reference'): [B,nh,T,T] maps materialised"}
+        for name in ("sdpa", "cpu", "reference"):
+            e = op.get(name)
+            if e is not None:
+                lines.append(f"| {name} | {what[name]} | {fmt_pcts(e.get('pct') or {'p50': e['median']})} | "
+                             f"{fmt_ratio(ratio(e, sdpa))} |")
+        lines.append("")
+    if st:
+        first = next(iter(st.values()))
+        van = st.get("vanilla-cpu")
+        lines += [f"**A training step** (zero_grad, backward, AdamW step) of a {first.get('layers')}-layer pre-LN "
+                  f"Transformer classifier (d_model {first['d_model']}, {first['heads']} heads, ff {first['ff']}, "
+                  f"{first.get('parameters')} parameters) at B={first['B']} T={first['T']}, padded batch, float32, "
+                  f"torch threads {first.get('threads')}. Peak growth: in a fresh process per variant, after a warm-up "
+                  "step at T=16, the peak resident set after one step minus the peak before it (VmHWM). Ratios are to "
+                  "vanilla-cpu (> 1: slower / more memory).", "",
+                  "| variant | what runs | p10 / p50 / p90 | time vs vanilla-cpu | peak growth | memory vs vanilla-cpu |",
+                  "|---|---|---|---|---|---|"]
+        for name, e in st.items():
+            g, gv = _sa_growth(e), _sa_growth(van)
+            lines.append(f"| {name} | {e.get('description', '')} | {fmt_pcts(e.get('pct') or {'p50': e['median']})} | "
+                         f"{fmt_ratio(ratio(e, van))} | {NONE if g is None else mib(g)} | "
+                         f"{fmt_ratio(g / gv) if g is not None and gv else NONE} |")
+        gr, ga, gvr = (_sa_growth(st.get(n)) for n in ("at-reference", "at-cpu", "vanilla-reference"))
+        if gr is not None:
+            e = st["at-reference"]
+            parts = [f"The materialised AT step (at-reference) grows the peak by {mib(gr)}"]
+            if _sa_growth(van):
+                parts.append(f"{gr / _sa_growth(van):.2f}x vanilla-cpu's")
+            if ga:
+                parts.append(f"{gr / ga:.2f}x at-cpu's")
+            if gvr:
+                parts.append(f"{gr / gvr:.2f}x its own vanilla's")
+            lines += ["", ", ".join(parts) + f"; one float32 [B,nh,T,T] map is {mib(_sa_map_bytes(e))} here."]
+        lines.append("")
+    return lines
+
+
 def allocator_table(res: dict) -> list[str]:
     alloc = res.get("allocator")
     if not alloc:
@@ -760,12 +880,12 @@ def render(res: dict, json_path: pathlib.Path, out: pathlib.Path, plots: list[pa
         "",
         "## Goals (CPU, float32)",
         "",
-        "Issue 17's goals, each a ratio measured in this run (2 threads); for a goal not met, the last column gives "
-        "the measurement that bounds it.",
+        "Issue 17's goals, then issue 18's (self-attention), each a ratio measured in this run (2 threads); for a "
+        "goal not met, the last column gives the measurement that bounds it.",
         "",
         "| goal | target | measured | | what bounds it |",
         "|---|---|---|---|---|",
-        *("| " + " | ".join(row) + " |" for row in goal_rows(res)),
+        *("| " + " | ".join(row) + " |" for row in goal_rows(res) + sa_goal_rows(res)),
         "",
         "## Roofline per working-set size",
         "",
@@ -779,6 +899,9 @@ def render(res: dict, json_path: pathlib.Path, out: pathlib.Path, plots: list[pa
         "## The AT step's pooling part: pair op vs two single ops",
         "",
         *pair_table(res),
+        "## Self-attention (issue 18)",
+        "",
+        *sa_section(res),
         "## Training step",
         "",
         *step_table(res),

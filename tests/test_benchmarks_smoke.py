@@ -339,3 +339,57 @@ def test_report_run_that_measured_nothing_does_not_say_run_with_run(tmp_path, mo
     json_path.write_text(_fake_json(tmp_path).read_text())
     assert report.main(["--run", "--json", str(json_path), "--out", str(tmp_path / "out")]) == 1
     assert "wrote no" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- self-attention (issue 18)
+def _sa_json(tmp_path):
+    """bench_self_attention.py's rows with known medians: the op at 1.2x SDPA (met); the AT step at 2.5x vanilla
+    in time (not met) and 1.1x in peak memory growth (met); the materialised AT step at 5x vanilla's memory."""
+    benches = []
+    for backend, median in (("sdpa", 0.100), ("cpu", 0.120), ("reference", 0.400)):
+        benches.append({"group": "o", "name": backend, "stats": {"median": median, "rounds": 10, "iterations": 1},
+                        "extra_info": {"kind": "sa_op", "sa_backend": backend, "B": 8, "nh": 4, "T": 512, "d": 64,
+                                       "dtype": "float32", "threads": 2,
+                                       "pct": {"p10": 0.9 * median, "p50": median, "p90": 1.1 * median}}})
+    for variant, median, growth_mib in (("vanilla-cpu", 0.4, 100), ("at-cpu", 1.0, 110),
+                                        ("vanilla-reference", 0.8, 300), ("at-reference", 2.0, 500)):
+        benches.append({"group": "s", "name": variant, "stats": {"median": median, "rounds": 7, "iterations": 1},
+                        "extra_info": {"kind": "sa_step", "variant": variant, "description": f"what {variant} runs",
+                                       "B": 2, "T": 1024, "d_model": 256, "heads": 4, "ff": 512, "layers": 2,
+                                       "parameters": 1000, "threads": 2,
+                                       "pct": {"p10": 0.9 * median, "p50": median, "p90": 1.2 * median},
+                                       "memory": {"growth_bytes": growth_mib * 2**20, "source": "VmHWM"}}})
+    path = tmp_path / "sa.json"
+    path.write_text(json.dumps({"benchmarks": benches, "datetime": "2026-01-01T00:00:00",
+                                "machine_info": {"fused_attn_at": {"cpu_count": 2, "threads": 2}}}))
+    return path
+
+
+def test_report_renders_the_self_attention_section(tmp_path):
+    res = report.load(_sa_json(tmp_path))
+    assert not res["pool"]  # the sa_op rows (they carry a backend) are not taken for attention_pool cases
+    rows = {goal: (target, measured, met, bound) for goal, target, measured, met, bound in report.sa_goal_rows(res)}
+    op = rows["perturbed_attention fwd+bwd (cpu, perturbation=None) / SDPA fwd+bwd, B=8 nh=4 T=512 d=64"]
+    assert op == ("<= 1.5x", "1.20x (120 ms vs 100 ms)", "met", "")
+    target, measured, met, bound = rows["AT step (SelfAttentionAT 'at', cpu) / vanilla step, time, 2-layer "
+                                        "Transformer, B=2 T=1024"]
+    assert (target, measured, met) == ("<= 2.3x", "2.50x (1 s vs 400 ms)", "NOT met")
+    assert "2 forwards + 2 backwards" in bound and "200 ms beyond twice vanilla" in bound
+    memory = rows["AT step (cpu) / vanilla step, peak memory growth (fresh process), 2-layer Transformer, B=2 T=1024"]
+    assert memory == ("<= 1.2x", "1.10x (110 MiB vs 100 MiB)", "met", "")
+    assert report._met(1.2, report.SA_GOAL_STEP_MEMORY, below=True) == "met"
+    assert report._met(1.21, report.SA_GOAL_STEP_MEMORY, below=True) == "NOT met"
+
+    text = report.render(res, tmp_path / "sa.json", tmp_path / "RESULTS.md", [], "report.py")
+    section = text.split("## Self-attention (issue 18)")[1].split("\n## ")[0]
+    assert "| cpu | perturbed_attention(backend='cpu', perturbation=None)" in section
+    assert "| 108 ms / 120 ms / 132 ms | 1.20x |" in section and "| 4.00x |" in section  # reference / SDPA
+    assert "| at-cpu | what at-cpu runs | 900 ms / 1 s / 1.2 s | 2.50x | 110 MiB | 1.10x |" in section
+    assert "| at-reference | what at-reference runs | 1.8 s / 2 s / 2.4 s | 5.00x | 500 MiB | 5.00x |" in section
+    assert ("grows the peak by 500 MiB, 5.00x vanilla-cpu's, 4.55x at-cpu's, 1.67x its own vanilla's; one float32 "
+            "[B,nh,T,T] map is 32 MiB here.") in section
+    assert "| AT step (SelfAttentionAT 'at', cpu) / vanilla step, time" in text  # in the Goals table
+    # a run without the benchmark says so instead of failing
+    empty = report.load(_fake_json(tmp_path))
+    assert report.sa_section(empty) == ["Not measured in this run (bench_self_attention.py).", ""]
+    assert [r[3] for r in report.sa_goal_rows(empty)] == ["not measured"] * 3
