@@ -355,7 +355,8 @@ def test_rerun_grids_list_and_name_their_new_settings():
     from sweep import load_grid
 
     runs = {name: load_grid(name) for name in REPRO_GRIDS}
-    assert len(runs["repro_babi"]) == 3 * 6 * 3 and len(runs["repro_released_iat"]) == 10
+    # repro_released_iat: vanilla and the released iAT, seeds 1-8 each
+    assert len(runs["repro_babi"]) == 3 * 6 * 3 and len(runs["repro_released_iat"]) == 2 * 8
     assert len(runs["repro_eps_word"]) == 16 and len(runs["repro_picked_eps"]) == 9 + 3
     assert len(runs["repro_embeddings"]) == 12 and len(runs["repro_sst_released"]) == 6
     for run in runs["repro_babi"]:
