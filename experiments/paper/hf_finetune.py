@@ -280,16 +280,7 @@ class HFObjective(methods.Objective):
         clean_logits, _ = model.run(batch, embedded)
         clean_loss = model.loss(clean_logits, batch)
         (grad,) = torch.autograd.grad(clean_loss, embedded, retain_graph=True)
-        if self.method == "word_at":
-            r = python_ref.word_at_perturbation(grad, pieces, self.eps)
-        else:
-            if self._neighbours is None:
-                self.refresh_neighbours()
-            with torch.no_grad():
-                table = model.embedding_table()
-                neighbour_vectors = table[self._neighbours[batch.tokens]]  # [B, T, K, E]
-            r = python_ref.word_iat_perturbation(embedded.detach(), grad, neighbour_vectors, pieces, self.eps,
-                                                 normalize=self.word_iat_norm)
+        r = self.word_perturbation(embedded, grad, batch.tokens, pieces)
         clean_loss.backward()
         torch.set_rng_state(state)
         adv_logits, _ = model.run(batch, model.embed(batch.tokens) + r.detach())

@@ -136,6 +136,20 @@ class Objective(nn.Module):
         loss = clean_loss + zero_loss + self.lam * adversarial_loss
         return StepResult(loss, clean_loss, adversarial_loss, clean_logits, clean.attention, adv.attention)
 
+    def word_perturbation(self, embedded: torch.Tensor, grad: torch.Tensor, tokens: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+        """r [B, T, E] of word AT (along grad) or word iAT (towards each token's nearest vocabulary words, in the
+        table the model reads), norm eps per example over the positions where mask holds."""
+        if self.method == "word_at":
+            return python_ref.word_at_perturbation(grad, mask, self.eps)
+        if self._neighbours is None:
+            self.refresh_neighbours()
+        with torch.no_grad():
+            table = self.model.embedding_table()
+            neighbour_vectors = table[self._neighbours[tokens]]  # [B, T, K, E]
+        return python_ref.word_iat_perturbation(embedded.detach(), grad, neighbour_vectors, mask, self.eps,
+                                                normalize=self.word_iat_norm)
+
     def _word_step(self, batch) -> StepResult:
         model = self.model
         embedded = model.embed(batch.tokens)  # [B, T, E]
@@ -145,16 +159,7 @@ class Objective(nn.Module):
         clean_logits = head(clean.context)
         clean_loss = loss_fn(clean_logits)
         (grad,) = torch.autograd.grad(clean_loss, embedded, retain_graph=True)
-        if self.method == "word_at":
-            r = python_ref.word_at_perturbation(grad, batch.mask, self.eps)
-        else:
-            if self._neighbours is None:
-                self.refresh_neighbours()
-            with torch.no_grad():
-                table = model.embedding_table()
-            neighbour_vectors = table[self._neighbours[batch.tokens]]  # [B, T, K, E]
-            r = python_ref.word_iat_perturbation(embedded, grad, neighbour_vectors, batch.mask, self.eps,
-                                                 normalize=self.word_iat_norm)
+        r = self.word_perturbation(embedded, grad, batch.tokens, batch.mask)
         adv_enc = model.encode(batch, embedded + r)
         adv_head, _ = self._closures(batch, adv_enc)
         adv = fused_attn_at.attention_pool(adv_enc.h, adv_enc.scores, adv_enc.mask)
