@@ -291,20 +291,22 @@ def test_opcheck_pair_bwd_and_scores_grad(dtype, with_grad_attention):
         torch.library.opcheck(torch.ops.fused_attn_at.attention_scores_grad, (dc_clean, da_clean, h, attention_clean))
 
 
-def test_compile_fullgraph_pair_and_scores_grad():
+@pytest.mark.parametrize("backend, compiler", [("cpu", "inductor"), ("triton", "aot_eager")])
+def test_compile_fullgraph_pair_and_scores_grad(backend, compiler):
     """The pair entry point and attention_scores_grad trace without a graph break; values and gradients
-    equal eager."""
-    _require("cpu")
+    equal eager. Triton with backend="aot_eager": under the interpreter its ops are opaque to the compiler
+    (triton_attention_pool._define_op), which still traces them without a break."""
+    _require(backend)
     inputs = make_inputs(4, 9, 6, "empty_row", seed=6, dtype=torch.float64)
     w = torch.linspace(-1, 1, 6, dtype=torch.float64)
 
     def step(h, scores, mask):
-        clean = fused_attn_at.attention_pool(h, scores, mask, backend="cpu")
-        g = functional.attention_scores_grad(torch.tanh(clean.context) * w, h, clean.attention, backend="cpu")
-        pair = fused_attn_at.attention_pool_pair(h, scores, mask, perturbation="iat", grad=g, eps=0.5, backend="cpu")
+        clean = fused_attn_at.attention_pool(h, scores, mask, backend=backend)
+        g = functional.attention_scores_grad(torch.tanh(clean.context) * w, h, clean.attention, backend=backend)
+        pair = fused_attn_at.attention_pool_pair(h, scores, mask, perturbation="iat", grad=g, eps=0.5, backend=backend)
         return pair.clean.context, pair.clean.attention, pair.adversarial.context, pair.adversarial.attention
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    compiled = torch.compile(step, backend=compiler, fullgraph=True, dynamic=False)
     results = []
     for fn in (step, compiled):
         h, scores = inputs.leaves()
@@ -475,29 +477,6 @@ def test_triton_opcheck(kind):
                           test_utils=TRITON_OPCHECK_UTILS)
 
 
-def test_triton_compile_fullgraph_pair_and_scores_grad():
-    """As test_compile_fullgraph_pair_and_scores_grad, with backend="aot_eager": under the interpreter the ops
-    are opaque to the compiler (triton_attention_pool._define_op), which still traces them without a break."""
-    _triton()
-    inputs = make_inputs(4, 9, 6, "empty_row", seed=6, dtype=torch.float64)
-    w = torch.linspace(-1, 1, 6, dtype=torch.float64)
-
-    def step(h, scores, mask):
-        clean = fused_attn_at.attention_pool(h, scores, mask, backend="triton")
-        g = functional.attention_scores_grad(torch.tanh(clean.context) * w, h, clean.attention, backend="triton")
-        pair = fused_attn_at.attention_pool_pair(h, scores, mask, perturbation="iat", grad=g, eps=0.5,
-                                                 backend="triton")
-        return pair.clean.context, pair.clean.attention, pair.adversarial.context, pair.adversarial.attention
-
-    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=False)
-    results = []
-    for fn in (step, compiled):
-        h, scores = inputs.leaves()
-        cc, ac, ca, aa = fn(h, scores, inputs.mask)
-        loss = (cc * w).sum() + (ca ** 2).sum() + (ac * aa).sum()
-        results.append((cc, ac, ca, aa, *torch.autograd.grad(loss, (h, scores))))
-    for got, expected in zip(results[1], results[0]):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("kind, which", [("at", "scores"), ("at", "grad"), ("rp", "noise"), ("iat", "grad")])
