@@ -220,8 +220,13 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     step = at.step(lambda: torch.nn.functional.cross_entropy(ddp(ids[shard], mask[shard]), y[shard]))
 if rank == 0:
-    json.dump({{"grads": [p.grad.flatten().tolist() for p in model.parameters()], "layers": list(step.layers)}},
-              open({out!r}, "w"))
+    with open({out!r}, "w") as f:
+        json.dump({{"grads": [p.grad.flatten().tolist() for p in model.parameters()], "layers": list(step.layers)}}, f)
+# DDP's reducer (and its gloo work) must be gone before the group is: torn down the other way round at
+# interpreter exit, a worker thread was left running and the process aborted ("terminate called without an
+# active exception", seen once in CI)
+del at, step, ddp
+dist.barrier()
 dist.destroy_process_group()
 """
 
