@@ -635,7 +635,7 @@ def test_binding_compile_check_catches_errors(tmp_path):
     C API takes a view does not compile, and g++ names both lines."""
     text = BINDING.read_text()
     mutations = [("check_launch(fa_cuda_perturbation(", "check_launch(fa_cuda_perturbaton("),
-                 ("view_of(grad_h), view_of(scores_out)", "grad_h, view_of(scores_out)")]
+                 ("view_of(branch.a), view_of(grad_h),", "view_of(branch.a), grad_h,")]
     lines = []
     for old, new in mutations:
         assert text.count(old) == 1, old

@@ -87,6 +87,43 @@ int num_sms() {
   return count;
 }
 
+// The prelude of every entry point that reads h: h on a CUDA device within the grid limit, that device current for
+// the launches (RAII), and the sizes and storage type the kernels are launched with.
+c10::Device checked_device(const at::Tensor& h) {
+  check_cuda("h", h);
+  check_batch("h", h.size(0));
+  return h.device();
+}
+
+struct HCall {
+  int64_t B, T, H;
+  at::ScalarType dtype;
+  c10::cuda::CUDAGuard guard;
+  explicit HCall(const at::Tensor& h)
+      : B(h.size(0)), T(h.size(1)), H(h.size(2)), dtype(h.scalar_type()), guard(checked_device(h)) {}
+};
+
+// One branch's backward operands (dL/dcontext, dL/dattention, the attention) in h's storage type.
+struct GradBranch {
+  at::Tensor dc, a;
+  std::optional<at::Tensor> ga;
+  GradBranch(const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_attention,
+             const at::Tensor& attention, at::ScalarType dtype)
+      : dc(as_dtype(grad_context, dtype)), a(as_dtype(attention, dtype)) {
+    if (grad_attention.has_value()) ga = as_dtype(*grad_attention, dtype);
+  }
+};
+
+// The kernels write dscores in h's storage type: into grad_scores (the attention's dtype) when the two agree, else
+// into a staging tensor that copy_back_scores copies over.
+at::Tensor scores_target(const at::Tensor& grad_scores, const at::Tensor& h) {
+  return grad_scores.scalar_type() == h.scalar_type() ? grad_scores : at::empty(grad_scores.sizes(), h.options());
+}
+
+void copy_back_scores(at::Tensor& grad_scores, const at::Tensor& target) {
+  if (!target.is_same(grad_scores)) grad_scores.copy_(target);
+}
+
 // r of kind 1 (AT/RP) or 2 (iAT) into `out` ([B, T], in the scores' dtype, or in acc when out_is_acc).
 void launch_perturbation(const at::Tensor& scores, const std::optional<at::Tensor>& mask, const at::Tensor& direction,
                          int64_t kind, double eps, const at::Tensor& out, bool out_is_acc, const at::Tensor& flags) {
@@ -111,11 +148,9 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cuda(const at::Tensor& h, 
                                                            const std::optional<at::Tensor>& direction, int64_t kind,
                                                            double eps) {
   check_forward_inputs(h, scores, mask, direction, kind, eps);
-  check_cuda("h", h);
-  check_batch("h", h.size(0));
-  const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
-  const at::ScalarType dtype = h.scalar_type();
+  const HCall call(h);
+  const int64_t B = call.B, T = call.T, H = call.H;
+  const at::ScalarType dtype = call.dtype;
   at::Tensor context = at::empty({B, H}, h.options());
   at::Tensor attention = at::empty({B, T}, h.options());
   if (B == 0) return {context, attention};
@@ -145,26 +180,21 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_bwd_cuda(const at::Tensor& gra
                                                            const std::optional<at::Tensor>& grad_attention,
                                                            const at::Tensor& h, const at::Tensor& attention) {
   check_backward_inputs(grad_context, grad_attention, h, attention);
-  check_cuda("h", h);
-  check_batch("h", h.size(0));
-  const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
-  const at::ScalarType dtype = h.scalar_type();
+  const HCall call(h);
+  const int64_t B = call.B, T = call.T, H = call.H;
+  const at::ScalarType dtype = call.dtype;
   // empty_like keeps h's layout where h is dense and non-overlapping (the fake implementation does the same)
   at::Tensor grad_h = at::empty_like(h);
   at::Tensor grad_scores = at::empty({B, T}, attention.options());
   if (B == 0 || T == 0) return {grad_h.zero_(), grad_scores};
-  const at::Tensor dc = as_dtype(grad_context, dtype);
-  const at::Tensor a = as_dtype(attention, dtype);
-  std::optional<at::Tensor> ga;
-  if (grad_attention.has_value()) ga = as_dtype(*grad_attention, dtype);
-  const at::Tensor scores_out = attention.scalar_type() == dtype ? grad_scores : at::empty({B, T}, h.options());
+  const GradBranch branch(grad_context, grad_attention, attention, dtype);
+  const at::Tensor scores_out = scores_target(grad_scores, h);
   at::Tensor da = at::empty({B, T}, h.options().dtype(acc_dtype(dtype)));  // dL/da_t, contiguous workspace
-  check_launch(fa_cuda_attention_pool_bwd(to_fa_dtype(dtype), B, T, H, view_of(dc), optional_view(ga), view_of(h),
-                                          view_of(a), view_of(grad_h), view_of(scores_out), da.data_ptr(), num_sms(),
-                                          stream_handle()),
+  check_launch(fa_cuda_attention_pool_bwd(to_fa_dtype(dtype), B, T, H, view_of(branch.dc),
+                                          optional_view(branch.ga), view_of(h), view_of(branch.a), view_of(grad_h),
+                                          view_of(scores_out), da.data_ptr(), num_sms(), stream_handle()),
                "attention_pool backward kernels");
-  if (!scores_out.is_same(grad_scores)) grad_scores.copy_(scores_out);
+  copy_back_scores(grad_scores, scores_out);
   return {grad_h, grad_scores};
 }
 
@@ -188,24 +218,19 @@ at::Tensor perturbation_cuda(const at::Tensor& scores, const std::optional<at::T
 at::Tensor attention_scores_grad_cuda(const at::Tensor& grad_context, const std::optional<at::Tensor>& grad_attention,
                                       const at::Tensor& h, const at::Tensor& attention) {
   check_backward_inputs(grad_context, grad_attention, h, attention);
-  check_cuda("h", h);
-  check_batch("h", h.size(0));
-  const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
-  const at::ScalarType dtype = h.scalar_type();
+  const HCall call(h);
+  const int64_t B = call.B, T = call.T, H = call.H;
+  const at::ScalarType dtype = call.dtype;
   at::Tensor grad_scores = at::empty({B, T}, attention.options());
   if (B == 0 || T == 0) return grad_scores;
-  const at::Tensor dc = as_dtype(grad_context, dtype);
-  const at::Tensor a = as_dtype(attention, dtype);
-  std::optional<at::Tensor> ga;
-  if (grad_attention.has_value()) ga = as_dtype(*grad_attention, dtype);
-  const at::Tensor scores_out = attention.scalar_type() == dtype ? grad_scores : at::empty({B, T}, h.options());
+  const GradBranch branch(grad_context, grad_attention, attention, dtype);
+  const at::Tensor scores_out = scores_target(grad_scores, h);
   at::Tensor da = at::empty({B, T}, h.options().dtype(acc_dtype(dtype)));  // dL/da_t, contiguous workspace
-  check_launch(fa_cuda_attention_scores_grad(to_fa_dtype(dtype), B, T, H, view_of(dc), optional_view(ga), view_of(h),
-                                             view_of(a), view_of(scores_out), da.data_ptr(), num_sms(),
-                                             stream_handle()),
+  check_launch(fa_cuda_attention_scores_grad(to_fa_dtype(dtype), B, T, H, view_of(branch.dc),
+                                             optional_view(branch.ga), view_of(h), view_of(branch.a),
+                                             view_of(scores_out), da.data_ptr(), num_sms(), stream_handle()),
                "attention_scores_grad kernels");
-  if (!scores_out.is_same(grad_scores)) grad_scores.copy_(scores_out);
+  copy_back_scores(grad_scores, scores_out);
   return grad_scores;
 }
 
@@ -213,11 +238,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_pool_pair_f
     const at::Tensor& h, const at::Tensor& scores, const std::optional<at::Tensor>& mask, const at::Tensor& direction,
     int64_t kind, double eps) {
   check_pair_forward_inputs(h, scores, mask, direction, kind, eps);
-  check_cuda("h", h);
-  check_batch("h", h.size(0));
-  const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
-  const at::ScalarType dtype = h.scalar_type();
+  const HCall call(h);
+  const int64_t B = call.B, T = call.T, H = call.H;
+  const at::ScalarType dtype = call.dtype;
   at::Tensor context_clean = at::empty({B, H}, h.options());
   at::Tensor attention_clean = at::empty({B, T}, h.options());
   at::Tensor context_adv = at::empty({B, H}, h.options());
@@ -251,32 +274,23 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_pair_bwd_cuda(
     const at::Tensor& attention_clean, const at::Tensor& attention_adv) {
   check_pair_backward_inputs(grad_context_clean, grad_attention_clean, grad_context_adv, grad_attention_adv, h,
                              attention_clean, attention_adv);
-  check_cuda("h", h);
-  check_batch("h", h.size(0));
-  const c10::cuda::CUDAGuard guard(h.device());
-  const int64_t B = h.size(0), T = h.size(1), H = h.size(2);
-  const at::ScalarType dtype = h.scalar_type();
+  const HCall call(h);
+  const int64_t B = call.B, T = call.T, H = call.H;
+  const at::ScalarType dtype = call.dtype;
   // empty_like keeps h's layout where h is dense and non-overlapping (the fake implementation does the same)
   at::Tensor grad_h = at::empty_like(h);
   at::Tensor grad_scores = at::empty({B, T}, attention_clean.options());
   if (B == 0 || T == 0) return {grad_h.zero_(), grad_scores};
-  const auto optional_as = [dtype](const std::optional<at::Tensor>& x) -> std::optional<at::Tensor> {
-    if (!x.has_value()) return std::nullopt;
-    return as_dtype(*x, dtype);
-  };
-  const at::Tensor dc_clean = as_dtype(grad_context_clean, dtype), dc_adv = as_dtype(grad_context_adv, dtype);
-  const at::Tensor a_clean = as_dtype(attention_clean, dtype), a_adv = as_dtype(attention_adv, dtype);
-  const std::optional<at::Tensor> ga_clean = optional_as(grad_attention_clean);
-  const std::optional<at::Tensor> ga_adv = optional_as(grad_attention_adv);
-  const at::Tensor scores_out =
-      attention_clean.scalar_type() == dtype ? grad_scores : at::empty({B, T}, h.options());
+  const GradBranch clean(grad_context_clean, grad_attention_clean, attention_clean, dtype);
+  const GradBranch adv(grad_context_adv, grad_attention_adv, attention_adv, dtype);
+  const at::Tensor scores_out = scores_target(grad_scores, h);
   at::Tensor da = at::empty({2, B, T}, h.options().dtype(acc_dtype(dtype)));  // both branches' dL/da, contiguous
-  check_launch(fa_cuda_attention_pool_pair_bwd(to_fa_dtype(dtype), B, T, H, view_of(dc_clean),
-                                               optional_view(ga_clean), view_of(dc_adv), optional_view(ga_adv),
-                                               view_of(h), view_of(a_clean), view_of(a_adv), view_of(grad_h),
+  check_launch(fa_cuda_attention_pool_pair_bwd(to_fa_dtype(dtype), B, T, H, view_of(clean.dc),
+                                               optional_view(clean.ga), view_of(adv.dc), optional_view(adv.ga),
+                                               view_of(h), view_of(clean.a), view_of(adv.a), view_of(grad_h),
                                                view_of(scores_out), da.data_ptr(), num_sms(), stream_handle()),
                "attention_pool_pair backward kernels");
-  if (!scores_out.is_same(grad_scores)) grad_scores.copy_(scores_out);
+  copy_back_scores(grad_scores, scores_out);
   return {grad_h, grad_scores};
 }
 
