@@ -10,6 +10,7 @@ where err(x) is the relative error of x against the reference computed in float6
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -141,6 +142,32 @@ def fill_padding(inputs: Inputs, value: float) -> Inputs:
         grad=inputs.grad.masked_fill(pad, value),
         noise=inputs.noise.masked_fill(pad, value),
     )
+
+@contextlib.contextmanager
+def cpu_kernel_paths(monkeypatch, isa: str):
+    """Runs the CPU kernels on 2 threads (so long rows split into feature chunks), with isa "best" (what the
+    machine has) or "default" (the portable build, FUSED_ATTN_AT_CPU_ISA)."""
+    from fused_attn_at.ops import cpp
+
+    if isa == "default":
+        monkeypatch.setenv("FUSED_ATTN_AT_CPU_ISA", "default")
+        assert cpp.cpu_isa() == "default"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def padded_float64_inputs(B: int, T: int, H: int, seed: int) -> "Inputs":
+    """float64 inputs whose row 0 is fully masked when B > 1 (make_inputs' "empty_row"), and whose single row is
+    padded to 2T/3 when B == 1 (make_inputs keeps the last row full)."""
+    inputs = make_inputs(B, T, H, "empty_row", seed=seed, dtype=torch.float64)
+    if B == 1:
+        inputs = dataclasses.replace(inputs, mask=torch.arange(T)[None, :] < (2 * T) // 3)
+    return inputs
+
 
 
 def cotangents(inputs: Inputs, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

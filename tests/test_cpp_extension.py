@@ -17,7 +17,8 @@ import torch
 
 import fused_attn_at
 import python_ref
-from _helpers import check_low_precision_against_reference, make_inputs, relative_error
+from _helpers import (check_low_precision_against_reference, cpu_kernel_paths, make_inputs,
+                      padded_float64_inputs, relative_error)
 from fused_attn_at.ops import cpp
 
 NO_EXT = os.environ.get("FUSED_ATTN_AT_NO_EXT", "0").lower() not in ("", "0", "false", "no")
@@ -263,16 +264,9 @@ def test_layouts_and_splits_match_float64_reference(monkeypatch, isa, layout, sh
     """float64 forward and backward (r held fixed) for every kind on a layout; (1, 300, 256) and
     (3, 63, 200) split rows over feature chunks on 2 threads; row 0 of the mask is empty and the padding
     holds NaN (scores) and inf (grad)."""
-    if isa == "default":
-        monkeypatch.setenv("FUSED_ATTN_AT_CPU_ISA", "default")
-        assert cpp.cpu_isa() == "default"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with cpu_kernel_paths(monkeypatch, isa):
         B, T, H = shape
-        inputs = make_inputs(B, T, H, "empty_row", seed=B * T + H, dtype=torch.float64)
-        if B == 1:  # make_inputs keeps the last row full: pad this one
-            inputs = dataclasses.replace(inputs, mask=torch.arange(T)[None, :] < (2 * T) // 3)
+        inputs = padded_float64_inputs(B, T, H, seed=B * T + H)
         h_in = _layout(inputs.h, layout)
         inputs = dataclasses.replace(inputs, h=h_in.contiguous())  # "expanded" changes the values
         pad = ~inputs.mask
@@ -309,8 +303,6 @@ def test_layouts_and_splits_match_float64_reference(monkeypatch, isa, layout, sh
             assert float(attention[pad].abs().sum()) == 0.0
             if B > 1:  # the empty row: zeros everywhere
                 assert float(context[0].abs().max()) == 0.0 and float(grads[0][0].abs().max()) == 0.0
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_large_grad_h_is_written_completely(extension):

@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fused_attn_at
 import python_ref
-from _helpers import make_inputs, require_backend
+from _helpers import cpu_kernel_paths, make_inputs, padded_float64_inputs, require_backend
 from fused_attn_at import functional, training
 from fused_attn_at.ops import cpp
 
@@ -106,24 +106,15 @@ def test_pair_kernel_paths_equal_two_single_ops(monkeypatch, isa, layout, shape)
     """The CPU kernels' own paths: rows split into feature chunks on 2 threads ((1, 300, 256), (3, 63, 200)),
     h read along T, the portable build; padding holds NaN in the scores, a fully masked row (B > 1)."""
     _require("cpu")
-    if isa == "default":
-        monkeypatch.setenv("FUSED_ATTN_AT_CPU_ISA", "default")
-        assert cpp.cpu_isa() == "default"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with cpu_kernel_paths(monkeypatch, isa):
         B, T, H = shape
-        inputs = make_inputs(B, T, H, "empty_row", seed=B + T + H, dtype=torch.float64)
-        if B == 1:
-            inputs = dataclasses.replace(inputs, mask=torch.arange(T)[None, :] < (2 * T) // 3)
+        inputs = padded_float64_inputs(B, T, H, seed=B + T + H)
         inputs = dataclasses.replace(inputs, scores=inputs.scores.masked_fill(~inputs.mask, float("nan")))
         for kind in ("at", "iat"):
             pair, singles = _pair_vs_singles("cpu", inputs, kind, layout)
             _assert_close(pair, singles, what=f"{shape} {layout} {kind}")
             for name, value in pair.items():
                 assert torch.isfinite(value).all(), f"{name}: NaN of the padding leaked"
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
