@@ -4,9 +4,11 @@
     out = fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True)                  # [B, nh, Tq, dv]
     out = fused_attn_at.perturbed_attention(q, k, v, key_mask, perturbation="at", grad=G)    # G = dL_clean/dS
 
-Backends: "reference" (materialised maps, `ops/reference_self_attention.py`) and "cpu" (flash-style C++ kernels,
-`ops/cpp_self_attention.py`, the default for CPU tensors when fused_attn_at._C has them; iAT, dropout_p > 0 and
-return_attention=True run the reference there). A model whose attention calls this op can be trained with
+Backends: "reference" (materialised maps, `ops/reference_self_attention.py`), "cpu" (flash-style C++ kernels,
+`ops/cpp_self_attention.py`, the default for CPU tensors when fused_attn_at._C has them) and "triton"
+(flash-attention-2 style Triton kernels, `ops/triton_self_attention.py`, the default for CUDA tensors when triton
+is importable; CPU tensors under TRITON_INTERPRET=1, as the tests run it). Both fused backends run the reference
+for iAT, dropout_p > 0 and return_attention=True. A model whose attention calls this op can be trained with
 `fused_attn_at.SelfAttentionAT` (one AT/iAT/RP step over chosen layers) without ever handling G: the helper
 gives each call of its clean pass a `CleanPassRecord`, which the backend fills with what the adversarial pass
 needs (the reference: G itself, and the clean scores for iAT), and passes the record back as `grad=`.
@@ -24,8 +26,8 @@ from python_ref.self_attention import (
     check_self_attention_inputs,
 )
 
-SELF_ATTENTION_BACKENDS = ("cpu", "reference")
-_NOT_BUILT = ("cuda", "triton")
+SELF_ATTENTION_BACKENDS = ("cpu", "triton", "reference")
+_NOT_BUILT = ("cuda",)
 
 
 class CleanPassRecord:
@@ -33,8 +35,8 @@ class CleanPassRecord:
 
     Pass it as `record=` to the clean call and as `grad=` to the adversarial call (same layer, same masks).
     The backend fills it: the reference keeps G = dL_clean/dS [B, nh, Tq, Tk] (set by a hook when the clean
-    loss is back-propagated) and, for iAT, the clean scores S. A fused backend will keep what it needs to
-    recompute G block by block instead. `clear()` frees it.
+    loss is back-propagated) and, for iAT, the clean scores S; the fused backends (cpu, triton) keep what they
+    need to recompute G block by block instead (`fused`). `clear()` frees it.
     """
 
     __slots__ = ("grad", "scores", "keep_scores", "backward_done", "shape", "fused")
@@ -45,8 +47,8 @@ class CleanPassRecord:
         self.scores: torch.Tensor | None = None
         self.shape: tuple | None = None
         self.backward_done = False  # set by whoever ran the clean backward: no grad then means G = 0
-        # the cpu backend: a FusedCleanPass (clean Q, K, V, O, log-sum-exp, bias; dO and G's row norms after
-        # the backward), from which the adversarial call recomputes G block by block
+        # the cpu and triton backends: a FusedCleanPass (clean Q, K, V, O, log-sum-exp, bias; dO and G's row norms
+        # after the backward), from which the adversarial call recomputes G block by block
         self.fused = None
 
     def _set_grad(self, g: torch.Tensor) -> None:
@@ -60,7 +62,7 @@ class CleanPassRecord:
         """G of the clean pass; zeros when the backward ran but reached no score of this call."""
         if self.grad is not None:
             return self.grad
-        if self.fused is not None and self.fused.dout is not None:  # filled by the cpu backend: materialise G
+        if self.fused is not None and self.fused.dout is not None:  # filled by a fused backend: materialise G
             return self.fused.grad_map()
         if self.shape is None:
             raise RuntimeError("this CleanPassRecord was never passed as record= to a clean perturbed_attention call")
@@ -97,20 +99,30 @@ def why_unavailable(backend: str, device: torch.device) -> str | None:
         from .ops import cpp_self_attention
 
         return cpp_self_attention.why_unavailable(device)
+    if backend == "triton":
+        try:
+            from .ops import triton_self_attention
+        except Exception as exc:  # a broken triton install: unavailable, with the reason
+            return f"fused_attn_at.ops.triton_self_attention does not import: {type(exc).__name__}: {exc}"
+        return triton_self_attention.why_unavailable(device)
     if backend in _NOT_BUILT:
-        return (f"the fused self-attention kernels are not built yet for {backend!r} (self-attention has 'cpu' "
-                "and 'reference')")
-    raise ValueError(f"backend must be None, 'cpu' or 'reference' for perturbed_attention, got {backend!r}")
+        return (f"the fused self-attention kernels are not built yet for {backend!r} (self-attention has 'cpu', "
+                "'triton' and 'reference')")
+    raise ValueError(f"backend must be None, 'cpu', 'triton' or 'reference' for perturbed_attention, got {backend!r}")
 
 
 def _backend_module(backend: str | None, device: torch.device | None = None):
-    """backend None: $FUSED_ATTN_AT_BACKEND when it names a self-attention backend ('cpu' or 'reference'; the
-    attention_pool-only names are ignored here), else 'cpu' for CPU tensors when fused_attn_at._C has its kernels,
-    else the reference."""
+    """backend None: $FUSED_ATTN_AT_BACKEND when it names a self-attention backend ('cpu', 'triton' or
+    'reference'; the attention_pool-only name 'cuda' is ignored here), else 'cpu' for CPU tensors when
+    fused_attn_at._C has its kernels, 'triton' for CUDA tensors when triton is importable, else the reference."""
     if backend is None and os.environ.get("FUSED_ATTN_AT_BACKEND") in SELF_ATTENTION_BACKENDS:
         backend = os.environ["FUSED_ATTN_AT_BACKEND"]
     if backend is None:
-        backend = "cpu" if device is not None and why_unavailable("cpu", device) is None else "reference"
+        backend = "reference"
+        if device is not None:
+            preferred = "cpu" if device.type == "cpu" else "triton" if device.type == "cuda" else None
+            if preferred is not None and why_unavailable(preferred, device) is None:
+                backend = preferred
     if backend == "reference":
         from .ops import reference_self_attention
 
@@ -118,8 +130,13 @@ def _backend_module(backend: str | None, device: torch.device | None = None):
     reason = why_unavailable(backend, device if device is not None else torch.device("cpu"))
     if reason is not None:
         if backend in _NOT_BUILT:
-            raise NotImplementedError(f"backend={backend!r}: {reason}; use backend=None, 'cpu' or 'reference'")
+            raise NotImplementedError(f"backend={backend!r}: {reason}; use backend=None, 'cpu', 'triton' or "
+                                      "'reference'")
         raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+    if backend == "triton":
+        from .ops import triton_self_attention
+
+        return triton_self_attention
     from .ops import cpp_self_attention
 
     return cpp_self_attention
@@ -167,7 +184,10 @@ def perturbed_attention(
     calling layer to fused_attn_at.SelfAttentionAT (ignored otherwise).
 
     Returns O [B, nh, Tq, dv], or SelfAttentionOutput(output, attention) with return_attention=True.
-    backend: None (the best for the device: "cpu" for CPU tensors when built), "cpu" or "reference".
+    backend: None (the best for the device: "cpu" for CPU tensors when built, "triton" for CUDA tensors when
+    triton is importable, else "reference"), "cpu", "triton" (CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1) or "reference". The fused backends run the reference for iAT, dropout_p > 0 and
+    return_attention=True.
     """
     if _INTERCEPTORS and perturbation is None and grad is None and noise is None and record is None:
         kwargs = dict(causal=causal, bias=bias, scale=scale, norm=norm, attn_mask=attn_mask, query_mask=query_mask,

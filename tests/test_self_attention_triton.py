@@ -1,0 +1,418 @@
+"""The "triton" backend of fused_attn_at.perturbed_attention (fused_attn_at/ops/triton_self_attention.py) against
+the reference with materialised maps (python_ref), under Triton's interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET=1 without a GPU): values and gradients in float64 for none/AT (dense G, and through a
+CleanPassRecord)/RP (dense noise, and the in-kernel noise compared with the reference fed rp_noise's
+materialisation)/iAT (routed to the reference), with padding, a fully masked row, causal, bias (broadcast, -inf
+entries, learnable), attn_mask, Tq != Tk, B = 1 and odd sizes crossing 16-query/16-key block edges; float32 under
+the tolerance rule and bfloat16/float16 under the ulp rule (tests/_helpers.py); gradcheck; opcheck of every op;
+torch.compile(fullgraph=True) with aot_eager; and a profiler trace of the AT-record path that allocates nothing of
+B*nh*Tq*Tk elements. The interpreter is slow: the shapes are small and the blocks 16 x 16."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import fused_attn_at
+import python_ref
+from _helpers import ATOL, assert_within_rule, assert_within_ulp_rule, require_backend
+
+try:
+    from fused_attn_at.ops import triton_self_attention as tsa
+except Exception as exc:  # pragma: no cover - a broken triton install; require_backend says why
+    tsa = None
+    _IMPORT_ERROR = exc
+
+F64 = torch.float64
+BLOCK = 16
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")  # no torch.compile of the interpreter
+
+
+@pytest.fixture(autouse=True)
+def _triton_small_blocks():
+    require_backend("triton")  # fails (not skips) unless triton is missing: then a skip with the reason printed
+    assert tsa is not None
+    with tsa.launch_overrides(block_m=BLOCK, block_n=BLOCK):
+        yield
+
+
+def _t(*shape, seed=0, dtype=F64, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad)
+
+
+# name: B, nh, Tq, Tk, d, dv, key-mask pattern, causal, bias shape (None = no bias), attn_mask
+CASES = {
+    "padding": (2, 2, 35, 35, 8, 5, "pad", False, None, False),
+    "causal_bias": (2, 1, 33, 33, 4, 4, None, True, (1, 1), False),
+    "cross_fullymasked_bias_inf": (2, 2, 5, 37, 6, 3, "empty", False, (2, 1), False),
+    "b1_causal_pad_tq_gt_tk": (1, 1, 35, 18, 3, 7, "pad", True, (1, 1), False),
+    "attn_mask_rows": (2, 1, 9, 33, 4, 4, "pad", False, None, True),
+}
+
+
+def make_case(name, seed=0, dtype=F64):
+    B, nh, Tq, Tk, d, dv, mask, causal, bias_shape, with_attn_mask = CASES[name]
+    q, k, v = (_t(B, nh, Tq, d, seed=seed, dtype=dtype, grad=True), _t(B, nh, Tk, d, seed=seed + 1, dtype=dtype,
+               grad=True), _t(B, nh, Tk, dv, seed=seed + 2, dtype=dtype, grad=True))
+    key_mask = None
+    if mask is not None:
+        key_mask = torch.ones(B, Tk, dtype=torch.bool)
+        key_mask[-1, Tk - Tk // 3:] = False
+        if mask == "empty":
+            key_mask[0] = False  # example 0: every query row fully masked
+    bias = None
+    if bias_shape is not None:
+        bias = _t(*bias_shape, Tq, Tk, seed=seed + 3, dtype=dtype)
+        bias[..., 1, :] = -math.inf  # a fully masked row in every example/head
+        bias[..., 2, ::3] = -math.inf
+        bias.requires_grad_(True)
+    attn_mask = None
+    if with_attn_mask:
+        g = torch.Generator().manual_seed(seed + 4)
+        attn_mask = torch.rand(B, 1, Tq, Tk, generator=g) > 0.3
+        attn_mask[:, :, 0] = False
+    return (q, k, v, key_mask), dict(causal=causal, bias=bias, attn_mask=attn_mask)
+
+
+def _leaves(args, kw):
+    q, k, v, _ = args
+    return [x for x in (q, k, v, kw.get("bias")) if x is not None and x.requires_grad]
+
+
+def _with_grads(out, args, kw, seed=99, w_dtype=torch.float32):
+    """{"out", "grad0", ...}: the output and the gradients of <w, out> wrt the leaves (zeros where unused); w is
+    drawn in float32 and rounded to w_dtype (the same values in every precision)."""
+    leaves = _leaves(args, kw)
+    w = _t(*out.shape, seed=seed, dtype=torch.float32).to(w_dtype).to(out.dtype)
+    grads = torch.autograd.grad((out * w).sum(), leaves, allow_unused=True)
+    result = {"out": out.detach()}
+    for i, (g, x) in enumerate(zip(grads, leaves)):
+        result[f"grad{i}"] = torch.zeros_like(x) if g is None else g
+    return result
+
+
+def _compare(out, ref, args, kw, atol=1e-10):
+    a, b = _with_grads(out, args, kw), _with_grads(ref, args, kw)
+    assert torch.isfinite(a["out"]).all()
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def _map_shape(args):
+    q, k, _, _ = args
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values and gradients vs the reference, float64
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("kind,norm", [(None, "example"), ("at", "example"), ("rp", "row"), ("iat", "example")])
+def test_values_and_gradients_vs_reference(name, kind, norm):
+    args, kw = make_case(name)
+    extra = dict(perturbation=kind, norm=norm, eps=1.7)
+    if kind in ("at", "iat"):
+        extra["grad"] = _t(*_map_shape(args), seed=7)
+    if kind == "rp":
+        extra["noise"] = _t(*_map_shape(args), seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # iAT with a batch of one
+        out = fused_attn_at.perturbed_attention(*args, **kw, **extra, backend="triton")
+        ref = python_ref.perturbed_attention(*args, **kw, **extra)
+    _compare(out, ref, args, kw)
+
+
+def test_at_row_norm_and_query_mask():
+    args, kw = make_case("padding")
+    query_mask = torch.ones(2, 35, dtype=torch.bool)
+    query_mask[0, 30:] = False
+    extra = dict(perturbation="at", grad=_t(*_map_shape(args), seed=9), norm="row", eps=0.4, query_mask=query_mask)
+    out = fused_attn_at.perturbed_attention(*args, **kw, **extra, backend="triton")
+    _compare(out, python_ref.perturbed_attention(*args, **kw, **extra), args, kw)
+
+
+@pytest.mark.parametrize("name", ["padding", "cross_fullymasked_bias_inf", "b1_causal_pad_tq_gt_tk"])
+def test_rp_in_kernel_noise_equals_reference_fed_the_same_noise(name):
+    """RP without a noise tensor: the kernels generate standard normal numbers from a seed drawn from
+    `generator`; the reference given those numbers (rp_noise materialises them) gives the same values and
+    gradients."""
+    args, kw = make_case(name)
+    with tsa.launch_overrides(block_m=32, block_n=32):  # the in-kernel Philox is slow under the interpreter
+        out = fused_attn_at.perturbed_attention(*args, **kw, perturbation="rp", eps=0.9, backend="triton",
+                                                generator=torch.Generator().manual_seed(3))
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)).item())
+    noise = tsa.rp_noise(args[0].detach(), args[1].detach(), seed)
+    ref = python_ref.perturbed_attention(*args, **kw, perturbation="rp", eps=0.9, noise=noise)
+    with tsa.launch_overrides(block_m=32, block_n=32):
+        _compare(out, ref, args, kw)
+
+
+def test_rp_noise_is_standard_normal_and_seeded():
+    q, k = torch.zeros(2, 3, 50, 1), torch.zeros(2, 3, 200, 1)
+    z = tsa.rp_noise(q, k, 2**40 + 12345)
+    assert z.shape == (2, 3, 50, 200) and z.dtype == torch.float32
+    assert abs(z.mean().item()) < 0.02 and abs(z.std().item() - 1) < 0.02
+    assert abs((z.double() ** 4).mean().item() - 3) < 0.15  # Gaussian kurtosis
+    assert torch.equal(z, tsa.rp_noise(q, k, 2**40 + 12345))
+    assert not torch.equal(z, tsa.rp_noise(q, k, 2**40 + 12346))
+    args, _ = make_case("b1_causal_pad_tq_gt_tk")
+    with tsa.launch_overrides(block_m=32, block_n=32):
+        runs = [fused_attn_at.perturbed_attention(*args, perturbation="rp", backend="triton",
+                                                  generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AT through a CleanPassRecord: G recomputed block by block from the clean pass
+
+
+def _clean_then_adv(args, kw, backend, norm, clean_loss_w):
+    rec = fused_attn_at.CleanPassRecord()
+    clean = fused_attn_at.perturbed_attention(*args, **kw, record=rec, backend=backend)
+    leaves = _leaves(args, kw)
+    g_clean = torch.autograd.grad((clean * clean_loss_w).sum(), leaves)
+    rec.mark_backward_done()
+    adv = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec, eps=1.3, norm=norm,
+                                            backend=backend)
+    g_adv = torch.autograd.grad((adv * _t(*adv.shape, seed=50)).sum(), leaves)
+    return adv, [a + b for a, b in zip(g_clean, g_adv)], rec
+
+
+@pytest.mark.parametrize("name,norm", [("causal_bias", "example"), ("cross_fullymasked_bias_inf", "row"),
+                                       ("attn_mask_rows", "example")])
+def test_at_through_record_matches_reference(name, norm):
+    args, kw = make_case(name)
+    w = _t(*args[0].shape[:3], args[2].shape[3], seed=31)
+    adv1, g1, rec = _clean_then_adv(args, kw, "triton", norm, w)
+    adv2, g2, rec_ref = _clean_then_adv(args, kw, "reference", norm, w)
+    assert isinstance(rec.fused, tsa.TritonCleanPass) and rec.grad is None
+    torch.testing.assert_close(adv1, adv2, atol=1e-10, rtol=1e-9)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+    # the record materialises G for a consumer that wants the map, and feeds the reference
+    torch.testing.assert_close(rec.gradient(), rec_ref.gradient(), atol=1e-12, rtol=1e-10)
+    out = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec, norm=norm, backend="reference")
+    torch.testing.assert_close(out, fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec,
+                                                                      norm=norm, backend="triton"))
+
+
+def test_record_errors_and_zero_gradient():
+    args, kw = make_case("padding")
+    rec = fused_attn_at.CleanPassRecord()
+    fused_attn_at.perturbed_attention(*args, record=rec, backend="triton")
+    with pytest.raises(RuntimeError, match="no gradient has reached the clean scores"):
+        fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend="triton")
+    rec.mark_backward_done()  # the clean loss did not use this call: G = 0, r = 0
+    out = fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend="triton")
+    torch.testing.assert_close(out, fused_attn_at.perturbed_attention(*args, backend="triton"))
+    q, k, v, m = args
+    with pytest.raises(ValueError, match="CleanPassRecord holds a map of shape"):
+        fused_attn_at.perturbed_attention(q[:, :1], k[:, :1], v[:, :1], m, perturbation="at", grad=rec,
+                                          backend="triton")
+
+
+def test_at_record_path_allocates_no_map():
+    """Clean call with a record, its backward, the adversarial call and its backward: no torch op allocates or
+    reads a tensor of B*nh*Tq*Tk elements (the profiler sees every ATen op, the launchers' included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    B, nh, T, d = 1, 1, 256, 4  # (the interpreter copies each argument as bytes: q's 4 KiB read as 4096 numbers)
+    q, k, v = (_t(B, nh, T, d, seed=s, dtype=torch.float32, grad=True) for s in (1, 2, 3))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, T - 20:] = False
+    with tsa.launch_overrides(block_m=64, block_n=64), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        rec = fused_attn_at.CleanPassRecord()
+        out = fused_attn_at.perturbed_attention(q, k, v, mask, causal=True, record=rec, backend="triton")
+        out.sum().backward()
+        rec.mark_backward_done()
+        adv = fused_attn_at.perturbed_attention(q, k, v, mask, causal=True, perturbation="at", grad=rec,
+                                                backend="triton")
+        adv.square().sum().backward()
+    assert torch.isfinite(adv).all() and adv.shape == (B, nh, T, d)
+    map_numel = B * nh * T * T
+    events = prof.events()
+    allocated = max(e.self_cpu_memory_usage for e in events)
+    numel = max((math.prod(shape) for e in events for shape in (e.input_shapes or [])
+                 if isinstance(shape, list) and shape and all(isinstance(n, int) for n in shape)), default=0)
+    assert allocated < map_numel * 4 // 8, f"an op allocated {allocated} bytes (a map is {map_numel * 4})"
+    assert numel < map_numel // 8, f"an op read a tensor of {numel} elements (a map is {map_numel})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# float32 (the tolerance rule) and half precision (the ulp rule)
+
+
+def _run(backend_or_ref, args, kw, extra, w_dtype):
+    if backend_or_ref == "ref":
+        out = python_ref.perturbed_attention(*args, **kw, **extra)
+    else:
+        out = fused_attn_at.perturbed_attention(*args, **kw, **extra, backend="triton")
+    return _with_grads(out, args, kw, w_dtype=w_dtype)
+
+
+def _cast_case(args, kw, extra, dtype):
+    def cast(x):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x
+        return x.detach().to(dtype).requires_grad_(x.requires_grad)
+    return tuple(cast(x) for x in args), {n: cast(x) for n, x in kw.items()}, {n: cast(x) for n, x in extra.items()}
+
+
+@pytest.mark.parametrize("kind", [None, "at"])
+@pytest.mark.parametrize("dtype,low_p", [(torch.float32, 0), (torch.bfloat16, 1), (torch.float16, 1),
+                                         (torch.bfloat16, 0), (torch.float16, 0)])
+def test_low_precision_within_the_tolerance_rules(kind, dtype, low_p):
+    """float32: the tolerance rule. float16/bfloat16: the same rule with the reference run in that dtype (flash
+    attention's own criterion), with P and dS rounded to the dtype for their matmuls (low_p=1, the default:
+    tensor-core matmuls) or not (low_p=0: float32 matmuls from exact products); with low_p=0 the output also
+    meets the ulp rule element by element. (The gradients cannot: the backward reads the saved O, rounded to the
+    dtype, in rowsum(dO * O), as flash attention does: a row with one key gets dS = P (dO.v - dO.O) != 0.)"""
+    args, kw = make_case("causal_bias", dtype=torch.float32)
+    kw["bias"] = None  # the reference adds a low precision bias in that precision; the kernels in float32
+    extra = dict(perturbation=kind, eps=0.8)
+    if kind == "at":
+        extra["grad"] = _t(*_map_shape(args), seed=7, dtype=torch.float32)
+    low = _cast_case(args, kw, extra, dtype)  # the values every run starts from
+    with tsa.launch_overrides(low_p=low_p):
+        actual = _run("triton", *low, dtype)
+    ref64 = _run("ref", *_cast_case(*low, F64), dtype)
+    ref32 = _run("ref", *_cast_case(*low, torch.float32), dtype)
+    what = f"triton {dtype} low_p={low_p} kind={kind}"
+    assert_within_rule(actual, ref64, ref32 if dtype == torch.float32 else _run("ref", *low, dtype), atol=ATOL,
+                       what=what)
+    if dtype != torch.float32 and not low_p:
+        assert_within_ulp_rule({"out": actual["out"]}, {"out": ref64["out"]}, {"out": ref32["out"]}, dtype,
+                               what=what)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gradcheck (r held fixed), opcheck, torch.compile
+
+
+@pytest.mark.parametrize("kind", [None, "at", "rp_seed"])
+def test_gradcheck(kind):
+    B, nh, Tq, Tk, d = 1, 1, 5, 18, 3  # 18 keys: two key blocks
+    q, k, v = _t(B, nh, Tq, d, seed=1, grad=True), _t(B, nh, Tk, d, seed=2, grad=True), \
+        _t(B, nh, Tk, d, seed=3, grad=True)
+    key_mask = torch.ones(B, Tk, dtype=torch.bool)
+    key_mask[0, Tk - 3:] = False
+    attn_mask = torch.ones(1, 1, Tq, Tk, dtype=torch.bool)
+    attn_mask[..., 3, :] = False  # a fully masked row
+    bias = (_t(1, nh, Tq, Tk, seed=4) * 0.3).requires_grad_(True)
+    kw = dict(causal=True, attn_mask=attn_mask, eps=0.8)
+    if kind == "at":
+        kw.update(perturbation="at", grad=_t(B, nh, Tq, Tk, seed=5))
+
+    def f(q, k, v, bias):
+        extra = dict(perturbation="rp", generator=torch.Generator().manual_seed(11)) if kind == "rp_seed" else {}
+        return fused_attn_at.perturbed_attention(q, k, v, key_mask, **kw, bias=bias, **extra, backend="triton")
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias), atol=1e-7, fast_mode=True)
+
+
+def _op_args(kind, dtype=F64):
+    B, nh, Tq, Tk, d = 2, 1, 5, 7, 3
+    q, k, v = _t(B, nh, Tq, d, seed=1, dtype=dtype), _t(B, nh, Tk, d, seed=2, dtype=dtype), \
+        _t(B, nh, Tk, 4, seed=3, dtype=dtype)
+    key_mask = torch.ones(B, Tk, dtype=torch.bool)
+    key_mask[1, 5:] = False
+    bias = _t(1, nh, Tq, Tk, seed=4, dtype=dtype)
+    coef = _t(B, nh, Tq, seed=5, dtype=dtype).abs() if kind else None
+    dense = _t(B, nh, Tq, Tk, seed=6, dtype=dtype) if kind == 1 else None
+    clean = (None,) * 7
+    if kind == 3:
+        cout, clse = torch.ops.fused_attn_at_triton.sa_fwd(q, k, v, key_mask, bias, False, 0.5, 0, None, None, 0,
+                                                           *(None,) * 7)
+        clean = (q, k, v, cout, _t(B, nh, Tq, 4, seed=8, dtype=dtype), clse, bias)
+    return q, k, v, key_mask, bias, coef, dense, clean
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2, 3])
+def test_opcheck(kind):
+    ops = torch.ops.fused_attn_at_triton
+    q, k, v, key_mask, bias, coef, dense, clean = _op_args(kind)
+    for x in (q, k, v, bias):
+        x.requires_grad_(True)
+    torch.library.opcheck(ops.sa_fwd, (q, k, v, key_mask, bias, True, 0.5, kind, coef, dense, 1234, *clean),
+                          test_utils=OPCHECK_UTILS)
+    q, k, v, bias = (x.detach() for x in (q, k, v, bias))
+    out, lse = ops.sa_fwd(q, k, v, key_mask, bias, False, 0.5, kind, coef, dense, 9, *clean)
+    dout = _t(*out.shape, seed=12)
+    torch.library.opcheck(ops.sa_bwd, (dout, q, k, v, out, lse, key_mask, bias, False, 0.5, kind == 1, kind, coef,
+                                       dense, 9, *clean), test_utils=OPCHECK_UTILS)
+    if kind in (1, 2):
+        torch.library.opcheck(ops.sa_rowsq, (q, k, key_mask, bias, True, dense, 9), test_utils=OPCHECK_UTILS)
+    if kind == 2:
+        torch.library.opcheck(ops.sa_rp_noise, (q, k, 9), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("kind", [None, "at"])
+def test_compile_fullgraph_matches_eager(kind):
+    args, kw = make_case("causal_bias")
+    torch._dynamo.reset()
+    extra = {} if kind is None else dict(perturbation="at", grad=_t(2, 1, 33, 33, seed=5), norm="row")
+
+    def f(q, k, v, key_mask, bias):
+        return fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True, bias=bias, backend="triton",
+                                                 **extra)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager")
+    q, k, v, m = args
+    out = compiled(q, k, v, m, kw["bias"])
+    _compare(out, f(q, k, v, m, kw["bias"]), args, kw)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch, errors and what runs the reference
+
+
+def test_dispatch_and_default_backend(monkeypatch):
+    from fused_attn_at import self_attention as sa
+
+    monkeypatch.delenv("FUSED_ATTN_AT_BACKEND", raising=False)
+    assert "triton" in sa.SELF_ATTENTION_BACKENDS and "triton" not in sa._NOT_BUILT
+    assert sa.why_unavailable("triton", torch.device("cpu")) is None  # the interpreter is on
+    assert sa._backend_module("triton", torch.device("cpu")) is tsa
+    assert sa._backend_module(None, torch.device("cpu")) is not tsa  # CPU tensors: cpu (or the reference)
+    monkeypatch.setenv("FUSED_ATTN_AT_BACKEND", "triton")
+    assert sa._backend_module(None, torch.device("cpu")) is tsa
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "needs CUDA tensors" in sa.why_unavailable("triton", torch.device("cpu"))
+    monkeypatch.delenv("FUSED_ATTN_AT_BACKEND")
+    if not torch.cuda.is_available():  # CUDA tensors would default to triton: assert the choice without them
+        monkeypatch.setattr(sa, "why_unavailable", lambda backend, device: None)
+        assert sa._backend_module(None, torch.device("cuda")) is tsa
+
+
+def test_errors_and_what_runs_the_reference():
+    args, kw = make_case("padding")
+    q, k, v, m = args
+    bad = q.detach().clone()
+    bad[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"scores \(scale \* q k\^T \+ bias\) holds NaN or inf"):
+        fused_attn_at.perturbed_attention(bad, k, v, m, backend="triton")
+    padded_nan = k.detach().clone()
+    padded_nan[-1, :, -1] = math.nan  # a padded key: never part of a score
+    assert torch.isfinite(fused_attn_at.perturbed_attention(q, padded_nan, v, m, backend="triton")).all()
+    g = _t(2, 2, 35, 35, seed=1)
+    g[0, 0, 0, 0] = math.inf
+    with pytest.raises(ValueError, match="grad holds NaN or inf"):
+        fused_attn_at.perturbed_attention(q, k, v, m, perturbation="at", grad=g, backend="triton")
+    with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):  # iAT runs the reference, with its limit
+        fused_attn_at.perturbed_attention(q, k, v, m, perturbation="iat", grad=_t(2, 2, 35, 35), backend="triton",
+                                          iat_max_bytes=1000)
+    tsa._warned_dropout.clear()
+    with pytest.warns(RuntimeWarning, match="no fused attention dropout yet"):
+        out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.5, backend="triton")
+    assert out.shape == (2, 2, 35, 5)
+    res = fused_attn_at.perturbed_attention(q, k, v, m, return_attention=True, backend="triton")
+    assert res.attention.shape == (2, 2, 35, 35)
+    with pytest.raises(ValueError, match="backend must be None, 'cpu', 'triton' or 'reference'"):
+        fused_attn_at.perturbed_attention(q, k, v, backend="flash")
+    with pytest.raises(NotImplementedError, match="not built yet"):
+        fused_attn_at.perturbed_attention(q, k, v, backend="cuda")
