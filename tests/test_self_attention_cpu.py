@@ -154,6 +154,78 @@ def test_rp_hashed_noise_is_standard_normal_and_seeded():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# float32: the row kernels' AVX2 build (and the portable one) against the float64 reference
+
+
+def _to32(args, kw):
+    q, k, v, m = args
+    q32, k32, v32 = (x.detach().float().requires_grad_(True) for x in (q, k, v))
+    kw32 = dict(kw)
+    if kw.get("bias") is not None:
+        kw32["bias"] = kw["bias"].detach().float().requires_grad_(True)
+    return (q32, k32, v32, m), kw32
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("kind", [None, "at", "rp", "at_record"])
+def test_float32_matches_float64_reference(monkeypatch, isa, name, kind):
+    if isa == "default":
+        monkeypatch.setenv("FUSED_ATTN_AT_CPU_ISA", "default")
+    else:
+        monkeypatch.delenv("FUSED_ATTN_AT_CPU_ISA", raising=False)
+    args, kw = make_case(name)
+    args32, kw32 = _to32(args, kw)
+    w = _t(args[0].shape[0], args[0].shape[1], args[0].shape[2], args[2].shape[3], seed=31)
+    results = []
+    for a, k_, backend in ((args32, kw32, "cpu"), (args, kw, "reference")):
+        if kind == "at_record":
+            results.append(_clean_then_adv(a, k_, backend, "example", w.to(a[0].dtype)))
+            continue
+        extra = dict(perturbation=kind, eps=1.7)
+        if kind == "at":
+            extra["grad"] = _t(*_map_shape(args), seed=7).to(a[0].dtype)
+        if kind == "rp":
+            extra["noise"] = _t(*_map_shape(args), seed=8).to(a[0].dtype)
+        out = fused_attn_at.perturbed_attention(*a, **k_, **extra, backend=backend)
+        leaves = _leaves(a, k_)
+        grads = torch.autograd.grad((out * w.to(out.dtype)).sum(), leaves, allow_unused=True)
+        results.append((out, [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]))
+    (o32, g32), (o64, g64) = results
+    torch.testing.assert_close(o32.double(), o64, atol=2e-5, rtol=1e-4)
+    for a, b in zip(g32, g64):
+        torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_float32_strided_inputs_and_nan_check(monkeypatch, isa):
+    """q, k, v as heads split off a fused [B, T, 3, nh, d] projection (read in place, no copies) give what
+    contiguous inputs give; a NaN score is caught in float32 too."""
+    if isa == "default":
+        monkeypatch.setenv("FUSED_ATTN_AT_CPU_ISA", "default")
+    else:
+        monkeypatch.delenv("FUSED_ATTN_AT_CPU_ISA", raising=False)
+    B, T, nh, d = 2, 150, 3, 16
+    qkv = torch.randn(B, T, 3, nh, d, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 100:] = False
+    out = fused_attn_at.perturbed_attention(q, k, v, mask, backend="cpu")
+    qc, kc, vc = (x.detach().contiguous().requires_grad_(True) for x in (q, k, v))
+    ref = fused_attn_at.perturbed_attention(qc, kc, vc, mask, backend="cpu")
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    g = torch.autograd.grad((out * w).sum(), qkv)[0].permute(2, 0, 3, 1, 4)
+    gref = torch.autograd.grad((ref * w).sum(), (qc, kc, vc))
+    for a, b in zip(g, gref):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    bad = qc.detach().clone()
+    bad[1, 2, 140, 3] = math.nan  # a padded query row of example 1 still scores its allowed keys
+    with pytest.raises(ValueError, match=r"scores \(scale \* q k\^T \+ bias\) holds NaN or inf"):
+        fused_attn_at.perturbed_attention(bad, kc, vc, mask, backend="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------
 # AT through a CleanPassRecord: G recomputed block by block from the clean pass
 
 

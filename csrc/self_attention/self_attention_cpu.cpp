@@ -1,21 +1,28 @@
 // Multi-head (self-)attention with Attention AT / RP perturbations of the scores (SPEC "Self-attention"):
-// flash-style CPU kernels. Nothing of size [B, nh, Tq, Tk] is ever allocated: each (example, head) task walks
-// blocks of BQ queries x BK keys, computes the score block with a BLAS matmul (at::mm on [bq, d] x [d, bk]),
-// adds the bias and the perturbation block, and runs an online softmax (running max and sum); the forward saves
-// O and the log-sum-exp, the backward recomputes P blocks from them (flash-attention 2).
+// flash-style CPU kernels. Nothing of size [B, nh, Tq, Tk] is ever allocated: a task walks blocks of BQ queries x
+// BK keys of one (example, head), computes the score block with a BLAS gemm on raw pointers (the BLAS torch links:
+// sgemm_/dgemm_, else at::mm on views), adds the bias and the perturbation block, and runs an online softmax
+// (running max and sum); the forward saves O and the log-sum-exp, the backward recomputes P blocks from them
+// (flash-attention 2: dV += P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)), dQ += dS K, dK += dS^T Q, straight
+// into the outputs). The element-wise work on a block row (mask, bias, exp, dS) runs in row kernels
+// (self_attention_rows.h): an AVX2 + FMA build for float32 where the CPU has it, else a portable scalar one
+// (FUSED_ATTN_AT_CPU_ISA=default forces it, as for the attention_pool kernels). q, k, v, dout and the clean
+// pass's tensors are read in place when their last dim is contiguous (e.g. heads split off a fused qkv
+// projection by a permute): no copies.
 //
 // The perturbation r of a block is coef[b, h, i] * X[b, h, i, j] on the allowed entries, where coef (eps over the
 // norm, zero at padded queries) comes from the caller and X is, by `kind`:
 //   0 none; 1 a dense tensor [B, nh, Tq, Tk] read block by block (the user's G or noise: already O(T^2));
 //   2 standard normal noise regenerated from (seed, b, h, i, j) by a counter-based hash (RP without a map);
-//   3 G = dL_clean/dS of the clean pass, recomputed block by block from the clean pass's Q, K, V, O, dO, LSE and
-//     bias: G = P_c * (dO_c V_c^T - rowsum(dO_c * O_c)).
+//   3 G = dL_clean/dS of the clean pass, recomputed block by block from the clean pass's Q, K, V, dO, LSE, bias
+//     and either O or rowsum(dO * O): G = P_c * (dO_c V_c^T - rowsum(dO_c * O_c)).
 // The backward also returns the squared norm of dS per (b, h, query row): for a clean pass this is what the
 // AT perturbation's normalisation needs, so the adversarial pass never materialises G.
 //
 // Ops (schemas below, TORCH_LIBRARY_FRAGMENT: the attention_pool ops live in csrc/ops.cpp):
 //   sa_fwd(q, k, v, key_mask?, bias?, causal, scale, kind, coef?, dense?, seed, cq?, ck?, cv?, co?, cdo?, clse?,
 //          cbias?) -> (out [B, nh, Tq, dv], lse [B, nh, Tq])       lse = +inf on rows with no allowed key
+//          co: the clean O [B, nh, Tq, dv], or rowsum(dO_c * O_c) [B, nh, Tq] (what G needs of O)
 //   sa_bwd(dout, q, k, v, out, lse, key_mask?, bias?, causal, scale, bias_grad, <perturbation args as sa_fwd>)
 //          -> (dq, dk, dv, dbias (bias's shape, or [0]), gsq [B, nh, Tq] = sum_j dS^2)
 //   sa_rowsq(q, k, key_mask?, bias?, causal, dense?, seed) -> [B, nh, Tq]: sum over allowed j of X^2 (X = dense,
@@ -29,15 +36,35 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "../cpu/isa.h"
+#include "self_attention_rows.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FAA_SA_WEAK_BLAS 1
+// The Fortran BLAS torch links (MKL or OpenBLAS export them from libtorch_cpu); weak: at::mm where absent.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+#else
+#define FAA_SA_WEAK_BLAS 0
+#endif
 
 namespace fused_attn_at {
 namespace self_attention {
 namespace {
 
 constexpr int64_t KIND_NONE = 0, KIND_DENSE = 1, KIND_HASH = 2, KIND_CLEAN = 3;
-constexpr int64_t BQ = 64, BK = 128;
+constexpr int64_t BQ = 64, BK = 512;
 
 inline uint64_t splitmix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ULL;
@@ -67,10 +94,76 @@ Strides4 broadcast_strides(const at::Tensor& x) {
   return s;
 }
 
-// Everything a task needs, as tensors (for the block matmuls) and pointers (for the element loops).
+// ---------------------------------------------------------------------------------------------------------
+// block matrix products on raw row-major pointers
+
+// C [M, N] (row stride ldc) = alpha * op(A) op(B) + beta * C; op(A) is [M, K]: A is stored [M, K] (row stride lda),
+// or [K, M] when ta; likewise B [K, N], or [N, K] when tb. beta = 0 ignores what C held.
+template <typename T>
+void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+             int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+    return;
+  }
+#if FAA_SA_WEAK_BLAS
+  // column-major BLAS: C^T [N, M] = op(B)^T op(A)^T, and a row-major X is the column-major X^T
+  const char ca = tb ? 'T' : 'N', cb = ta ? 'T' : 'N';
+  const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) return sgemm_(&ca, &cb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  } else {
+    if (dgemm_ != nullptr) return dgemm_(&ca, &cb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  }
+#endif
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor a = ta ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
+                          : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
+  const at::Tensor b = tb ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
+                          : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (beta == T(0)) c.copy_(at::mm(a, b).mul_(alpha));
+  else c.addmm_(a, b, beta, alpha);
+}
+
+// A [B, nh, T, d] tensor read in place: row (b, h, t) starts at p + b * sb + h * sh + t * ld, its d elements
+// contiguous.
+template <typename T> struct Rows {
+  const T* p = nullptr;
+  int64_t sb = 0, sh = 0, ld = 0;
+  const T* at(int64_t b, int64_t h, int64_t t = 0) const { return p + b * sb + h * sh + t * ld; }
+};
+
+// x itself when its rows can be read in place by a gemm (last dim contiguous, row stride >= d), else a copy.
+at::Tensor rowmajor(const at::Tensor& x) {
+  const bool last = x.size(3) <= 1 || x.stride(3) == 1;
+  const bool rows = x.size(2) <= 1 || x.stride(2) >= x.size(3);
+  return last && rows ? x : x.contiguous();
+}
+
+template <typename T> Rows<T> rows_of(const at::Tensor& x) {
+  Rows<T> r;
+  r.p = x.data_ptr<T>();
+  r.sb = x.stride(0), r.sh = x.stride(1);
+  r.ld = x.size(2) > 1 ? x.stride(2) : std::max<int64_t>(1, x.size(3));
+  return r;
+}
+
+template <typename T> const RowOps<T>& row_ops() {
+  if constexpr (std::is_same_v<T, float>) {
+    const RowOps<float>* avx2 = avx2_row_ops();
+    if (avx2 != nullptr && std::strcmp(cpu::selected_isa_name(), "avx2") == 0) return *avx2;
+  }
+  return portable_row_ops<T>();
+}
+
+// Everything a task needs.
 template <typename T> struct Problem {
   int64_t B, H, Tq, Tk, D, Dv;
-  at::Tensor q, k, v;  // contiguous
+  Rows<T> q, k, v;
   const bool* km = nullptr;  // [B, Tk]
   const T* bias = nullptr;
   Strides4 bs;
@@ -81,101 +174,112 @@ template <typename T> struct Problem {
   const T* dense = nullptr;
   Strides4 ds;
   uint64_t key = 0;
-  at::Tensor cq, ck, cv;  // kind 3, contiguous
-  const T *co = nullptr, *cdo = nullptr, *clse = nullptr, *cbias = nullptr;
+  Rows<T> cq, ck, cv, cdo;  // kind 3
+  const T *co = nullptr, *cdelta = nullptr, *clse = nullptr, *cbias = nullptr;  // co [B,H,Tq,Dv] or cdelta [B,H,Tq]
   Strides4 cbs;
+  const RowOps<T>* ops = nullptr;
 };
 
-// S [bq, bk] = scale * Qb Kb^T + bias, -inf where the entry is not allowed (padding key, causal, bias -inf).
-template <typename T>
-at::Tensor score_block(const at::Tensor& Qb, const at::Tensor& Kb, const T* bias_bh, const Strides4& bs,
-                       const bool* km_b, bool causal, T scale, int64_t i0, int64_t j0, bool check = false) {
-  at::Tensor S = at::mm(Qb, Kb.t());
-  const int64_t bq = S.size(0), bk = S.size(1);
-  T* s = S.data_ptr<T>();
-  const T ninf = -std::numeric_limits<T>::infinity();
-  for (int64_t ii = 0; ii < bq; ++ii) {
-    const int64_t i = i0 + ii;
-    T* row = s + ii * bk;
-    const T* brow = bias_bh ? bias_bh + i * bs.s2 : nullptr;
-    for (int64_t jj = 0; jj < bk; ++jj) {
-      const int64_t j = j0 + jj;
-      T x = row[jj] * scale;
-      bool ok = (km_b == nullptr || km_b[j]) && (!causal || j <= i);
-      if (brow) {
-        const T bv = brow[j * bs.s3];
-        ok = ok && bv != ninf;
-        x += bv;
-      }
-      if (check && ok)
-        TORCH_CHECK_VALUE(std::isfinite(x), "scores (scale * q k^T + bias) holds NaN or inf at unmasked entries; "
-                          "expected finite values");
-      row[jj] = ok ? x : ninf;
-    }
+// Per-thread buffers of a task.
+template <typename T> struct Scratch {
+  std::vector<T> s, p2, c1, c2, brow, kmadd, acc, m, l, d1, d2;
+  Scratch(const Problem<T>& p, int64_t bk_max) {
+    s.resize(BQ * bk_max), p2.resize(BQ * bk_max), brow.resize(bk_max), kmadd.resize(p.Tk);
+    if (p.kind == KIND_CLEAN) c1.resize(BQ * bk_max), c2.resize(BQ * bk_max);
+    acc.resize(BQ * std::max(p.Dv, p.D)), m.resize(BQ), l.resize(BQ), d1.resize(BQ), d2.resize(BQ);
   }
-  return S;
+};
+
+// The key mask of example b as an additive row (0 = key, -inf = padding), or nullptr without a mask.
+template <typename T> const T* key_row(const Problem<T>& p, Scratch<T>& w, int64_t b) {
+  if (p.km == nullptr) return nullptr;
+  const bool* km = p.km + b * p.Tk;
+  for (int64_t j = 0; j < p.Tk; ++j) w.kmadd[j] = km[j] ? T(0) : -std::numeric_limits<T>::infinity();
+  return w.kmadd.data();
 }
 
-template <typename T> std::vector<T> clean_rowdot(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t bq) {
-  std::vector<T> Dc(bq, T(0));
+// Row i, keys [j0, j0 + bk) of a bias map (b, h already applied), contiguous (gathered when it is not).
+template <typename T> const T* bias_row(const T* bias_bh, const Strides4& s, int64_t i, int64_t j0, int64_t bk,
+                                        std::vector<T>& buf) {
+  if (bias_bh == nullptr) return nullptr;
+  const T* row = bias_bh + i * s.s2 + j0 * s.s3;
+  if (s.s3 == 1) return row;
+  for (int64_t jj = 0; jj < bk; ++jj) buf[jj] = row[jj * s.s3];
+  return buf.data();
+}
+
+// S [bq, bk] (row stride bk) = scale * Q_rows K_rows^T + bias, -inf where the entry is not allowed. With check,
+// an allowed entry that is not finite is an error.
+template <typename T>
+void score_block(const Problem<T>& p, Scratch<T>& w, T* S, const Rows<T>& Q, const Rows<T>& K, const T* bias,
+                 const Strides4& bs, const T* kmadd, int64_t b, int64_t h, int64_t i0, int64_t bq, int64_t j0,
+                 int64_t bk, bool check) {
+  gemm_rm<T>(false, true, bq, bk, p.D, p.scale, Q.at(b, h, i0), Q.ld, K.at(b, h, j0), K.ld, T(0), S, bk);
+  const T* bias_bh = bias ? bias + b * bs.s0 + h * bs.s1 : nullptr;
+  const T* km = kmadd ? kmadd + j0 : nullptr;
   for (int64_t ii = 0; ii < bq; ++ii) {
-    const int64_t off = ((b * p.H + h) * p.Tq + i0 + ii) * p.Dv;
+    const int64_t lim = p.causal ? i0 + ii - j0 + 1 : bk;
+    const bool bad = p.ops->prep(S + ii * bk, bk, bias_row(bias_bh, bs, i0 + ii, j0, bk, w.brow), km, lim);
+    if (check && bad)
+      TORCH_CHECK_VALUE(false, "scores (scale * q k^T + bias) holds NaN or inf at unmasked entries; "
+                        "expected finite values");
+  }
+}
+
+// Dc[ii] = rowsum(dO_c * O_c) of the clean pass for the rows i0 .. i0 + bq.
+template <typename T> void clean_rowdot(const Problem<T>& p, int64_t b, int64_t h, int64_t i0, int64_t bq, T* Dc) {
+  const int64_t bh = b * p.H + h;
+  for (int64_t ii = 0; ii < bq; ++ii) {
+    if (p.cdelta != nullptr) {
+      Dc[ii] = p.cdelta[bh * p.Tq + i0 + ii];
+      continue;
+    }
+    const T* o = p.co + (bh * p.Tq + i0 + ii) * p.Dv;
+    const T* d = p.cdo.at(b, h, i0 + ii);
     T acc = 0;
-    for (int64_t c = 0; c < p.Dv; ++c) acc += p.cdo[off + c] * p.co[off + c];
+    for (int64_t c = 0; c < p.Dv; ++c) acc += d[c] * o[c];
     Dc[ii] = acc;
   }
-  return Dc;
 }
 
 // Adds r = coef * X to the allowed entries of the score block S [bq, bk] of (b, h, i0, j0).
 template <typename T>
-void add_perturbation(const Problem<T>& p, at::Tensor& S, int64_t b, int64_t h, int64_t i0, int64_t j0,
-                      const std::vector<T>& Dc) {
+void add_perturbation(const Problem<T>& p, Scratch<T>& w, T* S, const T* kmadd, int64_t b, int64_t h, int64_t i0,
+                      int64_t bq, int64_t j0, int64_t bk, const T* Dc) {
   if (p.kind == KIND_NONE) return;
-  const int64_t bq = S.size(0), bk = S.size(1);
-  T* s = S.data_ptr<T>();
   const T ninf = -std::numeric_limits<T>::infinity();
   const T* coef = p.coef + (b * p.H + h) * p.Tq + i0;
-  at::Tensor G;
-  const T* g = nullptr;
   if (p.kind == KIND_CLEAN) {
     bool any = false;
     for (int64_t ii = 0; ii < bq && !any; ++ii) any = coef[ii] != T(0);
     if (!any) return;
-    const at::Tensor cQb = p.cq.select(0, b).select(0, h).narrow(0, i0, bq);
-    const at::Tensor cKb = p.ck.select(0, b).select(0, h).narrow(0, j0, bk);
-    const at::Tensor cVb = p.cv.select(0, b).select(0, h).narrow(0, j0, bk);
-    const T* cbias_bh = p.cbias ? p.cbias + b * p.cbs.s0 + h * p.cbs.s1 : nullptr;
-    at::Tensor Sc = score_block<T>(cQb, cKb, cbias_bh, p.cbs, p.km ? p.km + b * p.Tk : nullptr, p.causal, p.scale, i0, j0);
-    const int64_t off = ((b * p.H + h) * p.Tq + i0) * p.Dv;
-    const at::Tensor cdOb = at::from_blob(const_cast<T*>(p.cdo + off), {bq, p.Dv}, S.options());
-    G = at::mm(cdOb, cVb.t());
-    T* gp = G.data_ptr<T>();
-    const T* sc = Sc.data_ptr<T>();
+    T* Pc = w.c1.data();
+    T* G = w.c2.data();
+    score_block(p, w, Pc, p.cq, p.ck, p.cbias, p.cbs, kmadd, b, h, i0, bq, j0, bk, false);
     const T* clse = p.clse + (b * p.H + h) * p.Tq + i0;
-    for (int64_t ii = 0; ii < bq; ++ii)
-      for (int64_t jj = 0; jj < bk; ++jj) {
-        const T x = sc[ii * bk + jj];
-        const T pc = x == ninf ? T(0) : std::exp(x - clse[ii]);
-        gp[ii * bk + jj] = pc * (gp[ii * bk + jj] - Dc[ii]);
-      }
-    g = gp;
+    gemm_rm<T>(false, true, bq, bk, p.Dv, T(1), p.cdo.at(b, h, i0), p.cdo.ld, p.cv.at(b, h, j0), p.cv.ld, T(0), G,
+               bk);
+    for (int64_t ii = 0; ii < bq; ++ii) {
+      if (coef[ii] == T(0)) continue;
+      p.ops->exp_sum(Pc + ii * bk, bk, clse[ii]);
+      p.ops->ds(Pc + ii * bk, G + ii * bk, bk, Dc[ii]);
+      p.ops->axpy_allowed(S + ii * bk, G + ii * bk, bk, coef[ii]);
+    }
+    return;
   }
   for (int64_t ii = 0; ii < bq; ++ii) {
     const T c = coef[ii];
     if (c == T(0)) continue;
     const int64_t i = i0 + ii;
-    T* row = s + ii * bk;
+    T* row = S + ii * bk;
     for (int64_t jj = 0; jj < bk; ++jj) {
       if (row[jj] == ninf) continue;
       const int64_t j = j0 + jj;
       T x;
       if (p.kind == KIND_DENSE) {
         x = p.dense[b * p.ds.s0 + h * p.ds.s1 + i * p.ds.s2 + j * p.ds.s3];
-      } else if (p.kind == KIND_HASH) {
-        x = static_cast<T>(hash_normal(p.key, static_cast<uint64_t>(((b * p.H + h) * p.Tq + i) * p.Tk + j)));
       } else {
-        x = g[ii * bk + jj];
+        x = static_cast<T>(hash_normal(p.key, static_cast<uint64_t>(((b * p.H + h) * p.Tq + i) * p.Tk + j)));
       }
       row[jj] += c * x;
     }
@@ -186,6 +290,7 @@ template <typename T> const T* opt_ptr(const std::optional<at::Tensor>& x) {
   return x.has_value() ? x->data_ptr<T>() : nullptr;
 }
 
+// q, k, v, cq, ck, cv, cdo: as rowmajor() made them; the rest contiguous.
 template <typename T>
 Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& key_mask, const std::optional<at::Tensor>& bias, bool causal,
@@ -196,7 +301,7 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const std::optional<at::Tensor>& clse, const std::optional<at::Tensor>& cbias) {
   Problem<T> p;
   p.B = q.size(0), p.H = q.size(1), p.Tq = q.size(2), p.D = q.size(3), p.Tk = k.size(2), p.Dv = v.size(3);
-  p.q = q, p.k = k, p.v = v;
+  p.q = rows_of<T>(q), p.k = rows_of<T>(k), p.v = rows_of<T>(v);
   p.km = key_mask.has_value() ? key_mask->data_ptr<bool>() : nullptr;
   if (bias.has_value()) p.bias = bias->data_ptr<T>(), p.bs = broadcast_strides(*bias);
   p.causal = causal;
@@ -206,10 +311,13 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
   if (kind == KIND_DENSE) p.dense = dense->data_ptr<T>(), p.ds = broadcast_strides(*dense);
   p.key = splitmix64(static_cast<uint64_t>(seed));
   if (kind == KIND_CLEAN) {
-    p.cq = *cq, p.ck = *ck, p.cv = *cv;
-    p.co = co->data_ptr<T>(), p.cdo = cdo->data_ptr<T>(), p.clse = clse->data_ptr<T>();
+    p.cq = rows_of<T>(*cq), p.ck = rows_of<T>(*ck), p.cv = rows_of<T>(*cv), p.cdo = rows_of<T>(*cdo);
+    if (co->dim() == 3) p.cdelta = co->data_ptr<T>();
+    else p.co = co->data_ptr<T>();
+    p.clse = clse->data_ptr<T>();
     if (cbias.has_value()) p.cbias = cbias->data_ptr<T>(), p.cbs = broadcast_strides(*cbias);
   }
+  p.ops = &row_ops<T>();
   return p;
 }
 
@@ -280,7 +388,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     check_same("cq", *cq, q), check_shape("cq", *cq, q.sizes());
     check_same("ck", *ck, q), check_shape("ck", *ck, k.sizes());
     check_same("cv", *cv, q), check_shape("cv", *cv, v.sizes());
-    check_same("co", *co, q), check_shape("co", *co, {B, H, Tq, v.size(3)});
+    check_same("co", *co, q);
+    if (co->dim() == 3) check_shape("co (rowsum(dO * O))", *co, {B, H, Tq});
+    else check_shape("co", *co, {B, H, Tq, v.size(3)});
     check_same("cdo", *cdo, q), check_shape("cdo", *cdo, {B, H, Tq, v.size(3)});
     check_same("clse", *clse, q), check_shape("clse", *clse, {B, H, Tq});
     if (cbias.has_value()) check_map("cbias", *cbias, q, Tk, true);
@@ -291,61 +401,53 @@ std::optional<at::Tensor> contig(const std::optional<at::Tensor>& x) {
   return x.has_value() ? std::optional<at::Tensor>(x->contiguous()) : std::nullopt;
 }
 
+std::optional<at::Tensor> rows_opt(const std::optional<at::Tensor>& x) {
+  return x.has_value() ? std::optional<at::Tensor>(rowmajor(*x)) : std::nullopt;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // forward
 
-template <typename T> void forward_task(const Problem<T>& p, int64_t b, int64_t h, T* out, T* lse) {
+// Queries [i0, i0 + bq) of (b, h): O rows and log-sum-exp.
+template <typename T>
+void forward_block(const Problem<T>& p, Scratch<T>& w, const T* kmadd, int64_t b, int64_t h, int64_t i0, T* out,
+                   T* lse) {
   const T ninf = -std::numeric_limits<T>::infinity();
-  const at::Tensor Qbh = p.q.select(0, b).select(0, h), Kbh = p.k.select(0, b).select(0, h),
-                   Vbh = p.v.select(0, b).select(0, h);
-  const T* bias_bh = p.bias ? p.bias + b * p.bs.s0 + h * p.bs.s1 : nullptr;
-  const bool* km_b = p.km ? p.km + b * p.Tk : nullptr;
-  for (int64_t i0 = 0; i0 < p.Tq; i0 += BQ) {
-    const int64_t bq = std::min(BQ, p.Tq - i0);
-    const at::Tensor Qb = Qbh.narrow(0, i0, bq);
-    std::vector<T> m(bq, ninf), l(bq, T(0));
-    at::Tensor acc = at::zeros({bq, p.Dv}, p.q.options());
-    T* a = acc.data_ptr<T>();
-    const std::vector<T> Dc = p.kind == KIND_CLEAN ? clean_rowdot(p, b, h, i0, bq) : std::vector<T>();
-    const int64_t jend = p.causal ? std::min(p.Tk, i0 + bq) : p.Tk;
-    for (int64_t j0 = 0; j0 < jend; j0 += BK) {
-      const int64_t bk = std::min(BK, jend - j0);
-      at::Tensor S = score_block<T>(Qb, Kbh.narrow(0, j0, bk), bias_bh, p.bs, km_b, p.causal, p.scale, i0, j0,
-                                     /*check=*/true);
-      add_perturbation(p, S, b, h, i0, j0, Dc);
-      T* s = S.data_ptr<T>();
-      for (int64_t ii = 0; ii < bq; ++ii) {
-        T* row = s + ii * bk;
-        T mx = ninf;
-        for (int64_t jj = 0; jj < bk; ++jj) mx = std::max(mx, row[jj]);
-        const T mnew = std::max(m[ii], mx);
-        if (mnew == ninf) {  // nothing allowed in this row so far
-          for (int64_t jj = 0; jj < bk; ++jj) row[jj] = T(0);
-          continue;
-        }
-        T sum = 0;
-        for (int64_t jj = 0; jj < bk; ++jj) {
-          const T e = row[jj] == ninf ? T(0) : std::exp(row[jj] - mnew);
-          row[jj] = e;
-          sum += e;
-        }
-        if (m[ii] != mnew) {
-          const T alpha = m[ii] == ninf ? T(0) : std::exp(m[ii] - mnew);
-          l[ii] *= alpha;
-          for (int64_t c = 0; c < p.Dv; ++c) a[ii * p.Dv + c] *= alpha;
-        }
-        l[ii] += sum;
-        m[ii] = mnew;
-      }
-      acc.addmm_(S, Vbh.narrow(0, j0, bk));
-    }
+  const int64_t bq = std::min(BQ, p.Tq - i0), Dv = p.Dv;
+  T *m = w.m.data(), *l = w.l.data(), *a = w.acc.data(), *S = w.s.data(), *Dc = w.d2.data();
+  std::fill(m, m + bq, ninf);
+  std::fill(l, l + bq, T(0));
+  std::fill(a, a + bq * Dv, T(0));
+  if (p.kind == KIND_CLEAN) clean_rowdot(p, b, h, i0, bq, Dc);
+  const int64_t jend = p.causal ? std::min(p.Tk, i0 + bq) : p.Tk;
+  for (int64_t j0 = 0; j0 < jend; j0 += BK) {
+    const int64_t bk = std::min(BK, jend - j0);
+    score_block(p, w, S, p.q, p.k, p.bias, p.bs, kmadd, b, h, i0, bq, j0, bk, /*check=*/true);
+    add_perturbation(p, w, S, kmadd, b, h, i0, bq, j0, bk, Dc);
     for (int64_t ii = 0; ii < bq; ++ii) {
-      const int64_t i = i0 + ii;
-      T* o = out + ((b * p.H + h) * p.Tq + i) * p.Dv;
-      const T inv = l[ii] > T(0) ? T(1) / l[ii] : T(0);
-      for (int64_t c = 0; c < p.Dv; ++c) o[c] = a[ii * p.Dv + c] * inv;
-      lse[(b * p.H + h) * p.Tq + i] = l[ii] > T(0) ? m[ii] + std::log(l[ii]) : std::numeric_limits<T>::infinity();
+      T* row = S + ii * bk;
+      const T mnew = std::max(m[ii], p.ops->rowmax(row, bk));
+      if (mnew == ninf) {  // nothing allowed in this row so far
+        std::fill(row, row + bk, T(0));
+        continue;
+      }
+      const T sum = p.ops->exp_sum(row, bk, mnew);
+      if (m[ii] != mnew) {
+        const T alpha = m[ii] == ninf ? T(0) : std::exp(m[ii] - mnew);
+        l[ii] *= alpha;
+        for (int64_t c = 0; c < Dv; ++c) a[ii * Dv + c] *= alpha;
+      }
+      l[ii] += sum;
+      m[ii] = mnew;
     }
+    gemm_rm<T>(false, false, bq, Dv, bk, T(1), S, bk, p.v.at(b, h, j0), p.v.ld, T(1), a, Dv);
+  }
+  for (int64_t ii = 0; ii < bq; ++ii) {
+    const int64_t i = i0 + ii;
+    T* o = out + ((b * p.H + h) * p.Tq + i) * Dv;
+    const T inv = l[ii] > T(0) ? T(1) / l[ii] : T(0);
+    for (int64_t c = 0; c < Dv; ++c) o[c] = a[ii * Dv + c] * inv;
+    lse[(b * p.H + h) * p.Tq + i] = l[ii] > T(0) ? m[ii] + std::log(l[ii]) : std::numeric_limits<T>::infinity();
   }
 }
 
@@ -363,20 +465,29 @@ std::tuple<at::Tensor, at::Tensor> sa_fwd_cpu(
     const std::optional<at::Tensor>& clse_, const std::optional<at::Tensor>& cbias) {
   check_inputs(q_, k_, v_, key_mask_, bias, scale, kind, coef_, dense, cq_, ck_, cv_, co_, cdo_, clse_, cbias);
   at::AutoDispatchBelowADInplaceOrView guard;
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const auto key_mask = contig(key_mask_), coef = contig(coef_), cq = contig(cq_), ck = contig(ck_),
-             cv = contig(cv_), co = contig(co_), cdo = contig(cdo_), clse = contig(clse_);
+  const at::Tensor q = rowmajor(q_), k = rowmajor(k_), v = rowmajor(v_);
+  const auto key_mask = contig(key_mask_), coef = contig(coef_), cq = rows_opt(cq_), ck = rows_opt(ck_),
+             cv = rows_opt(cv_), co = contig(co_), cdo = rows_opt(cdo_), clse = contig(clse_);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), Dv = v.size(3);
   at::Tensor out = at::empty({B, H, Tq, Dv}, q.options());
   at::Tensor lse = at::empty({B, H, Tq}, q.options());
+  const int64_t nqb = (Tq + BQ - 1) / BQ;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sa_fwd_cpu", [&] {
     const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, key_mask, bias, causal, scale, kind, coef, dense,
                                                        seed, cq, ck, cv, co, cdo, clse, cbias);
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* l = lse.data_ptr<scalar_t>();
-    at::parallel_for(0, B * H, grain_for(Tq, Tk, q.size(3)), [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, grain_for(std::min(BQ, Tq), Tk, q.size(3)));
+    at::parallel_for(0, B * H * nqb, grain, [&](int64_t begin, int64_t end) {
       at::AutoDispatchBelowADInplaceOrView inner;
-      for (int64_t t = begin; t < end; ++t) forward_task(p, t / H, t % H, o, l);
+      Scratch<scalar_t> w(p, std::max<int64_t>(1, std::min(BK, Tk)));
+      int64_t last_b = -1;
+      const scalar_t* kmadd = nullptr;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / nqb, b = bh / H, h = bh % H;
+        if (b != last_b) kmadd = key_row(p, w, b), last_b = b;
+        forward_block(p, w, kmadd, b, h, (t % nqb) * BQ, o, l);
+      }
     });
   });
   return {out, lse};
@@ -386,61 +497,49 @@ std::tuple<at::Tensor, at::Tensor> sa_fwd_cpu(
 // backward
 
 template <typename T>
-void backward_task(const Problem<T>& p, int64_t b, int64_t h, const T* dout, const at::Tensor& dO_t, const T* out,
-                   const T* lse, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, T* dbias, const Strides4& dbs,
-                   T* gsq) {
-  const T ninf = -std::numeric_limits<T>::infinity();
-  const at::Tensor Qbh = p.q.select(0, b).select(0, h), Kbh = p.k.select(0, b).select(0, h),
-                   Vbh = p.v.select(0, b).select(0, h), dOh = dO_t.select(0, b).select(0, h);
-  at::Tensor dQh = dq.select(0, b).select(0, h), dKh = dk.select(0, b).select(0, h), dVh = dv.select(0, b).select(0, h);
-  const T* bias_bh = p.bias ? p.bias + b * p.bs.s0 + h * p.bs.s1 : nullptr;
+void backward_task(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t h, const Rows<T>& dO, const T* out,
+                   const T* lse, T* dq, T* dk, T* dv, T* dbias, const Strides4& dbs, T* gsq) {
+  const int64_t bh = b * p.H + h, D = p.D, Dv = p.Dv;
+  T* dQh = dq + bh * p.Tq * D;
+  T* dKh = dk + bh * p.Tk * D;
+  T* dVh = dv + bh * p.Tk * Dv;
   T* dbias_bh = dbias ? dbias + b * dbs.s0 + h * dbs.s1 : nullptr;
-  const bool* km_b = p.km ? p.km + b * p.Tk : nullptr;
-  const int64_t bh = b * p.H + h;
+  const T* kmadd = key_row(p, w, b);
+  T *S = w.s.data(), *dP = w.p2.data(), *Dr = w.d1.data(), *Dc = w.d2.data();
   for (int64_t i0 = 0; i0 < p.Tq; i0 += BQ) {
     const int64_t bq = std::min(BQ, p.Tq - i0);
-    const at::Tensor Qb = Qbh.narrow(0, i0, bq), dOb = dOh.narrow(0, i0, bq);
-    std::vector<T> Dr(bq, T(0));
     for (int64_t ii = 0; ii < bq; ++ii) {
-      const int64_t off = (bh * p.Tq + i0 + ii) * p.Dv;
+      const T* o = out + (bh * p.Tq + i0 + ii) * Dv;
+      const T* d = dO.at(b, h, i0 + ii);
       T acc = 0;
-      for (int64_t c = 0; c < p.Dv; ++c) acc += dout[off + c] * out[off + c];
+      for (int64_t c = 0; c < Dv; ++c) acc += d[c] * o[c];
       Dr[ii] = acc;
     }
-    const std::vector<T> Dc = p.kind == KIND_CLEAN ? clean_rowdot(p, b, h, i0, bq) : std::vector<T>();
+    if (p.kind == KIND_CLEAN) clean_rowdot(p, b, h, i0, bq, Dc);
     const T* lrow = lse + bh * p.Tq + i0;
     T* grow = gsq + bh * p.Tq + i0;
-    at::Tensor dQacc = at::zeros({bq, p.D}, p.q.options());
+    const T* dOb = dO.at(b, h, i0);
     const int64_t jend = p.causal ? std::min(p.Tk, i0 + bq) : p.Tk;
     for (int64_t j0 = 0; j0 < jend; j0 += BK) {
       const int64_t bk = std::min(BK, jend - j0);
-      const at::Tensor Kb = Kbh.narrow(0, j0, bk), Vb = Vbh.narrow(0, j0, bk);
-      at::Tensor S = score_block<T>(Qb, Kb, bias_bh, p.bs, km_b, p.causal, p.scale, i0, j0);
-      add_perturbation(p, S, b, h, i0, j0, Dc);
-      T* s = S.data_ptr<T>();
-      for (int64_t ii = 0; ii < bq; ++ii)
-        for (int64_t jj = 0; jj < bk; ++jj) {
-          T& x = s[ii * bk + jj];
-          x = x == ninf ? T(0) : std::exp(x - lrow[ii]);
-        }
-      dVh.narrow(0, j0, bk).addmm_(S.t(), dOb);
-      at::Tensor dP = at::mm(dOb, Vb.t());
-      T* dp = dP.data_ptr<T>();
+      score_block(p, w, S, p.q, p.k, p.bias, p.bs, kmadd, b, h, i0, bq, j0, bk, false);
+      add_perturbation(p, w, S, kmadd, b, h, i0, bq, j0, bk, Dc);
+      for (int64_t ii = 0; ii < bq; ++ii) p.ops->exp_sum(S + ii * bk, bk, lrow[ii]);
+      // dV += P^T dO
+      gemm_rm<T>(true, false, bk, Dv, bq, T(1), S, bk, dOb, dO.ld, T(1), dVh + j0 * Dv, Dv);
+      // dP = dO V^T, then dS = P (dP - rowsum(dO O)) in place
+      gemm_rm<T>(false, true, bq, bk, Dv, T(1), dOb, dO.ld, p.v.at(b, h, j0), p.v.ld, T(0), dP, bk);
       for (int64_t ii = 0; ii < bq; ++ii) {
-        T sq = 0;
-        T* db = dbias_bh ? dbias_bh + (i0 + ii) * dbs.s2 : nullptr;
-        for (int64_t jj = 0; jj < bk; ++jj) {
-          const T g = s[ii * bk + jj] * (dp[ii * bk + jj] - Dr[ii]);
-          dp[ii * bk + jj] = g;
-          sq += g * g;
-          if (db) db[(j0 + jj) * dbs.s3] += g;
+        grow[ii] += p.ops->ds(S + ii * bk, dP + ii * bk, bk, Dr[ii]);
+        if (dbias_bh) {
+          T* db = dbias_bh + (i0 + ii) * dbs.s2;
+          for (int64_t jj = 0; jj < bk; ++jj) db[(j0 + jj) * dbs.s3] += dP[ii * bk + jj];
         }
-        grow[ii] += sq;
       }
-      dQacc.addmm_(dP, Kb);
-      dKh.narrow(0, j0, bk).addmm_(dP.t(), Qb, 1, p.scale);
+      // dQ += scale dS K, dK += scale dS^T Q
+      gemm_rm<T>(false, false, bq, D, bk, p.scale, dP, bk, p.k.at(b, h, j0), p.k.ld, T(1), dQh + i0 * D, D);
+      gemm_rm<T>(true, false, bk, D, bq, p.scale, dP, bk, p.q.at(b, h, i0), p.q.ld, T(1), dKh + j0 * D, D);
     }
-    dQh.narrow(0, i0, bq).copy_(dQacc.mul_(p.scale));
   }
 }
 
@@ -459,32 +558,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_bwd_cp
   check_same("lse", lse_, q_), check_shape("lse", lse_, {B, H, Tq});
   TORCH_CHECK_VALUE(!bias_grad || bias.has_value(), "bias_grad=True needs a bias");
   at::AutoDispatchBelowADInplaceOrView guard;
-  const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous(), dout = dout_.contiguous(),
+  const at::Tensor q = rowmajor(q_), k = rowmajor(k_), v = rowmajor(v_), dout = rowmajor(dout_),
                    out = out_.contiguous(), lse = lse_.contiguous();
-  const auto key_mask = contig(key_mask_), coef = contig(coef_), cq = contig(cq_), ck = contig(ck_),
-             cv = contig(cv_), co = contig(co_), cdo = contig(cdo_), clse = contig(clse_);
-  at::Tensor dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  const auto key_mask = contig(key_mask_), coef = contig(coef_), cq = rows_opt(cq_), ck = rows_opt(ck_),
+             cv = rows_opt(cv_), co = contig(co_), cdo = rows_opt(cdo_), clse = contig(clse_);
+  at::Tensor dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
+             dv = at::zeros(v.sizes(), v.options());
   at::Tensor gsq = at::zeros({B, H, Tq}, q.options());
   at::Tensor dbias = bias_grad ? at::zeros(bias->sizes(), q.options()) : at::empty({0}, q.options());
+  if (B * H * Tq * Tk == 0) return {dq, dk, dv, dbias, gsq};
   // Tasks that add into the same dbias slice (a bias broadcast over examples or heads) run in one thread, in
   // order: the result does not depend on the number of threads.
   const int64_t gB = bias_grad ? bias->size(0) : B, gH = bias_grad ? bias->size(1) : H;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sa_bwd_cpu", [&] {
     const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, key_mask, bias, causal, scale, kind, coef, dense,
                                                        seed, cq, ck, cv, co, cdo, clse, cbias);
+    const Rows<scalar_t> dO = rows_of<scalar_t>(dout);
     Strides4 dbs;
     scalar_t* dbp = nullptr;
     if (bias_grad) dbp = dbias.data_ptr<scalar_t>(), dbs = broadcast_strides(dbias);
-    at::parallel_for(0, gB * gH, grain_for(Tq, Tk, q.size(3)) , [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, gB * gH, grain_for(Tq, Tk, q.size(3)), [&](int64_t begin, int64_t end) {
       at::AutoDispatchBelowADInplaceOrView inner;
+      Scratch<scalar_t> w(p, std::max<int64_t>(1, std::min(BK, Tk)));
       for (int64_t t = begin; t < end; ++t) {
         const int64_t gb = t / gH, gh = t % gH;
         const int64_t b_lo = gB == B ? gb : 0, b_hi = gB == B ? gb + 1 : B;
         const int64_t h_lo = gH == H ? gh : 0, h_hi = gH == H ? gh + 1 : H;
         for (int64_t b = b_lo; b < b_hi; ++b)
           for (int64_t h = h_lo; h < h_hi; ++h)
-            backward_task(p, b, h, dout.data_ptr<scalar_t>(), dout, out.data_ptr<scalar_t>(),
-                          lse.data_ptr<scalar_t>(), dq, dk, dv, dbp, dbs, gsq.data_ptr<scalar_t>());
+            backward_task(p, w, b, h, dO, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                          dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dbp, dbs,
+                          gsq.data_ptr<scalar_t>());
       }
     });
   });
