@@ -267,18 +267,32 @@ def perturbed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_m
     check_self_attention_inputs(q, k, v, key_mask, causal=causal, bias=bias, scale=scale, perturbation=perturbation,
                                 grad=grad, noise=noise, eps=eps, norm=norm, attn_mask=attn_mask,
                                 query_mask=query_mask, dropout_p=dropout_p)
+    s, allowed, valid = checked_scores(q, k, key_mask, causal=causal, bias=bias, scale=scale, attn_mask=attn_mask,
+                                       query_mask=query_mask, noise=noise)
+    if grad is not None:
+        _check_finite_at("grad", grad, valid)
+    if perturbation is not None:
+        s = s + self_attention_perturbation(perturbation, s.detach(), valid, grad=grad, noise=noise, eps=eps,
+                                            norm=norm, generator=generator, max_bytes=iat_max_bytes)
+    out, p = attend(s, allowed, v, dropout_p)
+    return SelfAttentionOutput(out, p) if return_attention else out
+
+
+def checked_scores(q, k, key_mask=None, *, causal=False, bias=None, scale=None, attn_mask=None, query_mask=None,
+                   noise=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """S = scale Q K^T + bias [B, nh, Tq, Tk] with the entries it may attend (allowed) and those r may touch
+    (valid); raises if S, or the given RP noise, is not finite where it is used."""
     allowed, valid = self_attention_masks(q, k, key_mask, causal=causal, attn_mask=attn_mask, query_mask=query_mask,
                                           bias=bias)
     s = attention_scores(q, k, bias, scale)
     _check_finite_at("scores (scale * q k^T + bias)", s.detach(), allowed)
-    if grad is not None:
-        _check_finite_at("grad", grad, valid)
     if noise is not None:
         _check_finite_at("noise", noise, valid)
-    if perturbation is not None:
-        s = s + self_attention_perturbation(perturbation, s.detach(), valid, grad=grad, noise=noise, eps=eps,
-                                            norm=norm, generator=generator, max_bytes=iat_max_bytes)
+    return s, allowed, valid
+
+
+def attend(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0):
+    """(O = dropout(P) V [B, nh, Tq, dv], P = masked_softmax(S) [B, nh, Tq, Tk], before dropout)."""
     p = masked_softmax(s, allowed)
     p_used = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
-    out = p_used @ v
-    return SelfAttentionOutput(out, p) if return_attention else out
+    return p_used @ v, p

@@ -3,11 +3,10 @@ CleanPassRecord protocol (the clean call keeps G = dL_clean/dS by a hook on S; t
 from __future__ import annotations
 
 import python_ref
-from python_ref.attention import masked_softmax
 from python_ref.self_attention import (
     _check_finite_at,
-    attention_scores,
-    self_attention_masks,
+    attend,
+    checked_scores,
     self_attention_perturbation,  # noqa: F401  (this backend's perturbation)
 )
 import torch
@@ -16,12 +15,8 @@ import torch
 def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,
                         dropout_p, generator, record, iat_max_bytes):
     """(O [B, nh, Tq, dv], P [B, nh, Tq, Tk]); `grad` is a tensor G or the CleanPassRecord of the clean call."""
-    allowed, valid = self_attention_masks(q, k, key_mask, causal=causal, attn_mask=attn_mask, query_mask=query_mask,
-                                          bias=bias)
-    s = attention_scores(q, k, bias, scale)
-    _check_finite_at("scores (scale * q k^T + bias)", s.detach(), allowed)
-    if noise is not None:
-        _check_finite_at("noise", noise, valid)
+    s, allowed, valid = checked_scores(q, k, key_mask, causal=causal, bias=bias, scale=scale, attn_mask=attn_mask,
+                                       query_mask=query_mask, noise=noise)
     if record is not None:
         record.clear()
         record.shape = tuple(s.shape)
@@ -43,6 +38,4 @@ def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, nois
             _check_finite_at("grad", grad, valid)
         s = s + python_ref.self_attention_perturbation(kind, clean_scores, valid, grad=grad, noise=noise, eps=eps,
                                                        norm=norm, generator=generator, max_bytes=iat_max_bytes)
-    p = masked_softmax(s, allowed)
-    p_used = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
-    return p_used @ v, p
+    return attend(s, allowed, v, dropout_p)
