@@ -13,6 +13,12 @@ once) and that as a % of the device copy bandwidth measured at the start of the 
 (bandwidth.measure_bandwidth). Each fused backend is first checked against the eager result (loose, untimed:
 tests/ checks accuracy). Cases run in priority order (the main grid, longest rows first; a Triton
 launch-parameter sweep; extra rows) until --budget-s is spent; the rest are reported as skipped.
+Self-attention rows (issue 18, after the pooling rows, with --sa-share of the budget kept for them):
+fused_attn_at.perturbed_attention with --sa-backend (default triton), perturbation None and "at" (a dense G,
+where B*nh*T*T float32 stays under 8 GiB), against torch.nn.functional.scaled_dot_product_attention, fwd and
+fwd+bwd, at --sa-lengths (default 1024..16384 on a GPU, none on the CPU), nh=8, d=64, --sa-dtype (bfloat16),
+B = min(4, 16384 // T) unless --sa-batch. First a numerical check at the smallest T: outputs and dq, dk, dv vs
+SDPA (perturbation None) and vs python_ref in float32 ("at"), which fails the run (exit status 1) on a mismatch.
 Writes DIR/gpu_check.json and DIR/gpu_check.md.
 With --device cpu (and CPU backends: eager, compile, cpu) it runs the same code on the CPU: the tests use it.
 """
@@ -44,6 +50,12 @@ GOAL_EAGER_SPEEDUP = 3.0
 GOAL_MIN_T = 4096
 # Triton launch parameters tried at the longest rows (block_t, block_h, num_warps): data for tuning the defaults.
 TRITON_SWEEP = ((64, 64, 4), (128, 32, 4), (64, 32, 4), (128, 64, 8), (32, 128, 4))
+# Self-attention rows: heads, head dim, the largest dense G ("at" rows) in bytes, and the check's tolerances
+# (max |x - y| / max |y| of each tensor, low precision results vs SDPA or the float32 reference).
+SA_LENGTHS_GPU = (1024, 2048, 4096, 8192, 16384)
+SA_HEADS, SA_DIM = 8, 64
+SA_DENSE_G_MAX_BYTES = 8 << 30
+SA_CHECK_RTOL = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-4}
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -89,6 +101,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=60.0)
     parser.add_argument("--copy-mib", type=int, default=1024, help="array size of the copy-bandwidth measurement")
+    parser.add_argument("--sa-lengths", type=_int_list, default=None,
+                        help="self-attention rows' T (default 1024,2048,4096,8192,16384 on cuda, none on cpu)")
+    parser.add_argument("--sa-batch", type=int, default=None, help="self-attention B (default min(4, 16384 // T))")
+    parser.add_argument("--sa-heads", type=int, default=SA_HEADS)
+    parser.add_argument("--sa-dim", type=int, default=SA_DIM)
+    parser.add_argument("--sa-dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    parser.add_argument("--sa-backend", choices=("triton", "cpu", "reference"), default="triton",
+                        help="the perturbed_attention backend of the self-attention rows (vs SDPA)")
+    parser.add_argument("--sa-share", type=float, default=0.25,
+                        help="fraction of --budget-s kept for the self-attention rows (they also get what the "
+                             "pooling rows leave)")
+    parser.add_argument("--no-self-attention", action="store_true", help="skip the self-attention rows")
     parser.add_argument("--junit", type=pathlib.Path, help="pytest --junitxml file of the GPU tests, summarised")
     parser.add_argument("--tests-status", help="what gpu_check.sh's test step reported when it left no junit file")
     parser.add_argument("--build-status", default="not run", help="what gpu_check.sh's build step reported")
@@ -98,6 +122,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--batch must be positive, got {args.batch}")
     if args.budget_s <= 0:
         parser.error(f"--budget-s must be positive, got {args.budget_s}")
+    if not 0 <= args.sa_share < 1:
+        parser.error(f"--sa-share must be in [0, 1), got {args.sa_share}")
+    if args.sa_batch is not None and args.sa_batch <= 0:
+        parser.error(f"--sa-batch must be positive, got {args.sa_batch}")
+    if args.sa_lengths is None:
+        args.sa_lengths = SA_LENGTHS_GPU if args.device == "cuda" else ()
+    if args.no_self_attention:
+        args.sa_lengths = ()
     return args
 
 
@@ -324,6 +356,134 @@ def run_triton_sweep(args, copy_gbps: float, deadline: float) -> list[dict]:
     return results
 
 
+# ------------------------------------------------------------------------------------ self-attention rows
+
+def _sa_inputs(args, B: int, T: int, seed: int = 0) -> dict:
+    import torch
+
+    dtype = getattr(torch, args.sa_dtype)
+    g = torch.Generator(device=args.device).manual_seed(seed)
+    shape = (B, args.sa_heads, T, args.sa_dim)
+    q, k, v, dout = (torch.randn(shape, generator=g, device=args.device, dtype=dtype) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_(True)
+    return dict(q=q, k=k, v=v, dout=dout)
+
+
+def _sa_dense_g_bytes(args, B: int, T: int) -> int:
+    return B * args.sa_heads * T * T * 4
+
+
+def _sa_functions(args, inputs: dict, B: int, T: int) -> dict:
+    """{name: f() -> O}: the fused backend without and with a dense-G AT perturbation (when G fits), and SDPA."""
+    import torch
+
+    import fused_attn_at
+
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    fns = {"sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+           "fused": lambda: fused_attn_at.perturbed_attention(q, k, v, backend=args.sa_backend)}
+    if _sa_dense_g_bytes(args, B, T) <= SA_DENSE_G_MAX_BYTES:
+        g = torch.randn((B, args.sa_heads, T, T), generator=torch.Generator(device=args.device).manual_seed(1),
+                        device=args.device, dtype=torch.float32)
+        fns["fused_at"] = lambda: fused_attn_at.perturbed_attention(q, k, v, perturbation="at", grad=g, eps=1.0,
+                                                                     backend=args.sa_backend)
+        inputs["grad"] = g
+    return fns
+
+
+def _sa_outputs(fn, inputs: dict) -> list:
+    import torch
+
+    out = fn()
+    return [out.detach()] + list(torch.autograd.grad(out, (inputs["q"], inputs["k"], inputs["v"]), inputs["dout"]))
+
+
+def check_self_attention(args, T: int) -> dict:
+    """The numerical check at T: the fused backend (no perturbation) vs SDPA, and with a dense-G AT perturbation
+    vs python_ref in float32; each of O, dq, dk, dv within SA_CHECK_RTOL of max |reference|."""
+    import torch
+
+    import python_ref
+
+    B = args.sa_batch or min(4, max(1, 16384 // T))
+    inputs = _sa_inputs(args, B, T, seed=2)
+    fns = _sa_functions(args, inputs, B, T)
+    tol = SA_CHECK_RTOL[args.sa_dtype]
+    errors = {}
+    got, want = _sa_outputs(fns["fused"], inputs), _sa_outputs(fns["sdpa"], inputs)
+    errors["none_vs_sdpa"] = max(benchlib.relative_error(a, b) for a, b in zip(got, want))
+    if "fused_at" in fns:
+        q32, k32, v32 = (inputs[n].detach().float().requires_grad_(True) for n in ("q", "k", "v"))
+        ref = python_ref.perturbed_attention(q32, k32, v32, perturbation="at", grad=inputs["grad"], eps=1.0)
+        want = [ref.detach()] + list(torch.autograd.grad(ref, (q32, k32, v32), inputs["dout"].float()))
+        got = _sa_outputs(fns["fused_at"], inputs)
+        errors["at_vs_reference"] = max(benchlib.relative_error(a, b) for a, b in zip(got, want))
+    del inputs, fns
+    return dict(T=T, B=B, dtype=args.sa_dtype, backend=args.sa_backend, rtol=tol, errors=errors,
+                check_ok=all(e <= tol for e in errors.values()))
+
+
+def run_self_attention(args, deadline: float) -> dict:
+    """{"check": ..., "cases": [...]} of the self-attention rows (empty without --sa-lengths)."""
+    if not args.sa_lengths:
+        return dict(check=None, cases=[])
+    import torch
+
+    import fused_attn_at
+
+    reason = fused_attn_at.self_attention.why_unavailable(args.sa_backend, torch.device(args.device))
+    if reason is not None:
+        return dict(check=dict(skipped=reason), cases=[])
+    try:
+        check = check_self_attention(args, min(args.sa_lengths))
+    except Exception as exc:  # noqa: BLE001 - reported, and a failed run
+        check = dict(T=min(args.sa_lengths), error=_error_text(exc))
+    finally:
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    cases = []
+    for T in sorted(args.sa_lengths):
+        B = args.sa_batch or min(4, max(1, 16384 // T))
+        base = dict(dtype=args.sa_dtype, B=B, nh=args.sa_heads, d=args.sa_dim, T=T)
+        try:
+            inputs = _sa_inputs(args, B, T)
+            fns = _sa_functions(args, inputs, B, T)
+        except Exception as exc:  # noqa: BLE001
+            cases.append(dict(base, name="all", mode="fwdbwd", error=_error_text(exc)))
+            continue
+        if "fused_at" not in fns:
+            cases += [dict(base, name="fused_at", mode=mode, skipped=f"dense G of "
+                           f"{_sa_dense_g_bytes(args, B, T) / 2**30:.0f} GiB") for mode in ("fwd", "fwdbwd")]
+        for name, fn in fns.items():
+            for mode in ("fwd", "fwdbwd"):
+                record = dict(base, name=name, mode=mode)
+                if time.monotonic() > deadline:
+                    cases.append(dict(record, skipped="time budget spent"))
+                    continue
+                run = fn if mode == "fwd" else (lambda fn=fn: torch.autograd.grad(
+                    fn(), (inputs["q"], inputs["k"], inputs["v"]), inputs["dout"]))
+                try:
+                    ms = time_ms(run, args.device, args.warmup_ms, args.rep_ms)
+                except Exception as exc:  # noqa: BLE001
+                    cases.append(dict(record, error=_error_text(exc)))
+                    continue
+                finally:
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
+                flops = 4 * B * args.sa_heads * T * T * args.sa_dim * (1 if mode == "fwd" else 3.5)
+                cases.append(dict(record, ms=ms, tflops=flops / (ms * 1e-3) / 1e12))
+        del inputs, fns
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        print(f"[gpu_check] self-attention T={T} B={B}", flush=True)
+    sdpa = {(c["T"], c["mode"]): c["ms"] for c in cases if c["name"] == "sdpa" and "ms" in c}
+    for c in cases:
+        if "ms" in c and (c["T"], c["mode"]) in sdpa:
+            c["sdpa_ms_over_ms"] = sdpa[(c["T"], c["mode"])] / c["ms"]
+    return dict(check=check, cases=cases)
+
+
 def add_speedups(cases: list[dict]) -> None:
     """speedup_vs_eager (eager ms / ms) on every timed case whose eager twin was timed."""
     eager = {(c["dtype"], c["kind"], c["B"], c["T"], c["H"], c["mode"]): c["ms"]
@@ -453,6 +613,7 @@ def render_markdown(report: dict) -> str:
             cells = [c["mode"], c["T"], c["H"], c["block_t"], c["block_h"], c["num_warps"]] + timing
             lines.append("| " + " | ".join(map(str, cells)) + " |")
         lines.append("")
+    lines += _render_self_attention(report.get("self_attention") or {})
     problems = [c for c in cases if "error" in c or c.get("check_ok") is False]
     if problems:
         lines.append("Problems: " + "; ".join(
@@ -461,6 +622,41 @@ def render_markdown(report: dict) -> str:
             for c in problems[:12]))
         lines.append("")
     return "\n".join(lines)
+
+
+def _render_self_attention(sa: dict) -> list[str]:
+    check, cases = sa.get("check"), sa.get("cases") or []
+    if check is None and not cases:
+        return []
+    lines = ["## Self-attention: perturbed_attention vs torch SDPA (fused = no perturbation, fused_at = AT with a "
+             "dense G)", ""]
+    if check is not None:
+        if "skipped" in check or "error" in check:
+            lines.append(f"- check: {check.get('skipped') or check.get('error')}")
+        else:
+            verdict = "ok" if check["check_ok"] else "FAILED"
+            errors = ", ".join(f"{k} {v:.2e}" for k, v in check["errors"].items())
+            lines.append(f"- check ({check['backend']}, {check['dtype']}, T={check['T']}, B={check['B']}): {errors} "
+                         f"(tolerance {check['rtol']:g}): {verdict}")
+        lines.append("")
+    if cases:
+        lines += ["| T | B | pass | " + " | ".join(f"{n} ms" for n in ("sdpa", "fused", "fused_at"))
+                  + " | fused / sdpa time | fused TFLOP/s |", "|" + "---|" * 8]
+        for T, B, mode in sorted({(c["T"], c["B"], c["mode"]) for c in cases}, key=lambda k: (k[0], k[2])):
+            by = {c["name"]: c for c in cases if (c["T"], c["B"], c["mode"]) == (T, B, mode)}
+
+            def cell(name):
+                c = by.get(name)
+                if c is None:
+                    return ""
+                return f"{c['ms']:.3f}" if "ms" in c else ("error" if "error" in c else "skip")
+            fused = by.get("fused", {})
+            ratio = "-" if "sdpa_ms_over_ms" not in fused else f"{1 / fused['sdpa_ms_over_ms']:.2f}x"
+            tflops = f"{fused['tflops']:.3g}" if "tflops" in fused else "-"
+            lines.append(f"| {T} | {B} | {mode} | {cell('sdpa')} | {cell('fused')} | {cell('fused_at')} | {ratio} "
+                         f"| {tflops} |")
+        lines.append("")
+    return lines
 
 
 def write_report(report: dict, out: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -488,24 +684,29 @@ def run(args: argparse.Namespace) -> dict:
                 cuda=torch.version.cuda or "none",
                 device_name=torch.cuda.get_device_name(0) if args.device == "cuda" else info["cpu_model"])
     compiled = DynamicCompiledReference()
+    # the self-attention rows run last, with --sa-share of the budget kept for them
+    pool_deadline = deadline - (args.budget_s * args.sa_share if args.sa_lengths else 0.0)
     cases, sweep, swept = [], [], False
     for row in plan_rows(args) + [None]:
         if (row is None or row.extra) and not swept:  # the sweep goes between the main grid and the extra rows
-            sweep, swept = run_triton_sweep(args, copy["copy_gbps"], deadline), True
+            sweep, swept = run_triton_sweep(args, copy["copy_gbps"], pool_deadline), True
         if row is None:
             break
-        cases += run_row(row, args, compiled, copy["copy_gbps"], deadline)
+        cases += run_row(row, args, compiled, copy["copy_gbps"], pool_deadline)
         print(f"[gpu_check] {time.monotonic() - start:6.1f} s  {row}", flush=True)
     add_speedups(cases)
+    self_attention = run_self_attention(args, deadline)
     return dict(meta=meta, budget_s=args.budget_s, elapsed_s=time.monotonic() - start, backends=list(args.backends),
                 passes=list(args.passes), cases=cases, goals=goal_summary(cases), triton_sweep=sweep,
+                self_attention=self_attention,
                 build=dict(status=args.build_status, seconds=args.build_seconds), tests=parse_junit(args.junit),
                 tests_status=args.tests_status)
 
 
 def failures(report: dict) -> list[str]:
     """What makes the run fail (a non-zero exit status): a fused backend whose result differs from eager beyond
-    benchlib.SANITY_RTOL, and a case of the main grid or the extra rows that raised. (Skips for the time budget
+    benchlib.SANITY_RTOL, a case of the main grid or the extra rows that raised, and a self-attention check or
+    row that failed or raised. (Skips for the time budget
     or an unavailable backend, and errors of the Triton launch-parameter sweep, which only explores, do not.)"""
     out = []
     for c in report["cases"]:
@@ -515,6 +716,16 @@ def failures(report: dict) -> list[str]:
                        f"(> {benchlib.SANITY_RTOL[c['dtype']]})")
         elif "error" in c:
             out.append(f"{where}: {c['error']}")
+    sa = report.get("self_attention") or {}
+    check = sa.get("check") or {}
+    if "error" in check:
+        out.append(f"self-attention check at T={check['T']}: {check['error']}")
+    elif check.get("check_ok") is False:
+        out.append(f"self-attention {check['backend']} {check['dtype']} T={check['T']}: differs from the reference "
+                   f"by {check['errors']} (> {check['rtol']})")
+    for c in sa.get("cases") or []:
+        if "error" in c:
+            out.append(f"self-attention {c['name']} T={c['T']} B={c['B']} {c['mode']}: {c['error']}")
     return out
 
 

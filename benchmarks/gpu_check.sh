@@ -7,7 +7,10 @@
 #   2. runs the GPU tests (tests/test_gpu.py) against the installed package;
 #   3. runs the GPU benchmark (benchmarks/gpu_check.py: fused CUDA, fused Triton, eager reference,
 #      torch.compile(reference); fwd, bwd, fwd+bwd; B=64, T in 64..8192, H 256/512; GB/s and % of the device
-#      copy bandwidth measured in the same run) with the time that is left,
+#      copy bandwidth measured in the same run; then the self-attention rows, a quarter of the budget kept for
+#      them: perturbed_attention backend='triton' (no perturbation, and AT with a dense G) vs torch SDPA, fwd and
+#      fwd+bwd, T in 1024..16384, B=4..1, nh=8, d=64, bfloat16, after a numerical check at T=1024 that fails the
+#      run on a mismatch) with the time that is left,
 # and writes OUT_DIR/gpu_check.json, OUT_DIR/gpu_check.md (printed last) and build.log, tests.log, tests.xml,
 # bench.log beside them. Everything fits in GPU_CHECK_BUDGET_S seconds (default 470, under 8 minutes).
 #

@@ -493,6 +493,29 @@ def test_gpu_check_exits_non_zero_when_a_check_fails(gpu_check, tmp_path, monkey
     assert gpu_check.main(argv + ["--out", str(tmp_path / "ok")]) == 0
 
 
+def test_gpu_check_self_attention_rows_on_cpu(gpu_check, tmp_path, monkeypatch):
+    """The self-attention rows (check vs SDPA and the reference, timings, report) with the cpu backend on tiny
+    shapes; a backend that differs from SDPA fails the run."""
+    import fused_attn_at as package
+
+    argv = ["--device", "cpu", "--backends", "eager", "--lengths", "8", "--hiddens", "4", "--batch", "2",
+            "--no-extras", "--passes", "fwd", "--copy-mib", "4", "--rep-ms", "2", "--warmup-ms", "1",
+            "--sa-lengths", "16,24", "--sa-backend", "reference", "--sa-batch", "1", "--sa-heads", "2",
+            "--sa-dim", "8", "--sa-dtype", "float32"]
+    assert gpu_check.parse_args(["--device", "cpu"]).sa_lengths == ()
+    assert gpu_check.parse_args([]).sa_lengths == gpu_check.SA_LENGTHS_GPU
+    assert gpu_check.main(argv + ["--out", str(tmp_path / "ok")]) == 0
+    sa = json.loads((tmp_path / "ok" / "gpu_check.json").read_text())["self_attention"]
+    assert sa["check"]["check_ok"] and set(sa["check"]["errors"]) == {"none_vs_sdpa", "at_vs_reference"}
+    timed = [c for c in sa["cases"] if "ms" in c]
+    assert {(c["name"], c["T"], c["mode"]) for c in timed} == {
+        (n, T, m) for n in ("sdpa", "fused", "fused_at") for T in (16, 24) for m in ("fwd", "fwdbwd")}
+    assert "## Self-attention" in (tmp_path / "ok" / "gpu_check.md").read_text()
+    real = package.perturbed_attention
+    monkeypatch.setattr(package, "perturbed_attention", lambda *a, **kw: real(*a, **kw) * 1.01)
+    assert gpu_check.main(argv + ["--out", str(tmp_path / "wrong")]) == 1
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU machine gpu_check.sh is what runs this file: no nested run")
 def test_gpu_check_sh_runs_on_cpu(tmp_path):
     """The shell script's plumbing (toolkit and arch detection, test run, junit -> report, exit status) with the
