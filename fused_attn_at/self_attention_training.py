@@ -209,6 +209,10 @@ class SelfAttentionAT:
                 clean_loss.backward()
             for rec in self._records.values():
                 rec.mark_backward_done()
+                if getattr(rec, "fused", None) is not None and hasattr(rec.fused, "share"):
+                    # one adversarial call per record, then clear(): the fused backend may drop its copy of the
+                    # clean Q, K, V for the adversarial call's inputs where they are equal (the first layer)
+                    rec.fused.share = True
             if state is not None:  # the adversarial pass draws the clean pass's dropout masks again
                 _set_rng_state(state)
             with self._pass("adversarial"):

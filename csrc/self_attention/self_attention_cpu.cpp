@@ -25,6 +25,7 @@
 //          co: the clean O [B, nh, Tq, dv], or rowsum(dO_c * O_c) [B, nh, Tq] (what G needs of O)
 //   sa_bwd(dout, q, k, v, out, lse, key_mask?, bias?, causal, scale, bias_grad, <perturbation args as sa_fwd>)
 //          -> (dq, dk, dv, dbias (bias's shape, or [0]), gsq [B, nh, Tq] = sum_j dS^2)
+//          out: O [B, nh, Tq, dv], or rowsum(dout * O) [B, nh, Tq] (all the backward reads of O)
 //   sa_rowsq(q, k, key_mask?, bias?, causal, dense?, seed) -> [B, nh, Tq]: sum over allowed j of X^2 (X = dense,
 //          or the hashed noise when dense is None)
 //   sa_rp_noise(q, k, seed) -> [B, nh, Tq, Tk]: the hashed noise, materialised (for tests)
@@ -498,7 +499,7 @@ std::tuple<at::Tensor, at::Tensor> sa_fwd_cpu(
 
 template <typename T>
 void backward_task(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t h, const Rows<T>& dO, const T* out,
-                   const T* lse, T* dq, T* dk, T* dv, T* dbias, const Strides4& dbs, T* gsq) {
+                   bool out_is_delta, const T* lse, T* dq, T* dk, T* dv, T* dbias, const Strides4& dbs, T* gsq) {
   const int64_t bh = b * p.H + h, D = p.D, Dv = p.Dv;
   T* dQh = dq + bh * p.Tq * D;
   T* dKh = dk + bh * p.Tk * D;
@@ -509,6 +510,10 @@ void backward_task(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t h, con
   for (int64_t i0 = 0; i0 < p.Tq; i0 += BQ) {
     const int64_t bq = std::min(BQ, p.Tq - i0);
     for (int64_t ii = 0; ii < bq; ++ii) {
+      if (out_is_delta) {
+        Dr[ii] = out[bh * p.Tq + i0 + ii];
+        continue;
+      }
       const T* o = out + (bh * p.Tq + i0 + ii) * Dv;
       const T* d = dO.at(b, h, i0 + ii);
       T acc = 0;
@@ -554,7 +559,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_bwd_cp
   check_inputs(q_, k_, v_, key_mask_, bias, scale, kind, coef_, dense, cq_, ck_, cv_, co_, cdo_, clse_, cbias);
   const int64_t B = q_.size(0), H = q_.size(1), Tq = q_.size(2), Tk = k_.size(2), Dv = v_.size(3);
   check_same("dout", dout_, q_), check_shape("dout", dout_, {B, H, Tq, Dv});
-  check_same("out", out_, q_), check_shape("out", out_, {B, H, Tq, Dv});
+  check_same("out", out_, q_);
+  const bool out_is_delta = out_.dim() == 3;  // rowsum(dout * out) [B, nh, Tq]: all the backward needs of out
+  if (out_is_delta) check_shape("out (rowsum(dout * out))", out_, {B, H, Tq});
+  else check_shape("out", out_, {B, H, Tq, Dv});
   check_same("lse", lse_, q_), check_shape("lse", lse_, {B, H, Tq});
   TORCH_CHECK_VALUE(!bias_grad || bias.has_value(), "bias_grad=True needs a bias");
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -586,7 +594,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_bwd_cp
         const int64_t h_lo = gH == H ? gh : 0, h_hi = gH == H ? gh + 1 : H;
         for (int64_t b = b_lo; b < b_hi; ++b)
           for (int64_t h = h_lo; h < h_hi; ++h)
-            backward_task(p, w, b, h, dO, out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+            backward_task(p, w, b, h, dO, out.data_ptr<scalar_t>(), out_is_delta, lse.data_ptr<scalar_t>(),
                           dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dbp, dbs,
                           gsq.data_ptr<scalar_t>());
       }

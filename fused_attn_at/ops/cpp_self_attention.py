@@ -11,13 +11,14 @@ Loading fused_attn_at._C registers (schemas in csrc/self_attention/self_attentio
 The perturbation is r[b, h, i, j] = coef[b, h, i] * X[b, h, i, j] on the allowed entries; kind says what X is:
 0 none, 1 `dense` (a given [B, nh, Tq, Tk] tensor: the user's G or noise), 2 standard normal noise hashed from
 (seed, b, h, i, j) (RP; the same numbers in the forward and the backward, never stored), 3 G = dL_clean/dS
-recomputed block by block from the clean pass's cq, ck, cv, co, cdo (its dO), clse and cbias (AT through a
-CleanPassRecord). coef = eps / norm (zero at padded queries) is computed here from the row sums of X^2 over the
+recomputed block by block from the clean pass's cq, ck, cv, co (its O, or rowsum(dO * O) [B, nh, Tq]), cdo (its
+dO), clse and cbias (AT through a CleanPassRecord). coef = eps / norm (zero at padded queries) is computed here from the row sums of X^2 over the
 allowed keys: sa_rowsq for kinds 1 and 2, the clean backward's gsq output for kind 3. No op allocates anything of
 size B * nh * Tq * Tk; their working set is a block of 64 queries x 128 keys per thread.
 
 sa_fwd's derivative (sa_bwd) is registered with torch.library.register_autograd; the clean call of an AT step
-(record=CleanPassRecord) runs through an autograd.Function whose backward also keeps dO and gsq in the record.
+(record=CleanPassRecord) runs through an autograd.Function whose backward also keeps dO, rowsum(dO * O) and gsq in
+the record (and drops O from it). sa_bwd's `out` may also be rowsum(dout * out) [B, nh, Tq].
 Kernels compute in float32 (float16/bfloat16/float32 inputs) or float64.
 
 What this backend hands to the reference (materialised maps, python_ref): iAT (its O(B^2 nh Tq Tk) work and the
@@ -122,32 +123,57 @@ def _require() -> None:
 
 class FusedCleanPass:
     """Kept in CleanPassRecord.fused by a clean call of the cpu backend: the clean pass's Q, K, V, O, log-sum-exp,
-    bias (with attn_mask folded in as -inf), masks, and - set by its backward - dO and the squared norms of G's
-    rows. O(B nh T d) memory: the attention's own activations."""
+    bias (with attn_mask folded in as -inf), masks, and - set by its backward - dO, delta = rowsum(dO * O)
+    [B, nh, Tq] and the squared norms of G's rows. Once the backward has run, O is dropped (`out` is None): G
+    needs it only through delta. O(B nh T d) memory: per layer Q, K, V, dO (the floor: G = P (dO V^T - delta) with
+    P from Q, K; nothing of T x T).
 
-    __slots__ = ("q", "k", "v", "out", "lse", "bias", "key_mask", "causal", "scale", "dout", "gsq")
+    clean_args() -> (q, k, v, delta, dout, lse, bias): what the kernels take as (cq, ck, cv, co, cdo, clse,
+    cbias); co may be O [B, nh, Tq, dv] or delta [B, nh, Tq]."""
+
+    __slots__ = ("q", "k", "v", "out", "lse", "bias", "key_mask", "causal", "scale", "dout", "gsq", "delta",
+                 "share")
 
     def __init__(self, q, k, v, out, lse, bias, key_mask, causal, scale):
         self.q, self.k, self.v, self.out, self.lse = q, k, v, out, lse
         self.bias, self.key_mask, self.causal, self.scale = bias, key_mask, causal, scale
-        self.dout = self.gsq = None
+        self.dout = self.gsq = self.delta = None
+        # set by an owner that uses the record for one adversarial call and then frees it (SelfAttentionAT):
+        # share_inputs may then alias the adversarial call's inputs
+        self.share = False
 
-    def _add_dout(self, dout: torch.Tensor, gsq: torch.Tensor) -> None:
+    def _add_dout(self, dout: torch.Tensor, gsq: torch.Tensor, delta: torch.Tensor | None = None) -> None:
+        if delta is None:
+            delta = (dout * self.out).sum(-1)
         if self.dout is None:
-            self.dout, self.gsq = dout, gsq
-        else:  # a second backward through the clean call: G is linear in dO, its norm is not
-            self.dout, self.gsq = self.dout + dout, None
+            self.dout, self.gsq, self.delta = dout, gsq, delta
+        else:  # a second backward through the clean call: G is linear in dO (and delta), its norm is not
+            self.dout, self.delta, self.gsq = self.dout + dout, self.delta + delta, None
+        self.out = None  # G needs O only through delta
 
     def row_sq_norms(self) -> torch.Tensor:
         """sum_j G[b, h, i, j]^2, [B, nh, Tq]."""
         if self.gsq is None:
             with torch.no_grad():
-                self.gsq = _ops.sa_bwd(self.dout, self.q, self.k, self.v, self.out, self.lse, self.key_mask, self.bias,
-                                       self.causal, self.scale, False, KIND_NONE, None, None, 0, *_NO_CLEAN)[4]
+                self.gsq = _ops.sa_bwd(self.dout, self.q, self.k, self.v, self.delta, self.lse, self.key_mask,
+                                       self.bias, self.causal, self.scale, False, KIND_NONE, None, None, 0,
+                                       *_NO_CLEAN)[4]
         return self.gsq
 
     def clean_args(self) -> tuple:
-        return (self.q, self.k, self.v, self.out, self.dout, self.lse, self.bias)
+        return (self.q, self.k, self.v, self.delta, self.dout, self.lse, self.bias)
+
+    def share_inputs(self, q, k, v) -> None:
+        """Drops the record's own Q, K, V for q, k, v when they hold the same numbers (the adversarial call of the
+        first perturbed layer sees the clean pass's inputs again, bit for bit, when nothing before it is
+        perturbed): G is unchanged, and the clean copies (often a whole fused qkv projection) are freed. Only when
+        `share` is set: a record that is used again could see the aliased tensors change in place."""
+        if not self.share or (self.q is q and self.k is k and self.v is v):
+            return
+        same = all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                   for a, b in ((self.q, q), (self.k, k), (self.v, v)))
+        if same:
+            self.q, self.k, self.v = q, k, v
 
     def grad_map(self) -> torch.Tensor:
         """G [B, nh, Tq, Tk] materialised (for a consumer that wants the map: the reference backend)."""
@@ -156,7 +182,12 @@ class FusedCleanPass:
             allowed, _ = self_attention_masks(self.q, self.k, self.key_mask, causal=self.causal, bias=self.bias)
             p = torch.where(allowed, torch.exp(s - self.lse[..., None]), 0.0)
             dp = self.dout @ self.v.transpose(-1, -2)
-            return p * (dp - (self.dout * self.out).sum(-1, keepdim=True))
+            return p * (dp - self.delta[..., None])
+
+
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """x, or a compact copy when x is a view into a larger buffer (what a record keeps should not hold more)."""
+    return x if x.untyped_storage().nbytes() <= x.numel() * x.element_size() else x.contiguous()
 
 
 class _CleanPass(torch.autograd.Function):
@@ -173,12 +204,13 @@ class _CleanPass(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, bias, key_mask = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dout = dout.contiguous()
-        dq, dk, dv, dbias, gsq = _ops.sa_bwd(dout, q, k, v, out, lse, key_mask, bias, ctx.causal, ctx.scale,
+        dout = _own(dout)  # the kernels read dO's rows in place (last dim contiguous) or copy it themselves
+        delta = (dout * out).sum(-1)  # rowsum(dO * O) [B, nh, Tq]: all the backward (and G) needs of O
+        dq, dk, dv, dbias, gsq = _ops.sa_bwd(dout, q, k, v, delta, lse, key_mask, bias, ctx.causal, ctx.scale,
                                              bias_grad, KIND_NONE, None, None, 0, *_NO_CLEAN)
         fused = ctx.record.fused
         if fused is not None and fused.lse is lse:  # the record was not reused by a later clean call meanwhile
-            fused._add_dout(dout.detach(), gsq)
+            fused._add_dout(dout.detach(), gsq, delta)
         return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None
 
 
@@ -278,6 +310,7 @@ def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, nois
                                        "adversarial call")
                 # the clean loss does not depend on this call: G = 0, r = 0
             else:
+                fused.share_inputs(qc.detach(), kc.detach(), vc.detach())
                 pkind, rows, clean = KIND_CLEAN, fused.row_sq_norms(), fused.clean_args()
         else:
             g = grad if isinstance(grad, torch.Tensor) else grad.gradient()  # a tensor, or a reference record
