@@ -12,8 +12,8 @@ The perturbation is r[b, h, i, j] = coef[b, h, i] * X[b, h, i, j] on the allowed
 backend's numbering): 0 none, 1 `dense` (a given [B, nh, Tq, Tk] tensor: the user's G or noise), 2 standard
 normal noise generated in the kernels from (seed, b nh + h, i, j) (Philox-4x32 and Box-Muller, as tl.randn: the
 forward and both backward kernels regenerate the same numbers, never stored), 3 G = dL_clean/dS recomputed block
-by block from the clean pass's cq, ck, cv, co, cdo (its dO), clse and cbias: G = P_c * (dO_c V_c^T - rowsum(dO_c
-* O_c)) (AT through a CleanPassRecord). coef = eps / norm (zero at padded queries) comes from sa_rowsq (kinds 1,
+by block from the clean pass's cq, ck, cv, co (its O, or delta = rowsum(dO * O) [B, nh, Tq]), cdo (its dO), clse
+and cbias: G = P_c * (dO_c V_c^T - delta) (AT through a CleanPassRecord). coef = eps / norm (zero at padded queries) comes from sa_rowsq (kinds 1,
 2) or from the clean backward's gsq (kind 3), through the cpu backend's perturbation_coefficients.
 
 Kernels (one program per (example x head, block of BLOCK_M queries) or (.., block of BLOCK_N keys)):
@@ -53,6 +53,7 @@ from .cpp_self_attention import (
     KIND_NONE,
     FusedCleanPass,
     _check_dense_finite,
+    _own,
     _draw_seed,
     _effective_bias,
     _query_valid,
@@ -227,8 +228,7 @@ if AVAILABLE:
             clse = tl.load(clse_ptr + bh64 * Tq + offs_m, mask=offs_m < Tq, other=float("inf")).to(ACC)
             pc = tl.where(callowed, tl.exp(sc - clse[:, None]), 0.0)
             cdo = _load_rows(cdo_ptr, bh64, offs_m, Tq, offs_dv, Dv)
-            co = _load_rows(co_ptr, bh64, offs_m, Tq, offs_dv, Dv)
-            dc = tl.sum(cdo.to(ACC) * co.to(ACC), 1)
+            dc = tl.load(co_ptr + bh64 * Tq + offs_m, mask=offs_m < Tq, other=0).to(ACC)  # rowsum(dO_c * O_c)
             cv = _load_rows(cv_ptr, bh64, offs_n, Tk, offs_dv, Dv)
             dpc = _dot(cdo, tl.trans(cv), ACC, PREC)
             x = pc * (dpc - dc[:, None])
@@ -451,7 +451,8 @@ def _pert_args(q, kind, coef, dense, cq, ck, cv, co, cdo, clse, cbias):
     coef_t = coef.to(acc).contiguous() if coef is not None else q
     dense_t = dense.contiguous() if dense is not None and kind == KIND_DENSE else q
     if kind == KIND_CLEAN:
-        cq, ck, cv, co, cdo = (x.to(q.dtype).contiguous() for x in (cq, ck, cv, co, cdo))
+        cq, ck, cv, cdo = (x.to(q.dtype).contiguous() for x in (cq, ck, cv, cdo))
+        co = _row_dot(cdo, co, acc)
         clse = clse.to(acc).contiguous()
         cb, cb0, cb1, has_cbias = _bias_arg(cbias, q)
     else:
@@ -459,6 +460,13 @@ def _pert_args(q, kind, coef, dense, cq, ck, cv, co, cdo, clse, cbias):
         cb0 = cb1 = 0
         has_cbias = False
     return (coef_t, dense_t, cq, ck, cv, co, cdo, clse, cb), (cb0, cb1, has_cbias)
+
+
+def _row_dot(dout: torch.Tensor, out: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """delta = rowsum(dO * O) [B, nh, Tq] in `acc`; `out` may already be that delta (what a record keeps)."""
+    if out.dim() == 3:
+        return out.to(acc).contiguous()
+    return (dout.to(acc) * out.to(acc)).sum(-1).contiguous()
 
 
 def _check_kind(kind, coef, dense, clean) -> None:
@@ -529,7 +537,7 @@ def _backward(dout, q, k, v, out, lse, key_mask, bias, causal, scale, bias_grad,
         return dq, dk, dv, dbias, gsq
     q, k, v, dout = q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous()
     lse = lse.to(acc).contiguous()
-    delta = (dout.to(acc) * out.to(acc)).sum(-1).contiguous()  # rowsum(dO * O), [B, nh, Tq]
+    delta = _row_dot(dout, out, acc)  # rowsum(dO * O), [B, nh, Tq] (or `out` itself when it is that)
     p = _launch_params(q.dtype, q.device, D, Dv)
     km, has_km = _key_mask_arg(key_mask, q)
     b, sb0, sb1, has_bias = _bias_arg(bias, q)
@@ -609,7 +617,8 @@ if AVAILABLE:
                cv: Optional[torch.Tensor], co: Optional[torch.Tensor], cdo: Optional[torch.Tensor],
                clse: Optional[torch.Tensor], cbias: Optional[torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dq, dk, dv, dbias (bias's shape, or [0] without bias_grad), gsq [B, nh, Tq] = sum_j dS^2)."""
+        """(dq, dk, dv, dbias (bias's shape, or [0] without bias_grad), gsq [B, nh, Tq] = sum_j dS^2); `out` may
+        be O [B, nh, Tq, dv] or rowsum(dout * O) [B, nh, Tq]."""
         with _device_guard(q.device):
             return _backward(dout, q, k, v, out, lse, key_mask, bias, causal, scale, bias_grad, kind, coef, dense,
                              seed, cq, ck, cv, co, cdo, clse, cbias)
@@ -661,14 +670,15 @@ def _require() -> None:
 
 class TritonCleanPass(FusedCleanPass):
     """CleanPassRecord.fused of a clean call of this backend: the cpu backend's FusedCleanPass (clean Q, K, V, O,
-    log-sum-exp, bias, masks; dO and G's squared row norms after the backward), recomputed with these ops."""
+    log-sum-exp, bias, masks; after the backward dO, rowsum(dO * O) and G's squared row norms, O dropped), with
+    the norms recomputed by these ops."""
 
     __slots__ = ()
 
     def row_sq_norms(self) -> torch.Tensor:
         if self.gsq is None:
             with torch.no_grad():
-                self.gsq = sa_bwd(self.dout, self.q, self.k, self.v, self.out, self.lse, self.key_mask, self.bias,
+                self.gsq = sa_bwd(self.dout, self.q, self.k, self.v, self.delta, self.lse, self.key_mask, self.bias,
                                   self.causal, self.scale, False, KIND_NONE, None, None, 0, *_NO_CLEAN)[4]
         return self.gsq
 
@@ -687,12 +697,13 @@ class _CleanPass(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, bias, key_mask = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dout = dout.contiguous()
-        dq, dk, dv, dbias, gsq = sa_bwd(dout, q, k, v, out, lse, key_mask, bias, ctx.causal, ctx.scale, bias_grad,
+        dout = _own(dout)
+        delta = _row_dot(dout, out, lse.dtype)  # rowsum(dO * O) [B, nh, Tq]: all the backward (and G) needs of O
+        dq, dk, dv, dbias, gsq = sa_bwd(dout, q, k, v, delta, lse, key_mask, bias, ctx.causal, ctx.scale, bias_grad,
                                         KIND_NONE, None, None, 0, *_NO_CLEAN)
         fused = ctx.record.fused
         if fused is not None and fused.lse is lse:  # the record was not reused by a later clean call meanwhile
-            fused._add_dout(dout.detach(), gsq)
+            fused._add_dout(dout.detach(), gsq, delta)
         return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None
 
 
@@ -744,6 +755,8 @@ def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, nois
                                        "adversarial call")
                 # the clean loss does not depend on this call: G = 0, r = 0
             else:
+                if hasattr(fused, "share_inputs"):
+                    fused.share_inputs(q.detach(), k.detach(), v.detach())
                 pkind, rows, clean = KIND_CLEAN, fused.row_sq_norms(), fused.clean_args()
         else:
             g = grad if isinstance(grad, torch.Tensor) else grad.gradient()  # a tensor, or a reference record
