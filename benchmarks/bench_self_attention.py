@@ -24,6 +24,8 @@
     one step at the measured T: the growth is the step's peak memory beyond what was resident before it, not
     polluted by the pytest process (VmHWM, not ru_maxrss, on Linux: ru_maxrss survives fork + exec, so a child
     would start at its parent's peak). Goals: at-cpu / vanilla-cpu <= 2.3x in time and <= 1.2x in peak growth.
+    A second worker per variant runs with glibc's mmap threshold fixed at 64 KiB (LIVE_BYTES_ENV): its growth
+    follows the live bytes at the step's peak ("memory_live"), without the default allocator's retained blocks.
 Rows carry extra_info kind "sa_op" / "sa_step"; report.py renders them ("Self-attention (issue 18)").
 """
 from __future__ import annotations
@@ -239,12 +241,18 @@ def memory_worker(variant, B, T, dim, heads, ff, threads) -> dict:
             "source": source, "loss": float(loss), "threads": torch.get_num_threads()}
 
 
-def measure_memory(variant, dims, threads, timeout=900) -> dict:
+# glibc malloc with every block of 64 KiB or more mmapped and unmapped when freed (a fixed threshold: no dynamic
+# raise, no trimming lag): the resident set then follows the live bytes, so the growth is what the step holds at
+# its peak, without what the default allocator keeps of freed blocks (reported beside the default's growth).
+LIVE_BYTES_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
+
+
+def measure_memory(variant, dims, threads, timeout=900, env_extra=None) -> dict:
     """memory_worker in a fresh Python (this file run as a script: benchmarks/ goes on sys.path, not the
     checkout, so the installed fused_attn_at is the one used)."""
     args = [sys.executable, str(pathlib.Path(__file__).resolve()), "--memory-worker", variant,
             *(str(dims[k]) for k in ("B", "T", "dim", "heads", "ff")), str(threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env_extra or {})}
     proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker for {variant} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -274,6 +282,9 @@ def test_sa_step(benchmark, sa_variant, bench_settings, roofline):
                 parameters=sum(p.numel() for p in model.parameters()), **_software())
     if not bench_settings["disabled"] or sa_variant == "at-cpu":  # smoke: one worker exercises the path
         info["memory"] = measure_memory(sa_variant, dims, bench_settings["threads"])
+        if not bench_settings["disabled"]:
+            info["memory_live"] = measure_memory(sa_variant, dims, bench_settings["threads"],
+                                                 env_extra=LIVE_BYTES_ENV)
     if not bench_settings["disabled"]:
         roofline("cpu")
     loss = step(*batch)

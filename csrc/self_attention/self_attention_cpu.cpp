@@ -178,6 +178,7 @@ template <typename T> struct Problem {
   Rows<T> cq, ck, cv, cdo;  // kind 3
   const T *co = nullptr, *cdelta = nullptr, *clse = nullptr, *cbias = nullptr;  // co [B,H,Tq,Dv] or cdelta [B,H,Tq]
   Strides4 cbs;
+  bool clean_scores_shared = false;  // kind 3 with cq, ck, cbias the very q, k, bias of the call
   const RowOps<T>* ops = nullptr;
 };
 
@@ -256,7 +257,10 @@ void add_perturbation(const Problem<T>& p, Scratch<T>& w, T* S, const T* kmadd, 
     if (!any) return;
     T* Pc = w.c1.data();
     T* G = w.c2.data();
-    score_block(p, w, Pc, p.cq, p.ck, p.cbias, p.cbs, kmadd, b, h, i0, bq, j0, bk, false);
+    if (p.clean_scores_shared)  // the clean scores are this call's (the same Q, K, bias): S before r is added
+      std::copy(S, S + bq * bk, Pc);
+    else
+      score_block(p, w, Pc, p.cq, p.ck, p.cbias, p.cbs, kmadd, b, h, i0, bq, j0, bk, false);
     const T* clse = p.clse + (b * p.H + h) * p.Tq + i0;
     gemm_rm<T>(false, true, bq, bk, p.Dv, T(1), p.cdo.at(b, h, i0), p.cdo.ld, p.cv.at(b, h, j0), p.cv.ld, T(0), G,
                bk);
@@ -317,6 +321,14 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
     else p.co = co->data_ptr<T>();
     p.clse = clse->data_ptr<T>();
     if (cbias.has_value()) p.cbias = cbias->data_ptr<T>(), p.cbs = broadcast_strides(*cbias);
+    auto same_rows = [](const Rows<T>& a, const Rows<T>& c) {
+      return a.p == c.p && a.sb == c.sb && a.sh == c.sh && a.ld == c.ld;
+    };
+    auto same_strides = [](const Strides4& a, const Strides4& c) {
+      return a.s0 == c.s0 && a.s1 == c.s1 && a.s2 == c.s2 && a.s3 == c.s3;
+    };
+    p.clean_scores_shared = same_rows(p.q, p.cq) && same_rows(p.k, p.ck) && p.bias == p.cbias &&
+                            (p.bias == nullptr || same_strides(p.bs, p.cbs));
   }
   p.ops = &row_ops<T>();
   return p;
