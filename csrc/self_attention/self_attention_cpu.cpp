@@ -48,6 +48,8 @@
 #if defined(__GNUC__) || defined(__clang__)
 #define FAA_SA_WEAK_BLAS 1
 // The Fortran BLAS torch links (MKL or OpenBLAS export them from libtorch_cpu); weak: at::mm where absent.
+// (at::native::cpublas::gemm would be the tidier call, but libtorch_cpu 2.13 does not export its float/double
+// overloads: an extension using them fails to load with an undefined symbol.)
 extern "C" {
 void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
