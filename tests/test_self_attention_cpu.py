@@ -498,7 +498,7 @@ def test_errors_and_what_runs_the_reference():
     with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):
         fused_attn_at.perturbed_attention(q, k, v, m, perturbation="iat", grad=_t(2, 2, 67, 67), backend="cpu",
                                           iat_max_bytes=1000)
-    cpu_sa._warned_dropout.clear()
+    cpu_sa._CPU.warned_dropout = False
     with pytest.warns(RuntimeWarning, match="no fused attention dropout yet"):
         out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.5, backend="cpu")
     assert out.shape == (2, 2, 67, 5)

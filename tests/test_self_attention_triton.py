@@ -409,7 +409,7 @@ def test_errors_and_what_runs_the_reference():
     with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):  # iAT runs the reference, with its limit
         fused_attn_at.perturbed_attention(q, k, v, m, perturbation="iat", grad=_t(2, 1, 35, 35), backend="triton",
                                           iat_max_bytes=1000)
-    tsa._warned_dropout.clear()
+    tsa._TRITON.warned_dropout = False
     with pytest.warns(RuntimeWarning, match="no fused attention dropout yet"):
         out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.5, backend="triton")
     assert out.shape == (2, 1, 35, 5)

@@ -263,27 +263,39 @@ def _check_dense_finite(name, x, q, k, key_mask, causal, bias, query_mask):
     _check_finite_at(name, x, valid)
 
 
-_warned_dropout: list = []
+class FusedBackend:
+    """What differs between the fused self-attention backends (cpu here, triton): their ops, their clean-pass
+    autograd.Function, and the dtype their kernels read (the cpu kernels compute in float32 for half inputs, so
+    they are given float32 copies; the triton kernels read half precision themselves)."""
+
+    def __init__(self, name, sa_fwd, sa_rowsq, clean_pass, kernel_dtype, require):
+        self.name, self.sa_fwd, self.sa_rowsq, self.clean_pass = name, sa_fwd, sa_rowsq, clean_pass
+        self.kernel_dtype, self.require = kernel_dtype, require
+        self.warned_dropout = False
 
 
-def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,
-                        dropout_p, generator, record, iat_max_bytes):
-    """(O [B, nh, Tq, dv], None); `grad` is a tensor G or the CleanPassRecord of the same layer's clean call."""
+def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask,
+              query_mask, dropout_p, generator, record, iat_max_bytes):
+    """The backend-module call of a fused backend `impl`: (O [B, nh, Tq, dv], None); `grad` is a tensor G or the
+    CleanPassRecord of the same layer's clean call. What the kernels do not fuse runs the reference."""
     if kind == "iat" or dropout_p > 0 or (record is not None and record.keep_scores):
-        if dropout_p > 0 and not _warned_dropout and not torch.compiler.is_compiling():
-            _warned_dropout.append(True)
-            warnings.warn("fused_attn_at: the cpu self-attention backend has no fused attention dropout yet; calls "
-                          "with dropout_p > 0 run the reference, which materialises [B, nh, Tq, Tk] maps (set the "
-                          "model's attention dropout to 0 to keep the fused kernels)", RuntimeWarning, stacklevel=4)
+        if dropout_p > 0 and not impl.warned_dropout and not torch.compiler.is_compiling():
+            impl.warned_dropout = True
+            warnings.warn(f"fused_attn_at: the {impl.name} self-attention backend has no fused attention dropout yet; "
+                          "calls with dropout_p > 0 run the reference, which materialises [B, nh, Tq, Tk] maps (set "
+                          "the model's attention dropout to 0 to keep the fused kernels)", RuntimeWarning,
+                          stacklevel=5)
         return _reference.perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm,
                                               attn_mask, query_mask, dropout_p, generator, record, iat_max_bytes)
-    _require()
+    impl.require()
     B, H, Tq, d = q.shape
     Tk = k.shape[2]
-    dtype = _compute_dtype(q.dtype)
+    dtype = impl.kernel_dtype(q.dtype)
+    acc = _compute_dtype(q.dtype)  # of the bias, the given G / noise and the coefficients
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
-    b = _effective_bias(bias, attn_mask, dtype)
+    b = _effective_bias(bias, attn_mask, acc)
+    bd = None if b is None else b.detach()
     km = None if key_mask is None else key_mask.contiguous()
     if record is not None:
         record.clear()
@@ -291,15 +303,15 @@ def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, nois
         needs_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (qc, kc, vc, b))
         if needs_grad:
-            out = _CleanPass.apply(qc, kc, vc, b, km, causal, scale, record)
+            out = impl.clean_pass(qc, kc, vc, b, km, causal, scale, record)
         else:  # no backward will run: the record stays empty
-            out, _ = _ops.sa_fwd(qc, kc, vc, km, b, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN)
+            out, _ = impl.sa_fwd(qc, kc, vc, km, b, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN)
         return out.to(q.dtype), None
 
     pkind, dense, seed, clean, rows = KIND_NONE, None, 0, _NO_CLEAN, None
     if kind == "at":
         fused = getattr(grad, "fused", None)
-        if fused is not None:  # a CleanPassRecord filled by this backend: recompute G block by block
+        if fused is not None:  # a CleanPassRecord filled by a fused backend: recompute G block by block
             if record_shape(grad) != (B, H, Tq, Tk):
                 raise ValueError(f"the CleanPassRecord holds a map of shape {record_shape(grad)}; this call's scores "
                                  f"are {(B, H, Tq, Tk)}: pass the record of the same layer's clean call")
@@ -317,24 +329,35 @@ def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, nois
             if tuple(g.shape) != (B, H, Tq, Tk):
                 raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(g.shape)}; this call's scores "
                                  f"are {(B, H, Tq, Tk)}: pass the record of the same layer's clean call")
-            dense = g.detach().to(device=q.device, dtype=dtype)
+            dense = g.detach().to(device=q.device, dtype=acc)
     elif kind == "rp":
         if noise is not None:
-            dense = noise.detach().to(dtype)
+            dense = noise.detach().to(acc)
         else:
             pkind, seed = KIND_HASH, _draw_seed(generator)
-            rows = _ops.sa_rowsq(qc.detach(), kc.detach(), km, None if b is None else b.detach(), causal, None, seed)
+            rows = impl.sa_rowsq(qc.detach(), kc.detach(), km, bd, causal, None, seed)
     if dense is not None:
-        _check_dense_finite("grad" if kind == "at" else "noise", dense, qc.detach(), kc.detach(), km, causal,
-                            None if b is None else b.detach(), query_mask)
+        _check_dense_finite("grad" if kind == "at" else "noise", dense, qc.detach(), kc.detach(), km, causal, bd,
+                            query_mask)
         pkind = KIND_DENSE
-        rows = _ops.sa_rowsq(qc.detach(), kc.detach(), km, None if b is None else b.detach(), causal, dense, 0)
+        rows = impl.sa_rowsq(qc.detach(), kc.detach(), km, bd, causal, dense, 0)
     coef = None
     if pkind != KIND_NONE:
         coef = perturbation_coefficients(rows, _query_valid(key_mask, query_mask, Tq, Tk), float(eps), norm)
-        coef = coef.to(dtype)
-    out, _ = _ops.sa_fwd(qc, kc, vc, km, b, causal, scale, pkind, coef, dense, seed, *clean)
+        coef = coef.to(acc)
+    out, _ = impl.sa_fwd(qc, kc, vc, km, b, causal, scale, pkind, coef, dense, seed, *clean)
     return out.to(q.dtype), None
+
+
+_CPU = FusedBackend("cpu", lambda *a: _ops.sa_fwd(*a), lambda *a: _ops.sa_rowsq(*a),
+                    lambda *a: _CleanPass.apply(*a), _compute_dtype, _require)
+
+
+def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,
+                        dropout_p, generator, record, iat_max_bytes):
+    """(O [B, nh, Tq, dv], None); `grad` is a tensor G or the CleanPassRecord of the same layer's clean call."""
+    return run_fused(_CPU, q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask,
+                     query_mask, dropout_p, generator, record, iat_max_bytes)
 
 
 def record_shape(record) -> tuple | None:

@@ -37,28 +37,21 @@ triton_attention_pool._define_op).
 from __future__ import annotations
 
 import contextlib
-import math
-import warnings
 from typing import Iterator, Optional
 
 import torch
 
 from python_ref.self_attention import self_attention_perturbation  # noqa: F401  (materialises r by definition)
 
-from . import reference_self_attention as _reference
 from .cpp_self_attention import (
     KIND_CLEAN,
     KIND_DENSE,
     KIND_HASH,
     KIND_NONE,
-    FusedCleanPass,
-    _check_dense_finite,
     _own,
-    _draw_seed,
-    _effective_bias,
-    _query_valid,
-    perturbation_coefficients,
-    record_shape,
+    FusedBackend,
+    FusedCleanPass,
+    run_fused,
 )
 from .triton_attention_pool import (
     AVAILABLE,
@@ -710,77 +703,15 @@ class _CleanPass(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------------------
 # The backend-module calls of fused_attn_at.self_attention
 
-_warned_dropout: list = []
+_TRITON = FusedBackend("triton", lambda *a: sa_fwd(*a), lambda *a: sa_rowsq(*a), lambda *a: _CleanPass.apply(*a),
+                       lambda dtype: dtype, _require)
 
 
 def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,
                         dropout_p, generator, record, iat_max_bytes):
     """(O [B, nh, Tq, dv], None); `grad` is a tensor G or the CleanPassRecord of the same layer's clean call."""
-    if kind == "iat" or dropout_p > 0 or (record is not None and record.keep_scores):
-        if dropout_p > 0 and not _warned_dropout and not torch.compiler.is_compiling():
-            _warned_dropout.append(True)
-            warnings.warn("fused_attn_at: the triton self-attention backend has no fused attention dropout yet; "
-                          "calls with dropout_p > 0 run the reference, which materialises [B, nh, Tq, Tk] maps (set "
-                          "the model's attention dropout to 0 to keep the fused kernels)", RuntimeWarning,
-                          stacklevel=4)
-        return _reference.perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm,
-                                              attn_mask, query_mask, dropout_p, generator, record, iat_max_bytes)
-    _require()
-    B, H, Tq, d = q.shape
-    Tk = k.shape[2]
-    acc = _acc_dtype(q.dtype)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    b = _effective_bias(bias, attn_mask, acc)
-    km = None if key_mask is None else key_mask.contiguous()
-    if record is not None:
-        record.clear()
-        record.shape = (B, H, Tq, Tk)
-        needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, b))
-        if needs_grad:
-            return _CleanPass.apply(q, k, v, b, km, causal, scale, record), None
-        return sa_fwd(q, k, v, km, b, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN)[0], None
-
-    pkind, dense, seed, clean, rows = KIND_NONE, None, 0, _NO_CLEAN, None
-    bd = None if b is None else b.detach()
-    if kind == "at":
-        fused = getattr(grad, "fused", None)
-        if fused is not None:  # a CleanPassRecord filled by a fused backend: recompute G block by block
-            if record_shape(grad) != (B, H, Tq, Tk):
-                raise ValueError(f"the CleanPassRecord holds a map of shape {record_shape(grad)}; this call's scores "
-                                 f"are {(B, H, Tq, Tk)}: pass the record of the same layer's clean call")
-            if fused.dout is None:
-                if not grad.backward_done:
-                    raise RuntimeError("no gradient has reached the clean scores of this attention call: "
-                                       "back-propagate the clean loss (and mark_backward_done()) before the "
-                                       "adversarial call")
-                # the clean loss does not depend on this call: G = 0, r = 0
-            else:
-                if hasattr(fused, "share_inputs"):
-                    fused.share_inputs(q.detach(), k.detach(), v.detach())
-                pkind, rows, clean = KIND_CLEAN, fused.row_sq_norms(), fused.clean_args()
-        else:
-            g = grad if isinstance(grad, torch.Tensor) else grad.gradient()  # a tensor, or a reference record
-            if tuple(g.shape) != (B, H, Tq, Tk):
-                raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(g.shape)}; this call's scores "
-                                 f"are {(B, H, Tq, Tk)}: pass the record of the same layer's clean call")
-            dense = g.detach().to(device=q.device, dtype=acc)
-    elif kind == "rp":
-        if noise is not None:
-            dense = noise.detach().to(acc)
-        else:
-            pkind, seed = KIND_HASH, _draw_seed(generator)
-            rows = sa_rowsq(q.detach(), k.detach(), km, bd, causal, None, seed)
-    if dense is not None:
-        _check_dense_finite("grad" if kind == "at" else "noise", dense, q.detach(), k.detach(), km, causal, bd,
-                            query_mask)
-        pkind = KIND_DENSE
-        rows = sa_rowsq(q.detach(), k.detach(), km, bd, causal, dense, 0)
-    coef = None
-    if pkind != KIND_NONE:
-        coef = perturbation_coefficients(rows, _query_valid(key_mask, query_mask, Tq, Tk), float(eps), norm)
-        coef = coef.to(acc)
-    out, _ = sa_fwd(q, k, v, km, b, causal, scale, pkind, coef, dense, seed, *clean)
-    return out, None
+    return run_fused(_TRITON, q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask,
+                     query_mask, dropout_p, generator, record, iat_max_bytes)
 
 
 def rp_noise(q: torch.Tensor, k: torch.Tensor, seed: int) -> torch.Tensor:
