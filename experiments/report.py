@@ -600,6 +600,43 @@ def released_iat_paired(results: Results, runs: list[Run]) -> list[str]:
             f"{showcase}."]
 
 
+def _paired_cell(a: dict[int, float], b: dict[int, float]) -> str:
+    """a - b paired by seed: the mean with its 95% t interval (2+ seeds), the one difference (1 seed), or n/a."""
+    paired = paired_by_seed(a, b)
+    if paired is not None:
+        seeds, mean, low, high = paired
+        return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    common = sorted(set(a) & set(b))
+    return f"{a[common[0]] - b[common[0]]:+.3f} (seed {common[0]})" if common else "n/a"
+
+
+def rerun_comparison(results: Results, runs: list[Run], baseline: list[Run], setting: str, base_setting: str
+                     ) -> list[str]:
+    """Issue 15's reruns under one changed setting: per method, the runs next to the baseline runs of the same
+    method and task (test accuracy, attention-gradient Pearson r), and their differences paired by seed; [] when
+    no run of `runs` has finished."""
+    if not results.finished(runs):
+        return []
+    lines = [f"| method | seeds done | {setting}: test accuracy | Pearson r | {base_setting}: test accuracy | "
+             "Pearson r | difference (paired by seed, 95% CI): accuracy | Pearson r |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r.method for r in runs):
+        mine = dict((r.seed, m) for r, m in results.finished([r for r in runs if r.method == method]))
+        datasets = {r.dataset for r in runs if r.method == method}
+        base = dict((r.seed, m) for r, m in results.finished(
+            [r for r in baseline if r.method == method and r.dataset in datasets]))
+        cells = []
+        for value in (lambda m: first_test(m)["accuracy"], pearson_r):
+            cells.append(_paired_cell({s: value(m) for s, m in mine.items()}, {s: value(m) for s, m in base.items()}))
+        n_grid = len([r for r in runs if r.method == method])
+        lines.append(f"| {method} | {seed_note(len(mine), n_grid)} | "
+                     f"{fmt([first_test(m)['accuracy'] for m in mine.values()])} | "
+                     f"{fmt([pearson_r(m) for m in mine.values()])} | "
+                     f"{fmt([first_test(m)['accuracy'] for m in base.values()])} | "
+                     f"{fmt([pearson_r(m) for m in base.values()])} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------- heat maps
 
 def copy_heatmap(run_dir: Path, metrics: dict, target: Path, max_width: int = 1100) -> bool:
@@ -1023,6 +1060,22 @@ def build(args) -> str:
             + ". " + default_eps_note(picks) + " (The main grid was run at eps 1 for every method; rerunning it "
               "at the picked values is left for a longer session.)", ""]
     doc += eps_attention_table(results, eps_runs, peakedness) + [""]
+    sst_main = [r for r in main if r.dataset == "sst"]
+    picked_runs = load_grid(args.picked_eps_grid) if args.picked_eps_grid else []
+    picked = rerun_comparison(results, [r for r in picked_runs if r.dataset == "sst"], sst_main, "picked eps",
+                              "main grid (eps 1)")
+    if picked:
+        doc += ["### The attention methods at their picked eps (issue 15)", "",
+                f"Grid `{args.picked_eps_grid}`: SST, each attention method at the eps picked on the dev set "
+                "above, against the same method at eps 1 in the main grid (`--main-grid`); every other setting the "
+                "same. A difference whose interval includes 0 is not shown to be one.", ""] + picked + [""]
+        for dataset in dict.fromkeys(r.dataset for r in picked_runs if r.dataset != "sst"):
+            cells = [r for r in picked_runs if r.dataset == dataset]
+            left = len(cells) - len(results.finished(cells))
+            if left:
+                doc += [f"{left} of the grid's {len(cells)} {dataset} runs have not run (the issue asks for them if "
+                        f"time allows): `python experiments/sweep.py --grid {args.picked_eps_grid} --datasets "
+                        f"{dataset}`.", ""]
     doc += ["## 4. The released code's behaviour vs the paper (SPEC)", "",
             "`--compat released` reproduces the authors' released code (SPEC, last section): three network "
             "passes per step, a parameter gradient of 2 L_clean + lambda L_adv, and iAT stepping along -g. "
@@ -1031,6 +1084,16 @@ def build(args) -> str:
     doc += compat_table(results, compat_runs)
     doc += compat_discussion(results, compat_runs, main)
     doc += released_iat_paired(results, load_grid(args.released_grid) if args.released_grid else [])
+    recipe = rerun_comparison(results, load_grid(args.recipe_grid) if args.recipe_grid else [], sst_main,
+                              "released recipe", "this project's recipe")
+    if recipe:
+        doc += ["", "### The authors' SST preprocessing (issue 15)", "",
+                f"Grid `{args.recipe_grid}`: `--sst-recipe released` (the released code's SST preprocessing: "
+                "non-word characters deleted, no `qqq` token, sentences of 5 tokens or fewer dropped from every "
+                "split) against this project's recipe, same methods and settings (main grid's SST runs). The "
+                "authors used 300-d fastText vectors, which are not available here: both use the shipped GloVe "
+                "6B 50-d vectors. The test sets differ (the released recipe drops the short test sentences), so "
+                "the differences compare two evaluations, not only two trainings.", ""] + recipe
     doc += ["", "## 5. Heat maps: attention vs gradient importance on the same SST test sentences", "",
             "The first six SST test sentences of 6 to 30 tokens, for the seed-1 main-grid models; each row is "
             "scaled by its own maximum (train.py writes these; an HTML version with the raw values on hover is in "
@@ -1099,6 +1162,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write even when the existing report was built from more finished runs than are here")
     parser.add_argument("--released-grid", default="repro_released_iat",
                         help="grid of the seed-paired released iAT vs vanilla comparison; '' = none")
+    parser.add_argument("--picked-eps-grid", default="repro_picked_eps",
+                        help="grid of the attention methods at their dev-picked eps (vs eps 1 in --main-grid); "
+                             "'' = none")
+    parser.add_argument("--recipe-grid", default="repro_sst_released",
+                        help="grid of the runs under --sst-recipe released (vs --main-grid's SST runs); '' = none")
     parser.add_argument("--attention-stats", action=argparse.BooleanOptionalAction, default=True,
                         help="measure how peaked each seed-1 and eps-grid model's attention is from its best.pt "
                              "(~25 min of CPU for all of them, measured on 2026-11-29; kept in each run folder as "

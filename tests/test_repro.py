@@ -462,6 +462,36 @@ def test_report_pairs_released_iat_with_vanilla_by_seed(tmp_path):
     assert report.released_iat_paired(report.Results(tmp_path), vanilla[:1] + released[:1]) == []
 
 
+def test_report_compares_a_rerun_setting_with_its_baseline_by_seed(tmp_path):
+    """Issue 15 items 6 and 'Also': the picked-eps and released-recipe tables put each method's reruns next to the
+    same method's baseline runs, with the mean paired difference and its 95% t interval (2+ seeds), the single
+    difference (1 seed), or n/a (no partner); no finished rerun: no table."""
+    report = script("report")
+    from sweep import Run
+
+    base = [Run("sst", "attention_at", s, 1.0) for s in (1, 2, 3)] + [Run("sst", "vanilla", 1, None)]
+    picked = [Run("sst", "attention_at", s, 0.5) for s in (1, 2, 3)]
+    recipe = [Run("sst", "vanilla", 1, None, (("sst-recipe", "released"),)),
+              Run("sst", "word_at", 1, 1.0, (("sst-recipe", "released"),))]
+    assert report.rerun_comparison(report.Results(tmp_path), picked, base, "picked eps", "eps 1") == []
+    for run, r in zip(base, (0.70, 0.75, 0.72, 0.8)):
+        fake_run(tmp_path, run, 0.80, r)
+    for run, r in zip(picked, (0.80, 0.77, 0.78)):
+        fake_run(tmp_path, run, 0.81, r)
+    for run in recipe:
+        fake_run(tmp_path, run, 0.75, 0.6)
+    results = report.Results(tmp_path)
+    lines = report.rerun_comparison(results, picked, base, "picked eps", "eps 1")
+    assert lines[0].startswith("| method | seeds done | picked eps: test accuracy |")
+    row = next(line for line in lines if line.startswith("| attention_at |"))
+    assert "| 3/3 |" in row and "+0.010 [+0.010, +0.010]" in row and "+0.060 [-0.039, +0.159]" in row
+    lines = report.rerun_comparison(results, recipe, base, "released recipe", "ours")
+    vanilla = next(line for line in lines if line.startswith("| vanilla |"))
+    assert "-0.050 (seed 1)" in vanilla and "-0.200 (seed 1)" in vanilla
+    word_at = next(line for line in lines if line.startswith("| word_at |"))
+    assert word_at.endswith("| n/a | n/a |") and "not run" in word_at
+
+
 def test_report_refuses_to_shrink_a_report_built_from_more_runs(tmp_path):
     """A fresh machine without the run folders must not silently replace RESULTS.md (built from 125 runs) with a
     report of the few runs it has: report.py stops before writing anything, unless --force."""
