@@ -13,18 +13,14 @@ import torch
 
 import fused_attn_at
 import python_ref
+import _self_attention_cases as cases
+from _self_attention_cases import F64
+from _self_attention_cases import leaves as _leaves
+from _self_attention_cases import map_shape as _map_shape
+from _self_attention_cases import t as _t
 from fused_attn_at.ops import cpp_self_attention as cpu_sa
 
 pytestmark = pytest.mark.skipif(not cpu_sa.AVAILABLE, reason=f"cpu backend: {cpu_sa.UNAVAILABLE_REASON}")
-
-F64 = torch.float64
-
-
-def _t(*shape, seed=0, dtype=F64, grad=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=g, dtype=dtype)
-    return x.requires_grad_(grad)
-
 
 # name: B, nh, Tq, Tk, d, dv, key-mask pattern, causal, bias shape (None = no bias), attn_mask
 CASES = {
@@ -38,33 +34,7 @@ CASES = {
 
 
 def make_case(name, seed=0):
-    B, nh, Tq, Tk, d, dv, mask, causal, bias_shape, with_attn_mask = CASES[name]
-    q, k, v = _t(B, nh, Tq, d, seed=seed, grad=True), _t(B, nh, Tk, d, seed=seed + 1, grad=True), \
-        _t(B, nh, Tk, dv, seed=seed + 2, grad=True)
-    key_mask = None
-    if mask is not None:
-        key_mask = torch.ones(B, Tk, dtype=torch.bool)
-        key_mask[-1, Tk - Tk // 3:] = False
-        if mask == "empty":
-            key_mask[0] = False  # example 0: every query row fully masked
-    bias = None
-    if bias_shape is not None:
-        bias = _t(*bias_shape, Tq, Tk, seed=seed + 3)
-        bias[..., 1, :] = -math.inf  # a fully masked row in every example/head
-        bias[..., 2, ::3] = -math.inf
-        bias.requires_grad_(True)
-    attn_mask = None
-    if with_attn_mask:
-        g = torch.Generator().manual_seed(seed + 4)
-        attn_mask = torch.rand(B, 1, Tq, Tk, generator=g) > 0.3
-        attn_mask[:, :, 0] = False
-    kw = dict(causal=causal, bias=bias, attn_mask=attn_mask)
-    return (q, k, v, key_mask), kw
-
-
-def _leaves(args, kw):
-    q, k, v, _ = args
-    return [x for x in (q, k, v, kw.get("bias")) if x is not None and x.requires_grad]
+    return cases.make_case(CASES, name, seed)
 
 
 def _compare(out, ref, args, kw, atol=1e-10):
@@ -79,23 +49,12 @@ def _compare(out, ref, args, kw, atol=1e-10):
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-9)
 
 
-def _map_shape(args):
-    q, k, _, _ = args
-    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("kind,norm", [(None, "example"), ("at", "example"), ("at", "row"), ("rp", "example"),
                                        ("rp", "row"), ("iat", "example")])
 def test_values_and_gradients_vs_reference(name, kind, norm):
     args, kw = make_case(name)
-    extra = dict(perturbation=kind, norm=norm, eps=1.7)
-    if kind in ("at", "iat"):
-        extra["grad"] = _t(*_map_shape(args), seed=7)
-    if kind == "rp":
-        extra["noise"] = _t(*_map_shape(args), seed=8)
-    out = fused_attn_at.perturbed_attention(*args, **kw, **extra, backend="cpu")
-    ref = python_ref.perturbed_attention(*args, **kw, **extra)
+    out, ref = cases.values_vs_reference(args, kw, kind, norm, "cpu")
     _compare(out, ref, args, kw)
 
 
@@ -127,11 +86,7 @@ def test_rp_hashed_noise_equals_reference_fed_the_same_noise(name, norm):
     """RP without a noise tensor: the kernels hash standard normal numbers from a seed drawn from `generator`;
     the reference given those numbers (sa_rp_noise materialises them) gives the same values and gradients."""
     args, kw = make_case(name)
-    out = fused_attn_at.perturbed_attention(*args, **kw, perturbation="rp", norm=norm, eps=0.9, backend="cpu",
-                                            generator=torch.Generator().manual_seed(3))
-    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)).item())
-    noise = cpu_sa.rp_noise(args[0].detach(), args[1].detach(), seed)
-    ref = python_ref.perturbed_attention(*args, **kw, perturbation="rp", norm=norm, eps=0.9, noise=noise)
+    out, ref = cases.rp_seeded_vs_reference(args, kw, "cpu", cpu_sa.rp_noise, norm=norm)
     _compare(out, ref, args, kw)
 
 
@@ -227,19 +182,11 @@ def test_float32_strided_inputs_and_nan_check(monkeypatch, isa):
 # AT through a CleanPassRecord: G recomputed block by block from the clean pass
 
 
-def _clean_then_adv(args, kw, backend, norm, clean_loss_w, seed=0):
-    """Clean call with a record, backward of a clean loss, adversarial call with the record; returns (out_adv,
-    grads of L_clean + L_adv wrt the leaves)."""
-    rec = fused_attn_at.CleanPassRecord()
-    clean = fused_attn_at.perturbed_attention(*args, **kw, record=rec, backend=backend)
-    leaves = _leaves(args, kw)
-    g_clean = torch.autograd.grad((clean * clean_loss_w).sum(), leaves, retain_graph=False)
-    rec.mark_backward_done()
-    adv = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec, eps=1.3, norm=norm,
-                                            backend=backend)
-    w = _t(*adv.shape, seed=seed + 50)
-    g_adv = torch.autograd.grad((adv * w).sum(), leaves)
-    return adv, [a + b for a, b in zip(g_clean, g_adv)]
+def _clean_then_adv(args, kw, backend, norm, clean_loss_w):
+    """(out_adv, grads of L_clean + L_adv wrt the leaves): _self_attention_cases.clean_then_adv without the
+    record."""
+    adv, grads, _ = cases.clean_then_adv(args, kw, backend, norm, clean_loss_w)
+    return adv, grads
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -271,18 +218,8 @@ def test_record_filled_by_cpu_materialises_g_for_the_reference():
 
 
 def test_record_errors_and_zero_gradient():
-    args, kw = make_case("padding")
-    rec = fused_attn_at.CleanPassRecord()
-    fused_attn_at.perturbed_attention(*args, record=rec, backend="cpu")
-    with pytest.raises(RuntimeError, match="no gradient has reached the clean scores"):
-        fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend="cpu")
-    rec.mark_backward_done()  # the clean loss did not use this call: G = 0, r = 0
-    out = fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend="cpu")
-    torch.testing.assert_close(out, fused_attn_at.perturbed_attention(*args, backend="cpu"))
-    q, k, v, m = args
-    with pytest.raises(ValueError, match="CleanPassRecord holds a map of shape"):
-        fused_attn_at.perturbed_attention(q[:, :1], k[:, :1], v[:, :1], m, perturbation="at", grad=rec,
-                                          backend="cpu")
+    args, _ = make_case("padding")
+    cases.check_record_errors_and_zero_gradient(args, "cpu", lambda a: (a[0][:, :1], a[1][:, :1], a[2][:, :1], a[3]))
 
 
 def test_record_two_backwards_accumulate_g():
@@ -382,13 +319,7 @@ def test_self_attention_at_step_cpu_equals_reference(perturbation, causal):
 def test_gradcheck(kind, size):
     # block_edges crosses the 64-query and 128-key blocks (fast mode: a random projection of the Jacobian)
     B, nh, Tq, Tk, d = (2, 2, 5, 7, 3) if size == "small" else (2, 1, 66, 130, 2)
-    q, k, v = _t(B, nh, Tq, d, seed=1, grad=True), _t(B, nh, Tk, d, seed=2, grad=True), \
-        _t(B, nh, Tk, d, seed=3, grad=True)
-    key_mask = torch.ones(B, Tk, dtype=torch.bool)
-    key_mask[1, Tk - 3:] = False
-    attn_mask = torch.ones(1, 1, Tq, Tk, dtype=torch.bool)
-    attn_mask[..., 3, :] = False  # a fully masked row
-    bias = (_t(1, nh, Tq, Tk, seed=4) * 0.3).requires_grad_(True)
+    q, k, v, key_mask, attn_mask, bias = cases.gradcheck_inputs(B, nh, Tq, Tk, d)
     kw = dict(causal=True, attn_mask=attn_mask, query_mask=torch.ones(B, Tq, dtype=torch.bool), eps=0.8)
     if kind == "at":
         kw.update(perturbation="at", grad=_t(B, nh, Tq, Tk, seed=5))
@@ -414,21 +345,8 @@ def test_gradcheck(kind, size):
     assert torch.autograd.gradcheck(f, inputs, atol=1e-7, fast_mode=size != "small")
 
 
-def _op_args(kind, dtype=F64, bias_grad=False):
-    B, nh, Tq, Tk, d = 2, 2, 5, 7, 3
-    q, k, v = _t(B, nh, Tq, d, seed=1, dtype=dtype), _t(B, nh, Tk, d, seed=2, dtype=dtype), \
-        _t(B, nh, Tk, 4, seed=3, dtype=dtype)
-    key_mask = torch.ones(B, Tk, dtype=torch.bool)
-    key_mask[1, 5:] = False
-    bias = _t(1, nh, Tq, Tk, seed=4, dtype=dtype)
-    coef = _t(B, nh, Tq, seed=5, dtype=dtype).abs() if kind else None
-    dense = _t(B, nh, Tq, Tk, seed=6, dtype=dtype) if kind == 1 else None
-    clean = (None,) * 7
-    if kind == 3:
-        cout, clse = torch.ops.fused_attn_at.sa_fwd(q, k, v, key_mask, bias, False, 0.5, 0, None, None, 0,
-                                                    *(None,) * 7)
-        clean = (q, k, v, cout, _t(B, nh, Tq, 4, seed=8, dtype=dtype), clse, bias)
-    return q, k, v, key_mask, bias, coef, dense, clean
+def _op_args(kind, dtype=F64):
+    return cases.op_args(torch.ops.fused_attn_at, 2, kind, dtype)
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2, 3])
@@ -456,16 +374,7 @@ def test_opcheck_sa_bwd_rowsq_noise(kind):
 @pytest.mark.parametrize("kind", [None, "at"])
 def test_compile_fullgraph_matches_eager(kind):
     args, kw = make_case("causal_bias")
-    torch._dynamo.reset()
-    extra = {} if kind is None else dict(perturbation="at", grad=_t(2, 2, 70, 70, seed=5), norm="row")
-
-    def f(q, k, v, key_mask, bias):
-        return fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True, bias=bias, backend="cpu", **extra)
-
-    compiled = torch.compile(f, fullgraph=True, dynamic=False)
-    q, k, v, m = args
-    out = compiled(q, k, v, m, kw["bias"])
-    ref = f(q, k, v, m, kw["bias"])
+    out, ref = cases.compiled_and_eager(args, kw, kind, "cpu")
     _compare(out, ref, args, kw)
 
 
@@ -484,30 +393,8 @@ def test_half_precision_runs_in_float32():
 
 
 def test_errors_and_what_runs_the_reference():
-    args, kw = make_case("padding")
-    q, k, v, m = args
-    bad = q.detach().clone()
-    bad[0, 0, 0, 0] = math.nan
-    with pytest.raises(ValueError, match=r"scores \(scale \* q k\^T \+ bias\) holds NaN or inf"):
-        fused_attn_at.perturbed_attention(bad, k, v, m, backend="cpu")
-    g = _t(2, 2, 67, 67, seed=1)
-    g[0, 0, 0, 0] = math.inf
-    with pytest.raises(ValueError, match="grad holds NaN or inf"):
-        fused_attn_at.perturbed_attention(q, k, v, m, perturbation="at", grad=g, backend="cpu")
-    # iAT runs the reference, with its memory limit
-    with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):
-        fused_attn_at.perturbed_attention(q, k, v, m, perturbation="iat", grad=_t(2, 2, 67, 67), backend="cpu",
-                                          iat_max_bytes=1000)
-    cpu_sa._CPU.warned_dropout = False
-    with pytest.warns(RuntimeWarning, match="no fused attention dropout yet"):
-        out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.5, backend="cpu")
-    assert out.shape == (2, 2, 67, 5)
-    res = fused_attn_at.perturbed_attention(q, k, v, m, return_attention=True, backend="cpu")
-    assert res.attention.shape == (2, 2, 67, 67)
-    with pytest.raises(ValueError, match="backend must be None, 'cpu', 'triton' or 'reference'"):
-        fused_attn_at.perturbed_attention(q, k, v, backend="flash")
-    with pytest.raises(NotImplementedError, match="not built yet"):
-        fused_attn_at.perturbed_attention(q, k, v, backend="cuda")
+    args, _ = make_case("padding")
+    cases.check_errors_and_what_runs_the_reference(args, "cpu", cpu_sa._CPU)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -529,20 +416,14 @@ def _largest_tensors(backend, perturbation, B, T, D, nh):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
         step = at.step(lambda: torch.nn.functional.cross_entropy(model(x, mask), y))
     assert torch.isfinite(step.loss)
-    events = prof.events()
-    allocated = max(e.self_cpu_memory_usage for e in events)
-    numel = max((math.prod(shape) for e in events for shape in (e.input_shapes or [])
-                 if isinstance(shape, list) and shape and all(isinstance(n, int) for n in shape)), default=0)
-    return allocated, numel
+    return cases.largest_sizes(prof)
 
 
 @pytest.mark.parametrize("perturbation", ["at", "rp"])
 def test_memory_at_step_allocates_no_map(perturbation):
     B, T, D, nh = 1, 2048, 16, 1
     map_numel = B * nh * T * T
-    allocated, numel = _largest_tensors("cpu", perturbation, B, T, D, nh)
-    assert allocated < map_numel * 4 // 8, f"an op allocated {allocated} bytes (a map is {map_numel * 4})"
-    assert numel < map_numel // 8, f"an op read a tensor of {numel} elements (a map is {map_numel})"
+    cases.assert_no_map(*_largest_tensors("cpu", perturbation, B, T, D, nh), map_numel)
     if perturbation == "at":  # the measurement sees the maps where they exist
         allocated, numel = _largest_tensors("reference", perturbation, B, T, D, nh)
         assert allocated >= map_numel * 4 and numel >= map_numel

@@ -17,7 +17,12 @@ import torch
 
 import fused_attn_at
 import python_ref
+import _self_attention_cases as cases
 from _helpers import ATOL, assert_within_rule, assert_within_ulp_rule, require_backend
+from _self_attention_cases import F64
+from _self_attention_cases import leaves as _leaves
+from _self_attention_cases import map_shape as _map_shape
+from _self_attention_cases import t as _t
 
 try:
     from fused_attn_at.ops import triton_self_attention as tsa
@@ -25,7 +30,6 @@ except Exception as exc:  # pragma: no cover - a broken triton install; require_
     tsa = None
     _IMPORT_ERROR = exc
 
-F64 = torch.float64
 BLOCK = 16
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")  # no torch.compile of the interpreter
 
@@ -36,11 +40,6 @@ def _triton_small_blocks():
     assert tsa is not None
     with tsa.launch_overrides(block_m=BLOCK, block_n=BLOCK):
         yield
-
-
-def _t(*shape, seed=0, dtype=F64, grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad)
 
 
 # name: B, nh, Tq, Tk, d, dv, key-mask pattern, causal, bias shape (None = no bias), attn_mask
@@ -54,32 +53,7 @@ CASES = {
 
 
 def make_case(name, seed=0, dtype=F64):
-    B, nh, Tq, Tk, d, dv, mask, causal, bias_shape, with_attn_mask = CASES[name]
-    q, k, v = (_t(B, nh, Tq, d, seed=seed, dtype=dtype, grad=True), _t(B, nh, Tk, d, seed=seed + 1, dtype=dtype,
-               grad=True), _t(B, nh, Tk, dv, seed=seed + 2, dtype=dtype, grad=True))
-    key_mask = None
-    if mask is not None:
-        key_mask = torch.ones(B, Tk, dtype=torch.bool)
-        key_mask[-1, Tk - Tk // 3:] = False
-        if mask == "empty":
-            key_mask[0] = False  # example 0: every query row fully masked
-    bias = None
-    if bias_shape is not None:
-        bias = _t(*bias_shape, Tq, Tk, seed=seed + 3, dtype=dtype)
-        bias[..., 1, :] = -math.inf  # a fully masked row in every example/head
-        bias[..., 2, ::3] = -math.inf
-        bias.requires_grad_(True)
-    attn_mask = None
-    if with_attn_mask:
-        g = torch.Generator().manual_seed(seed + 4)
-        attn_mask = torch.rand(B, 1, Tq, Tk, generator=g) > 0.3
-        attn_mask[:, :, 0] = False
-    return (q, k, v, key_mask), dict(causal=causal, bias=bias, attn_mask=attn_mask)
-
-
-def _leaves(args, kw):
-    q, k, v, _ = args
-    return [x for x in (q, k, v, kw.get("bias")) if x is not None and x.requires_grad]
+    return cases.make_case(CASES, name, seed, dtype)
 
 
 def _with_grads(out, args, kw, seed=99, w_dtype=torch.float32):
@@ -101,11 +75,6 @@ def _compare(out, ref, args, kw, atol=1e-10):
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
-def _map_shape(args):
-    q, k, _, _ = args
-    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Values and gradients vs the reference, float64
 
@@ -118,15 +87,9 @@ VALUE_CASES += [("b1_causal_pad_tq_gt_tk", "iat", "example"), ("cross_fullymaske
 @pytest.mark.parametrize("name,kind,norm", VALUE_CASES)
 def test_values_and_gradients_vs_reference(name, kind, norm):
     args, kw = make_case(name)
-    extra = dict(perturbation=kind, norm=norm, eps=1.7)
-    if kind in ("at", "iat"):
-        extra["grad"] = _t(*_map_shape(args), seed=7)
-    if kind == "rp":
-        extra["noise"] = _t(*_map_shape(args), seed=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # iAT with a batch of one
-        out = fused_attn_at.perturbed_attention(*args, **kw, **extra, backend="triton")
-        ref = python_ref.perturbed_attention(*args, **kw, **extra)
+        out, ref = cases.values_vs_reference(args, kw, kind, norm, "triton")
     _compare(out, ref, args, kw)
 
 
@@ -146,12 +109,7 @@ def test_rp_in_kernel_noise_equals_reference_fed_the_same_noise(name):
     gradients."""
     args, kw = make_case(name)
     with tsa.launch_overrides(block_m=32, block_n=32):  # the in-kernel Philox is slow under the interpreter
-        out = fused_attn_at.perturbed_attention(*args, **kw, perturbation="rp", eps=0.9, backend="triton",
-                                                generator=torch.Generator().manual_seed(3))
-    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)).item())
-    noise = tsa.rp_noise(args[0].detach(), args[1].detach(), seed)
-    ref = python_ref.perturbed_attention(*args, **kw, perturbation="rp", eps=0.9, noise=noise)
-    with tsa.launch_overrides(block_m=32, block_n=32):
+        out, ref = cases.rp_seeded_vs_reference(args, kw, "triton", tsa.rp_noise)
         _compare(out, ref, args, kw)
 
 
@@ -174,25 +132,13 @@ def test_rp_noise_is_standard_normal_and_seeded():
 # AT through a CleanPassRecord: G recomputed block by block from the clean pass
 
 
-def _clean_then_adv(args, kw, backend, norm, clean_loss_w):
-    rec = fused_attn_at.CleanPassRecord()
-    clean = fused_attn_at.perturbed_attention(*args, **kw, record=rec, backend=backend)
-    leaves = _leaves(args, kw)
-    g_clean = torch.autograd.grad((clean * clean_loss_w).sum(), leaves)
-    rec.mark_backward_done()
-    adv = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec, eps=1.3, norm=norm,
-                                            backend=backend)
-    g_adv = torch.autograd.grad((adv * _t(*adv.shape, seed=50)).sum(), leaves)
-    return adv, [a + b for a, b in zip(g_clean, g_adv)], rec
-
-
 @pytest.mark.parametrize("name,norm", [("causal_bias", "example"), ("cross_fullymasked_bias_inf", "row"),
                                        ("attn_mask_rows", "example")])
 def test_at_through_record_matches_reference(name, norm):
     args, kw = make_case(name)
     w = _t(*args[0].shape[:3], args[2].shape[3], seed=31)
-    adv1, g1, rec = _clean_then_adv(args, kw, "triton", norm, w)
-    adv2, g2, rec_ref = _clean_then_adv(args, kw, "reference", norm, w)
+    adv1, g1, rec = cases.clean_then_adv(args, kw, "triton", norm, w)
+    adv2, g2, rec_ref = cases.clean_then_adv(args, kw, "reference", norm, w)
     assert isinstance(rec.fused, tsa.TritonCleanPass) and rec.grad is None
     torch.testing.assert_close(adv1, adv2, atol=1e-10, rtol=1e-9)
     for a, b in zip(g1, g2):
@@ -205,17 +151,8 @@ def test_at_through_record_matches_reference(name, norm):
 
 
 def test_record_errors_and_zero_gradient():
-    args, kw = make_case("padding")
-    rec = fused_attn_at.CleanPassRecord()
-    fused_attn_at.perturbed_attention(*args, record=rec, backend="triton")
-    with pytest.raises(RuntimeError, match="no gradient has reached the clean scores"):
-        fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend="triton")
-    rec.mark_backward_done()  # the clean loss did not use this call: G = 0, r = 0
-    out = fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend="triton")
-    torch.testing.assert_close(out, fused_attn_at.perturbed_attention(*args, backend="triton"))
-    q, k, v, m = args
-    with pytest.raises(ValueError, match="CleanPassRecord holds a map of shape"):
-        fused_attn_at.perturbed_attention(q[:1], k[:1], v[:1], m[:1], perturbation="at", grad=rec, backend="triton")
+    args, _ = make_case("padding")
+    cases.check_record_errors_and_zero_gradient(args, "triton", lambda a: tuple(x[:1] for x in a))
 
 
 def test_at_record_path_allocates_no_map():
@@ -237,13 +174,7 @@ def test_at_record_path_allocates_no_map():
                                                 backend="triton")
         adv.square().sum().backward()
     assert torch.isfinite(adv).all() and adv.shape == (B, nh, T, d)
-    map_numel = B * nh * T * T
-    events = prof.events()
-    allocated = max(e.self_cpu_memory_usage for e in events)
-    numel = max((math.prod(shape) for e in events for shape in (e.input_shapes or [])
-                 if isinstance(shape, list) and shape and all(isinstance(n, int) for n in shape)), default=0)
-    assert allocated < map_numel * 4 // 8, f"an op allocated {allocated} bytes (a map is {map_numel * 4})"
-    assert numel < map_numel // 8, f"an op read a tensor of {numel} elements (a map is {map_numel})"
+    cases.assert_no_map(*cases.largest_sizes(prof), B * nh * T * T)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,13 +231,7 @@ def test_low_precision_within_the_tolerance_rules(kind, dtype, low_p):
 @pytest.mark.parametrize("kind", [None, "at", "rp_seed"])
 def test_gradcheck(kind):
     B, nh, Tq, Tk, d = 1, 1, 5, 18, 3  # 18 keys: two key blocks
-    q, k, v = _t(B, nh, Tq, d, seed=1, grad=True), _t(B, nh, Tk, d, seed=2, grad=True), \
-        _t(B, nh, Tk, d, seed=3, grad=True)
-    key_mask = torch.ones(B, Tk, dtype=torch.bool)
-    key_mask[0, Tk - 3:] = False
-    attn_mask = torch.ones(1, 1, Tq, Tk, dtype=torch.bool)
-    attn_mask[..., 3, :] = False  # a fully masked row
-    bias = (_t(1, nh, Tq, Tk, seed=4) * 0.3).requires_grad_(True)
+    q, k, v, key_mask, attn_mask, bias = cases.gradcheck_inputs(B, nh, Tq, Tk, d)
     kw = dict(causal=True, attn_mask=attn_mask, eps=0.8)
     if kind == "at":
         kw.update(perturbation="at", grad=_t(B, nh, Tq, Tk, seed=5))
@@ -319,20 +244,7 @@ def test_gradcheck(kind):
 
 
 def _op_args(kind, dtype=F64):
-    B, nh, Tq, Tk, d = 2, 1, 5, 7, 3
-    q, k, v = _t(B, nh, Tq, d, seed=1, dtype=dtype), _t(B, nh, Tk, d, seed=2, dtype=dtype), \
-        _t(B, nh, Tk, 4, seed=3, dtype=dtype)
-    key_mask = torch.ones(B, Tk, dtype=torch.bool)
-    key_mask[1, 5:] = False
-    bias = _t(1, nh, Tq, Tk, seed=4, dtype=dtype)
-    coef = _t(B, nh, Tq, seed=5, dtype=dtype).abs() if kind else None
-    dense = _t(B, nh, Tq, Tk, seed=6, dtype=dtype) if kind == 1 else None
-    clean = (None,) * 7
-    if kind == 3:
-        cout, clse = torch.ops.fused_attn_at_triton.sa_fwd(q, k, v, key_mask, bias, False, 0.5, 0, None, None, 0,
-                                                           *(None,) * 7)
-        clean = (q, k, v, cout, _t(B, nh, Tq, 4, seed=8, dtype=dtype), clse, bias)
-    return q, k, v, key_mask, bias, coef, dense, clean
+    return cases.op_args(torch.ops.fused_attn_at_triton, 1, kind, dtype)
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2, 3])
@@ -357,17 +269,8 @@ def test_opcheck(kind):
 @pytest.mark.parametrize("kind", [None, "at"])
 def test_compile_fullgraph_matches_eager(kind):
     args, kw = make_case("causal_bias")
-    torch._dynamo.reset()
-    extra = {} if kind is None else dict(perturbation="at", grad=_t(2, 1, 33, 33, seed=5), norm="row")
-
-    def f(q, k, v, key_mask, bias):
-        return fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True, bias=bias, backend="triton",
-                                                 **extra)
-
-    compiled = torch.compile(f, fullgraph=True, dynamic=False, backend="aot_eager")
-    q, k, v, m = args
-    out = compiled(q, k, v, m, kw["bias"])
-    _compare(out, f(q, k, v, m, kw["bias"]), args, kw)
+    out, ref = cases.compiled_and_eager(args, kw, kind, "triton", compile_backend="aot_eager")
+    _compare(out, ref, args, kw)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,29 +296,9 @@ def test_dispatch_and_default_backend(monkeypatch):
 
 
 def test_errors_and_what_runs_the_reference():
-    args, kw = make_case("padding")
+    args, _ = make_case("padding")
     q, k, v, m = args
-    bad = q.detach().clone()
-    bad[0, 0, 0, 0] = math.nan
-    with pytest.raises(ValueError, match=r"scores \(scale \* q k\^T \+ bias\) holds NaN or inf"):
-        fused_attn_at.perturbed_attention(bad, k, v, m, backend="triton")
     padded_nan = k.detach().clone()
     padded_nan[-1, :, -1] = math.nan  # a padded key: never part of a score
     assert torch.isfinite(fused_attn_at.perturbed_attention(q, padded_nan, v, m, backend="triton")).all()
-    g = _t(2, 1, 35, 35, seed=1)
-    g[0, 0, 0, 0] = math.inf
-    with pytest.raises(ValueError, match="grad holds NaN or inf"):
-        fused_attn_at.perturbed_attention(q, k, v, m, perturbation="at", grad=g, backend="triton")
-    with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):  # iAT runs the reference, with its limit
-        fused_attn_at.perturbed_attention(q, k, v, m, perturbation="iat", grad=_t(2, 1, 35, 35), backend="triton",
-                                          iat_max_bytes=1000)
-    tsa._TRITON.warned_dropout = False
-    with pytest.warns(RuntimeWarning, match="no fused attention dropout yet"):
-        out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.5, backend="triton")
-    assert out.shape == (2, 1, 35, 5)
-    res = fused_attn_at.perturbed_attention(q, k, v, m, return_attention=True, backend="triton")
-    assert res.attention.shape == (2, 1, 35, 35)
-    with pytest.raises(ValueError, match="backend must be None, 'cpu', 'triton' or 'reference'"):
-        fused_attn_at.perturbed_attention(q, k, v, backend="flash")
-    with pytest.raises(NotImplementedError, match="not built yet"):
-        fused_attn_at.perturbed_attention(q, k, v, backend="cuda")
+    cases.check_errors_and_what_runs_the_reference(args, "triton", tsa._TRITON)

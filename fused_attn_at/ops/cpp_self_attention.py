@@ -72,6 +72,26 @@ def why_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def sa_fwd_autograd(sa_bwd) -> tuple:
+    """(backward, setup_context) that make a backend's sa_fwd op differentiable through its sa_bwd op, for
+    register_autograd(backward, setup_context=setup_context)."""
+
+    def setup_context(ctx, inputs, output):
+        (q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo, clse, cbias) = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, key_mask, bias, coef, dense, cq, ck, cv, co, cdo, clse, cbias)
+        ctx.causal, ctx.scale, ctx.kind, ctx.seed = causal, scale, kind, seed
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, key_mask, bias, coef, dense, cq, ck, cv, co, cdo, clse, cbias = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, dbias, _ = sa_bwd(dout, q, k, v, out, lse, key_mask, bias, ctx.causal, ctx.scale, bias_grad,
+                                      ctx.kind, coef, dense, ctx.seed, cq, ck, cv, co, cdo, clse, cbias)
+        return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 13
+
+    return backward, setup_context
+
+
 if AVAILABLE:
     _ops = torch.ops.fused_attn_at
 
@@ -96,19 +116,7 @@ if AVAILABLE:
     def _sa_rp_noise_fake(q, k, seed):
         return q.new_empty((*q.shape[:3], k.shape[2]))
 
-    def _sa_fwd_setup(ctx, inputs, output):
-        (q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo, clse, cbias) = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, key_mask, bias, coef, dense, cq, ck, cv, co, cdo, clse, cbias)
-        ctx.causal, ctx.scale, ctx.kind, ctx.seed = causal, scale, kind, seed
-
-    def _sa_fwd_backward(ctx, dout, dlse):
-        q, k, v, out, lse, key_mask, bias, coef, dense, cq, ck, cv, co, cdo, clse, cbias = ctx.saved_tensors
-        bias_grad = bias is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dbias, _ = _ops.sa_bwd(dout, q, k, v, out, lse, key_mask, bias, ctx.causal, ctx.scale, bias_grad,
-                                           ctx.kind, coef, dense, ctx.seed, cq, ck, cv, co, cdo, clse, cbias)
-        return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 13
-
+    _sa_fwd_backward, _sa_fwd_setup = sa_fwd_autograd(lambda *a: _ops.sa_bwd(*a))
     torch.library.register_autograd("fused_attn_at::sa_fwd", _sa_fwd_backward, setup_context=_sa_fwd_setup)
 
 
@@ -155,10 +163,15 @@ class FusedCleanPass:
         """sum_j G[b, h, i, j]^2, [B, nh, Tq]."""
         if self.gsq is None:
             with torch.no_grad():
-                self.gsq = _ops.sa_bwd(self.dout, self.q, self.k, self.v, self.delta, self.lse, self.key_mask,
-                                       self.bias, self.causal, self.scale, False, KIND_NONE, None, None, 0,
-                                       *_NO_CLEAN)[4]
+                self.gsq = self._sa_bwd(self.dout, self.q, self.k, self.v, self.delta, self.lse, self.key_mask,
+                                        self.bias, self.causal, self.scale, False, KIND_NONE, None, None, 0,
+                                        *_NO_CLEAN)[4]
         return self.gsq
+
+    @staticmethod
+    def _sa_bwd(*args):
+        """The backend's sa_bwd op (a subclass of another backend names its own)."""
+        return _ops.sa_bwd(*args)
 
     def clean_args(self) -> tuple:
         return (self.q, self.k, self.v, self.delta, self.dout, self.lse, self.bias)
@@ -190,28 +203,39 @@ def _own(x: torch.Tensor) -> torch.Tensor:
     return x if x.untyped_storage().nbytes() <= x.numel() * x.element_size() else x.contiguous()
 
 
-class _CleanPass(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, bias, key_mask, causal, scale, record):
-        out, lse = _ops.sa_fwd(q, k, v, key_mask, bias, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN)
-        ctx.save_for_backward(q, k, v, out, lse, bias, key_mask)
-        ctx.causal, ctx.scale, ctx.record = causal, scale, record
-        record.fused = FusedCleanPass(q.detach(), k.detach(), v.detach(), out.detach(), lse,
-                                      None if bias is None else bias.detach(), key_mask, causal, scale)
-        return out
+def clean_pass_function(sa_fwd, sa_bwd, record_type) -> type:
+    """The autograd.Function of a fused backend's clean call of an AT step (record=CleanPassRecord), from the
+    backend's sa_fwd and sa_bwd ops and its FusedCleanPass type: the forward keeps the clean pass in
+    record.fused; the backward also keeps dO, rowsum(dO * O) and gsq there (and drops O from it)."""
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, bias, key_mask = ctx.saved_tensors
-        bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dout = _own(dout)  # the kernels read dO's rows in place (last dim contiguous) or copy it themselves
-        delta = (dout * out).sum(-1)  # rowsum(dO * O) [B, nh, Tq]: all the backward (and G) needs of O
-        dq, dk, dv, dbias, gsq = _ops.sa_bwd(dout, q, k, v, delta, lse, key_mask, bias, ctx.causal, ctx.scale,
-                                             bias_grad, KIND_NONE, None, None, 0, *_NO_CLEAN)
-        fused = ctx.record.fused
-        if fused is not None and fused.lse is lse:  # the record was not reused by a later clean call meanwhile
-            fused._add_dout(dout.detach(), gsq, delta)
-        return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None
+    class _CleanPass(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, bias, key_mask, causal, scale, record):
+            out, lse = sa_fwd(q, k, v, key_mask, bias, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN)
+            ctx.save_for_backward(q, k, v, out, lse, bias, key_mask)
+            ctx.causal, ctx.scale, ctx.record = causal, scale, record
+            record.fused = record_type(q.detach(), k.detach(), v.detach(), out.detach(), lse,
+                                       None if bias is None else bias.detach(), key_mask, causal, scale)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, out, lse, bias, key_mask = ctx.saved_tensors
+            bias_grad = bias is not None and ctx.needs_input_grad[3]
+            dout = _own(dout)  # the kernels read dO's rows in place (last dim contiguous) or copy it themselves
+            # rowsum(dO * O) [B, nh, Tq] in the softmax statistics' dtype: all the backward (and G) needs of O
+            delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+            dq, dk, dv, dbias, gsq = sa_bwd(dout, q, k, v, delta, lse, key_mask, bias, ctx.causal, ctx.scale,
+                                            bias_grad, KIND_NONE, None, None, 0, *_NO_CLEAN)
+            fused = ctx.record.fused
+            if fused is not None and fused.lse is lse:  # the record was not reused by a later clean call meanwhile
+                fused._add_dout(dout.detach(), gsq, delta)
+            return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None
+
+    return _CleanPass
+
+
+_CleanPass = clean_pass_function(lambda *a: _ops.sa_fwd(*a), lambda *a: _ops.sa_bwd(*a), FusedCleanPass)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -67,24 +67,33 @@ _OVERRIDES: dict[str, int] = {}
 _OVERRIDE_KEYS = ("block_t", "block_h", "block_j", "split", "num_warps")
 
 
-@contextlib.contextmanager
-def launch_overrides(**values: int) -> Iterator[None]:
+def launch_overrides(**values: int) -> contextlib.AbstractContextManager[None]:
     """Force launch parameters inside the block: block_t, block_h, block_j (powers of two), split (programs
     per row along H in the forward, along T in the backward), num_warps."""
+    return _launch_overrides(_OVERRIDES, _OVERRIDE_KEYS, values)
+
+
+@contextlib.contextmanager
+def _launch_overrides(overrides: dict[str, int], keys: tuple[str, ...], values: dict[str, int], min_block: int = 1,
+                      may_be_zero: tuple[str, ...] = ()) -> Iterator[None]:
+    """The body of a kernel module's `launch_overrides`: checks `values` (names among `keys`; positive ints, or
+    >= 0 for the names in `may_be_zero`; block_* a power of two >= min_block) and sets them in `overrides` (the
+    module's dict) inside the block."""
     for key, value in values.items():
-        if key not in _OVERRIDE_KEYS:
-            raise ValueError(f"launch_overrides: unknown parameter {key!r}; expected one of {_OVERRIDE_KEYS}")
-        if not isinstance(value, int) or value < 1:
+        if key not in keys:
+            raise ValueError(f"launch_overrides: unknown parameter {key!r}; expected one of {keys}")
+        if not isinstance(value, int) or value < (0 if key in may_be_zero else 1):
             raise ValueError(f"launch_overrides: {key} must be a positive int, got {value!r}")
-        if key.startswith("block_") and value & (value - 1):
-            raise ValueError(f"launch_overrides: {key} must be a power of two, got {value}")
-    saved = dict(_OVERRIDES)
-    _OVERRIDES.update(values)
+        if key.startswith("block_") and (value & (value - 1) or value < min_block):
+            at_least = f" >= {min_block}" if min_block > 1 else ""
+            raise ValueError(f"launch_overrides: {key} must be a power of two{at_least}, got {value}")
+    saved = dict(overrides)
+    overrides.update(values)
     try:
         yield
     finally:
-        _OVERRIDES.clear()
-        _OVERRIDES.update(saved)
+        overrides.clear()
+        overrides.update(saved)
 
 
 def _skip_launch(x: torch.Tensor) -> bool:

@@ -37,7 +37,7 @@ triton_attention_pool._define_op).
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
@@ -48,10 +48,11 @@ from .cpp_self_attention import (
     KIND_DENSE,
     KIND_HASH,
     KIND_NONE,
-    _own,
     FusedBackend,
     FusedCleanPass,
+    clean_pass_function,
     run_fused,
+    sa_fwd_autograd,
 )
 from .triton_attention_pool import (
     AVAILABLE,
@@ -62,6 +63,7 @@ from .triton_attention_pool import (
     _device_guard,
     _eps_parts,
     _is_eager_tensor,
+    _launch_overrides,
     _next_pow2,
     _skip_launch,
 )
@@ -81,25 +83,11 @@ _OVERRIDES: dict[str, int] = {}
 _OVERRIDE_KEYS = ("block_m", "block_n", "num_warps", "num_stages", "low_p")
 
 
-@contextlib.contextmanager
-def launch_overrides(**values: int) -> Iterator[None]:
+def launch_overrides(**values: int) -> contextlib.AbstractContextManager[None]:
     """Force launch parameters inside the block: block_m (queries), block_n (keys) (powers of two >= 16),
     num_warps, num_stages, low_p (1: P and dS rounded to the inputs' dtype for their matmuls, the default for
     float16/bfloat16; 0: those matmuls in float32 from exact products)."""
-    for key, value in values.items():
-        if key not in _OVERRIDE_KEYS:
-            raise ValueError(f"launch_overrides: unknown parameter {key!r}; expected one of {_OVERRIDE_KEYS}")
-        if not isinstance(value, int) or value < (0 if key == "low_p" else 1):
-            raise ValueError(f"launch_overrides: {key} must be a positive int, got {value!r}")
-        if key.startswith("block_") and (value & (value - 1) or value < 16):
-            raise ValueError(f"launch_overrides: {key} must be a power of two >= 16, got {value}")
-    saved = dict(_OVERRIDES)
-    _OVERRIDES.update(values)
-    try:
-        yield
-    finally:
-        _OVERRIDES.clear()
-        _OVERRIDES.update(saved)
+    return _launch_overrides(_OVERRIDES, _OVERRIDE_KEYS, values, min_block=16, may_be_zero=("low_p",))
 
 
 def _launch_params(dtype: torch.dtype, device: torch.device, D: int, Dv: int) -> dict[str, int]:
@@ -245,34 +233,67 @@ if AVAILABLE:
         return tl.where(allowed, s, float("-inf")), allowed, clean
 
     @triton.jit
+    def _program_ids(H, BLOCK: tl.constexpr):
+        """(b, h, b * H + h) as int64 of this program's example x head (axis 0), and the rows of its block of
+        BLOCK queries or keys (axis 1)."""
+        bh = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        return (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh.to(tl.int64), offs
+
+    @triton.jit
+    def _program(H, scale_hi, scale_lo, ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_DV: tl.constexpr):
+        """_program_ids, the offsets along d and dv, and the scale in ACC."""
+        b64, h64, bh64, offs = _program_ids(H, BLOCK)
+        return b64, h64, bh64, offs, tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV), _eps(scale_hi, scale_lo, ACC)
+
+    @triton.jit
+    def _row_coef(coef_ptr, bh64, offs_m, Tq, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+        """coef of the rows offs_m (0 outside, and without a perturbation)."""
+        coef = tl.zeros([BLOCK_M], ACC)
+        if KIND != 0:
+            coef = tl.load(coef_ptr + bh64 * Tq + offs_m, mask=offs_m < Tq, other=0).to(ACC)
+        return coef
+
+    @triton.jit
+    def _key_end(Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The end of the keys this program's block of queries (axis 1) sees: with causal, up to its last query."""
+        jend = Tk
+        if CAUSAL:
+            jend = tl.minimum(Tk, (tl.program_id(1) + 1) * BLOCK_M)
+        return jend
+
+    @triton.jit
+    def _row_stats(lse_ptr, delta_ptr, bh64, offs_m, Tq):
+        """(lse, delta = rowsum(dO * O)) of the rows offs_m (+inf and 0 outside)."""
+        in_m = offs_m < Tq
+        lse = tl.load(lse_ptr + bh64 * Tq + offs_m, mask=in_m, other=float("inf"))
+        return lse, tl.load(delta_ptr + bh64 * Tq + offs_m, mask=in_m, other=0)
+
+    @triton.jit
+    def _p_ds(s, allowed, lse, delta, do, v, ACC: tl.constexpr, PREC: tl.constexpr):
+        """(P recomputed from the lse, dS = P (dO V^T - delta)) of one block, 0 where not allowed."""
+        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), ACC, PREC)
+        return p, tl.where(allowed, p * (dp - delta[:, None]), 0.0)
+
+    @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, coef_ptr, dense_ptr, cq_ptr, ck_ptr, cv_ptr, co_ptr,
                     cdo_ptr, clse_ptr, cbias_ptr, out_ptr, lse_ptr, flag_ptr, seed, scale_hi, scale_lo,
                     H, Tq, Tk, D, Dv, sb0, sb1, cb0, cb1,
                     KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_KM: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_CBIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, LOW_P: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        bh = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        b64 = (bh // H).to(tl.int64)
-        h64 = (bh % H).to(tl.int64)
-        bh64 = bh.to(tl.int64)
-        scale = _eps(scale_hi, scale_lo, ACC)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
+        b64, h64, bh64, offs_m, offs_d, offs_dv, scale = _program(H, scale_hi, scale_lo, ACC, BLOCK_M, BLOCK_D,
+                                                                  BLOCK_DV)
         in_m = offs_m < Tq
         q = _load_rows(q_ptr, bh64, offs_m, Tq, offs_d, D)
-        coef = tl.zeros([BLOCK_M], ACC)
-        if KIND != 0:
-            coef = tl.load(coef_ptr + bh64 * Tq + offs_m, mask=in_m, other=0).to(ACC)
+        coef = _row_coef(coef_ptr, bh64, offs_m, Tq, KIND, ACC, BLOCK_M)
         m_i = tl.full([BLOCK_M], float("-inf"), ACC)
         l_i = tl.zeros([BLOCK_M], ACC)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
         bad = tl.zeros([], tl.int32)
-        jend = Tk
-        if CAUSAL:
-            jend = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
-        for j0 in range(0, jend, BLOCK_N):
+        for j0 in range(0, _key_end(Tk, CAUSAL, BLOCK_M), BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
             k = _load_rows(k_ptr, bh64, offs_n, Tk, offs_d, D)
             s, allowed, clean = _scores_block(
@@ -296,7 +317,7 @@ if AVAILABLE:
                  _cast(out, out_ptr.dtype.element_ty), mask=out_mask)
         lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("inf"))
         tl.store(lse_ptr + bh64 * Tq + offs_m, lse, mask=in_m)
-        tl.store(flag_ptr + bh64 * tl.num_programs(1) + pid_m, bad)
+        tl.store(flag_ptr + bh64 * tl.num_programs(1) + tl.program_id(1), bad)
 
     @triton.jit
     def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, km_ptr, bias_ptr, coef_ptr, dense_ptr,
@@ -306,40 +327,27 @@ if AVAILABLE:
                          HAS_CBIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, LOW_P: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr):
-        bh = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        b64 = (bh // H).to(tl.int64)
-        h64 = (bh % H).to(tl.int64)
-        bh64 = bh.to(tl.int64)
-        scale = _eps(scale_hi, scale_lo, ACC)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
+        b64, h64, bh64, offs_n, offs_d, offs_dv, scale = _program(H, scale_hi, scale_lo, ACC, BLOCK_N, BLOCK_D,
+                                                                  BLOCK_DV)
         k = _load_rows(k_ptr, bh64, offs_n, Tk, offs_d, D)
         v = _load_rows(v_ptr, bh64, offs_n, Tk, offs_dv, Dv)
         dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
         lo = 0
         if CAUSAL:
-            lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M  # queries i >= the block's first key
+            lo = (tl.program_id(1) * BLOCK_N // BLOCK_M) * BLOCK_M  # queries i >= the block's first key
         for i0 in range(lo, Tq, BLOCK_M):
             offs_m = i0 + tl.arange(0, BLOCK_M)
-            in_m = offs_m < Tq
             q = _load_rows(q_ptr, bh64, offs_m, Tq, offs_d, D)
             do = _load_rows(do_ptr, bh64, offs_m, Tq, offs_dv, Dv)
-            lse = tl.load(lse_ptr + bh64 * Tq + offs_m, mask=in_m, other=float("inf"))
-            delta = tl.load(delta_ptr + bh64 * Tq + offs_m, mask=in_m, other=0)
-            coef = tl.zeros([BLOCK_M], ACC)
-            if KIND != 0:
-                coef = tl.load(coef_ptr + bh64 * Tq + offs_m, mask=in_m, other=0).to(ACC)
+            lse, delta = _row_stats(lse_ptr, delta_ptr, bh64, offs_m, Tq)
+            coef = _row_coef(coef_ptr, bh64, offs_m, Tq, KIND, ACC, BLOCK_M)
             s, allowed, _ = _scores_block(
                 q, k, km_ptr, bias_ptr, coef, dense_ptr, seed, cq_ptr, ck_ptr, cv_ptr, co_ptr, cdo_ptr, clse_ptr,
                 cbias_ptr, b64, h64, bh64, offs_m, offs_n, offs_d, offs_dv, Tq, Tk, D, Dv, scale, sb0, sb1, cb0,
                 cb1, KIND, CAUSAL, HAS_KM, HAS_BIAS, HAS_CBIAS, ACC, PREC)
-            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+            p, ds = _p_ds(s, allowed, lse, delta, do, v, ACC, PREC)
             dv += _dot_p(tl.trans(p), do, ACC, PREC, LOW_P)
-            dp = _dot(do, tl.trans(v), ACC, PREC)
-            ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
             dk += _dot_p(tl.trans(ds), q, ACC, PREC, LOW_P)
         in_n = offs_n < Tk
         tl.store(dk_ptr + (bh64 * Tk + offs_n[:, None]) * D + offs_d[None, :],
@@ -355,29 +363,16 @@ if AVAILABLE:
                        HAS_CBIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                        LOW_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr):
-        bh = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        b64 = (bh // H).to(tl.int64)
-        h64 = (bh % H).to(tl.int64)
-        bh64 = bh.to(tl.int64)
-        scale = _eps(scale_hi, scale_lo, ACC)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
+        b64, h64, bh64, offs_m, offs_d, offs_dv, scale = _program(H, scale_hi, scale_lo, ACC, BLOCK_M, BLOCK_D,
+                                                                  BLOCK_DV)
         in_m = offs_m < Tq
         q = _load_rows(q_ptr, bh64, offs_m, Tq, offs_d, D)
         do = _load_rows(do_ptr, bh64, offs_m, Tq, offs_dv, Dv)
-        lse = tl.load(lse_ptr + bh64 * Tq + offs_m, mask=in_m, other=float("inf"))
-        delta = tl.load(delta_ptr + bh64 * Tq + offs_m, mask=in_m, other=0)
-        coef = tl.zeros([BLOCK_M], ACC)
-        if KIND != 0:
-            coef = tl.load(coef_ptr + bh64 * Tq + offs_m, mask=in_m, other=0).to(ACC)
+        lse, delta = _row_stats(lse_ptr, delta_ptr, bh64, offs_m, Tq)
+        coef = _row_coef(coef_ptr, bh64, offs_m, Tq, KIND, ACC, BLOCK_M)
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
         gsq = tl.zeros([BLOCK_M], ACC)
-        jend = Tk
-        if CAUSAL:
-            jend = tl.minimum(Tk, (pid_m + 1) * BLOCK_M)
-        for j0 in range(0, jend, BLOCK_N):
+        for j0 in range(0, _key_end(Tk, CAUSAL, BLOCK_M), BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
             k = _load_rows(k_ptr, bh64, offs_n, Tk, offs_d, D)
             v = _load_rows(v_ptr, bh64, offs_n, Tk, offs_dv, Dv)
@@ -385,9 +380,7 @@ if AVAILABLE:
                 q, k, km_ptr, bias_ptr, coef, dense_ptr, seed, cq_ptr, ck_ptr, cv_ptr, co_ptr, cdo_ptr, clse_ptr,
                 cbias_ptr, b64, h64, bh64, offs_m, offs_n, offs_d, offs_dv, Tq, Tk, D, Dv, scale, sb0, sb1, cb0,
                 cb1, KIND, CAUSAL, HAS_KM, HAS_BIAS, HAS_CBIAS, ACC, PREC)
-            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), ACC, PREC)
-            ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
+            _, ds = _p_ds(s, allowed, lse, delta, do, v, ACC, PREC)
             gsq += tl.sum(ds * ds, 1)
             if BIAS_GRAD:
                 tl.store(dbias_ptr + (bh64 * Tq + offs_m[:, None]) * Tk + offs_n[None, :], ds,
@@ -401,12 +394,7 @@ if AVAILABLE:
     def _rowsq_kernel(km_ptr, bias_ptr, dense_ptr, rows_ptr, seed, H, Tq, Tk, sb0, sb1,
                       KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_KM: tl.constexpr, HAS_BIAS: tl.constexpr,
                       ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        bh = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        b64 = (bh // H).to(tl.int64)
-        h64 = (bh % H).to(tl.int64)
-        bh64 = bh.to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        b64, h64, bh64, offs_m = _program_ids(H, BLOCK_M)
         rows = tl.zeros([BLOCK_M], ACC)
         for j0 in range(0, Tk, BLOCK_N):
             offs_n = j0 + tl.arange(0, BLOCK_N)
@@ -629,19 +617,7 @@ if AVAILABLE:
         with _device_guard(q.device):
             return _rp_noise(q, k, seed)
 
-    def _sa_fwd_setup(ctx, inputs, output):
-        (q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo, clse, cbias) = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, key_mask, bias, coef, dense, cq, ck, cv, co, cdo, clse, cbias)
-        ctx.causal, ctx.scale, ctx.kind, ctx.seed = causal, scale, kind, seed
-
-    def _sa_fwd_backward(ctx, dout, dlse):
-        q, k, v, out, lse, key_mask, bias, coef, dense, cq, ck, cv, co, cdo, clse, cbias = ctx.saved_tensors
-        bias_grad = bias is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, dbias, _ = sa_bwd(dout, q, k, v, out, lse, key_mask, bias, ctx.causal, ctx.scale, bias_grad,
-                                      ctx.kind, coef, dense, ctx.seed, cq, ck, cv, co, cdo, clse, cbias)
-        return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 13
-
+    _sa_fwd_backward, _sa_fwd_setup = sa_fwd_autograd(sa_bwd)
     sa_fwd.register_autograd(_sa_fwd_backward, setup_context=_sa_fwd_setup)
 
 
@@ -668,36 +644,12 @@ class TritonCleanPass(FusedCleanPass):
 
     __slots__ = ()
 
-    def row_sq_norms(self) -> torch.Tensor:
-        if self.gsq is None:
-            with torch.no_grad():
-                self.gsq = sa_bwd(self.dout, self.q, self.k, self.v, self.delta, self.lse, self.key_mask, self.bias,
-                                  self.causal, self.scale, False, KIND_NONE, None, None, 0, *_NO_CLEAN)[4]
-        return self.gsq
-
-
-class _CleanPass(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, key_mask, causal, scale, record):
-        out, lse = sa_fwd(q, k, v, key_mask, bias, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN)
-        ctx.save_for_backward(q, k, v, out, lse, bias, key_mask)
-        ctx.causal, ctx.scale, ctx.record = causal, scale, record
-        record.fused = TritonCleanPass(q.detach(), k.detach(), v.detach(), out.detach(), lse,
-                                       None if bias is None else bias.detach(), key_mask, causal, scale)
-        return out
+    def _sa_bwd(*args):
+        return sa_bwd(*args)
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, bias, key_mask = ctx.saved_tensors
-        bias_grad = bias is not None and ctx.needs_input_grad[3]
-        dout = _own(dout)
-        delta = _row_dot(dout, out, lse.dtype)  # rowsum(dO * O) [B, nh, Tq]: all the backward (and G) needs of O
-        dq, dk, dv, dbias, gsq = sa_bwd(dout, q, k, v, delta, lse, key_mask, bias, ctx.causal, ctx.scale, bias_grad,
-                                        KIND_NONE, None, None, 0, *_NO_CLEAN)
-        fused = ctx.record.fused
-        if fused is not None and fused.lse is lse:  # the record was not reused by a later clean call meanwhile
-            fused._add_dout(dout.detach(), gsq, delta)
-        return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None
+
+_CleanPass = clean_pass_function(lambda *a: sa_fwd(*a), lambda *a: sa_bwd(*a), TritonCleanPass)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""What the fused self-attention backends' tests share (tests/test_self_attention_cpu.py, ..._triton.py): input
+builders (each file has its own CASES: sizes that cross its kernels' block edges) and checks parametrised by the
+backend's name, its ops namespace or module; each file still runs them against its own backend."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fused_attn_at
+import python_ref
+
+F64 = torch.float64
+
+
+def t(*shape, seed=0, dtype=F64, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad)
+
+
+def make_case(cases, name, seed=0, dtype=F64):
+    """((q, k, v, key_mask), dict(causal, bias, attn_mask)) of cases[name] = (B, nh, Tq, Tk, d, dv, key-mask
+    pattern (None, "pad": the last example's last third padded, "empty": also example 0 fully masked), causal,
+    bias shape (None = no bias; rows 1 (all) and 2 (every third key) -inf), attn_mask)."""
+    B, nh, Tq, Tk, d, dv, mask, causal, bias_shape, with_attn_mask = cases[name]
+    q, k, v = (t(B, nh, Tq, d, seed=seed, dtype=dtype, grad=True), t(B, nh, Tk, d, seed=seed + 1, dtype=dtype,
+               grad=True), t(B, nh, Tk, dv, seed=seed + 2, dtype=dtype, grad=True))
+    key_mask = None
+    if mask is not None:
+        key_mask = torch.ones(B, Tk, dtype=torch.bool)
+        key_mask[-1, Tk - Tk // 3:] = False
+        if mask == "empty":
+            key_mask[0] = False  # example 0: every query row fully masked
+    bias = None
+    if bias_shape is not None:
+        bias = t(*bias_shape, Tq, Tk, seed=seed + 3, dtype=dtype)
+        bias[..., 1, :] = -math.inf  # a fully masked row in every example/head
+        bias[..., 2, ::3] = -math.inf
+        bias.requires_grad_(True)
+    attn_mask = None
+    if with_attn_mask:
+        g = torch.Generator().manual_seed(seed + 4)
+        attn_mask = torch.rand(B, 1, Tq, Tk, generator=g) > 0.3
+        attn_mask[:, :, 0] = False
+    return (q, k, v, key_mask), dict(causal=causal, bias=bias, attn_mask=attn_mask)
+
+
+def leaves(args, kw):
+    q, k, v, _ = args
+    return [x for x in (q, k, v, kw.get("bias")) if x is not None and x.requires_grad]
+
+
+def map_shape(args):
+    q, k, _, _ = args
+    return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def values_vs_reference(args, kw, kind, norm, backend):
+    """(the backend's output, the reference's) with perturbation `kind`: a given G (AT, iAT) or noise (RP)."""
+    extra = dict(perturbation=kind, norm=norm, eps=1.7)
+    if kind in ("at", "iat"):
+        extra["grad"] = t(*map_shape(args), seed=7)
+    if kind == "rp":
+        extra["noise"] = t(*map_shape(args), seed=8)
+    out = fused_attn_at.perturbed_attention(*args, **kw, **extra, backend=backend)
+    ref = python_ref.perturbed_attention(*args, **kw, **extra)
+    return out, ref
+
+
+def rp_seeded_vs_reference(args, kw, backend, rp_noise, **extra):
+    """(the backend's RP output with the noise its kernels make from a seed drawn from a generator, the reference's
+    fed that noise as materialised by rp_noise)."""
+    out = fused_attn_at.perturbed_attention(*args, **kw, perturbation="rp", eps=0.9, backend=backend,
+                                            generator=torch.Generator().manual_seed(3), **extra)
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(3)).item())
+    noise = rp_noise(args[0].detach(), args[1].detach(), seed)
+    ref = python_ref.perturbed_attention(*args, **kw, perturbation="rp", eps=0.9, noise=noise, **extra)
+    return out, ref
+
+
+def clean_then_adv(args, kw, backend, norm, clean_loss_w):
+    """Clean call with a record, backward of a clean loss, adversarial call with the record; returns (out_adv,
+    grads of L_clean + L_adv wrt the leaves, the record)."""
+    rec = fused_attn_at.CleanPassRecord()
+    clean = fused_attn_at.perturbed_attention(*args, **kw, record=rec, backend=backend)
+    grad_leaves = leaves(args, kw)
+    g_clean = torch.autograd.grad((clean * clean_loss_w).sum(), grad_leaves)
+    rec.mark_backward_done()
+    adv = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec, eps=1.3, norm=norm,
+                                            backend=backend)
+    g_adv = torch.autograd.grad((adv * t(*adv.shape, seed=50)).sum(), grad_leaves)
+    return adv, [a + b for a, b in zip(g_clean, g_adv)], rec
+
+
+def check_record_errors_and_zero_gradient(args, backend, other_shape):
+    """A record without a clean backward, marked done (G = 0: the clean output), and used for a call whose scores
+    have another shape (other_shape(args): such a call's q, k, v, key_mask)."""
+    rec = fused_attn_at.CleanPassRecord()
+    fused_attn_at.perturbed_attention(*args, record=rec, backend=backend)
+    with pytest.raises(RuntimeError, match="no gradient has reached the clean scores"):
+        fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend=backend)
+    rec.mark_backward_done()  # the clean loss did not use this call: G = 0, r = 0
+    out = fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend=backend)
+    torch.testing.assert_close(out, fused_attn_at.perturbed_attention(*args, backend=backend))
+    with pytest.raises(ValueError, match="CleanPassRecord holds a map of shape"):
+        fused_attn_at.perturbed_attention(*other_shape(args), perturbation="at", grad=rec, backend=backend)
+
+
+def largest_sizes(prof):
+    """(the most bytes any one op allocated for itself, the most elements of any op's input) in a profile."""
+    events = prof.events()
+    allocated = max(e.self_cpu_memory_usage for e in events)
+    numel = max((math.prod(shape) for e in events for shape in (e.input_shapes or [])
+                 if isinstance(shape, list) and shape and all(isinstance(n, int) for n in shape)), default=0)
+    return allocated, numel
+
+
+def assert_no_map(allocated, numel, map_numel):
+    assert allocated < map_numel * 4 // 8, f"an op allocated {allocated} bytes (a map is {map_numel * 4})"
+    assert numel < map_numel // 8, f"an op read a tensor of {numel} elements (a map is {map_numel})"
+
+
+def gradcheck_inputs(B, nh, Tq, Tk, d):
+    """q, k, v, key_mask (the last example's last 3 keys padded), attn_mask (row 3 fully masked), bias (learnable)."""
+    q, k, v = t(B, nh, Tq, d, seed=1, grad=True), t(B, nh, Tk, d, seed=2, grad=True), \
+        t(B, nh, Tk, d, seed=3, grad=True)
+    key_mask = torch.ones(B, Tk, dtype=torch.bool)
+    key_mask[B - 1, Tk - 3:] = False
+    attn_mask = torch.ones(1, 1, Tq, Tk, dtype=torch.bool)
+    attn_mask[..., 3, :] = False  # a fully masked row
+    bias = (t(1, nh, Tq, Tk, seed=4) * 0.3).requires_grad_(True)
+    return q, k, v, key_mask, attn_mask, bias
+
+
+def op_args(ops, nh, kind, dtype=F64):
+    """Arguments of the sa_* ops of the namespace `ops` for `kind` (3: a clean pass run by ops.sa_fwd)."""
+    B, Tq, Tk, d = 2, 5, 7, 3
+    q, k, v = t(B, nh, Tq, d, seed=1, dtype=dtype), t(B, nh, Tk, d, seed=2, dtype=dtype), \
+        t(B, nh, Tk, 4, seed=3, dtype=dtype)
+    key_mask = torch.ones(B, Tk, dtype=torch.bool)
+    key_mask[1, 5:] = False
+    bias = t(1, nh, Tq, Tk, seed=4, dtype=dtype)
+    coef = t(B, nh, Tq, seed=5, dtype=dtype).abs() if kind else None
+    dense = t(B, nh, Tq, Tk, seed=6, dtype=dtype) if kind == 1 else None
+    clean = (None,) * 7
+    if kind == 3:
+        cout, clse = ops.sa_fwd(q, k, v, key_mask, bias, False, 0.5, 0, None, None, 0, *(None,) * 7)
+        clean = (q, k, v, cout, t(B, nh, Tq, 4, seed=8, dtype=dtype), clse, bias)
+    return q, k, v, key_mask, bias, coef, dense, clean
+
+
+def compiled_and_eager(args, kw, kind, backend, compile_backend="inductor"):
+    """(torch.compile(fullgraph=True)'s output, eager's) of a causal call with a bias, clean or AT (norm="row")."""
+    torch._dynamo.reset()
+    extra = {} if kind is None else dict(perturbation="at", grad=t(*map_shape(args), seed=5), norm="row")
+
+    def f(q, k, v, key_mask, bias):
+        return fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True, bias=bias, backend=backend,
+                                                 **extra)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False, backend=compile_backend)
+    q, k, v, m = args
+    out = compiled(q, k, v, m, kw["bias"])
+    return out, f(q, k, v, m, kw["bias"])
+
+
+def check_errors_and_what_runs_the_reference(args, backend, impl):
+    """NaN scores and a NaN G are errors; iAT (with its memory limit), dropout (with a warning, once: impl is the
+    backend's FusedBackend) and return_attention run the reference; unknown and not built backends are errors."""
+    q, k, v, m = args
+    shape = map_shape(args)
+    bad = q.detach().clone()
+    bad[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"scores \(scale \* q k\^T \+ bias\) holds NaN or inf"):
+        fused_attn_at.perturbed_attention(bad, k, v, m, backend=backend)
+    g = t(*shape, seed=1)
+    g[0, 0, 0, 0] = math.inf
+    with pytest.raises(ValueError, match="grad holds NaN or inf"):
+        fused_attn_at.perturbed_attention(q, k, v, m, perturbation="at", grad=g, backend=backend)
+    with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):  # iAT runs the reference, with its limit
+        fused_attn_at.perturbed_attention(q, k, v, m, perturbation="iat", grad=t(*shape), backend=backend,
+                                          iat_max_bytes=1000)
+    impl.warned_dropout = False
+    with pytest.warns(RuntimeWarning, match="no fused attention dropout yet"):
+        out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.5, backend=backend)
+    assert out.shape == (*shape[:3], v.shape[3])
+    res = fused_attn_at.perturbed_attention(q, k, v, m, return_attention=True, backend=backend)
+    assert res.attention.shape == shape
+    with pytest.raises(ValueError, match="backend must be None, 'cpu', 'triton' or 'reference'"):
+        fused_attn_at.perturbed_attention(q, k, v, backend="flash")
+    with pytest.raises(NotImplementedError, match="not built yet"):
+        fused_attn_at.perturbed_attention(q, k, v, backend="cuda")
