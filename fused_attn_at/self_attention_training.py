@@ -209,7 +209,7 @@ class SelfAttentionAT:
                 clean_loss.backward()
             for rec in self._records.values():
                 rec.mark_backward_done()
-                if getattr(rec, "fused", None) is not None and hasattr(rec.fused, "share"):
+                if rec.fused is not None:
                     # one adversarial call per record, then clear(): the fused backend may drop its copy of the
                     # clean Q, K, V for the adversarial call's inputs where they are equal (the first layer)
                     rec.fused.share = True

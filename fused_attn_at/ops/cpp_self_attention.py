@@ -12,9 +12,10 @@ The perturbation is r[b, h, i, j] = coef[b, h, i] * X[b, h, i, j] on the allowed
 0 none, 1 `dense` (a given [B, nh, Tq, Tk] tensor: the user's G or noise), 2 standard normal noise hashed from
 (seed, b, h, i, j) (RP; the same numbers in the forward and the backward, never stored), 3 G = dL_clean/dS
 recomputed block by block from the clean pass's cq, ck, cv, co (its O, or rowsum(dO * O) [B, nh, Tq]), cdo (its
-dO), clse and cbias (AT through a CleanPassRecord). coef = eps / norm (zero at padded queries) is computed here from the row sums of X^2 over the
-allowed keys: sa_rowsq for kinds 1 and 2, the clean backward's gsq output for kind 3. No op allocates anything of
-size B * nh * Tq * Tk; their working set is a block of 64 queries x 128 keys per thread.
+dO), clse and cbias (AT through a CleanPassRecord). coef = eps / norm (zero at padded queries) is computed here
+from the row sums of X^2 over the allowed keys: sa_rowsq for kinds 1 and 2, the clean backward's gsq output for
+kind 3. No op allocates anything of size B * nh * Tq * Tk; their working set is a block of 64 queries x 512 keys
+per thread.
 
 sa_fwd's derivative (sa_bwd) is registered with torch.library.register_autograd; the clean call of an AT step
 (record=CleanPassRecord) runs through an autograd.Function whose backward also keeps dO, rowsum(dO * O) and gsq in
@@ -150,9 +151,7 @@ class FusedCleanPass:
         # share_inputs may then alias the adversarial call's inputs
         self.share = False
 
-    def _add_dout(self, dout: torch.Tensor, gsq: torch.Tensor, delta: torch.Tensor | None = None) -> None:
-        if delta is None:
-            delta = (dout * self.out).sum(-1)
+    def _add_dout(self, dout: torch.Tensor, gsq: torch.Tensor, delta: torch.Tensor) -> None:
         if self.dout is None:
             self.dout, self.gsq, self.delta = dout, gsq, delta
         else:  # a second backward through the clean call: G is linear in dO (and delta), its norm is not
