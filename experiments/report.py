@@ -27,7 +27,7 @@ if str(EXPERIMENTS) not in sys.path:
     sys.path.insert(0, str(EXPERIMENTS))
 
 from paper.cli import ArgumentParser  # noqa: E402
-from sweep import DEFAULT_OUT, Run, load_grid, status  # noqa: E402
+from sweep import DEFAULT_ARCHIVE, DEFAULT_OUT, Run, load_grid, status  # noqa: E402
 from report_transformers import transformer_sections  # noqa: E402  (issue 18: grids transformer, minilm)
 
 NOT_RUN = "not run"
@@ -43,31 +43,44 @@ HEATMAP_METHODS = ("vanilla", "attention_at", "attention_iat")
 # ----------------------------------------------------------------------------------------------- collecting
 
 class Results:
-    """The finished runs under a sweep root, looked up by the grid's runs."""
+    """The finished runs, looked up by the grid's runs: a run folder under the sweep root, else the run's archived
+    record (sweep.py's --archive, committed under results/runs), which has the result files but no checkpoints."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, archive: Path | None = None):
+        self.root, self.archive = root, archive
         self.cache: dict[str, dict | None] = {}
+        self.folders: dict[str, Path] = {}
+
+    def folder(self, run: Run) -> Path:
+        """The run's folder the results come from (the run folder when both have it finished)."""
+        self.metrics(run)
+        return self.folders.get(run.name, self.root / run.name)
 
     def metrics(self, run: Run) -> dict | None:
         if run.name not in self.cache:
-            path = self.root / run.name / "metrics.json"
-            try:
-                metrics = json.loads(path.read_text(encoding="utf-8"))
-                config = json.loads((self.root / run.name / "config.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                metrics = None
-            else:
-                metrics = metrics if metrics.get("test") else None
+            self.cache[run.name] = None
+            for folder in [self.root / run.name] + ([self.archive / run.name] if self.archive else []):
+                metrics = self._read(folder)
                 if metrics is not None:
-                    metrics["config"] = config
-                    try:  # evaluate.py's re-evaluation: where older runs get the newer measures from
-                        metrics["evaluation"] = json.loads((self.root / run.name / "evaluation.json")
-                                                           .read_text(encoding="utf-8"))
-                    except (OSError, ValueError):
-                        pass
-            self.cache[run.name] = metrics
+                    self.cache[run.name], self.folders[run.name] = metrics, folder
+                    break
         return self.cache[run.name]
+
+    @staticmethod
+    def _read(folder: Path) -> dict | None:
+        try:
+            metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not metrics.get("test"):
+            return None
+        metrics["config"] = config
+        try:  # evaluate.py's re-evaluation: where older runs get the newer measures from
+            metrics["evaluation"] = json.loads((folder / "evaluation.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        return metrics
 
     def finished(self, runs) -> list[tuple[Run, dict]]:
         return [(run, m) for run in runs if (m := self.metrics(run)) is not None]
@@ -291,7 +304,7 @@ class Peakedness:
     def _kept_or_measured(self, run: Run) -> tuple[float, float, float] | str:
         from paper.training import write_json_atomic
 
-        folder = self.results.root / run.name
+        folder = self.results.folder(run)
         best = folder / "best.pt"
         source = {"version": self.VERSION, "best_pt_bytes": None, "best_pt_mtime_ns": None}
         if best.exists():
@@ -299,7 +312,8 @@ class Peakedness:
             source.update(best_pt_bytes=stat.st_size, best_pt_mtime_ns=stat.st_mtime_ns)
         try:
             kept = json.loads((folder / self.FILE).read_text())
-            if kept["source"] == source:
+            # an archived run has no best.pt: its kept measurement is the only one there can be
+            if kept["source"] == source or (not best.exists() and kept["source"]["version"] == self.VERSION):
                 return tuple(kept["stats"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none kept yet, or unreadable: measure
@@ -317,8 +331,10 @@ class Peakedness:
         from paper.data import Vocab, load_task, make_batches
         from paper.training import build_model, load_checkpoint
 
+        if not (self.results.folder(run) / "best.pt").is_file():
+            return "n/a: no best.pt here (an archived run: its checkpoints stayed on the machine that trained it)"
         try:
-            checkpoint = load_checkpoint(self.results.root / run.name / "best.pt")
+            checkpoint = load_checkpoint(self.results.folder(run) / "best.pt")
             config = checkpoint["config"]
             vocab = Vocab.from_dict(checkpoint["vocab"])
             model = build_model(config, len(vocab))
@@ -783,7 +799,7 @@ def code_summary(results: Results, runs: list[Run]) -> str:
     states: dict[str, int] = {}
     for run, _ in results.finished(runs):
         try:
-            last = (results.root / run.name / "sweep_code.json").read_text(encoding="utf-8").strip().splitlines()[-1]
+            last = (results.folder(run) / "sweep_code.json").read_text(encoding="utf-8").strip().splitlines()[-1]
             code = json.loads(last)
             key = code["commit"][:7] + (" + uncommitted " + ", ".join(code["modified"]) if code["modified"] else "")
         except (OSError, ValueError, IndexError, KeyError):
@@ -930,11 +946,11 @@ def summary(results: Results, main: list[Run], eps_runs: list[Run]) -> list[str]
 
 # ----------------------------------------------------------------------------------------------- document
 
-def remaining(root: Path, runs: list[Run]) -> list[str]:
+def remaining(root: Path, runs: list[Run], archive: Path | None = None) -> list[str]:
     states: dict[str, list[str]] = {}
     for run in runs:
-        state = status(run, root)
-        if state != "finished":
+        state = status(run, root, archive)
+        if not state.startswith("finished"):
             states.setdefault(state.split(" (")[0], []).append(run.name + ("" if "(" not in state else
                                                                           " (" + state.split(" (", 1)[1]))
     if not states:
@@ -962,7 +978,10 @@ def build(args) -> str:
     root = args.runs_root if args.runs_root.is_absolute() else REPO / args.runs_root
     out_md = args.output if args.output.is_absolute() else REPO / args.output
     results_dir = args.results_dir if args.results_dir.is_absolute() else REPO / args.results_dir
-    results = Results(root)
+    archive = args.archive if args.archive is not None else (str(DEFAULT_ARCHIVE) if args.runs_root == DEFAULT_OUT
+                                                             else "none")
+    results = Results(root, None if archive == "none" else (Path(archive) if Path(archive).is_absolute()
+                                                             else REPO / archive))
     main = load_grid(args.main_grid)
     eps_runs = [r for r in load_grid(args.eps_grid) if r.eps is not None]
     compat_runs = load_grid(args.compat_grid)
@@ -986,7 +1005,7 @@ def build(args) -> str:
         run = next((r for r in main if r.dataset == "sst" and r.method == method and r.seed == 1), None)
         metrics = results.metrics(run) if run else None
         target = results_dir / f"heatmaps_sst_{method}.png"
-        if metrics is not None and copy_heatmap(root / run.name, metrics, target):
+        if metrics is not None and copy_heatmap(results.folder(run), metrics, target):
             heatmaps.append((method, run, target))
         else:
             heatmaps.append((method, run, None))
@@ -999,7 +1018,9 @@ def build(args) -> str:
     doc = ["# Results: reproducing Kitada & Iyatomi (2021) on the data available here", ""]
     doc += summary(results, main, eps_runs)
     doc += [f"Generated by `python experiments/report.py` on {now} from {len(finished)} finished runs of the "
-           f"{len(all_runs)} the grids hold (`{root.relative_to(REPO) if root.is_relative_to(REPO) else root}`; "
+           f"{len(all_runs)} the grids hold (`{root.relative_to(REPO) if root.is_relative_to(REPO) else root}`"
+           + (f" and the archived record `{results.archive.relative_to(REPO) if results.archive.is_relative_to(REPO) else results.archive}`"
+              if results.archive else "") + "; "
            f"{wall_hours:.1f} h wall, {cpu_hours:.1f} h CPU of the finished runs on a shared 2-core CPU machine; "
            f"attention backend: {', '.join(backends) or 'n/a'}). Do not edit by hand: rerun the commands at the end. "
            f"A cell that says \"{NOT_RUN}\" is a run that has not finished; no number here comes from anywhere but "
@@ -1132,7 +1153,7 @@ def build(args) -> str:
             "a resumed run counts from its restart.", ""]
     doc += cost_table(results, all_runs)
     doc += [""] + imdb_estimate(results, load_grid(args.probe_grid)) + ["", "## 9. Runs not finished yet", ""]
-    doc += remaining(root, ordered)
+    doc += remaining(root, ordered, results.archive)
     doc += ["", "## 10. Regenerating everything", "",
             "```",
             "python experiments/sweep.py --grid paper --jobs 2 --threads 1   # all runs, in priority order; resumable",
@@ -1153,6 +1174,10 @@ def build(args) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs-root", type=Path, default=DEFAULT_OUT, help="the sweep's run directories")
+    parser.add_argument("--archive", default=None, metavar="DIR",
+                        help=f"the committed record of finished runs (sweep.py --archive), read for every run "
+                             f"whose folder is not under --runs-root (default: {DEFAULT_ARCHIVE} when --runs-root "
+                             "is the default, else none; 'none' turns it off)")
     parser.add_argument("--output", type=Path, default=Path("RESULTS.md"), help="the report (relative: to the repo)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where the PNGs go")
     parser.add_argument("--main-grid", default="main", help="grid of the per-task and correlation tables")

@@ -10,7 +10,10 @@ Each run trains in its own directory runs/sweep/<dataset>/<method>[_eps<eps>]_se
 named from its settings only, so the same settings always land in the same directory and a run shared by two
 grids is trained once. A run whose metrics.json holds test metrics is finished and skipped; an unfinished one
 (last.pt present) is continued with train.py --resume; a failing run is logged and reported at the end
-(exit status 1) while the others go on. Every attempt's output is appended to <run dir>/sweep.log.
+(exit status 1) while the others go on. Every attempt's output is appended to <run dir>/sweep.log. A finished
+run's result files (metrics.json, config.json, ...) are also copied to results/runs/<run name>/ (--archive), which
+git keeps: a run recorded there is finished on every machine, so a fresh clone continues a sweep where the last
+machine left it, and report.py builds its tables from the record.
 
 Executors: --executor local (default) runs train.py subprocesses here, --jobs at a time; --executor ray makes each
 run one Ray task (asking for --threads CPUs, and a GPU with --device cuda) on a running cluster (--address) or a
@@ -59,6 +62,11 @@ REPO = EXPERIMENTS.parent
 GRIDS = EXPERIMENTS / "grids"
 TRAIN = EXPERIMENTS / "train.py"
 DEFAULT_OUT = Path("runs") / "sweep"
+# The committed record of finished runs: the run folders (checkpoints, logs) live on one machine and are lost with
+# it, so a finished run's small result files are copied here, under the run's name, for git to keep. A run found
+# here counts as finished on any machine (the sweep skips it, the report reads it).
+DEFAULT_ARCHIVE = Path("results") / "runs"
+ARCHIVE_FILES = ("metrics.json", "config.json", "evaluation.json", "sweep_code.json", "attention_stats.json")
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 DEFAULT_EPS = 1.0
 # vanilla has no perturbation, so eps is not one of its settings (and not part of its run name).
@@ -281,6 +289,30 @@ def is_finished(run_dir: Path) -> bool:
     return bool(metrics.get("test"))
 
 
+def archive_run(run_dir: Path, archive_dir: Path) -> bool:
+    """Copy a finished run's ARCHIVE_FILES into archive_dir (each atomically, metrics.json last, so an archive
+    holding metrics.json is whole); False when the run is not finished."""
+    if not is_finished(run_dir):
+        return False
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    for name in sorted(ARCHIVE_FILES, key=lambda n: n == "metrics.json"):
+        source = run_dir / name
+        if source.is_file():
+            partial = archive_dir / f".{name}.{os.getpid()}.partial"
+            shutil.copyfile(source, partial)
+            os.replace(partial, archive_dir / name)
+    return True
+
+
+def finished_where(run: "Run", out_root: Path, archive_root: Path | None) -> str | None:
+    """'here' (a finished run folder under out_root), 'archived' (only its archived record), or None."""
+    if is_finished(out_root / run.name):
+        return "here"
+    if archive_root is not None and is_finished(archive_root / run.name):
+        return "archived"
+    return None
+
+
 def epochs_done(run_dir: Path) -> int | None:
     """Finished epochs of an unfinished run, from its log; None if it never started."""
     if not (run_dir / "last.pt").is_file():
@@ -491,10 +523,11 @@ class Claim:
         _held.discard(self.text)
 
 
-def status(run: Run, out_root: Path) -> str:
+def status(run: Run, out_root: Path, archive_root: Path | None = None) -> str:
     run_dir = out_root / run.name
-    if is_finished(run_dir):
-        return "finished"
+    where = finished_where(run, out_root, archive_root)
+    if where is not None:
+        return "finished" if where == "here" else "finished (archived)"
     owner = lock_owner(run_dir)
     if owner is not None:
         return f"running ({owner})"
@@ -547,8 +580,10 @@ class Runner:
     ships the Runner to a Ray task that calls the same `attempt` on a worker."""
 
     def __init__(self, *, out_root: Path, data_root: Path, threads: int, resume: bool, python: str | None = None,
-                 extra: list[str] | None = None, device: str | None = None, token: str | None = None):
+                 extra: list[str] | None = None, device: str | None = None, token: str | None = None,
+                 archive_root: Path | None = None):
         self.out_root, self.data_root, self.threads, self.resume = out_root, data_root, threads, resume
+        self.archive_root = archive_root
         self.python, self.extra, self.device = python, list(extra or []), device
         self.token = token or f"{HOST}:{os.getpid()}:{uuid.uuid4().hex}"
         self._init_local()
@@ -594,7 +629,8 @@ class Runner:
 
         if self.stopping:
             return done("not started")
-        if is_finished(run_dir):
+        if finished_where(run, self.out_root, self.archive_root) is not None:
+            self.archive(run)
             return done("skipped")
         claim = Claim.take(run_dir, self.token)
         if claim is None:
@@ -618,12 +654,18 @@ class Runner:
             if code is None:
                 return done("not started")
             if code == 0 and is_finished(run_dir):
+                self.archive(run)
                 return done("finished", result_line(run_dir))
             if code < 0 and retryable and not self.stopping:
                 raise RunInterrupted(f"{run.name}: train.py killed by signal {-code}")
             return done("failed", f"train.py exit {code}" + (f" (signal {-code})" if code < 0 else ""))
         finally:
             claim.release()
+
+    def archive(self, run: Run) -> None:
+        """Record a finished run folder in the archive (also one finished before archiving existed)."""
+        if self.archive_root is not None:
+            archive_run(self.out_root / run.name, self.archive_root / run.name)
 
     def _train(self, argv: list[str], run_dir: Path, resume: bool, claim: Claim) -> int | None:
         """train.py's exit status (negative: killed by that signal); None if the sweep is stopping."""
@@ -729,11 +771,11 @@ class Sweep:
 
     def __init__(self, runs, *, out_root: Path, data_root: Path, jobs: int, threads: int, resume: bool,
                  python: str | None = None, extra: list[str] | None = None, executor: str = "local",
-                 address: str | None = None, device: str | None = None):
+                 address: str | None = None, device: str | None = None, archive_root: Path | None = None):
         self.runs, self.out_root, self.jobs, self.threads = runs, out_root, jobs, threads
         self.executor, self.address = executor, address
         self.runner = Runner(out_root=out_root, data_root=data_root, threads=threads, resume=resume, python=python,
-                             extra=extra, device=device)
+                             extra=extra, device=device, archive_root=archive_root)
         self.results: dict[str, str] = {}  # run name -> finished | skipped | failed | busy | not started
         self.pending: list = []  # the Ray tasks in flight
 
@@ -757,9 +799,10 @@ class Sweep:
 
     def run(self, progress: bool = True) -> int:
         started = time.time()
-        todo = [r for r in self.runs if not is_finished(self.out_root / r.name)]
+        todo = [r for r in self.runs if finished_where(r, self.out_root, self.runner.archive_root) is None]
         for run in self.runs:
             if run not in todo:
+                self.runner.archive(run)
                 self.results[run.name] = "skipped"
         where = (f"{self.jobs} at a time" if self.executor == "local"
                  else f"Ray tasks of {self.threads} CPU(s)" + (" and 1 GPU" if self._gpus() else ""))
@@ -858,6 +901,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-root", type=Path, default=DEFAULT_OUT,
                         help="where the run directories go (with --executor ray on a cluster: a path every node "
                              "reaches, on a shared filesystem)")
+    parser.add_argument("--archive", default=None, metavar="DIR",
+                        help=f"where finished runs' result files ({', '.join(ARCHIVE_FILES)}) are copied for git to "
+                             f"keep, and where a run counts as finished on any machine (default: {DEFAULT_ARCHIVE} "
+                             "when --out-root is the default, else none; 'none' turns it off)")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
                         help="folder holding the non-SST tasks' data folders named by the grid's 'data'")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -905,16 +952,19 @@ def main(argv=None) -> int:
         print("sweep.py: error: the filters leave no runs", file=sys.stderr)
         return 2
     out_root = args.out_root if args.out_root.is_absolute() else REPO / args.out_root
+    archive = args.archive if args.archive is not None else (str(DEFAULT_ARCHIVE) if args.out_root == DEFAULT_OUT
+                                                             else "none")
+    archive_root = None if archive == "none" else (Path(archive) if Path(archive).is_absolute() else REPO / archive)
     if args.list:
         try:
             for run in runs:
-                print(f"{status(run, out_root):<22} {run.name}", flush=True)
+                print(f"{status(run, out_root, archive_root):<22} {run.name}", flush=True)
         except BrokenPipeError:  # e.g. piped into head
             sys.stderr.close()
         return 0
     sweep = Sweep(runs, out_root=out_root, data_root=args.data_root.resolve(), jobs=args.jobs, threads=threads,
                   resume=args.resume, extra=args.train_arg, executor=args.executor, address=args.address,
-                  device=args.device)
+                  device=args.device, archive_root=archive_root)
     previous = signal.signal(signal.SIGTERM, sweep.stop)
     try:
         return sweep.run(progress=not args.no_progress)

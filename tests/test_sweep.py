@@ -323,3 +323,42 @@ def test_eps_attention_table_ranks_pearson_against_eps(tmp_path):
     lines = report.eps_attention_table(report.Results(tmp_path / "runs"), runs, peakedness=None)
     assert "| attention_iat | 0.80 | 0.50 | 0.20 | not run | -1.00 | n/a |" in lines
     assert lines[0].startswith("Attention vs gradient importance by eps (SST test, seed 1): Pearson r;")
+
+
+def test_finished_runs_are_archived_and_count_as_finished_on_a_fresh_machine(smoke_sweep, tmp_path):
+    """A finished run's result files go to the archive (git keeps it); a sweep with an empty --out-root (a fresh
+    clone) skips the archived run, --list says where it finished, and report.py builds its rows from the record."""
+    root, grid, command, _ = smoke_sweep
+    good = root / "runs" / "sst" / "vanilla_seed1_epochs-1_max-eval-examples-32_max-train-examples-64"
+    archive = tmp_path / "archive"
+    # a run finished before archiving existed is recorded when a sweep next meets it
+    backfill = subprocess.run(command + ["--datasets", "sst", "--archive", str(archive)], capture_output=True,
+                              text=True, timeout=120)
+    assert backfill.returncode == 0, backfill.stderr
+    record = archive / good.relative_to(root / "runs")
+    assert sorted(p.name for p in record.iterdir()) == sorted(
+        n for n in sweep.ARCHIVE_FILES if (good / n).is_file())
+    assert "metrics.json" in {p.name for p in record.iterdir()} and not (record / "best.pt").exists()
+    assert (record / "metrics.json").read_bytes() == (good / "metrics.json").read_bytes()
+
+    fresh = [*command[:command.index("--out-root") + 1], str(tmp_path / "fresh"),
+             *command[command.index("--out-root") + 2:]]
+    again = subprocess.run(fresh + ["--datasets", "sst", "--archive", str(archive)], capture_output=True, text=True,
+                           timeout=120)
+    assert "1 already finished, 0 to run" in again.stderr and again.returncode == 0, again.stderr
+    assert not (tmp_path / "fresh" / "sst").exists()  # nothing was trained
+    listed = subprocess.run(fresh + ["--datasets", "sst", "--archive", str(archive), "--list"], capture_output=True,
+                            text=True, timeout=60)
+    assert listed.stdout.startswith("finished (archived)"), listed.stdout
+    without = subprocess.run(fresh + ["--datasets", "sst", "--archive", "none", "--list"], capture_output=True,
+                             text=True, timeout=60)
+    assert without.stdout.startswith("not started"), without.stdout
+
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--runs-root", str(tmp_path / "fresh"), "--archive", str(archive), "--output", str(out),
+                        "--results-dir", str(tmp_path / "results"), "--main-grid", str(grid), "--eps-grid", "smoke",
+                        "--compat-grid", "compat"]) == 0
+    test = json.loads((good / "metrics.json").read_text())["test"]["test"]
+    text = out.read_text()
+    assert f"| vanilla | 1/1 | {test['accuracy']:.3f} | {test['f1']:.3f} |" in text
+    assert "from 1 finished runs" in text and f"the archived record `{archive}`" in text
