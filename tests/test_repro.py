@@ -112,7 +112,7 @@ def test_config_records_vectors_and_coverage(tmp_path):
 
 def test_task_defaults_for_budget_batch_and_hidden(tmp_path):
     babi = resolved("--dataset", "babi1", "--data-dir", str(tmp_path))
-    assert (babi["epochs"], babi["patience"], babi["batch_size"], babi["hidden_size"]) == (100, 10, 50, 32)
+    assert (babi["epochs"], babi["patience"], babi["batch_size"], babi["hidden_size"]) == (100, 30, 50, 32)
     snli = resolved("--dataset", "snli", "--data-dir", str(tmp_path))
     assert (snli["epochs"], snli["patience"], snli["batch_size"], snli["hidden_size"]) == (100, 10, 32, 128)
     sst = resolved("--dataset", "sst")
@@ -362,7 +362,7 @@ def test_rerun_grids_list_and_name_their_new_settings():
     for run in runs["repro_babi"]:
         args = dict(run.args)
         assert (args["patience"], args["epochs"], args["batch-size"], args["hidden-size"], args["embeddings"]) == \
-            (10, 100, 50, 32, "glove")
+            (30, 100, 50, 32, "glove")
         if run.method.startswith("word_"):
             assert args["word-embedding-norm"] == "frequency"
     assert {dict(r.args).get("compat") for r in runs["repro_released_iat"] if r.method == "attention_iat"} == {"released"}
