@@ -8,11 +8,13 @@ Each variant runs in a subprocess of its own (the environment below set before P
 step of bench_training_step.py (the model `experiments/train.py` builds by default, on the fixed median-length
 SST batch of 32; --smoke: the synthetic batch), runs warm-up steps, then `--steps` timed steps per method, and
 prints p10/p50/p90 step time, minor page faults and involuntary context switches per step, and its peak RSS
-(VmHWM).
+(VmHWM). The method op-none times the fused op alone (attention_pool + autograd.grad, cpu backend, B=64 T=256
+H=256), the end-to-end call of the goal table.
     glibc           no variable set (glibc's defaults: mmap for blocks >= a dynamic threshold from 128 KiB,
                     trimming the heap top beyond 128 KiB)
     glibc-tuned     MALLOC_MMAP_THRESHOLD_=32 MiB (glibc's largest) and MALLOC_TRIM_THRESHOLD_=1 GiB: freed
                     memory stays in the process instead of going back to the OS and faulting in again
+    glibc-mallopt   the same thresholds set at run time by fused_attn_at.tune_glibc_malloc() (what train.py does)
     jemalloc        LD_PRELOAD=libjemalloc.so.2 (Debian: apt-get install libjemalloc2)
     tcmalloc        LD_PRELOAD=libtcmalloc_minimal.so.4 (Debian: apt-get install libtcmalloc-minimal4)
 A variant whose library is not installed is reported as absent; a preload that did not take (the library is
@@ -39,10 +41,16 @@ VARIANTS = {
     "glibc": ({}, None, "glibc malloc, defaults"),
     "glibc-tuned": ({"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}, None,
                     "glibc, MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=1 GiB"),
+    # the same thresholds set by the process itself at start: what experiments/train.py does on the CPU
+    "glibc-mallopt": ({}, None, "glibc, fused_attn_at.tune_glibc_malloc() at start (mallopt; train.py's default)"),
     "jemalloc": ({}, "libjemalloc.so.2", "jemalloc 5 (LD_PRELOAD)"),
     "tcmalloc": ({}, "libtcmalloc_minimal.so.4", "tcmalloc-minimal (LD_PRELOAD)"),
 }
-DEFAULT_METHODS = ("attention_at", "vanilla")  # attention_at is train.py's default method
+DEFAULT_METHODS = ("attention_at", "vanilla", "op-none")  # attention_at is train.py's default method
+# A "method" named op-<perturbation> is the fused op alone instead of a training step: attention_pool (cpu
+# backend) + torch.autograd.grad at the goal shape, the call whose p90/p50 issue 17 asks about.
+OP_PREFIX = "op-"
+TUNED_BY_MALLOPT = ("glibc-mallopt",)
 
 
 def find_library(name: str) -> str | None:
@@ -73,7 +81,19 @@ def _peak_rss_mib() -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def worker(methods, steps: int, warmup: int, threads: int, smoke: bool) -> dict:
+def _op_call(perturbation: str, smoke: bool):
+    """One end-to-end fwd+bwd of the cpu op at the goal shape (smoke: a tiny one)."""
+    import benchlib
+
+    reason = benchlib.unavailable_reason("cpu", "cpu", "float32")  # also loads the compiled ops
+    if reason:
+        raise RuntimeError(f"the cpu backend is unavailable: {reason}")
+    B, T, H = (2, 16, 8) if smoke else benchlib.GOAL_SHAPE
+    case = benchlib.Case("cpu", "float32", B, T, H, perturbation, "fwdbwd", "cpu")
+    return benchlib.breakdown_callables(case, benchlib.make_inputs(case))["e2e"]
+
+
+def worker(methods, steps: int, warmup: int, threads: int, smoke: bool, tune: bool = False) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -81,9 +101,16 @@ def worker(methods, steps: int, warmup: int, threads: int, smoke: bool) -> dict:
     import benchlib
     import bench_training_step as bts
 
-    setup = bts.load_step_setup(smoke)
+    if tune:
+        import fused_attn_at
+
+        if not fused_attn_at.tune_glibc_malloc():
+            raise RuntimeError("tune_glibc_malloc: the C library is not glibc")
+    steps_of = [m for m in methods if not m.startswith(OP_PREFIX)]
+    setup = bts.load_step_setup(smoke) if steps_of else (None, None, None, "none (the op alone)")
     out = {"methods": {}, "threads": threads, "batch_source": setup[3]}
-    built = {m: bts.make_step(m, setup)[0] for m in methods}
+    built = {m: bts.make_step(m, setup)[0] if m in steps_of else _op_call(m[len(OP_PREFIX):], smoke)
+             for m in methods}
     for step in built.values():
         for _ in range(warmup):
             step()
@@ -110,6 +137,7 @@ def run_variant(name: str, methods, steps: int, warmup: int, threads: int, smoke
         result["env"]["LD_PRELOAD"] = path
     cmd = [sys.executable, "-P", str(HERE / "allocator.py"), "--worker", "--methods", ",".join(methods),
            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)] + (["--smoke"] if smoke else [])
+    cmd += ["--tune"] if name in TUNED_BY_MALLOPT else []
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
     result["wall_s"] = time.monotonic() - t0
@@ -161,10 +189,11 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the result here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
     if args.worker:
-        print(json.dumps(worker(methods, args.steps, args.warmup, args.threads, args.smoke)))
+        print(json.dumps(worker(methods, args.steps, args.warmup, args.threads, args.smoke, args.tune)))
         return 0
     sys.path.insert(0, str(HERE))
     result = run_all(methods, args.steps, args.warmup, args.threads, args.smoke,

@@ -179,6 +179,7 @@ def goal_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
         tail = p90 / p50 if p90 and p50 else None
         rows.append(_goal(f"{where}: p90 / p50", f"<= {benchlib.GOAL_P90_P50:g}", fmt_ratio(tail), tail,
                           benchlib.GOAL_P90_P50, lambda: _bound_tail(res, B, T, H, pert, fused), below=True))
+    rows += _tail_rows_by_allocator(res)
     long_cases = [e for k, e in pool.items() if k[0] == "cpu" and k[1] == "float32" and k[7] == "cpu"
                   and k[3] >= benchlib.GOAL_LONG_T]
     for mode in benchlib.GOAL_LONG_MODES:
@@ -220,6 +221,32 @@ def goal_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
     rows.append(("attention_at training step / vanilla step", f"<= {benchlib.GOAL_AT_STEP_RATIO:g}x",
                  fmt_ratio(r), NONE if r is None and not steps else _met(r, benchlib.GOAL_AT_STEP_RATIO, below=True), ""))
     return rows
+
+
+def _tail_rows_by_allocator(res: dict) -> list[tuple[str, str, str, str, str]]:
+    """The op's p90/p50 in a process of its own per allocator (allocator.py's op-none): glibc's defaults, and the
+    thresholds train.py sets (fused_attn_at.tune_glibc_malloc); the tail above is the benchmark session's."""
+    alloc = res.get("allocator") or {}
+    variants = alloc.get("variants", {})
+    rows = []
+    B, T, H = benchlib.GOAL_SHAPE
+    for name, how in (("glibc", "glibc's defaults"), ("glibc-mallopt", "fused_attn_at.tune_glibc_malloc()")):
+        op = variants.get(name, {}).get("methods", {}).get("op-none")
+        if not op:
+            continue
+        tail = op["p90"] / op["p50"]
+        rows.append(_goal(f"op fwd+bwd, B={B} T={T} H={H}, none, end-to-end p90 / p50, own process, {how}",
+                          f"<= {benchlib.GOAL_P90_P50:g}", f"{tail:.2f}x ({fmt_pcts(op)}; {op['minflt']:.0f} page "
+                          f"faults per call)", tail, benchlib.GOAL_P90_P50,
+                          lambda op=op: f"{op['minflt']:.0f} page faults per call at "
+                                        f"{fmt_time(first_touch_per_fault(res))} each; "
+                                        f"{op['nivcsw']:.2f} involuntary context switches per call", below=True))
+    return rows
+
+
+def first_touch_per_fault(res: dict) -> float | None:
+    us = (bw_profile(res["raw"]).get("first_touch") or {}).get("us_per_fault")
+    return None if us is None else us * 1e-6
 
 
 def _goal(name, target, measured, value, threshold, bound, below=False):
@@ -702,9 +729,10 @@ def allocator_table(res: dict) -> list[str]:
         return ["Not measured in this run (bench_allocator.py / allocator.py).", ""]
     methods = alloc["methods"]
     glibc = alloc["variants"].get("glibc", {}).get("methods", {})
-    lines = [f"The default training step (bench_training_step.py's, one subprocess per allocator, {alloc['steps']} "
-             f"timed steps per method in {alloc['passes']} interleaved passes), p10 / p50 / p90 step time; vs glibc = "
-             "glibc's p50 / this p50 (> 1: faster than glibc's defaults); faults = minor page faults per step.", "",
+    lines = [f"The default training step (bench_training_step.py's) and the op alone (op-none: attention_pool + "
+             f"autograd.grad, cpu backend, B=64 T=256 H=256), one subprocess per allocator, {alloc['steps']} "
+             f"timed calls per method in {alloc['passes']} interleaved passes; p10 / p50 / p90 time per call; vs glibc "
+             "= glibc's p50 / this p50 (> 1: faster than glibc's defaults); faults = minor page faults per call.", "",
              "| allocator | " + " | ".join(f"{m} p10 / p50 / p90 | {m} vs glibc | {m} faults" for m in methods)
              + " | peak RSS |", "|---|" + "---|---|---|" * len(methods) + "---|"]
     for name, v in alloc["variants"].items():

@@ -25,7 +25,7 @@ DESCRIPTION = __doc__.split("\n\n")[0]
 
 # The values a run's results depend on. --resume keeps the saved ones: given again with another value, each
 # is refused by name, except --epochs, which may extend the run (or stop it earlier, not before the epochs it
-# has finished). --device, --threads and --no-progress may change freely.
+# has finished). --device, --threads, --malloc and --no-progress may change freely.
 RESULT_KEYS = ("dataset", "data_dir", "method", "encoder", "attention", "eps", "lam", "compat", "epochs",
                "patience", "sst_recipe", "word_embedding_norm", "word_iat_norm", "batch_size", "lr", "weight_decay", "seed", "embeddings", "embed_size", "hidden_size",
                "cnn_channels", "kernel_sizes", "decoder_size", "dropout", "max_train_examples",
@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=positive_int, default=None,
                      help="torch intra-op CPU threads per process (default 1 on the CPU: the models are small, "
                           "and extra threads slow down badly when other processes share the cores)")
+    run.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                     help="on the CPU, tuned: raise glibc malloc's mmap/trim thresholds for this process "
+                          "(fused_attn_at.tune_glibc_malloc: freed memory is reused instead of faulting in again; "
+                          "no effect under another allocator); default: leave malloc as it is")
     run.add_argument("--max-train-examples", type=positive_int, default=None,
                      help="keep only the first N training examples (quick tests)")
     run.add_argument("--max-eval-examples", type=positive_int, default=None,
@@ -277,7 +281,7 @@ def main(argv=None) -> int:
                 raise UsageError(f"{output_dir} already holds a run: pass --resume to continue it, or choose "
                                  "another --output-dir")
         train(config, output_dir, resume=args.resume, device_arg=args.device, threads=args.threads,
-              progress=not args.no_progress)
+              progress=not args.no_progress, malloc=args.malloc)
     except (UsageError, MissingDataError, DataFormatError) as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2

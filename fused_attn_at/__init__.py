@@ -15,6 +15,7 @@ from .modules import AdditiveScorer, AttentionPool, DotScorer
 from .training import AdversarialLoss, adversarial_attention_loss
 from .self_attention import CleanPassRecord, SelfAttentionOutput, perturbed_attention, self_attention_perturbation
 from .self_attention_training import SelfAttentionAT, SelfAttentionATStep
+from .cpu_allocator import tune_glibc_malloc
 
 __version__ = "0.1.0"
 
@@ -26,4 +27,6 @@ __all__ = [
     # self-attention (issue 18)
     "CleanPassRecord", "SelfAttentionAT", "SelfAttentionATStep", "SelfAttentionOutput", "perturbed_attention",
     "self_attention_perturbation",
+    # CPU training: keep freed memory in the process (issue 17)
+    "tune_glibc_malloc",
 ]

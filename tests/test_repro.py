@@ -348,7 +348,7 @@ def test_sst_recipe_switch(tmp_path):
 # ----------------------------------------------------------------------------------------------- grids
 
 REPRO_GRIDS = ("repro_babi", "repro_released_iat", "repro_eps_word", "repro_picked_eps", "repro_embeddings",
-               "repro_sst_released")
+               "repro_sst_released", "repro_babi_eps")
 
 
 def test_rerun_grids_list_and_name_their_new_settings():
@@ -359,6 +359,10 @@ def test_rerun_grids_list_and_name_their_new_settings():
     assert len(runs["repro_babi"]) == 3 * 6 * 3 and len(runs["repro_released_iat"]) == 2 * 8
     assert len(runs["repro_eps_word"]) == 16 and len(runs["repro_picked_eps"]) == 9 + 3
     assert len(runs["repro_embeddings"]) == 12 and len(runs["repro_sst_released"]) == 6
+    # the small-eps probe: the repro_babi setting but eps, so only eps differs from the eps-1 runs
+    babi_setting = {k: v for k, v in runs["repro_babi"][0].args}
+    assert len(runs["repro_babi_eps"]) == 2 * 2 * 2
+    assert all(dict(r.args) == babi_setting and r.eps in (0.1, 0.5) for r in runs["repro_babi_eps"])
     for run in runs["repro_babi"]:
         args = dict(run.args)
         assert (args["patience"], args["epochs"], args["batch-size"], args["hidden-size"], args["embeddings"]) == \
