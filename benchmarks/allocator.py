@@ -8,13 +8,14 @@ Each variant runs in a subprocess of its own (the environment below set before P
 step of bench_training_step.py (the model `experiments/train.py` builds by default, on the fixed median-length
 SST batch of 32; --smoke: the synthetic batch), runs warm-up steps, then `--steps` timed steps per method, and
 prints p10/p50/p90 step time, minor page faults and involuntary context switches per step, and its peak RSS
-(VmHWM). The method op-none times the fused op alone (attention_pool + autograd.grad, cpu backend, B=64 T=256
-H=256), the end-to-end call of the goal table.
+(VmHWM). The methods op-none and op-bwd-long time the fused op alone (see DEFAULT_METHODS): the end-to-end
+call of the goal table, and the DRAM-resident backward.
     glibc           no variable set (glibc's defaults: mmap for blocks >= a dynamic threshold from 128 KiB,
                     trimming the heap top beyond 128 KiB)
     glibc-tuned     MALLOC_MMAP_THRESHOLD_=32 MiB (glibc's largest) and MALLOC_TRIM_THRESHOLD_=1 GiB: freed
                     memory stays in the process instead of going back to the OS and faulting in again
     glibc-mallopt   the same thresholds set at run time by fused_attn_at.tune_glibc_malloc() (what train.py does)
+    glibc-heap      tune_glibc_malloc(mmap_max=0): blocks above 32 MiB come from the heap as well, and stay
     jemalloc        LD_PRELOAD=libjemalloc.so.2 (Debian: apt-get install libjemalloc2)
     tcmalloc        LD_PRELOAD=libtcmalloc_minimal.so.4 (Debian: apt-get install libtcmalloc-minimal4)
 A variant whose library is not installed is reported as absent; a preload that did not take (the library is
@@ -43,14 +44,18 @@ VARIANTS = {
                     "glibc, MALLOC_MMAP_THRESHOLD_=32 MiB, MALLOC_TRIM_THRESHOLD_=1 GiB"),
     # the same thresholds set by the process itself at start: what experiments/train.py does on the CPU
     "glibc-mallopt": ({}, None, "glibc, fused_attn_at.tune_glibc_malloc() at start (mallopt; train.py's default)"),
+    "glibc-heap": ({}, None, "glibc, fused_attn_at.tune_glibc_malloc(mmap_max=0): blocks above 32 MiB from the "
+                             "heap too"),
     "jemalloc": ({}, "libjemalloc.so.2", "jemalloc 5 (LD_PRELOAD)"),
     "tcmalloc": ({}, "libtcmalloc_minimal.so.4", "tcmalloc-minimal (LD_PRELOAD)"),
 }
-DEFAULT_METHODS = ("attention_at", "vanilla", "op-none")  # attention_at is train.py's default method
-# A "method" named op-<perturbation> is the fused op alone instead of a training step: attention_pool (cpu
-# backend) + torch.autograd.grad at the goal shape, the call whose p90/p50 issue 17 asks about.
+DEFAULT_METHODS = ("attention_at", "vanilla", "op-none", "op-bwd-long")  # attention_at: train.py's default
+# A "method" named op-... is the fused op alone instead of a training step (cpu backend, perturbation none):
+#   op-none      attention_pool + torch.autograd.grad at the goal shape B=64 T=256 H=256 (issue 17's p90/p50)
+#   op-bwd-long  the backward alone at B=64 T=1024 H=256 (DRAM-resident: 64 MiB h read, 64 MiB dh written)
 OP_PREFIX = "op-"
-TUNED_BY_MALLOPT = ("glibc-mallopt",)
+LONG_SHAPE = (64, 1024, 256)
+MALLOPT = {"glibc-mallopt": {}, "glibc-heap": {"mmap_max": 0}}  # variants that call tune_glibc_malloc(**these)
 
 
 def find_library(name: str) -> str | None:
@@ -81,19 +86,33 @@ def _peak_rss_mib() -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def _op_call(perturbation: str, smoke: bool):
-    """One end-to-end fwd+bwd of the cpu op at the goal shape (smoke: a tiny one)."""
+def _op_call(name: str, smoke: bool):
+    """One call of the cpu op (DEFAULT_METHODS' op-...; smoke: a tiny shape)."""
+    import torch
+
     import benchlib
 
     reason = benchlib.unavailable_reason("cpu", "cpu", "float32")  # also loads the compiled ops
     if reason:
         raise RuntimeError(f"the cpu backend is unavailable: {reason}")
-    B, T, H = (2, 16, 8) if smoke else benchlib.GOAL_SHAPE
-    case = benchlib.Case("cpu", "float32", B, T, H, perturbation, "fwdbwd", "cpu")
-    return benchlib.breakdown_callables(case, benchlib.make_inputs(case))["e2e"]
+    if name == "none":
+        B, T, H = (2, 16, 8) if smoke else benchlib.GOAL_SHAPE
+        case = benchlib.Case("cpu", "float32", B, T, H, "none", "fwdbwd", "cpu")
+        return benchlib.breakdown_callables(case, benchlib.make_inputs(case))["e2e"]
+    if name != "bwd-long":
+        raise ValueError(f"unknown op method op-{name}")
+    import fused_attn_at
+
+    B, T, H = (2, 16, 8) if smoke else LONG_SHAPE
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    scores = torch.randn(B, T, generator=g, requires_grad=True)
+    grad_context = torch.randn(B, H, generator=g)
+    context = fused_attn_at.attention_pool(h, scores, backend="cpu").context
+    return lambda: torch.autograd.grad(context, (h, scores), grad_context, retain_graph=True)
 
 
-def worker(methods, steps: int, warmup: int, threads: int, smoke: bool, tune: bool = False) -> dict:
+def worker(methods, steps: int, warmup: int, threads: int, smoke: bool, tune: str | None = None) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -104,7 +123,7 @@ def worker(methods, steps: int, warmup: int, threads: int, smoke: bool, tune: bo
     if tune:
         import fused_attn_at
 
-        if not fused_attn_at.tune_glibc_malloc():
+        if not fused_attn_at.tune_glibc_malloc(**MALLOPT[tune]):
             raise RuntimeError("tune_glibc_malloc: the C library is not glibc")
     steps_of = [m for m in methods if not m.startswith(OP_PREFIX)]
     setup = bts.load_step_setup(smoke) if steps_of else (None, None, None, "none (the op alone)")
@@ -137,7 +156,7 @@ def run_variant(name: str, methods, steps: int, warmup: int, threads: int, smoke
         result["env"]["LD_PRELOAD"] = path
     cmd = [sys.executable, "-P", str(HERE / "allocator.py"), "--worker", "--methods", ",".join(methods),
            "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)] + (["--smoke"] if smoke else [])
-    cmd += ["--tune"] if name in TUNED_BY_MALLOPT else []
+    cmd += ["--tune", name] if name in MALLOPT else []
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
     result["wall_s"] = time.monotonic() - t0
@@ -189,7 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", type=pathlib.Path, default=None, help="also write the result here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--tune", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tune", choices=tuple(MALLOPT), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
     if args.worker:

@@ -179,7 +179,6 @@ def goal_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
         tail = p90 / p50 if p90 and p50 else None
         rows.append(_goal(f"{where}: p90 / p50", f"<= {benchlib.GOAL_P90_P50:g}", fmt_ratio(tail), tail,
                           benchlib.GOAL_P90_P50, lambda: _bound_tail(res, B, T, H, pert, fused), below=True))
-    rows += _tail_rows_by_allocator(res)
     long_cases = [e for k, e in pool.items() if k[0] == "cpu" and k[1] == "float32" and k[7] == "cpu"
                   and k[3] >= benchlib.GOAL_LONG_T]
     for mode in benchlib.GOAL_LONG_MODES:
@@ -199,6 +198,7 @@ def goal_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
                           f"{worst['perturbation']})", target,
                           f"{frac:.0%} ({gbps(worst):.3g} of {bw:.3g} GB/s at {mib(ws)})", frac,
                           benchlib.GOAL_READ_FRACTION, lambda w=worst, b=bw, m=mode: _bound_long(res, w, b, m)))
+    rows += _allocator_goal_rows(res)
     pair = res["pair"]
     at, vanilla = pair.get("pair-at"), pair.get("vanilla")
     r = ratio(at, vanilla)
@@ -223,24 +223,43 @@ def goal_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
-def _tail_rows_by_allocator(res: dict) -> list[tuple[str, str, str, str, str]]:
-    """The op's p90/p50 in a process of its own per allocator (allocator.py's op-none): glibc's defaults, and the
-    thresholds train.py sets (fused_attn_at.tune_glibc_malloc); the tail above is the benchmark session's."""
+def _allocator_goal_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
+    """Goals measured again in a process of their own per allocator (allocator.py's op-none and op-bwd-long):
+    under glibc's defaults, and with freed memory kept in the process (fused_attn_at.tune_glibc_malloc); the rows
+    above are the benchmark session's, under glibc's defaults."""
     alloc = res.get("allocator") or {}
     variants = alloc.get("variants", {})
     rows = []
     B, T, H = benchlib.GOAL_SHAPE
+    per_fault = first_touch_per_fault(res)
+
+    def op(variant, method):
+        return variants.get(variant, {}).get("methods", {}).get(method)
+
+    def host(m):
+        return (f"{m['minflt']:.0f} page faults per call (at {fmt_time(per_fault)} each, first touch), "
+                f"{m['nivcsw']:.2f} involuntary context switches per call")
+
     for name, how in (("glibc", "glibc's defaults"), ("glibc-mallopt", "fused_attn_at.tune_glibc_malloc()")):
-        op = variants.get(name, {}).get("methods", {}).get("op-none")
-        if not op:
-            continue
-        tail = op["p90"] / op["p50"]
-        rows.append(_goal(f"op fwd+bwd, B={B} T={T} H={H}, none, end-to-end p90 / p50, own process, {how}",
-                          f"<= {benchlib.GOAL_P90_P50:g}", f"{tail:.2f}x ({fmt_pcts(op)}; {op['minflt']:.0f} page "
-                          f"faults per call)", tail, benchlib.GOAL_P90_P50,
-                          lambda op=op: f"{op['minflt']:.0f} page faults per call at "
-                                        f"{fmt_time(first_touch_per_fault(res))} each; "
-                                        f"{op['nivcsw']:.2f} involuntary context switches per call", below=True))
+        m = op(name, "op-none")
+        if m:
+            tail = m["p90"] / m["p50"]
+            rows.append(_goal(f"op fwd+bwd, B={B} T={T} H={H}, none, end-to-end p90 / p50, own process, {how}",
+                              f"<= {benchlib.GOAL_P90_P50:g}", f"{tail:.2f}x ({fmt_pcts(m)}; {m['minflt']:.0f} page "
+                              "faults per call)", tail, benchlib.GOAL_P90_P50, lambda m=m: host(m), below=True))
+    LB, LT, LH = 64, 1024, 256
+    ws = benchlib.working_set_bytes(LB, LT, LH, "float32", "bwd")
+    bw = bw_at(res, ws, "read")
+    nbytes = benchlib.ideal_bytes(LB, LT, LH, "float32", "none", "bwd")
+    for name, how in (("glibc", "glibc's defaults (dh mmapped fresh)"),
+                      ("glibc-heap", "tune_glibc_malloc(mmap_max=0) (dh reused)")):
+        m = op(name, "op-bwd-long")
+        if m and bw:
+            frac = nbytes / m["p50"] / 1e9 / bw
+            rows.append(_goal(f"op bwd, B={LB} T={LT} H={LH} none, own process, {how}: % of the read bandwidth at "
+                              "its working set", f">= {benchlib.GOAL_READ_FRACTION:.0%}",
+                              f"{frac:.0%} ({nbytes / m['p50'] / 1e9:.3g} of {bw:.3g} GB/s; p50 {fmt_time(m['p50'])})",
+                              frac, benchlib.GOAL_READ_FRACTION, lambda m=m: host(m)))
     return rows
 
 
@@ -741,7 +760,10 @@ def allocator_table(res: dict) -> list[str]:
             continue
         cells = [f"{name} ({v['what']})"]
         for m in methods:
-            s = v["methods"][m]
+            s = v["methods"].get(m)
+            if s is None:
+                cells += [NONE] * 3
+                continue
             g = glibc.get(m, {}).get("p50")
             cells += [fmt_pcts(s), fmt_ratio(g / s["p50"]) if g else NONE, f"{s['minflt']:.0f}"]
         cells.append(NONE if v.get("max_rss_mib") is None else f"{v['max_rss_mib']:.0f} MiB")
@@ -755,7 +777,7 @@ def allocator_table(res: dict) -> list[str]:
 def _best_allocator(alloc: dict) -> str:
     """One computed sentence: the variant with the lowest p50 of the first method, and by how much."""
     method = alloc["methods"][0]
-    timed = {n: v["methods"][method]["p50"] for n, v in alloc["variants"].items() if "methods" in v}
+    timed = {n: v["methods"][method]["p50"] for n, v in alloc["variants"].items() if method in v.get("methods", {})}
     if "glibc" not in timed or len(timed) < 2:
         return ""
     best = min(timed, key=timed.get)

@@ -24,7 +24,9 @@ libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = MallInfo2
 if sys.argv[1] == "tuned":
     assert fused_attn_at.tune_glibc_malloc() is True
-block = torch.empty(5 * 2**20).fill_(1.0)
+if sys.argv[1] == "heap":
+    assert fused_attn_at.tune_glibc_malloc(mmap_max=0) is True
+block = torch.empty(int(sys.argv[2]) // 4).fill_(1.0)
 live = libc.mallinfo2()
 del block
 freed = libc.mallinfo2()
@@ -53,9 +55,10 @@ BLOCK = 20 * 2**20
 PAGES_PER_BLOCK = 16 * 2**20 // 4096
 
 
-def run_script(script: str, mode: str) -> str:
+def run_script(script: str, mode: str, *args) -> str:
     env_free = {"PATH": "/usr/bin:/bin"}  # no MALLOC_* variables from the caller
-    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", script, mode, *map(str, args)], capture_output=True, text=True,
+                         timeout=120,
                          cwd=REPO, env=env_free)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
@@ -63,11 +66,16 @@ def run_script(script: str, mode: str) -> str:
 
 @pytest.mark.skipif(cpu_allocator.glibc_version() is None, reason="the C library is not glibc")
 def test_tuned_malloc_keeps_freed_blocks_in_the_process():
-    default, tuned = (json.loads(run_script(MECHANISM, mode)) for mode in ("default", "tuned"))
+    default, tuned = (json.loads(run_script(MECHANISM, mode, BLOCK)) for mode in ("default", "tuned"))
     assert default["live_mmapped"] >= BLOCK and default["freed_mmapped"] < BLOCK, default  # mmapped, then unmapped
     assert default["freed_heap_free"] < BLOCK, default
     assert tuned["live_mmapped"] < BLOCK and tuned["freed_heap_free"] >= BLOCK, tuned  # heap, kept after free
     assert float(run_script(CYCLE, "tuned")) < 0.05 * PAGES_PER_BLOCK  # so reusing it faults nothing in
+    # above glibc's largest mmap threshold (32 MiB) a block is mmapped however tuned, unless mmap_max=0
+    big = 48 * 2**20
+    tuned_big, heap_big = (json.loads(run_script(MECHANISM, mode, big)) for mode in ("tuned", "heap"))
+    assert tuned_big["live_mmapped"] >= big and tuned_big["freed_heap_free"] < big, tuned_big
+    assert heap_big["live_mmapped"] < big and heap_big["freed_heap_free"] >= big, heap_big
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -76,6 +84,7 @@ def test_tuned_malloc_keeps_freed_blocks_in_the_process():
     ({"mmap_threshold": 1.5}, "mmap_threshold must be an int"),
     ({"trim_threshold": 2**31}, "trim_threshold must be an int in [0, 2**31)"),
     ({"trim_threshold": True}, "trim_threshold must be an int"),
+    ({"mmap_max": -1}, "mmap_max must be None or an int in [0, 2**31)"),
 ])
 def test_bad_thresholds_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
