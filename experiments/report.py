@@ -1177,7 +1177,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--archive", default=None, metavar="DIR",
                         help=f"the committed record of finished runs (sweep.py --archive), read for every run "
                              f"whose folder is not under --runs-root (default: {DEFAULT_ARCHIVE} when --runs-root "
-                             "is the default, else none; 'none' turns it off)")
+                             f"is {DEFAULT_OUT}, else none; 'none' turns it off)")
     parser.add_argument("--output", type=Path, default=Path("RESULTS.md"), help="the report (relative: to the repo)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where the PNGs go")
     parser.add_argument("--main-grid", default="main", help="grid of the per-task and correlation tables")

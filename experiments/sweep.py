@@ -904,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--archive", default=None, metavar="DIR",
                         help=f"where finished runs' result files ({', '.join(ARCHIVE_FILES)}) are copied for git to "
                              f"keep, and where a run counts as finished on any machine (default: {DEFAULT_ARCHIVE} "
-                             "when --out-root is the default, else none; 'none' turns it off)")
+                             f"when --out-root is {DEFAULT_OUT}, else none; 'none' turns it off)")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT,
                         help="folder holding the non-SST tasks' data folders named by the grid's 'data'")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",

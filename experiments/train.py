@@ -133,10 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=positive_int, default=None,
                      help="torch intra-op CPU threads per process (default 1 on the CPU: the models are small, "
                           "and extra threads slow down badly when other processes share the cores)")
-    run.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+    run.add_argument("--malloc", choices=("tuned", "as-is"), default="tuned",
                      help="on the CPU, tuned: raise glibc malloc's mmap/trim thresholds for this process "
                           "(fused_attn_at.tune_glibc_malloc: freed memory is reused instead of faulting in again; "
-                          "no effect under another allocator); default: leave malloc as it is")
+                          "no effect under another allocator); as-is: leave malloc alone")
     run.add_argument("--max-train-examples", type=positive_int, default=None,
                      help="keep only the first N training examples (quick tests)")
     run.add_argument("--max-eval-examples", type=positive_int, default=None,

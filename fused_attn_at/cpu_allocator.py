@@ -1,17 +1,19 @@
 """Keep freed memory in the process under glibc's malloc, so that CPU training stops paying page faults.
 
 PyTorch's CPU allocator is the C library's malloc. glibc serves a large block (an op's [B, T, H] output or
-gradient: 16 MiB at B=64 T=256 H=256 float32) from a fresh mmap or from the heap top, and on free gives it back
-to the OS (munmap, or trimming the heap top beyond M_TRIM_THRESHOLD). The next call's block of the same size then
-faults in again, page by page: ~0.8 us per 4 KiB page here, 3.2 ms for 16 MiB, 4x the whole fused op's time.
-That is where the op's long tail came from (benchmarks/RESULTS.md, "Allocator"): p90/p50 3.6 with ~475 page
-faults per call under glibc's defaults, 1.2 with none after tune_glibc_malloc().
+gradient: 16 MiB at B=64 T=256 H=256 float32) from a fresh mmap or from the heap top, and on free may give it
+back to the OS (munmap, or trimming the heap top beyond M_TRIM_THRESHOLD). The next call's block of the same
+size then faults in again, page by page (1-2 us per 4 KiB page on the machines measured): 16 MiB is 4096 pages.
+How often that happens depends on the machine and the allocation pattern (benchmarks/RESULTS.md,
+"Allocator"): on one machine the default training step faulted ~1600 pages per step under glibc's defaults and
+ran 1.38x faster tuned; on another it faulted 24 and gained nothing. Blocks above 32 MiB are always mmapped
+unless mmap_max=0: the backward at B=64 T=1024 H=256 (64 MiB dh) ran 1.6-1.7x faster with its dh reused.
 
 `tune_glibc_malloc()` does at run time what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ do at process start:
 blocks below 32 MiB (glibc's largest mmap threshold on 64-bit) come from the heap, and the heap is trimmed only
 beyond 1 GiB of free memory at its top. The cost is resident memory: freed blocks stay mapped in the process
 (up to the trim threshold) for the next allocation to reuse. It changes the whole process's allocator, so the
-library never calls it on import; experiments/train.py calls it on the CPU unless --malloc default is given.
+library never calls it on import; experiments/train.py calls it on the CPU unless --malloc as-is is given.
 """
 from __future__ import annotations
 

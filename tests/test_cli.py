@@ -86,6 +86,9 @@ def test_run_directory(finished_run):
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
     assert metrics["epochs"][-1]["train_loss"] < metrics["epochs"][0]["train_loss"]
     assert 1 <= metrics["best_epoch"] <= 3
+    # train.py's default on the CPU: glibc's malloc tuned (fused_attn_at.tune_glibc_malloc)
+    assert metrics["malloc"] == ("tuned" if fused_attn_at.cpu_allocator.glibc_version() else
+                                 "as-is (the C library is not glibc)")
     test = metrics["test"]["test"]
     assert test["n"] == 40 and 0.0 <= test["accuracy"] <= 1.0
     assert {"accuracy", "f1", "roc_auc", "correlation", "robustness"} <= set(test)

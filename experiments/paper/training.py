@@ -315,14 +315,16 @@ def train(config: dict, output_dir: Path, *, resume: bool, device_arg: str = "au
           progress: bool = True, malloc: str = "tuned") -> dict | None:
     """Train as `config` says, writing the run directory; returns metrics (rank 0) or None (other ranks).
     malloc="tuned" on the CPU: fused_attn_at.tune_glibc_malloc() first (freed blocks stay in the process instead
-    of faulting in again: the default training step 1.38x faster here, benchmarks/RESULTS.md "Allocator")."""
+    of faulting in again; benchmarks/RESULTS.md "Allocator" has what it does on each machine measured). The
+    setting that took effect is recorded in metrics.json ("malloc")."""
     started, cpu_started = time.time(), time.process_time()
     ddp = Distributed(device_arg)
     try:
+        malloc_used = "as-is"
         if malloc == "tuned" and ddp.device.type == "cpu":
             from fused_attn_at import tune_glibc_malloc
 
-            tune_glibc_malloc()
+            malloc_used = "tuned" if tune_glibc_malloc() else "as-is (the C library is not glibc)"
         if threads is None and ddp.device.type == "cpu":
             # The paper's models are small (B=32, H=256): a second intra-op thread gains little, and when
             # other processes share the cores, OpenMP threads waiting for a descheduled peer burn CPU: on a
@@ -330,12 +332,13 @@ def train(config: dict, output_dir: Path, *, resume: bool, device_arg: str = "au
             threads = 1
         if threads is not None:
             torch.set_num_threads(threads)
-        return _train(config, output_dir, resume, ddp, progress, started, cpu_started)
+        return _train(config, output_dir, resume, ddp, progress, started, cpu_started, malloc_used)
     finally:
         ddp.close()
 
 
-def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: bool, started, cpu_started):
+def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: bool, started, cpu_started,
+           malloc_used: str = "as-is"):
     device = ddp.device
     last_path, best_path = output_dir / "last.pt", output_dir / "best.pt"
     checkpoint = load_checkpoint(last_path) if resume and last_path.is_file() else None
@@ -466,7 +469,7 @@ def _train(config, output_dir: Path, resume: bool, ddp: Distributed, progress: b
         # times of this invocation (a resumed run counts from its restart), rank 0's CPU time
         "train_seconds": train_seconds, "train_cpu_seconds": train_cpu,
         "total_seconds": time.time() - started, "total_cpu_seconds": time.process_time() - cpu_started,
-        "threads": torch.get_num_threads(), "world_size": ddp.world,
+        "threads": torch.get_num_threads(), "world_size": ddp.world, "malloc": malloc_used,
         # DDP keeps the replicas equal by averaging gradients; checked on the trained weights
         "ddp_replicas_identical": replicas_identical,
         "backend": fused_backend(device),
