@@ -27,7 +27,7 @@ if str(EXPERIMENTS) not in sys.path:
     sys.path.insert(0, str(EXPERIMENTS))
 
 from paper.cli import ArgumentParser  # noqa: E402
-from sweep import DEFAULT_ARCHIVE, DEFAULT_OUT, Run, load_grid, status  # noqa: E402
+from sweep import DEFAULT_ARCHIVE, DEFAULT_OUT, Run, load_grid, resolve_archive, status  # noqa: E402
 from report_transformers import transformer_sections  # noqa: E402  (issue 18: grids transformer, minilm)
 
 NOT_RUN = "not run"
@@ -978,10 +978,7 @@ def build(args) -> str:
     root = args.runs_root if args.runs_root.is_absolute() else REPO / args.runs_root
     out_md = args.output if args.output.is_absolute() else REPO / args.output
     results_dir = args.results_dir if args.results_dir.is_absolute() else REPO / args.results_dir
-    archive = args.archive if args.archive is not None else (str(DEFAULT_ARCHIVE) if args.runs_root == DEFAULT_OUT
-                                                             else "none")
-    results = Results(root, None if archive == "none" else (Path(archive) if Path(archive).is_absolute()
-                                                             else REPO / archive))
+    results = Results(root, resolve_archive(args.archive, args.runs_root))
     main = load_grid(args.main_grid)
     eps_runs = [r for r in load_grid(args.eps_grid) if r.eps is not None]
     compat_runs = load_grid(args.compat_grid)

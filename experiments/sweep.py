@@ -289,6 +289,15 @@ def is_finished(run_dir: Path) -> bool:
     return bool(metrics.get("test"))
 
 
+def resolve_archive(given: str | None, out_root_given: Path) -> Path | None:
+    """The archive folder of an --archive value (None: DEFAULT_ARCHIVE when the run root is DEFAULT_OUT, else
+    none; 'none': off), absolute; shared by sweep.py and report.py."""
+    archive = given if given is not None else (str(DEFAULT_ARCHIVE) if out_root_given == DEFAULT_OUT else "none")
+    if archive == "none":
+        return None
+    return Path(archive) if Path(archive).is_absolute() else REPO / archive
+
+
 def archive_run(run_dir: Path, archive_dir: Path) -> bool:
     """Copy a finished run's ARCHIVE_FILES into archive_dir (each atomically, metrics.json last, so an archive
     holding metrics.json is whole); False when the run is not finished."""
@@ -952,9 +961,7 @@ def main(argv=None) -> int:
         print("sweep.py: error: the filters leave no runs", file=sys.stderr)
         return 2
     out_root = args.out_root if args.out_root.is_absolute() else REPO / args.out_root
-    archive = args.archive if args.archive is not None else (str(DEFAULT_ARCHIVE) if args.out_root == DEFAULT_OUT
-                                                             else "none")
-    archive_root = None if archive == "none" else (Path(archive) if Path(archive).is_absolute() else REPO / archive)
+    archive_root = resolve_archive(args.archive, args.out_root)
     if args.list:
         try:
             for run in runs:
