@@ -96,7 +96,8 @@ setup(
         "cluster": ["ray>=2.9"],
         # fused_attn_at.hf: attn_implementation="fused_attn_at" (AttentionInterface + AttentionMaskInterface)
         "transformers": ["transformers>=4.48"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.7", "ninja", "pybind11"],
+        # pytest-xdist: the suite runs on 2 workers (--dist loadfile: one file per worker, so module fixtures build once)
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "triton>=3.7", "ninja", "pybind11"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
