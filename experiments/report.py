@@ -961,6 +961,29 @@ def remaining(root: Path, runs: list[Run], archive: Path | None = None) -> list[
     return lines
 
 
+def task_settings(finished: list[tuple[Run, dict]]) -> list[str]:
+    """The settings each task's finished main-grid runs were trained under, read from their config.json, where
+    they differ from the sentence above (a grid may change batch, width, epoch budget, patience, vectors)."""
+    per_task: dict[str, set[str]] = {}
+    for run, metrics in finished:
+        config = metrics.get("config") or {}
+        if config.get("encoder", "lstm") != "lstm" or config.get("hf_model"):
+            continue
+        budget = f"up to {config.get('epochs')} epochs"
+        if config.get("patience"):
+            budget += f", stopped after {config['patience']} epochs without a better dev accuracy"
+        vectors = config.get("embeddings_name") or ("random" if not config.get("embeddings") else "pretrained")
+        per_task.setdefault(run.dataset, set()).add(
+            f"batch {config.get('batch_size')}, hidden {config.get('hidden_size')} per direction, {budget}, "
+            f"word vectors: {vectors}")
+    if not per_task:
+        return []
+    lines = ["Settings of the finished runs per task (from their config.json; where they differ from the sentence "
+             "above, these hold):", ""]
+    lines += [f"- {task}: {'; '.join(sorted(settings))}" for task, settings in per_task.items()]
+    return lines + [""]
+
+
 def refuse_to_shrink(out_md: Path, n_finished: int, root: Path, force: bool) -> None:
     """Stops before anything is written when the existing report was built from more finished runs than `root`
     holds now (e.g. a fresh machine without the run folders): regenerating would silently drop those results."""
@@ -981,7 +1004,7 @@ def build(args) -> str:
     results = Results(root, resolve_archive(args.archive, args.runs_root))
     main = load_grid(args.main_grid)
     eps_runs = [r for r in load_grid(args.eps_grid) if r.eps is not None]
-    compat_runs = load_grid(args.compat_grid)
+    compat_runs = load_grid(args.compat_grid) if args.compat_grid else []
     all_runs = list({r.name: r for r in main + eps_runs + compat_runs}.values())
     # "what remains" in the order the sweep will run it (the paper grid's priority order), then the rest
     in_grids = {r.name for r in all_runs}
@@ -1027,8 +1050,9 @@ def build(args) -> str:
            "classification) or 10 (QA, NLI), the best dev-accuracy epoch evaluated on test, lambda = 1, eps = 1 "
            "for every perturbation method in the main grid (the per-method pick from the SST dev set is in the "
            "eps section; it came later in the schedule than the main runs). ± is the standard deviation over "
-           "seeds where more than one seed is done (the \"seeds done\" column).", "",
-           "## 1. Prediction performance per task", ""]
+           "seeds where more than one seed is done (the \"seeds done\" column).", ""]
+    doc += task_settings(results.finished(main))
+    doc += ["## 1. Prediction performance per task", ""]
     doc += task_tables(results, main)
     sst_v = [first_test(m)["accuracy"] for r, m in results.finished(main) if r.dataset == "sst" and r.method == "vanilla"]
     if sst_v:
@@ -1179,7 +1203,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where the PNGs go")
     parser.add_argument("--main-grid", default="main", help="grid of the per-task and correlation tables")
     parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot")
-    parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison")
+    parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison; '' = none")
     parser.add_argument("--force", action="store_true",
                         help="write even when the existing report was built from more finished runs than are here")
     parser.add_argument("--released-grid", default="repro_released_iat",

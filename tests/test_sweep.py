@@ -253,6 +253,19 @@ def test_report_builds_results_md_from_the_runs(smoke_sweep, tmp_path):
     assert "![vanilla heat map](results/heatmaps_sst_vanilla.png)" in text
     assert "python experiments/report.py" in text
     assert "| sst | vanilla | " in text.split("### How peaked")[1]  # recomputed from the run's best.pt
+    # the settings each task was trained under come from the runs' config.json, not from a fixed sentence
+    config = json.loads((good / "config.json").read_text())
+    assert (f"- sst: batch {config['batch_size']}, hidden {config['hidden_size']} per direction, up to 1 epochs, "
+            f"word vectors: {config['embeddings_name']}") in text
+
+    # a report of one grid alone (e.g. bAbI's): '' turns the other grids off
+    alone = tmp_path / "RESULTS_alone.md"
+    assert report.main(["--runs-root", str(root / "runs"), "--output", str(alone), "--results-dir",
+                        str(tmp_path / "results_alone"), "--main-grid", str(grid), "--eps-grid", "smoke",
+                        "--compat-grid", "", "--released-grid", "", "--picked-eps-grid", "", "--recipe-grid", "",
+                        "--no-attention-stats"]) == 0
+    section_4 = alone.read_text().split("## 4.")[1].split("## 5.")[0]
+    assert "| attention_at | paper / SPEC (default) |" not in section_4
 
 
 def test_peakedness_is_kept_beside_best_pt_and_redone_when_best_pt_changes(smoke_sweep, monkeypatch):
