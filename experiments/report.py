@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import re
+import shlex
 import shutil
 import statistics
 import sys
@@ -1003,7 +1004,7 @@ def build(args) -> str:
     results_dir = args.results_dir if args.results_dir.is_absolute() else REPO / args.results_dir
     results = Results(root, resolve_archive(args.archive, args.runs_root))
     main = load_grid(args.main_grid)
-    eps_runs = [r for r in load_grid(args.eps_grid) if r.eps is not None]
+    eps_runs = [r for r in load_grid(args.eps_grid) if r.eps is not None] if args.eps_grid else []
     compat_runs = load_grid(args.compat_grid) if args.compat_grid else []
     all_runs = list({r.name: r for r in main + eps_runs + compat_runs}.values())
     # "what remains" in the order the sweep will run it (the paper grid's priority order), then the rest
@@ -1090,18 +1091,21 @@ def build(args) -> str:
             "get the AT perturbation of size eps (the run's eps; vanilla: 1).", ""]
     doc += robustness_table(results, main)
     doc += ["", "## 3. Sensitivity to eps (SST)", ""]
-    doc += eps_lines
-    if has_eps_plot:
-        doc += ["", f"![eps sensitivity]({rel(eps_png)})", "",
-                "Solid: attention AT/iAT; dashed: word AT/iAT; dotted: attention RP; grey: vanilla (seed 1)."]
+    if not args.eps_grid:
+        doc += ["No eps grid in this report (`--eps-grid ''`).", ""]
     else:
-        doc += ["", "No method has two eps values done yet: no plot."]
-    picked = [f"{m} {e:g}" for m, e in picks.items() if e is not None]
-    doc += ["", "Default eps per method picked on the SST dev set: " + (", ".join(picked) if picked else
-                                                                       "none yet (needs two or more eps values done)")
-            + ". " + default_eps_note(picks) + " (The main grid was run at eps 1 for every method; rerunning it "
-              "at the picked values is left for a longer session.)", ""]
-    doc += eps_attention_table(results, eps_runs, peakedness) + [""]
+        doc += eps_lines
+        if has_eps_plot:
+            doc += ["", f"![eps sensitivity]({rel(eps_png)})", "",
+                    "Solid: attention AT/iAT; dashed: word AT/iAT; dotted: attention RP; grey: vanilla (seed 1)."]
+        else:
+            doc += ["", "No method has two eps values done yet: no plot."]
+        picked = [f"{m} {e:g}" for m, e in picks.items() if e is not None]
+        doc += ["", "Default eps per method picked on the SST dev set: " + (", ".join(picked) if picked else
+                                                                           "none yet (needs two or more eps values done)")
+                + ". " + default_eps_note(picks) + " (The main grid was run at eps 1 for every method; rerunning it "
+                  "at the picked values is left for a longer session.)", ""]
+        doc += eps_attention_table(results, eps_runs, peakedness) + [""]
     sst_main = [r for r in main if r.dataset == "sst"]
     picked_runs = load_grid(args.picked_eps_grid) if args.picked_eps_grid else []
     picked = rerun_comparison(results, [r for r in picked_runs if r.dataset == "sst"], sst_main, "picked eps",
@@ -1181,6 +1185,10 @@ def build(args) -> str:
             "python experiments/sweep.py --grid imdb_probe --threads 1       # the IMDB cost probe (section 8)",
             "python experiments/report.py                                    # this file and results/*.png",
             "```", "",
+            "This file: `python experiments/report.py"
+            + "".join(" " + shlex.quote(a) for a in getattr(args, "command_line", [])) + "`"
+            + ("" if args.main_grid == "main" else f", after `python experiments/sweep.py --grid {args.main_grid} "
+               "--jobs 2 --threads 1`") + ".", "",
             "Slices: `python experiments/sweep.py --grid main --datasets sst --seeds 1`, `--grid eps`, "
             "`--grid compat`; `--list` shows each run's state. The non-SST tasks read `../shared/data` "
             "(`--data-root` to change it); runs land in `runs/sweep/<task>/<method>[_eps<eps>]_seed<seed>[...]`.",
@@ -1202,7 +1210,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=Path("RESULTS.md"), help="the report (relative: to the repo)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"), help="where the PNGs go")
     parser.add_argument("--main-grid", default="main", help="grid of the per-task and correlation tables")
-    parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot")
+    parser.add_argument("--eps-grid", default="eps", help="grid of the eps-sensitivity table and plot; '' = none")
     parser.add_argument("--compat-grid", default="compat", help="grid of the released-code comparison; '' = none")
     parser.add_argument("--force", action="store_true",
                         help="write even when the existing report was built from more finished runs than are here")
@@ -1226,6 +1234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = list(sys.argv[1:] if argv is None else argv)
     text = build(args)
     out = args.output if args.output.is_absolute() else REPO / args.output
     out.write_text(text, encoding="utf-8")

@@ -266,6 +266,14 @@ def test_report_builds_results_md_from_the_runs(smoke_sweep, tmp_path):
                         "--no-attention-stats"]) == 0
     section_4 = alone.read_text().split("## 4.")[1].split("## 5.")[0]
     assert "| attention_at | paper / SPEC (default) |" not in section_4
+    # the report names the command that wrote it
+    assert f"This file: `python experiments/report.py --runs-root {root / 'runs'} --output {alone} " in alone.read_text()
+    no_eps = tmp_path / "RESULTS_no_eps.md"
+    assert report.main(["--runs-root", str(root / "runs"), "--output", str(no_eps), "--results-dir",
+                        str(tmp_path / "results_alone"), "--main-grid", str(grid), "--eps-grid", "",
+                        "--compat-grid", "", "--no-attention-stats"]) == 0
+    section_3 = no_eps.read_text().split("## 3.")[1].split("## 4.")[0]
+    assert "No eps grid in this report (`--eps-grid ''`)." in section_3 and "| method | eps" not in section_3
 
 
 def test_peakedness_is_kept_beside_best_pt_and_redone_when_best_pt_changes(smoke_sweep, monkeypatch):
