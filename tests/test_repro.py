@@ -348,7 +348,7 @@ def test_sst_recipe_switch(tmp_path):
 # ----------------------------------------------------------------------------------------------- grids
 
 REPRO_GRIDS = ("repro_babi", "repro_released_iat", "repro_eps_word", "repro_picked_eps", "repro_embeddings",
-               "repro_sst_released", "repro_babi_eps")
+               "repro_sst_released", "repro_babi_eps", "repro_reruns")
 
 
 def test_rerun_grids_list_and_name_their_new_settings():
@@ -375,6 +375,9 @@ def test_rerun_grids_list_and_name_their_new_settings():
     # the report's views of the reruns: the main grid and the eps grid under the new defaults
     repro_main, repro_eps = load_grid("repro_main"), load_grid("repro_eps")
     assert len(repro_main) == 12 + 6 + 54 + 12 and len(repro_eps) == 24 + 16
+    # the reruns' own report: repro_main without SST, the same runs as repro_babi and repro_embeddings
+    assert [r.name for r in runs["repro_reruns"]] == [r.name for r in repro_main if r.dataset != "sst"]
+    assert {r.name for r in runs["repro_reruns"]} == {r.name for r in runs["repro_babi"] + runs["repro_embeddings"]}
     assert all(dict(r.args).get("word-embedding-norm") == "frequency" for r in repro_main + repro_eps
                if r.method.startswith("word_"))
     # none of them lands in a run directory of the older grids (trained under the old defaults) by accident,
