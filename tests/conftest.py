@@ -29,3 +29,13 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "fused_attn_at_inductor", _source_digest()))
 # ../shared/data beside the checkout (CI lays it there); tests that need it skip with a printed reason if absent.
 SHARED_DATA = pathlib.Path(os.environ.get("FUSED_ATTN_AT_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+# pytest-xdist --dist loadfile hands the test files to the workers in collection order: the files with a
+# multi-minute test go first, so that none of them runs alone at the end while the other worker idles.
+_SLOW_FILES_FIRST = ("test_install.py", "test_hardening.py", "test_sweep_ray.py", "test_cuda_compile.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every file keeps its own order
