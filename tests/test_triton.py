@@ -337,6 +337,9 @@ def _poisoned(inputs: Inputs, which: str, value: float, padded: bool) -> Inputs:
     return dataclasses.replace(inputs, **{which: x})
 
 
+# Triton's interpreter runs the kernel in numpy, which warns on the inf arithmetic before the kernel's own flag
+# turns into the ValueError asserted here; on a GPU there is no such warning.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in:RuntimeWarning")
 @pytest.mark.parametrize("value", (float("nan"), float("inf")))
 @pytest.mark.parametrize("which, kind", NONFINITE_CASES)
 def test_nonfinite_real_value_raises(which, kind, value):
