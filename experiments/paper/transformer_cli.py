@@ -66,8 +66,13 @@ def resolve(config: dict, args, parser) -> dict:
             path = resolve_hf_model(args.hf_model)
         except HFModelError as error:
             raise UsageError(str(error)) from None
+        if args.word_embedding_norm == "frequency" and not config["method"].startswith("word_"):
+            parser.error(f"--word-embedding-norm frequency: on an --hf-model it sets the coordinates of the word "
+                         f"methods' perturbation, and --method {config['method']} perturbs no embedding")
         config.update({
-            "encoder": "hf", "attention": "self", "embeddings": None, "word_embedding_norm": "none",
+            "encoder": "hf", "attention": "self", "embeddings": None,
+            # word methods: train.py's default (frequency) or the flag; the model reads the raw rows either way
+            "word_embedding_norm": config["word_embedding_norm"] if config["method"].startswith("word_") else "none",
             "hf_model": MINILM if args.hf_model.lower() == MINILM else path, "hf_model_path": path,
             "perturb_layers": "self", "lr": HF_LR if args.lr is None else args.lr,
         })
