@@ -31,8 +31,21 @@ def _fmt(values: list, digits: int = 3) -> str:
     return text
 
 
-def _rows(results, runs) -> dict[tuple[str, str], tuple[list, list[dict]]]:
-    """(method, perturbed attention) -> (the grid's runs, the finished runs' first test split), grid order."""
+def _robustness_eps(run) -> float:
+    """The test-time AT size of a run's robustness numbers: train.py's --robustness-eps, else the run's own eps
+    (vanilla's default eps is 1)."""
+    from paper.methods import DEFAULT_EPS
+
+    args = dict(run.args)
+    if "robustness-eps" in args:
+        return float(args["robustness-eps"])
+    return run.eps if run.eps is not None else DEFAULT_EPS[run.method]
+
+
+def _rows(results, runs) -> dict[tuple[str, str, float], tuple[list, list[dict]]]:
+    """(method, perturbed, robustness eps) -> (the grid's runs, the finished runs' first test split), grid order.
+    Runs whose robustness was measured at different sizes stay in different rows: their robust accuracies are not
+    one quantity."""
     rows: dict[tuple[str, str], tuple[list, list[dict]]] = {}
     for run in runs:
         args = dict(run.args)
@@ -45,7 +58,7 @@ def _rows(results, runs) -> dict[tuple[str, str], tuple[list, list[dict]]]:
             # al.'s standardised coordinates
             where += {"none": ", eps on raw rows", "frequency": ", eps standardised"}.get(
                 args.get("word-embedding-norm") if "hf-model" in args else None, "")
-        key = (run.method, where)
+        key = (run.method, where, _robustness_eps(run))
         rows.setdefault(key, ([], []))
         rows[key][0].append(run)
         metrics = results.metrics(run)
@@ -53,14 +66,17 @@ def _rows(results, runs) -> dict[tuple[str, str], tuple[list, list[dict]]]:
             rows[key][1].append(next(iter(metrics["test"].values())) | {"_metrics": metrics})
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     places = {w: i for i, w in enumerate(("pooling attention", "self-attention maps", "pooling + self-attention"))}
-    return dict(sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 99), places.get(kv[0][1], 0))))
+    return dict(sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 99), places.get(kv[0][1], 0), kv[0][2])))
 
 
 def _table(results, runs, correlation_title: str) -> list[str]:
     lines = [f"| method | perturbed | eps | test accuracy | {correlation_title} Pearson r | Kendall tau | "
-             "robust accuracy (test-time AT, eps) | attention total variation | s / epoch | seeds done |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for (method, where), (grid_runs, tests) in _rows(results, runs).items():
+             "robustness eps | robust accuracy (test-time AT) | attention total variation | s / epoch | seeds done |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (method, where, robustness_eps), (grid_runs, tests) in _rows(results, runs).items():
+        # the size each finished run recorded (older runs' metrics hold it too); the grid's when none finished
+        measured = sorted({t["robustness"]["eps"] for t in tests if "eps" in t.get("robustness", {})}) or \
+            [robustness_eps]
         eps = sorted({r.eps for r in grid_runs if r.eps is not None})
         per_epoch = [e["seconds"] for t in tests for e in t["_metrics"]["epochs"] if e.get("seconds") is not None]
         lines.append(
@@ -68,6 +84,7 @@ def _table(results, runs, correlation_title: str) -> list[str]:
             f"{_fmt([t['accuracy'] for t in tests])} | "
             f"{_fmt([t['correlation']['pearson_mean'] for t in tests])} | "
             f"{_fmt([t['correlation']['kendall_mean'] for t in tests])} | "
+            f"{', '.join(f'{e:g}' for e in measured)} | "
             f"{_fmt([t['robustness']['accuracy'] for t in tests])} | "
             f"{_fmt([t['robustness']['attention_tv_mean'] for t in tests])} | "
             f"{f'{statistics.fmean(per_epoch):.0f}' if per_epoch else NOT_RUN} | {len(tests)}/{len(grid_runs)} |")
@@ -96,7 +113,9 @@ def transformer_sections(results) -> list[str]:
         "The attention methods perturb (`--perturb-layers`) the pooling attention (the paper's), every "
         "self-attention map (fused_attn_at.SelfAttentionAT, SPEC \"Self-attention\"), or both in one adversarial "
         "pass. Correlation: the pooling attention vs gradient x input (attention held constant), as for the "
-        "BiLSTM; robustness: test-time AT of size eps on the pooling scores. Mean ± sd over the seeds done."],
+        "BiLSTM; robustness: test-time AT on the pooling scores, of the size in the robustness-eps column (each run's "
+        "own eps unless the grid sets another; compare robust accuracies only at the same size). Mean ± sd over "
+        "the seeds done."],
         "pooling attention vs gradient x input")
     doc += _section(results, "minilm", "12. A pretrained Transformer: all-MiniLM-L6-v2 fine-tuned on SST (issue 18)", [
         "`python experiments/train.py --hf-model minilm`: sentence-transformers' all-MiniLM-L6-v2 (6 layers, width "
@@ -108,7 +127,9 @@ def transformer_sections(results) -> list[str]:
         "row is the one attention distribution that weighs the tokens straight into the decision, the analogue "
         "of the paper's pooling attention. Importance: gradient x input over the word pieces, the gradient "
         "through the whole model (a Transformer's attention cannot be held constant as one pooling). "
-        "Robustness: test-time AT of size eps on every layer's map. Whether attention AT helps a pretrained "
+        "Robustness: test-time AT on every layer's map, of the size in the robustness-eps column (each run's own "
+        "eps unless the grid sets another: vanilla's is 1, so its second row, measured at 0.5, is the one to set "
+        "beside the attention methods; compare robust accuracies only at the same size). Whether attention AT helps a pretrained "
         "Transformer is a question the paper leaves open."],
         "[CLS] attention vs gradient x input")
     return doc

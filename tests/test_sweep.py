@@ -383,3 +383,34 @@ def test_finished_runs_are_archived_and_count_as_finished_on_a_fresh_machine(smo
     text = out.read_text()
     assert f"| vanilla | 1/1 | {test['accuracy']:.3f} | {test['f1']:.3f} |" in text
     assert "from 1 finished runs" in text and f"the archived record `{archive}`" in text
+
+
+def test_transformer_tables_keep_robustness_at_different_eps_in_different_rows(tmp_path):
+    """A robust accuracy is a number at one test-time eps: vanilla's default (its eps, 1) and a vanilla run at
+    --robustness-eps 0.5 are two rows, and each row says the size its runs recorded."""
+    import report_transformers
+
+    grid = write_grid(tmp_path / "g.json", {"blocks": [
+        {"datasets": ["sst"], "methods": ["vanilla"], "seeds": [1, 2], "args": {"hf-model": "minilm"}},
+        {"datasets": ["sst"], "methods": ["vanilla"], "seeds": [1], "args": {"hf-model": "minilm",
+                                                                            "robustness-eps": 0.5}},
+        {"datasets": ["sst"], "methods": ["attention_at"], "seeds": [1], "eps": [0.5],
+         "args": {"hf-model": "minilm"}}]})
+    runs = sweep.load_grid(str(grid))
+    robust = {runs[0].name: (1.0, 0.70), runs[1].name: (1.0, 0.72), runs[2].name: (0.5, 0.81),
+              runs[3].name: (0.5, 0.84)}
+    for name, (eps, accuracy) in robust.items():
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        test = {"accuracy": 0.9, "correlation": {"pearson_mean": 0.4, "kendall_mean": 0.2},
+                "robustness": {"eps": eps, "accuracy": accuracy, "attention_tv_mean": 0.05}}
+        (folder / "metrics.json").write_text(json.dumps({"test": {"test": test}, "epochs": [{"seconds": 10.0}]}))
+    lines = report_transformers._table(report.Results(tmp_path / "runs"), runs, "x")
+    assert "| robustness eps | robust accuracy (test-time AT) |" in lines[0]
+    rows = [line for line in lines[2:]]
+    assert len(rows) == 3, rows
+    # vanilla's rows in ascending robustness eps
+    assert rows[0].startswith("| vanilla | — | — | 0.900 |") and "| 0.5 | 0.810 |" in rows[0]
+    assert rows[1].startswith("| vanilla | — | — | 0.900 ± 0.000 |") and "| 1 | 0.710 ± 0.014 |" in rows[1]
+    assert rows[2].startswith("| attention_at | every self-attention map | 0.5 |") and "| 0.5 | 0.840 |" in rows[2]
