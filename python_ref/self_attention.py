@@ -255,14 +255,16 @@ def perturbed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_m
                         noise: torch.Tensor | None = None, eps: float = 1.0, norm: str = "example",
                         attn_mask: torch.Tensor | None = None, query_mask: torch.Tensor | None = None,
                         dropout_p: float = 0.0, return_attention: bool = False,
-                        generator: torch.Generator | None = None, iat_max_bytes: int | None = None):
+                        generator: torch.Generator | None = None, iat_max_bytes: int | None = None,
+                        dropout_mask: torch.Tensor | None = None):
     """O = masked_softmax(scale Q K^T + bias + r) V with r the (constant) perturbation of the scores.
 
     q [B, nh, Tq, d], k [B, nh, Tk, d], v [B, nh, Tk, dv]; key_mask [B, Tk] bool (True = token); query_mask
     [B, Tq] (default key_mask when Tq == Tk); attn_mask bool [B|1, nh|1, Tq, Tk] (True = may attend); bias
     float [B|1, nh|1, Tq, Tk] (-inf masks). perturbation None | "at" | "iat" (grad = dL_clean/dS [B, nh, Tq, Tk])
-    | "rp" (noise, or generator). dropout_p: dropout on the attention probabilities (after the softmax).
-    Returns O [B, nh, Tq, dv], or SelfAttentionOutput(O, P) with return_attention=True (P before dropout).
+    | "rp" (noise, or generator). dropout_p: dropout on the attention probabilities (after the softmax);
+    dropout_mask: its multipliers [B, nh, Tq, Tk] (0 or 1 / (1 - dropout_p)) instead of torch's random draw (how
+    a fused kernel's hashed mask is checked). Returns O [B, nh, Tq, dv], or SelfAttentionOutput(O, P) with return_attention=True (P before dropout).
     """
     check_self_attention_inputs(q, k, v, key_mask, causal=causal, bias=bias, scale=scale, perturbation=perturbation,
                                 grad=grad, noise=noise, eps=eps, norm=norm, attn_mask=attn_mask,
@@ -274,7 +276,12 @@ def perturbed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_m
     if perturbation is not None:
         s = s + self_attention_perturbation(perturbation, s.detach(), valid, grad=grad, noise=noise, eps=eps,
                                             norm=norm, generator=generator, max_bytes=iat_max_bytes)
-    out, p = attend(s, allowed, v, dropout_p)
+    if dropout_mask is not None:
+        if dropout_p == 0:
+            raise ValueError("dropout_mask needs dropout_p > 0 (the probability it was drawn with)")
+        _check_broadcast("dropout_mask", dropout_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
+                         "[B, nh, Tq, Tk]")
+    out, p = attend(s, allowed, v, dropout_p, dropout_mask)
     return SelfAttentionOutput(out, p) if return_attention else out
 
 
@@ -291,8 +298,13 @@ def checked_scores(q, k, key_mask=None, *, causal=False, bias=None, scale=None, 
     return s, allowed, valid
 
 
-def attend(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0):
-    """(O = dropout(P) V [B, nh, Tq, dv], P = masked_softmax(S) [B, nh, Tq, Tk], before dropout)."""
+def attend(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+           dropout_mask: torch.Tensor | None = None):
+    """(O = dropout(P) V [B, nh, Tq, dv], P = masked_softmax(S) [B, nh, Tq, Tk], before dropout); dropout_mask:
+    the dropout's multipliers, given (else torch draws them)."""
     p = masked_softmax(s, allowed)
-    p_used = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
+    if dropout_mask is not None:
+        p_used = p * dropout_mask.to(p.dtype)
+    else:
+        p_used = torch.nn.functional.dropout(p, dropout_p) if dropout_p > 0 else p
     return p_used @ v, p

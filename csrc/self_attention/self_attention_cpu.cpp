@@ -19,6 +19,12 @@
 // The backward also returns the squared norm of dS per (b, h, query row): for a clean pass this is what the
 // AT perturbation's normalisation needs, so the adversarial pass never materialises G.
 //
+// Attention dropout (dropout_p > 0) is fused the flash-attention way: entry (b, h, i, j) of P is kept when a
+// uniform hashed from (dropout_seed, b, h, i, j) is >= dropout_p, and scaled by 1 / (1 - dropout_p); nothing is
+// stored, the backward regenerates the same mask: O = (P * M) V, dV = (P * M)^T dO, dP = (dO V^T) * M,
+// dS = P (dP - rowsum(dO O)). Kind 3 recomputes the clean pass's G with the clean pass's own mask (cdropout_p,
+// cdropout_seed): G = P_c * ((dO_c V_c^T) * M_c - rowsum(dO_c * O_c)).
+//
 // Ops (schemas below, TORCH_LIBRARY_FRAGMENT: the attention_pool ops live in csrc/ops.cpp):
 //   sa_fwd(q, k, v, key_mask?, bias?, causal, scale, kind, coef?, dense?, seed, cq?, ck?, cv?, co?, cdo?, clse?,
 //          cbias?) -> (out [B, nh, Tq, dv], lse [B, nh, Tq])       lse = +inf on rows with no allowed key
@@ -29,6 +35,9 @@
 //   sa_rowsq(q, k, key_mask?, bias?, causal, dense?, seed) -> [B, nh, Tq]: sum over allowed j of X^2 (X = dense,
 //          or the hashed noise when dense is None)
 //   sa_rp_noise(q, k, seed) -> [B, nh, Tq, Tk]: the hashed noise, materialised (for tests)
+//   sa_dropout_mask(q, k, dropout_p, dropout_seed) -> [B, nh, Tq, Tk] multipliers 0 or 1 / (1 - p), materialised
+//          (for tests)
+// sa_fwd and sa_bwd end with dropout_p, dropout_seed, cdropout_p, cdropout_seed (defaults 0: no dropout).
 #include <torch/library.h>
 
 #include <ATen/ATen.h>
@@ -83,6 +92,24 @@ inline double hash_normal(uint64_t key, uint64_t idx) {
   const double u2 = static_cast<double>(c >> 11) * 0x1.0p-53;        // [0, 1)
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
 }
+
+// Dropout multiplier of entry idx of the stream `key` (= splitmix64(dropout_seed) ^ DROPOUT_STREAM, a stream
+// apart from the RP noise's even for the same seed): 0 when a hashed uniform in [0, 1) is below p, else scale.
+constexpr uint64_t DROPOUT_STREAM = 0xD1B54A32D192ED03ULL;
+
+struct Dropout {
+  double p = 0;
+  uint64_t key = 0;
+  bool on = false;
+  Dropout() = default;
+  Dropout(double p_, int64_t seed) : p(p_), key(splitmix64(static_cast<uint64_t>(seed)) ^ DROPOUT_STREAM), on(p_ > 0) {}
+  bool keep(uint64_t idx) const { return static_cast<double>(splitmix64(key + idx) >> 11) * 0x1.0p-53 >= p; }
+  // x[jj] *= multiplier of (b, h, i, j0 + jj), for the n entries of a block row
+  template <typename T> void apply(T* x, int64_t n, uint64_t row_idx0) const {
+    const T scale = static_cast<T>(1.0 / (1.0 - p));
+    for (int64_t jj = 0; jj < n; ++jj) x[jj] = keep(row_idx0 + static_cast<uint64_t>(jj)) ? x[jj] * scale : T(0);
+  }
+};
 
 struct Strides4 {
   int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -181,14 +208,20 @@ template <typename T> struct Problem {
   const T *co = nullptr, *cdelta = nullptr, *clse = nullptr, *cbias = nullptr;  // co [B,H,Tq,Dv] or cdelta [B,H,Tq]
   Strides4 cbs;
   bool clean_scores_shared = false;  // kind 3 with cq, ck, cbias the very q, k, bias of the call
+  Dropout drop, cdrop;               // this call's attention dropout; the clean pass's (kind 3)
   const RowOps<T>* ops = nullptr;
+  // index of entry (b, h, i, j) in a [B, H, Tq, Tk] map: the hashes' counter
+  uint64_t entry(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return static_cast<uint64_t>(((b * H + h) * Tq + i) * Tk + j);
+  }
 };
 
 // Per-thread buffers of a task.
 template <typename T> struct Scratch {
-  std::vector<T> s, p2, c1, c2, brow, kmadd, acc, m, l, d1, d2;
+  std::vector<T> s, p2, pd, c1, c2, brow, kmadd, acc, m, l, d1, d2;
   Scratch(const Problem<T>& p, int64_t bk_max) {
     s.resize(BQ * bk_max), p2.resize(BQ * bk_max), brow.resize(bk_max), kmadd.resize(p.Tk);
+    if (p.drop.on) pd.resize(BQ * bk_max);
     if (p.kind == KIND_CLEAN) c1.resize(BQ * bk_max), c2.resize(BQ * bk_max);
     acc.resize(BQ * std::max(p.Dv, p.D)), m.resize(BQ), l.resize(BQ), d1.resize(BQ), d2.resize(BQ);
   }
@@ -269,6 +302,7 @@ void add_perturbation(const Problem<T>& p, Scratch<T>& w, T* S, const T* kmadd, 
     for (int64_t ii = 0; ii < bq; ++ii) {
       if (coef[ii] == T(0)) continue;
       p.ops->exp_sum(Pc + ii * bk, bk, clse[ii]);
+      if (p.cdrop.on) p.cdrop.apply(G + ii * bk, bk, p.entry(b, h, i0 + ii, j0));
       p.ops->ds(Pc + ii * bk, G + ii * bk, bk, Dc[ii]);
       p.ops->axpy_allowed(S + ii * bk, G + ii * bk, bk, coef[ii]);
     }
@@ -286,7 +320,7 @@ void add_perturbation(const Problem<T>& p, Scratch<T>& w, T* S, const T* kmadd, 
       if (p.kind == KIND_DENSE) {
         x = p.dense[b * p.ds.s0 + h * p.ds.s1 + i * p.ds.s2 + j * p.ds.s3];
       } else {
-        x = static_cast<T>(hash_normal(p.key, static_cast<uint64_t>(((b * p.H + h) * p.Tq + i) * p.Tk + j)));
+        x = static_cast<T>(hash_normal(p.key, p.entry(b, h, i, j)));
       }
       row[jj] += c * x;
     }
@@ -305,8 +339,11 @@ Problem<T> make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const std::optional<at::Tensor>& dense, int64_t seed, const std::optional<at::Tensor>& cq,
                         const std::optional<at::Tensor>& ck, const std::optional<at::Tensor>& cv,
                         const std::optional<at::Tensor>& co, const std::optional<at::Tensor>& cdo,
-                        const std::optional<at::Tensor>& clse, const std::optional<at::Tensor>& cbias) {
+                        const std::optional<at::Tensor>& clse, const std::optional<at::Tensor>& cbias,
+                        double dropout_p, int64_t dropout_seed, double cdropout_p, int64_t cdropout_seed) {
   Problem<T> p;
+  p.drop = Dropout(dropout_p, dropout_seed);
+  if (kind == KIND_CLEAN) p.cdrop = Dropout(cdropout_p, cdropout_seed);
   p.B = q.size(0), p.H = q.size(1), p.Tq = q.size(2), p.D = q.size(3), p.Tk = k.size(2), p.Dv = v.size(3);
   p.q = rows_of<T>(q), p.k = rows_of<T>(k), p.v = rows_of<T>(v);
   p.km = key_mask.has_value() ? key_mask->data_ptr<bool>() : nullptr;
@@ -369,8 +406,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& cq, const std::optional<at::Tensor>& ck,
                   const std::optional<at::Tensor>& cv, const std::optional<at::Tensor>& co,
                   const std::optional<at::Tensor>& cdo, const std::optional<at::Tensor>& clse,
-                  const std::optional<at::Tensor>& cbias) {
+                  const std::optional<at::Tensor>& cbias, double dropout_p, double cdropout_p) {
   check_4d("q", q), check_4d("k", k), check_4d("v", v);
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK_VALUE(cdropout_p >= 0 && cdropout_p < 1, "cdropout_p must be in [0, 1), got ", cdropout_p);
   TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
                    "q must be float32 or float64 (the Python side upcasts half precision), got ", q.scalar_type());
   check_same("k", k, q), check_same("v", v, q);
@@ -454,6 +493,8 @@ void forward_block(const Problem<T>& p, Scratch<T>& w, const T* kmadd, int64_t b
       }
       l[ii] += sum;
       m[ii] = mnew;
+      // the normaliser l sums every kept and dropped entry; only O sees the mask
+      if (p.drop.on) p.drop.apply(row, bk, p.entry(b, h, i0 + ii, j0));
     }
     gemm_rm<T>(false, false, bq, Dv, bk, T(1), S, bk, p.v.at(b, h, j0), p.v.ld, T(1), a, Dv);
   }
@@ -477,8 +518,10 @@ std::tuple<at::Tensor, at::Tensor> sa_fwd_cpu(
     const std::optional<at::Tensor>& coef_, const std::optional<at::Tensor>& dense, int64_t seed,
     const std::optional<at::Tensor>& cq_, const std::optional<at::Tensor>& ck_, const std::optional<at::Tensor>& cv_,
     const std::optional<at::Tensor>& co_, const std::optional<at::Tensor>& cdo_,
-    const std::optional<at::Tensor>& clse_, const std::optional<at::Tensor>& cbias) {
-  check_inputs(q_, k_, v_, key_mask_, bias, scale, kind, coef_, dense, cq_, ck_, cv_, co_, cdo_, clse_, cbias);
+    const std::optional<at::Tensor>& clse_, const std::optional<at::Tensor>& cbias, double dropout_p,
+    int64_t dropout_seed, double cdropout_p, int64_t cdropout_seed) {
+  check_inputs(q_, k_, v_, key_mask_, bias, scale, kind, coef_, dense, cq_, ck_, cv_, co_, cdo_, clse_, cbias,
+               dropout_p, cdropout_p);
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::Tensor q = rowmajor(q_), k = rowmajor(k_), v = rowmajor(v_);
   const auto key_mask = contig(key_mask_), coef = contig(coef_), cq = rows_opt(cq_), ck = rows_opt(ck_),
@@ -489,7 +532,8 @@ std::tuple<at::Tensor, at::Tensor> sa_fwd_cpu(
   const int64_t nqb = (Tq + BQ - 1) / BQ;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sa_fwd_cpu", [&] {
     const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, key_mask, bias, causal, scale, kind, coef, dense,
-                                                       seed, cq, ck, cv, co, cdo, clse, cbias);
+                                                       seed, cq, ck, cv, co, cdo, clse, cbias, dropout_p,
+                                                       dropout_seed, cdropout_p, cdropout_seed);
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* l = lse.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, grain_for(std::min(BQ, Tq), Tk, q.size(3)));
@@ -544,10 +588,20 @@ void backward_task(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t h, con
       score_block(p, w, S, p.q, p.k, p.bias, p.bs, kmadd, b, h, i0, bq, j0, bk, false);
       add_perturbation(p, w, S, kmadd, b, h, i0, bq, j0, bk, Dc);
       for (int64_t ii = 0; ii < bq; ++ii) p.ops->exp_sum(S + ii * bk, bk, lrow[ii]);
-      // dV += P^T dO
-      gemm_rm<T>(true, false, bk, Dv, bq, T(1), S, bk, dOb, dO.ld, T(1), dVh + j0 * Dv, Dv);
-      // dP = dO V^T, then dS = P (dP - rowsum(dO O)) in place
+      // the P that reached O: P * M with dropout
+      const T* Pused = S;
+      if (p.drop.on) {
+        T* Pd = w.pd.data();
+        std::copy(S, S + bq * bk, Pd);
+        for (int64_t ii = 0; ii < bq; ++ii) p.drop.apply(Pd + ii * bk, bk, p.entry(b, h, i0 + ii, j0));
+        Pused = Pd;
+      }
+      // dV += (P * M)^T dO
+      gemm_rm<T>(true, false, bk, Dv, bq, T(1), Pused, bk, dOb, dO.ld, T(1), dVh + j0 * Dv, Dv);
+      // dP = (dO V^T) * M, then dS = P (dP - rowsum(dO O)) in place
       gemm_rm<T>(false, true, bq, bk, Dv, T(1), dOb, dO.ld, p.v.at(b, h, j0), p.v.ld, T(0), dP, bk);
+      if (p.drop.on)
+        for (int64_t ii = 0; ii < bq; ++ii) p.drop.apply(dP + ii * bk, bk, p.entry(b, h, i0 + ii, j0));
       for (int64_t ii = 0; ii < bq; ++ii) {
         grow[ii] += p.ops->ds(S + ii * bk, dP + ii * bk, bk, Dr[ii]);
         if (dbias_bh) {
@@ -569,8 +623,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_bwd_cp
     const std::optional<at::Tensor>& dense, int64_t seed, const std::optional<at::Tensor>& cq_,
     const std::optional<at::Tensor>& ck_, const std::optional<at::Tensor>& cv_, const std::optional<at::Tensor>& co_,
     const std::optional<at::Tensor>& cdo_, const std::optional<at::Tensor>& clse_,
-    const std::optional<at::Tensor>& cbias) {
-  check_inputs(q_, k_, v_, key_mask_, bias, scale, kind, coef_, dense, cq_, ck_, cv_, co_, cdo_, clse_, cbias);
+    const std::optional<at::Tensor>& cbias, double dropout_p, int64_t dropout_seed, double cdropout_p,
+    int64_t cdropout_seed) {
+  check_inputs(q_, k_, v_, key_mask_, bias, scale, kind, coef_, dense, cq_, ck_, cv_, co_, cdo_, clse_, cbias,
+               dropout_p, cdropout_p);
   const int64_t B = q_.size(0), H = q_.size(1), Tq = q_.size(2), Tk = k_.size(2), Dv = v_.size(3);
   check_same("dout", dout_, q_), check_shape("dout", dout_, {B, H, Tq, Dv});
   check_same("out", out_, q_);
@@ -594,7 +650,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_bwd_cp
   const int64_t gB = bias_grad ? bias->size(0) : B, gH = bias_grad ? bias->size(1) : H;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sa_bwd_cpu", [&] {
     const Problem<scalar_t> p = make_problem<scalar_t>(q, k, v, key_mask, bias, causal, scale, kind, coef, dense,
-                                                       seed, cq, ck, cv, co, cdo, clse, cbias);
+                                                       seed, cq, ck, cv, co, cdo, clse, cbias, dropout_p,
+                                                       dropout_seed, cdropout_p, cdropout_seed);
     const Rows<scalar_t> dO = rows_of<scalar_t>(dout);
     Strides4 dbs;
     scalar_t* dbp = nullptr;
@@ -674,10 +731,25 @@ at::Tensor sa_rp_noise_cpu(const at::Tensor& q, const at::Tensor& k, int64_t see
   return z.to(q.scalar_type());
 }
 
+at::Tensor sa_dropout_mask_cpu(const at::Tensor& q, const at::Tensor& k, double dropout_p, int64_t dropout_seed) {
+  check_4d("q", q), check_4d("k", k);
+  TORCH_CHECK_VALUE(dropout_p >= 0 && dropout_p < 1, "dropout_p must be in [0, 1), got ", dropout_p);
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2);
+  at::Tensor z = at::ones({B, H, Tq, Tk}, q.options().dtype(at::kDouble));
+  const Dropout drop(dropout_p, dropout_seed);
+  if (!drop.on) return z.to(q.scalar_type());
+  double* p = z.data_ptr<double>();
+  at::parallel_for(0, B * H * Tq, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) drop.apply(p + r * Tk, Tk, static_cast<uint64_t>(r * Tk));
+  });
+  return z.to(q.scalar_type());
+}
+
 }  // namespace
 
 #define FUSED_ATTN_AT_SA_PERT "int kind, Tensor? coef, Tensor? dense, int seed, Tensor? cq, Tensor? ck, Tensor? cv, " \
-  "Tensor? co, Tensor? cdo, Tensor? clse, Tensor? cbias"
+  "Tensor? co, Tensor? cdo, Tensor? clse, Tensor? cbias, float dropout_p=0., int dropout_seed=0, " \
+  "float cdropout_p=0., int cdropout_seed=0"
 
 TORCH_LIBRARY_FRAGMENT(fused_attn_at, m) {
   m.def("sa_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? bias, bool causal, float scale, "
@@ -687,6 +759,7 @@ TORCH_LIBRARY_FRAGMENT(fused_attn_at, m) {
         ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("sa_rowsq(Tensor q, Tensor k, Tensor? key_mask, Tensor? bias, bool causal, Tensor? dense, int seed) -> Tensor");
   m.def("sa_rp_noise(Tensor q, Tensor k, int seed) -> Tensor");
+  m.def("sa_dropout_mask(Tensor q, Tensor k, float dropout_p, int dropout_seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fused_attn_at, CPU, m) {
@@ -694,6 +767,7 @@ TORCH_LIBRARY_IMPL(fused_attn_at, CPU, m) {
   m.impl("sa_bwd", &sa_bwd_cpu);
   m.impl("sa_rowsq", &sa_rowsq_cpu);
   m.impl("sa_rp_noise", &sa_rp_noise_cpu);
+  m.impl("sa_dropout_mask", &sa_dropout_mask_cpu);
 }
 
 }  // namespace self_attention

@@ -3,11 +3,14 @@ differentiable and traceable here.
 
 Loading fused_attn_at._C registers (schemas in csrc/self_attention/self_attention_cpu.cpp):
     torch.ops.fused_attn_at.sa_fwd(q, k, v, key_mask?, bias?, causal, scale, kind, coef?, dense?, seed,
-        cq?, ck?, cv?, co?, cdo?, clse?, cbias?) -> (out [B, nh, Tq, dv], lse [B, nh, Tq])
+        cq?, ck?, cv?, co?, cdo?, clse?, cbias?, dropout_p=0, dropout_seed=0, cdropout_p=0, cdropout_seed=0)
+        -> (out [B, nh, Tq, dv], lse [B, nh, Tq])
     torch.ops.fused_attn_at.sa_bwd(dout, q, k, v, out, lse, key_mask?, bias?, causal, scale, bias_grad,
         <the perturbation arguments of sa_fwd>) -> (dq, dk, dv, dbias, gsq [B, nh, Tq])
     torch.ops.fused_attn_at.sa_rowsq(q, k, key_mask?, bias?, causal, dense?, seed) -> [B, nh, Tq]
     torch.ops.fused_attn_at.sa_rp_noise(q, k, seed) -> [B, nh, Tq, Tk]      (the hashed RP noise, for tests)
+    torch.ops.fused_attn_at.sa_dropout_mask(q, k, dropout_p, dropout_seed) -> [B, nh, Tq, Tk]  (the hashed
+        dropout multipliers, 0 or 1 / (1 - p), for tests)
 The perturbation is r[b, h, i, j] = coef[b, h, i] * X[b, h, i, j] on the allowed entries; kind says what X is:
 0 none, 1 `dense` (a given [B, nh, Tq, Tk] tensor: the user's G or noise), 2 standard normal noise hashed from
 (seed, b, h, i, j) (RP; the same numbers in the forward and the backward, never stored), 3 G = dL_clean/dS
@@ -15,7 +18,9 @@ recomputed block by block from the clean pass's cq, ck, cv, co (its O, or rowsum
 dO), clse and cbias (AT through a CleanPassRecord). coef = eps / norm (zero at padded queries) is computed here
 from the row sums of X^2 over the allowed keys: sa_rowsq for kinds 1 and 2, the clean backward's gsq output for
 kind 3. No op allocates anything of size B * nh * Tq * Tk; their working set is a block of 64 queries x 512 keys
-per thread.
+per thread. Attention dropout is fused too: the mask of entry (b, h, i, j) is hashed from (dropout_seed, b, h, i,
+j) in the forward and again in the backward; an adversarial call recomputes the clean pass's G with the clean
+pass's mask (cdropout_p, cdropout_seed, kept in its record).
 
 sa_fwd's derivative (sa_bwd) is registered with torch.library.register_autograd; the clean call of an AT step
 (record=CleanPassRecord) runs through an autograd.Function whose backward also keeps dO, rowsum(dO * O) and gsq in
@@ -23,8 +28,8 @@ the record (and drops O from it). sa_bwd's `out` may also be rowsum(dout * out) 
 Kernels compute in float32 (float16/bfloat16/float32 inputs) or float64.
 
 What this backend hands to the reference (materialised maps, python_ref): iAT (its O(B^2 nh Tq Tk) work and the
-[B, B, ...] differences; the existing memory limit FUSED_ATTN_AT_IAT_MAX_BYTES / iat_max_bytes applies), dropout_p
-> 0 (torch's dropout RNG on the map) and return_attention=True (the map is the result).
+[B, B, ...] differences; the existing memory limit FUSED_ATTN_AT_IAT_MAX_BYTES / iat_max_bytes applies) and
+return_attention=True (the map is the result). The triton backend also hands it dropout_p > 0.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ from . import cpp
 from . import reference_self_attention as _reference
 
 KIND_NONE, KIND_DENSE, KIND_HASH, KIND_CLEAN = 0, 1, 2, 3
-_OPS = ("sa_fwd", "sa_bwd", "sa_rowsq", "sa_rp_noise")
+_OPS = ("sa_fwd", "sa_bwd", "sa_rowsq", "sa_rp_noise", "sa_dropout_mask")
 _NO_CLEAN = (None,) * 7
 
 
@@ -78,17 +83,20 @@ def sa_fwd_autograd(sa_bwd) -> tuple:
     register_autograd(backward, setup_context=setup_context)."""
 
     def setup_context(ctx, inputs, output):
-        (q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo, clse, cbias) = inputs
+        # dropout: (dropout_p, dropout_seed, cdropout_p, cdropout_seed), where the call gave them
+        (q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo, clse, cbias,
+         *dropout) = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, key_mask, bias, coef, dense, cq, ck, cv, co, cdo, clse, cbias)
-        ctx.causal, ctx.scale, ctx.kind, ctx.seed = causal, scale, kind, seed
+        ctx.causal, ctx.scale, ctx.kind, ctx.seed, ctx.dropout = causal, scale, kind, seed, tuple(dropout)
 
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, key_mask, bias, coef, dense, cq, ck, cv, co, cdo, clse, cbias = ctx.saved_tensors
         bias_grad = bias is not None and ctx.needs_input_grad[4]
         dq, dk, dv, dbias, _ = sa_bwd(dout, q, k, v, out, lse, key_mask, bias, ctx.causal, ctx.scale, bias_grad,
-                                      ctx.kind, coef, dense, ctx.seed, cq, ck, cv, co, cdo, clse, cbias)
-        return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * 13
+                                      ctx.kind, coef, dense, ctx.seed, cq, ck, cv, co, cdo, clse, cbias,
+                                      *ctx.dropout)
+        return (dq, dk, dv, None, dbias if bias_grad else None) + (None,) * (13 + len(ctx.dropout))
 
     return backward, setup_context
 
@@ -98,13 +106,13 @@ if AVAILABLE:
 
     @torch.library.register_fake("fused_attn_at::sa_fwd")
     def _sa_fwd_fake(q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo, clse,
-                     cbias):
+                     cbias, dropout_p=0.0, dropout_seed=0, cdropout_p=0.0, cdropout_seed=0):
         B, H, Tq, _ = q.shape
         return q.new_empty((B, H, Tq, v.shape[3])), q.new_empty((B, H, Tq))
 
     @torch.library.register_fake("fused_attn_at::sa_bwd")
     def _sa_bwd_fake(dout, q, k, v, out, lse, key_mask, bias, causal, scale, bias_grad, kind, coef, dense, seed, cq,
-                     ck, cv, co, cdo, clse, cbias):
+                     ck, cv, co, cdo, clse, cbias, dropout_p=0.0, dropout_seed=0, cdropout_p=0.0, cdropout_seed=0):
         B, H, Tq, _ = q.shape
         dbias = q.new_empty(bias.shape) if bias_grad else q.new_empty((0,))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, q.new_empty((B, H, Tq))
@@ -115,6 +123,10 @@ if AVAILABLE:
 
     @torch.library.register_fake("fused_attn_at::sa_rp_noise")
     def _sa_rp_noise_fake(q, k, seed):
+        return q.new_empty((*q.shape[:3], k.shape[2]))
+
+    @torch.library.register_fake("fused_attn_at::sa_dropout_mask")
+    def _sa_dropout_mask_fake(q, k, dropout_p, dropout_seed):
         return q.new_empty((*q.shape[:3], k.shape[2]))
 
     _sa_fwd_backward, _sa_fwd_setup = sa_fwd_autograd(lambda *a: _ops.sa_bwd(*a))
@@ -141,11 +153,12 @@ class FusedCleanPass:
     cbias); co may be O [B, nh, Tq, dv] or delta [B, nh, Tq]."""
 
     __slots__ = ("q", "k", "v", "out", "lse", "bias", "key_mask", "causal", "scale", "dout", "gsq", "delta",
-                 "share")
+                 "share", "dropout")
 
-    def __init__(self, q, k, v, out, lse, bias, key_mask, causal, scale):
+    def __init__(self, q, k, v, out, lse, bias, key_mask, causal, scale, dropout=(0.0, 0)):
         self.q, self.k, self.v, self.out, self.lse = q, k, v, out, lse
         self.bias, self.key_mask, self.causal, self.scale = bias, key_mask, causal, scale
+        self.dropout = dropout  # (dropout_p, dropout_seed) of the clean call: G sees its mask
         self.dout = self.gsq = self.delta = None
         # set by an owner that uses the record for one adversarial call and then frees it (SelfAttentionAT):
         # share_inputs may then alias the adversarial call's inputs
@@ -164,7 +177,7 @@ class FusedCleanPass:
             with torch.no_grad():
                 self.gsq = self._sa_bwd(self.dout, self.q, self.k, self.v, self.delta, self.lse, self.key_mask,
                                         self.bias, self.causal, self.scale, False, KIND_NONE, None, None, 0,
-                                        *_NO_CLEAN)[4]
+                                        *_NO_CLEAN, *self.dropout, 0.0, 0)[4]
         return self.gsq
 
     @staticmethod
@@ -174,6 +187,10 @@ class FusedCleanPass:
 
     def clean_args(self) -> tuple:
         return (self.q, self.k, self.v, self.delta, self.dout, self.lse, self.bias)
+
+    def clean_dropout(self) -> tuple:
+        """(cdropout_p, cdropout_seed): the clean call's dropout, for the kernels' recomputation of G."""
+        return self.dropout
 
     def share_inputs(self, q, k, v) -> None:
         """Drops the record's own Q, K, V for q, k, v when they hold the same numbers (the adversarial call of the
@@ -194,6 +211,8 @@ class FusedCleanPass:
             allowed, _ = self_attention_masks(self.q, self.k, self.key_mask, causal=self.causal, bias=self.bias)
             p = torch.where(allowed, torch.exp(s - self.lse[..., None]), 0.0)
             dp = self.dout @ self.v.transpose(-1, -2)
+            if self.dropout[0] > 0:
+                dp = dp * dropout_mask(self.q, self.k, *self.dropout)
             return p * (dp - self.delta[..., None])
 
 
@@ -209,12 +228,14 @@ def clean_pass_function(sa_fwd, sa_bwd, record_type) -> type:
 
     class _CleanPass(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, v, bias, key_mask, causal, scale, record):
-            out, lse = sa_fwd(q, k, v, key_mask, bias, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN)
+        def forward(ctx, q, k, v, bias, key_mask, causal, scale, record, dropout_p=0.0, dropout_seed=0):
+            dropout = (dropout_p, dropout_seed)
+            out, lse = sa_fwd(q, k, v, key_mask, bias, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN,
+                              *dropout, 0.0, 0)
             ctx.save_for_backward(q, k, v, out, lse, bias, key_mask)
-            ctx.causal, ctx.scale, ctx.record = causal, scale, record
+            ctx.causal, ctx.scale, ctx.record, ctx.dropout = causal, scale, record, dropout
             record.fused = record_type(q.detach(), k.detach(), v.detach(), out.detach(), lse,
-                                       None if bias is None else bias.detach(), key_mask, causal, scale)
+                                       None if bias is None else bias.detach(), key_mask, causal, scale, dropout)
             return out
 
         @staticmethod
@@ -225,11 +246,11 @@ def clean_pass_function(sa_fwd, sa_bwd, record_type) -> type:
             # rowsum(dO * O) [B, nh, Tq] in the softmax statistics' dtype: all the backward (and G) needs of O
             delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
             dq, dk, dv, dbias, gsq = sa_bwd(dout, q, k, v, delta, lse, key_mask, bias, ctx.causal, ctx.scale,
-                                            bias_grad, KIND_NONE, None, None, 0, *_NO_CLEAN)
+                                            bias_grad, KIND_NONE, None, None, 0, *_NO_CLEAN, *ctx.dropout, 0.0, 0)
             fused = ctx.record.fused
             if fused is not None and fused.lse is lse:  # the record was not reused by a later clean call meanwhile
                 fused._add_dout(dout.detach(), gsq, delta)
-            return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None
+            return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None, None, None
 
     return _CleanPass
 
@@ -291,9 +312,10 @@ class FusedBackend:
     autograd.Function, and the dtype their kernels read (the cpu kernels compute in float32 for half inputs, so
     they are given float32 copies; the triton kernels read half precision themselves)."""
 
-    def __init__(self, name, sa_fwd, sa_rowsq, clean_pass, kernel_dtype, require):
+    def __init__(self, name, sa_fwd, sa_rowsq, clean_pass, kernel_dtype, require, fused_dropout):
         self.name, self.sa_fwd, self.sa_rowsq, self.clean_pass = name, sa_fwd, sa_rowsq, clean_pass
         self.kernel_dtype, self.require = kernel_dtype, require
+        self.fused_dropout = fused_dropout  # the kernels hash attention dropout masks themselves
         self.warned_dropout = False
 
 
@@ -301,8 +323,9 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
               query_mask, dropout_p, generator, record, iat_max_bytes):
     """The backend-module call of a fused backend `impl`: (O [B, nh, Tq, dv], None); `grad` is a tensor G or the
     CleanPassRecord of the same layer's clean call. What the kernels do not fuse runs the reference."""
-    if kind == "iat" or dropout_p > 0 or (record is not None and record.keep_scores):
-        if dropout_p > 0 and not impl.warned_dropout and not torch.compiler.is_compiling():
+    unfused_dropout = dropout_p > 0 and not impl.fused_dropout
+    if kind == "iat" or unfused_dropout or (record is not None and record.keep_scores):
+        if unfused_dropout and not impl.warned_dropout and not torch.compiler.is_compiling():
             impl.warned_dropout = True
             warnings.warn(f"fused_attn_at: the {impl.name} self-attention backend has no fused attention dropout yet; "
                           "calls with dropout_p > 0 run the reference, which materialises [B, nh, Tq, Tk] maps (set "
@@ -311,6 +334,9 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
         return _reference.perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm,
                                               attn_mask, query_mask, dropout_p, generator, record, iat_max_bytes)
     impl.require()
+    # drawn before RP's seed: a replayed random state (SelfAttentionAT's same_dropout) gives the adversarial call
+    # the clean call's mask whatever its perturbation draws
+    dropout = (float(dropout_p), _draw_seed(generator) if dropout_p > 0 else 0)
     B, H, Tq, d = q.shape
     Tk = k.shape[2]
     dtype = impl.kernel_dtype(q.dtype)
@@ -326,12 +352,13 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
         needs_grad = torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (qc, kc, vc, b))
         if needs_grad:
-            out = impl.clean_pass(qc, kc, vc, b, km, causal, scale, record)
+            out = impl.clean_pass(qc, kc, vc, b, km, causal, scale, record, *dropout)
         else:  # no backward will run: the record stays empty
-            out, _ = impl.sa_fwd(qc, kc, vc, km, b, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN)
+            out, _ = impl.sa_fwd(qc, kc, vc, km, b, causal, scale, KIND_NONE, None, None, 0, *_NO_CLEAN, *dropout,
+                                 0.0, 0)
         return out.to(q.dtype), None
 
-    pkind, dense, seed, clean, rows = KIND_NONE, None, 0, _NO_CLEAN, None
+    pkind, dense, seed, clean, rows, clean_dropout = KIND_NONE, None, 0, _NO_CLEAN, None, (0.0, 0)
     if kind == "at":
         fused = getattr(grad, "fused", None)
         if fused is not None:  # a CleanPassRecord filled by a fused backend: recompute G block by block
@@ -347,6 +374,7 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
             else:
                 fused.share_inputs(qc.detach(), kc.detach(), vc.detach())
                 pkind, rows, clean = KIND_CLEAN, fused.row_sq_norms(), fused.clean_args()
+                clean_dropout = fused.clean_dropout()
         else:
             g = grad if isinstance(grad, torch.Tensor) else grad.gradient()  # a tensor, or a reference record
             if tuple(g.shape) != (B, H, Tq, Tk):
@@ -368,12 +396,13 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
     if pkind != KIND_NONE:
         coef = perturbation_coefficients(rows, _query_valid(key_mask, query_mask, Tq, Tk), float(eps), norm)
         coef = coef.to(acc)
-    out, _ = impl.sa_fwd(qc, kc, vc, km, b, causal, scale, pkind, coef, dense, seed, *clean)
+    out, _ = impl.sa_fwd(qc, kc, vc, km, b, causal, scale, pkind, coef, dense, seed, *clean, *dropout,
+                         *clean_dropout)
     return out.to(q.dtype), None
 
 
 _CPU = FusedBackend("cpu", lambda *a: _ops.sa_fwd(*a), lambda *a: _ops.sa_rowsq(*a),
-                    lambda *a: _CleanPass.apply(*a), _compute_dtype, _require)
+                    lambda *a: _CleanPass.apply(*a), _compute_dtype, _require, fused_dropout=True)
 
 
 def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,
@@ -391,3 +420,10 @@ def rp_noise(q: torch.Tensor, k: torch.Tensor, seed: int) -> torch.Tensor:
     """The standard normal noise [B, nh, Tq, Tk] the kernels hash from `seed` (materialised: for tests)."""
     _require()
     return _ops.sa_rp_noise(q, k, int(seed))
+
+
+def dropout_mask(q: torch.Tensor, k: torch.Tensor, dropout_p: float, dropout_seed: int) -> torch.Tensor:
+    """The attention-dropout multipliers [B, nh, Tq, Tk] (0, or 1 / (1 - dropout_p)) the kernels hash from
+    `dropout_seed` (materialised: for tests and grad_map)."""
+    _require()
+    return _ops.sa_dropout_mask(q, k, float(dropout_p), int(dropout_seed))

@@ -577,6 +577,12 @@ def _rp_noise(q, k, seed):
 
 # -------------------------------------------------------------------------------------- torch.library ops
 
+def _no_dropout(dropout_p: float, cdropout_p: float) -> None:
+    if dropout_p != 0 or cdropout_p != 0:
+        raise ValueError(f"the triton self-attention kernels have no fused attention dropout: dropout_p and "
+                         f"cdropout_p must be 0, got {dropout_p} and {cdropout_p}")
+
+
 if AVAILABLE:
 
     @_define_op("sa_fwd")
@@ -584,8 +590,12 @@ if AVAILABLE:
                bias: Optional[torch.Tensor], causal: bool, scale: float, kind: int, coef: Optional[torch.Tensor],
                dense: Optional[torch.Tensor], seed: int, cq: Optional[torch.Tensor], ck: Optional[torch.Tensor],
                cv: Optional[torch.Tensor], co: Optional[torch.Tensor], cdo: Optional[torch.Tensor],
-               clse: Optional[torch.Tensor], cbias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out [B, nh, Tq, dv] in q's dtype, lse [B, nh, Tq] in the accumulation dtype)."""
+               clse: Optional[torch.Tensor], cbias: Optional[torch.Tensor], dropout_p: float = 0.0,
+               dropout_seed: int = 0, cdropout_p: float = 0.0, cdropout_seed: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out [B, nh, Tq, dv] in q's dtype, lse [B, nh, Tq] in the accumulation dtype). No fused dropout here:
+        the dropout arguments (the cpu op's schema) must be 0 (perturbed_attention runs the reference instead)."""
+        _no_dropout(dropout_p, cdropout_p)
         with _device_guard(q.device):
             return _forward(q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo,
                             clse, cbias)
@@ -596,10 +606,12 @@ if AVAILABLE:
                scale: float, bias_grad: bool, kind: int, coef: Optional[torch.Tensor],
                dense: Optional[torch.Tensor], seed: int, cq: Optional[torch.Tensor], ck: Optional[torch.Tensor],
                cv: Optional[torch.Tensor], co: Optional[torch.Tensor], cdo: Optional[torch.Tensor],
-               clse: Optional[torch.Tensor], cbias: Optional[torch.Tensor]
+               clse: Optional[torch.Tensor], cbias: Optional[torch.Tensor], dropout_p: float = 0.0,
+               dropout_seed: int = 0, cdropout_p: float = 0.0, cdropout_seed: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq, dk, dv, dbias (bias's shape, or [0] without bias_grad), gsq [B, nh, Tq] = sum_j dS^2); `out` may
         be O [B, nh, Tq, dv] or rowsum(dout * O) [B, nh, Tq]."""
+        _no_dropout(dropout_p, cdropout_p)
         with _device_guard(q.device):
             return _backward(dout, q, k, v, out, lse, key_mask, bias, causal, scale, bias_grad, kind, coef, dense,
                              seed, cq, ck, cv, co, cdo, clse, cbias)
@@ -656,7 +668,7 @@ _CleanPass = clean_pass_function(lambda *a: sa_fwd(*a), lambda *a: sa_bwd(*a), T
 # The backend-module calls of fused_attn_at.self_attention
 
 _TRITON = FusedBackend("triton", lambda *a: sa_fwd(*a), lambda *a: sa_rowsq(*a), lambda *a: _CleanPass.apply(*a),
-                       lambda dtype: dtype, _require)
+                       lambda dtype: dtype, _require, fused_dropout=False)
 
 
 def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,
