@@ -18,6 +18,9 @@
                            adversarial pass with both layers perturbed, cpu backend (no T x T tensor)
         vanilla-reference  as vanilla-cpu on the reference backend (maps materialised)
         at-reference       as at-cpu on the reference backend: what an eager materialised implementation keeps
+        at-cpu-dropout     at-cpu with attention dropout 0.1 (a BERT's; the kernels hash the mask)
+        at-reference-dropout  at-reference with attention dropout 0.1 (what the cpu backend ran before it fused
+                           dropout, and what the triton backend still runs)
     Time: pytest-benchmark rounds in this process. Peak memory: a fresh subprocess per variant (`--memory-worker`)
     builds the model, runs one warm-up step at T=16 (Adam's state, thread pools, lazy library set-up), then
     reads its peak resident set (VmHWM in /proc/self/status; getrusage's ru_maxrss elsewhere) before and after
@@ -57,7 +60,11 @@ STEP_VARIANTS = {
     "at-cpu": "SelfAttentionAT('at') step: clean + adversarial pass, cpu backend",
     "vanilla-reference": "clean forward + backward, reference backend (maps materialised)",
     "at-reference": "SelfAttentionAT('at') step, reference backend (maps materialised)",
+    # a BERT trains with attention dropout 0.1: fused in the cpu kernels, materialised by the reference
+    "at-cpu-dropout": "SelfAttentionAT('at') step, cpu backend, attention dropout 0.1 (mask hashed in the kernels)",
+    "at-reference-dropout": "SelfAttentionAT('at') step, reference backend, attention dropout 0.1",
 }
+ATTENTION_DROPOUT = 0.1
 
 
 def _set_name(bench_settings) -> str:
@@ -140,9 +147,9 @@ def test_sa_op(benchmark, sa_backend, bench_settings, roofline):
 
 # --------------------------------------------------------------------------------------- (2) the training step
 class Block(torch.nn.Module):
-    def __init__(self, dim, heads, ff, backend):
+    def __init__(self, dim, heads, ff, backend, dropout=0.0):
         super().__init__()
-        self.heads, self.backend = heads, backend
+        self.heads, self.backend, self.dropout = heads, backend, dropout
         self.ln1, self.ln2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
         self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
         self.ff = torch.nn.Sequential(torch.nn.Linear(dim, ff), torch.nn.GELU(), torch.nn.Linear(ff, dim))
@@ -152,7 +159,8 @@ class Block(torch.nn.Module):
 
         B, T, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        o = fused_attn_at.perturbed_attention(q, k, v, mask, layer=self, backend=self.backend)
+        o = fused_attn_at.perturbed_attention(q, k, v, mask, layer=self, backend=self.backend,
+                                              dropout_p=self.dropout if self.training else 0.0)
         x = x + self.out(o.transpose(1, 2).reshape(B, T, D))
         return x + self.ff(self.ln2(x))
 
@@ -161,10 +169,10 @@ class Classifier(torch.nn.Module):
     """A 2-layer pre-LN Transformer encoder classifier whose attention is fused_attn_at.perturbed_attention."""
 
     def __init__(self, dim=256, heads=4, ff=512, layers=2, vocab=VOCAB, classes=CLASSES, max_len=1024,
-                 backend="cpu"):
+                 backend="cpu", dropout=0.0):
         super().__init__()
         self.emb, self.pos = torch.nn.Embedding(vocab, dim), torch.nn.Embedding(max_len, dim)
-        self.blocks = torch.nn.ModuleList(Block(dim, heads, ff, backend) for _ in range(layers))
+        self.blocks = torch.nn.ModuleList(Block(dim, heads, ff, backend, dropout) for _ in range(layers))
         self.ln, self.head = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, classes)
 
     def forward(self, ids, mask):
@@ -188,9 +196,10 @@ def make_step(variant: str, B, T, dim, heads, ff, seed=0):
     """(step(ids, mask, y) -> detached loss, model): zero_grad, the variant's backward, AdamW step."""
     import fused_attn_at
 
-    kind, _, backend = variant.partition("-")
+    kind, backend, *extra = variant.split("-")
     torch.manual_seed(seed)
-    model = Classifier(dim, heads, ff, max_len=max(T, WARMUP_T), backend=backend)
+    model = Classifier(dim, heads, ff, max_len=max(T, WARMUP_T), backend=backend,
+                       dropout=ATTENTION_DROPOUT if "dropout" in extra else 0.0)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     at = fused_attn_at.SelfAttentionAT(model, "at", eps=1.0, lam=1.0) if kind == "at" else None
@@ -261,7 +270,7 @@ def measure_memory(variant, dims, threads, timeout=900, env_extra=None) -> dict:
 
 @pytest.mark.parametrize("sa_variant", list(STEP_VARIANTS))
 def test_sa_step(benchmark, sa_variant, bench_settings, roofline):
-    if sa_variant.endswith("-cpu") and _cpu_reason():
+    if sa_variant.split("-")[1] == "cpu" and _cpu_reason():
         pytest.skip(f"cpu/cpu: {_cpu_reason()}")
     set_name = _set_name(bench_settings)
     dims = STEP_DIMS[set_name]

@@ -158,6 +158,35 @@ void axpy_allowed(float* x, const float* g, int64_t n, float c) {
     if (x[j] != -__builtin_inff()) x[j] += c * g[j];
 }
 
+inline __m256i fmix32x8(__m256i h) {
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+  h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+  h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+  return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+}
+
+void dropout(float* x, int64_t n, uint32_t rowkey, uint32_t j0, uint32_t threshold, float scale) {
+  // unsigned h >= threshold as a signed compare of both with the sign bit flipped
+  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i thr = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(threshold)), flip);
+  const __m256i golden = _mm256_set1_epi32(static_cast<int>(GOLDEN32));
+  const __m256i lanes = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), golden);
+  const __m256 sv = _mm256_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + N <= n; j += N) {
+    const __m256i base = _mm256_set1_epi32(static_cast<int>(rowkey + (j0 + static_cast<uint32_t>(j)) * GOLDEN32));
+    const __m256i h = _mm256_xor_si256(fmix32x8(_mm256_add_epi32(base, lanes)), flip);
+    // drop where thr > h (h < threshold)
+    const __m256 drop = _mm256_castsi256_ps(_mm256_cmpgt_epi32(thr, h));
+    _mm256_storeu_ps(x + j, _mm256_andnot_ps(drop, _mm256_mul_ps(_mm256_loadu_ps(x + j), sv)));
+  }
+  for (; j < n; ++j) {
+    const uint32_t h = fmix32(rowkey + (j0 + static_cast<uint32_t>(j)) * GOLDEN32);
+    x[j] = h >= threshold ? x[j] * scale : 0.0f;
+  }
+}
+
 }  // namespace avx2
 }  // namespace self_attention
 }  // namespace fused_attn_at
@@ -171,7 +200,8 @@ void axpy_allowed(float* x, const float* g, int64_t n, float c) {
 namespace fused_attn_at {
 namespace self_attention {
 const RowOps<float>* avx2_row_ops() {
-  static const RowOps<float> ops{&avx2::prep, &avx2::rowmax, &avx2::exp_sum, &avx2::ds, &avx2::axpy_allowed, "avx2"};
+  static const RowOps<float> ops{&avx2::prep,         &avx2::rowmax,  &avx2::exp_sum, &avx2::ds,
+                                 &avx2::axpy_allowed, &avx2::dropout, "avx2"};
   return &ops;
 }
 }  // namespace self_attention

@@ -93,21 +93,25 @@ inline double hash_normal(uint64_t key, uint64_t idx) {
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
 }
 
-// Dropout multiplier of entry idx of the stream `key` (= splitmix64(dropout_seed) ^ DROPOUT_STREAM, a stream
-// apart from the RP noise's even for the same seed): 0 when a hashed uniform in [0, 1) is below p, else scale.
+// Attention dropout of one call: entry (b, h, i, j) is kept when fmix32(rowkey(b, h, i) + j * GOLDEN32) >=
+// p * 2^32 (self_attention_rows.h: 32-bit integer hashing the row kernels vectorise), rowkey the low 32 bits of
+// splitmix64 of the row's index in the stream `key` = splitmix64(dropout_seed) ^ DROPOUT_STREAM (apart from the
+// RP noise's stream even for the same seed); kept entries are scaled by 1 / (1 - p).
 constexpr uint64_t DROPOUT_STREAM = 0xD1B54A32D192ED03ULL;
 
 struct Dropout {
   double p = 0;
   uint64_t key = 0;
+  uint32_t threshold = 0;
   bool on = false;
   Dropout() = default;
-  Dropout(double p_, int64_t seed) : p(p_), key(splitmix64(static_cast<uint64_t>(seed)) ^ DROPOUT_STREAM), on(p_ > 0) {}
-  bool keep(uint64_t idx) const { return static_cast<double>(splitmix64(key + idx) >> 11) * 0x1.0p-53 >= p; }
-  // x[jj] *= multiplier of (b, h, i, j0 + jj), for the n entries of a block row
-  template <typename T> void apply(T* x, int64_t n, uint64_t row_idx0) const {
-    const T scale = static_cast<T>(1.0 / (1.0 - p));
-    for (int64_t jj = 0; jj < n; ++jj) x[jj] = keep(row_idx0 + static_cast<uint64_t>(jj)) ? x[jj] * scale : T(0);
+  Dropout(double p_, int64_t seed)
+      : p(p_), key(splitmix64(static_cast<uint64_t>(seed)) ^ DROPOUT_STREAM),
+        threshold(static_cast<uint32_t>(std::min(std::ldexp(p_, 32), 4294967295.0))), on(p_ > 0) {}
+  uint32_t rowkey(uint64_t row) const { return static_cast<uint32_t>(splitmix64(key + row)); }
+  // entries [j0, j0 + n) of row `row` (= (b * H + h) * Tq + i) of x, through the row kernels `ops`
+  template <typename T> void apply(const RowOps<T>& ops, T* x, int64_t n, uint64_t row, int64_t j0) const {
+    ops.dropout(x, n, rowkey(row), static_cast<uint32_t>(j0), threshold, static_cast<T>(1.0 / (1.0 - p)));
   }
 };
 
@@ -210,10 +214,12 @@ template <typename T> struct Problem {
   bool clean_scores_shared = false;  // kind 3 with cq, ck, cbias the very q, k, bias of the call
   Dropout drop, cdrop;               // this call's attention dropout; the clean pass's (kind 3)
   const RowOps<T>* ops = nullptr;
-  // index of entry (b, h, i, j) in a [B, H, Tq, Tk] map: the hashes' counter
+  // index of entry (b, h, i, j) in a [B, H, Tq, Tk] map: the RP hash's counter
   uint64_t entry(int64_t b, int64_t h, int64_t i, int64_t j) const {
     return static_cast<uint64_t>(((b * H + h) * Tq + i) * Tk + j);
   }
+  // index of row (b, h, i): the dropout hash's row counter
+  uint64_t row(int64_t b, int64_t h, int64_t i) const { return static_cast<uint64_t>((b * H + h) * Tq + i); }
 };
 
 // Per-thread buffers of a task.
@@ -302,7 +308,7 @@ void add_perturbation(const Problem<T>& p, Scratch<T>& w, T* S, const T* kmadd, 
     for (int64_t ii = 0; ii < bq; ++ii) {
       if (coef[ii] == T(0)) continue;
       p.ops->exp_sum(Pc + ii * bk, bk, clse[ii]);
-      if (p.cdrop.on) p.cdrop.apply(G + ii * bk, bk, p.entry(b, h, i0 + ii, j0));
+      if (p.cdrop.on) p.cdrop.apply(*p.ops, G + ii * bk, bk, p.row(b, h, i0 + ii), j0);
       p.ops->ds(Pc + ii * bk, G + ii * bk, bk, Dc[ii]);
       p.ops->axpy_allowed(S + ii * bk, G + ii * bk, bk, coef[ii]);
     }
@@ -494,7 +500,7 @@ void forward_block(const Problem<T>& p, Scratch<T>& w, const T* kmadd, int64_t b
       l[ii] += sum;
       m[ii] = mnew;
       // the normaliser l sums every kept and dropped entry; only O sees the mask
-      if (p.drop.on) p.drop.apply(row, bk, p.entry(b, h, i0 + ii, j0));
+      if (p.drop.on) p.drop.apply(*p.ops, row, bk, p.row(b, h, i0 + ii), j0);
     }
     gemm_rm<T>(false, false, bq, Dv, bk, T(1), S, bk, p.v.at(b, h, j0), p.v.ld, T(1), a, Dv);
   }
@@ -593,7 +599,7 @@ void backward_task(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t h, con
       if (p.drop.on) {
         T* Pd = w.pd.data();
         std::copy(S, S + bq * bk, Pd);
-        for (int64_t ii = 0; ii < bq; ++ii) p.drop.apply(Pd + ii * bk, bk, p.entry(b, h, i0 + ii, j0));
+        for (int64_t ii = 0; ii < bq; ++ii) p.drop.apply(*p.ops, Pd + ii * bk, bk, p.row(b, h, i0 + ii), j0);
         Pused = Pd;
       }
       // dV += (P * M)^T dO
@@ -601,7 +607,7 @@ void backward_task(const Problem<T>& p, Scratch<T>& w, int64_t b, int64_t h, con
       // dP = (dO V^T) * M, then dS = P (dP - rowsum(dO O)) in place
       gemm_rm<T>(false, true, bq, bk, Dv, T(1), dOb, dO.ld, p.v.at(b, h, j0), p.v.ld, T(0), dP, bk);
       if (p.drop.on)
-        for (int64_t ii = 0; ii < bq; ++ii) p.drop.apply(dP + ii * bk, bk, p.entry(b, h, i0 + ii, j0));
+        for (int64_t ii = 0; ii < bq; ++ii) p.drop.apply(*p.ops, dP + ii * bk, bk, p.row(b, h, i0 + ii), j0);
       for (int64_t ii = 0; ii < bq; ++ii) {
         grow[ii] += p.ops->ds(S + ii * bk, dP + ii * bk, bk, Dr[ii]);
         if (dbias_bh) {
@@ -740,7 +746,9 @@ at::Tensor sa_dropout_mask_cpu(const at::Tensor& q, const at::Tensor& k, double 
   if (!drop.on) return z.to(q.scalar_type());
   double* p = z.data_ptr<double>();
   at::parallel_for(0, B * H * Tq, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) drop.apply(p + r * Tk, Tk, static_cast<uint64_t>(r * Tk));
+    // the portable row kernel: the AVX2 one keeps the same entries (integer hashing), which the kernels' tests
+    // against this mask check
+    for (int64_t r = begin; r < end; ++r) drop.apply(portable_row_ops<double>(), p + r * Tk, Tk, r, 0);
   });
   return z.to(q.scalar_type());
 }

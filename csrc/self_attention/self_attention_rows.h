@@ -11,6 +11,20 @@
 namespace fused_attn_at {
 namespace self_attention {
 
+// Attention dropout's hash: entry j of a row is kept when fmix32(rowkey + j * GOLDEN32) >= threshold
+// (= p * 2^32), rowkey a 32-bit key of the row (splitmix64 of the seed's stream and the row's index, made by the
+// caller). Integer-only, so the AVX2 and the portable builds keep the very same entries.
+constexpr uint32_t GOLDEN32 = 0x9E3779B9u;
+
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
 template <typename T> struct RowOps {
   // x[j] = allowed ? x[j] + bias[j] : -inf, allowed = j < lim && kmadd[j] == 0 && bias[j] != -inf (bias and kmadd
   // may be null). Returns true when an allowed entry is NaN or +-inf afterwards.
@@ -22,6 +36,8 @@ template <typename T> struct RowOps {
   T (*ds)(const T* p, T* dp, int64_t n, T D);
   // x[j] += c * g[j] where x[j] != -inf.
   void (*axpy_allowed)(T* x, const T* g, int64_t n, T c);
+  // x[j] = keep(j0 + j) ? x[j] * scale : 0 for the n entries from key index j0 of a row (the dropout hash above)
+  void (*dropout)(T* x, int64_t n, uint32_t rowkey, uint32_t j0, uint32_t threshold, T scale);
   const char* name;
 };
 
@@ -77,11 +93,18 @@ template <typename T> void axpy_allowed(T* x, const T* g, int64_t n, T c) {
     if (x[j] != ninf) x[j] += c * g[j];
 }
 
+template <typename T> void dropout(T* x, int64_t n, uint32_t rowkey, uint32_t j0, uint32_t threshold, T scale) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t h = fmix32(rowkey + (j0 + static_cast<uint32_t>(j)) * GOLDEN32);
+    x[j] = h >= threshold ? x[j] * scale : T(0);
+  }
+}
+
 }  // namespace portable
 
 template <typename T> const RowOps<T>& portable_row_ops() {
   static const RowOps<T> ops{&portable::prep<T>, &portable::rowmax<T>, &portable::exp_sum<T>, &portable::ds<T>,
-                             &portable::axpy_allowed<T>, "default"};
+                             &portable::axpy_allowed<T>, &portable::dropout<T>, "default"};
   return ops;
 }
 
