@@ -549,20 +549,13 @@ def test_dropout_float32_row_kernels_keep_the_masks_entries():
     sa_dropout_mask (built by the portable kernel), so the output matches the reference fed that mask to fp32
     rounding, on rows whose key count is not a multiple of 8 and blocks past 512 keys."""
     args, _ = make_case("cross_fullymasked_bias_inf")  # Tk = 133
-    q = args[0].float().detach()
-    k2, v2 = (torch.cat([x, x.flip(2)], 2).float().detach() for x in (args[1], args[2]))  # Tk = 266
-    out = fused_attn_at.perturbed_attention(q, k2, v2, dropout_p=0.3, backend="cpu",
-                                            generator=torch.Generator().manual_seed(8))
-    mask = cpu_sa.dropout_mask(q, k2, 0.3, _dropout_seed(8))
-    ref = python_ref.perturbed_attention(q.double(), k2.double(), v2.double(), dropout_p=0.3,
-                                         dropout_mask=mask.double())
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
-    long_k = torch.randn(1, 1, 1037, 4, generator=torch.Generator().manual_seed(1))
-    long_v = torch.randn(1, 1, 1037, 3, generator=torch.Generator().manual_seed(2))
-    long_q = torch.randn(1, 1, 70, 4, generator=torch.Generator().manual_seed(3))
-    out = fused_attn_at.perturbed_attention(long_q, long_k, long_v, dropout_p=0.5, backend="cpu",
-                                            generator=torch.Generator().manual_seed(9))
-    mask = cpu_sa.dropout_mask(long_q, long_k, 0.5, _dropout_seed(9))
-    ref = python_ref.perturbed_attention(long_q.double(), long_k.double(), long_v.double(), dropout_p=0.5,
-                                         dropout_mask=mask.double())
-    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    short = (args[0].float().detach(), *(torch.cat([x, x.flip(2)], 2).float().detach() for x in args[1:3]))  # 266
+    long = tuple(torch.randn(*shape, generator=torch.Generator().manual_seed(i))
+                 for i, shape in enumerate([(1, 1, 70, 4), (1, 1, 1037, 4), (1, 1, 1037, 3)]))
+    for (q, k, v), p, seed in ((short, 0.3, 8), (long, 0.5, 9)):
+        out = fused_attn_at.perturbed_attention(q, k, v, dropout_p=p, backend="cpu",
+                                                generator=torch.Generator().manual_seed(seed))
+        mask = cpu_sa.dropout_mask(q, k, p, _dropout_seed(seed))
+        ref = python_ref.perturbed_attention(q.double(), k.double(), v.double(), dropout_p=p,
+                                             dropout_mask=mask.double())
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
