@@ -8,7 +8,7 @@ Backends: "reference" (materialised maps, `ops/reference_self_attention.py`), "c
 `ops/cpp_self_attention.py`, the default for CPU tensors when fused_attn_at._C has them) and "triton"
 (flash-attention-2 style Triton kernels, `ops/triton_self_attention.py`, the default for CUDA tensors when triton
 is importable; CPU tensors under TRITON_INTERPRET=1, as the tests run it). Both fused backends run the reference
-for iAT and return_attention=True; triton also for dropout_p > 0 (the cpu kernels hash their dropout mask). A model whose attention calls this op can be trained with
+for iAT and return_attention=True (attention dropout is fused: the kernels hash or Philox their mask). A model whose attention calls this op can be trained with
 `fused_attn_at.SelfAttentionAT` (one AT/iAT/RP step over chosen layers) without ever handling G: the helper
 gives each call of its clean pass a `CleanPassRecord`, which the backend fills with what the adversarial pass
 needs (the reference: G itself, and the clean scores for iAT), and passes the record back as `grad=`.
@@ -186,9 +186,9 @@ def perturbed_attention(
     Returns O [B, nh, Tq, dv], or SelfAttentionOutput(output, attention) with return_attention=True.
     backend: None (the best for the device: "cpu" for CPU tensors when built, "triton" for CUDA tensors when
     triton is importable, else "reference"), "cpu", "triton" (CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1) or "reference". The fused backends run the reference for iAT and return_attention=True,
-    triton also for dropout_p > 0; the cpu kernels hash their dropout mask from a seed drawn from `generator`
-    (not torch.nn.functional.dropout's draw).
+    TRITON_INTERPRET=1) or "reference". The fused backends run the reference for iAT and return_attention=True;
+    their attention dropout draws its mask in the kernels from a seed drawn from `generator` (not
+    torch.nn.functional.dropout's draw).
     """
     if _INTERCEPTORS and perturbation is None and grad is None and noise is None and record is None:
         kwargs = dict(causal=causal, bias=bias, scale=scale, norm=norm, attn_mask=attn_mask, query_mask=query_mask,

@@ -80,6 +80,83 @@ def rp_seeded_vs_reference(args, kw, backend, rp_noise, **extra):
     return out, ref
 
 
+def drawn_seed(generator_seed: int, nth: int = 0) -> int:
+    """The nth seed a fused call draws from torch.Generator().manual_seed(generator_seed) (dropout's first, then
+    RP's)."""
+    g = torch.Generator().manual_seed(generator_seed)
+    return [int(torch.randint(0, 2**62, (1,), generator=g).item()) for _ in range(nth + 1)][nth]
+
+
+def dropout_vs_reference(args, kw, backend, dropout_mask, rp_noise=None):
+    """(the backend's output with dropout 0.3 (and RP when rp_noise is given), the reference's fed the kernels'
+    mask (dropout_mask materialises it) and noise): the same values and gradients are expected."""
+    q, k = args[0].detach(), args[1].detach()
+    extra = dict(perturbation="rp", eps=0.9) if rp_noise is not None else {}
+    out = fused_attn_at.perturbed_attention(*args, **kw, dropout_p=0.3, backend=backend,
+                                            generator=torch.Generator().manual_seed(3), **extra)
+    if rp_noise is not None:
+        extra["noise"] = rp_noise(q, k, drawn_seed(3, 1))
+    mask = dropout_mask(q, k, 0.3, drawn_seed(3)).to(q.dtype)
+    ref = python_ref.perturbed_attention(*args, **kw, dropout_p=0.3, dropout_mask=mask, **extra)
+    # the mask matters: without it the output differs
+    assert (out - python_ref.perturbed_attention(*args, **kw, **extra)).abs().max() > 1e-3
+    return out, ref
+
+
+def dropout_at_step(args, kw, backend, dropout_mask, same_mask, atol=1e-10):
+    """An AT step with dropout 0.25: the clean call (record) and the adversarial call each draw their mask; G is
+    recomputed with the clean call's. Checked against the reference: G = dL_clean/dS through the clean mask, then
+    the AT call fed G and the adversarial mask; values and the gradients of L_clean + L_adv in fp64, and the
+    record's materialised G."""
+    q, k, v, m = args
+    w_clean = t(*q.shape[:3], v.shape[3], seed=41)
+    rec = fused_attn_at.CleanPassRecord()
+    clean = fused_attn_at.perturbed_attention(*args, **kw, record=rec, dropout_p=0.25, backend=backend,
+                                              generator=torch.Generator().manual_seed(11))
+    grad_leaves = leaves(args, kw)
+    g_clean = torch.autograd.grad((clean * w_clean).sum(), grad_leaves)
+    rec.mark_backward_done()
+    adv_seed = 11 if same_mask else 12
+    adv = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec, eps=1.3, dropout_p=0.25,
+                                            backend=backend, generator=torch.Generator().manual_seed(adv_seed))
+    w_adv = t(*adv.shape, seed=50)
+    g_adv = torch.autograd.grad((adv * w_adv).sum(), grad_leaves)
+
+    mask_clean = dropout_mask(q.detach(), k.detach(), 0.25, drawn_seed(11)).to(q.dtype)
+    mask_adv = dropout_mask(q.detach(), k.detach(), 0.25, drawn_seed(adv_seed)).to(q.dtype)
+    assert torch.equal(mask_clean, mask_adv) == same_mask
+    ref_clean = python_ref.perturbed_attention(*args, **kw, dropout_p=0.25, dropout_mask=mask_clean)
+    torch.testing.assert_close(clean, ref_clean, atol=atol, rtol=1e-9)
+    allowed, _ = python_ref.self_attention_masks(q, k, m, causal=kw["causal"], attn_mask=kw["attn_mask"],
+                                                 bias=kw["bias"])
+    s = python_ref.attention_scores(q.detach(), k.detach(), None if kw["bias"] is None else kw["bias"].detach(),
+                                    None).requires_grad_(True)
+    o_ref, _ = python_ref.self_attention.attend(s, allowed, v.detach(), 0.25, mask_clean)
+    G = torch.autograd.grad((o_ref * w_clean).sum(), s)[0]
+    ref_adv = python_ref.perturbed_attention(*args, **kw, perturbation="at", grad=G, eps=1.3, dropout_p=0.25,
+                                             dropout_mask=mask_adv)
+    torch.testing.assert_close(adv, ref_adv, atol=atol, rtol=1e-9)
+    g_ref = torch.autograd.grad((ref_clean * w_clean).sum() + (ref_adv * w_adv).sum(), grad_leaves)
+    for a, b in zip([x + y for x, y in zip(g_clean, g_adv)], g_ref):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-9)
+    torch.testing.assert_close(torch.where(allowed, rec.fused.grad_map(), 0.0), torch.where(allowed, G, 0.0),
+                               atol=atol, rtol=1e-9)
+
+
+def check_dropout_mask(dropout_mask, dtype):
+    """The materialised multipliers: 0 or 1 / (1 - p), about 1 - p of them kept, a function of the seed, apart
+    from the RP noise's stream, all ones at p = 0."""
+    q, k = torch.zeros(2, 3, 67, 1, dtype=dtype), torch.zeros(2, 3, 300, 1, dtype=dtype)
+    m = dropout_mask(q, k, 0.3, 2**40 + 7)
+    values = m.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.7, rel=1e-7)
+    assert abs((m > 0).double().mean().item() - 0.7) < 0.01  # 121k entries: sd of the share 0.0013
+    assert torch.equal(m, dropout_mask(q, k, 0.3, 2**40 + 7))
+    assert not torch.equal(m, dropout_mask(q, k, 0.3, 2**40 + 8))
+    assert torch.equal(dropout_mask(q, k, 0.0, 5), torch.ones_like(m))
+    return m
+
+
 def clean_then_adv(args, kw, backend, norm, clean_loss_w):
     """Clean call with a record, backward of a clean loss, adversarial call with the record; returns (out_adv,
     grads of L_clean + L_adv wrt the leaves, the record)."""
@@ -166,9 +243,9 @@ def compiled_and_eager(args, kw, kind, backend, compile_backend="inductor"):
     return out, f(q, k, v, m, kw["bias"])
 
 
-def check_errors_and_what_runs_the_reference(args, backend, impl):
-    """NaN scores and a NaN G are errors; iAT (with its memory limit), dropout where the backend's kernels have none
-    (with a warning, once: impl is the backend's FusedBackend) and return_attention run the reference; unknown and not built backends are errors."""
+def check_errors_and_what_runs_the_reference(args, backend):
+    """NaN scores and a NaN G are errors; iAT (with its memory limit) and return_attention run the reference,
+    dropout runs in the kernels without a warning; unknown and not built backends are errors."""
     q, k, v, m = args
     shape = map_shape(args)
     bad = q.detach().clone()
@@ -182,14 +259,9 @@ def check_errors_and_what_runs_the_reference(args, backend, impl):
     with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):  # iAT runs the reference, with its limit
         fused_attn_at.perturbed_attention(q, k, v, m, perturbation="iat", grad=t(*shape), backend=backend,
                                           iat_max_bytes=1000)
-    impl.warned_dropout = False
-    if impl.fused_dropout:  # the kernels draw the mask: no warning, no map (test_dropout_* check the values)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.5, backend=backend)
-    else:
-        with pytest.warns(RuntimeWarning, match="no fused attention dropout yet"):
-            out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.5, backend=backend)
+    with warnings.catch_warnings():  # dropout is fused: no fallback, no warning (test_dropout_* check the values)
+        warnings.simplefilter("error")
+        out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.5, backend=backend)
     assert out.shape == (*shape[:3], v.shape[3])
     res = fused_attn_at.perturbed_attention(q, k, v, m, return_attention=True, backend=backend)
     assert res.attention.shape == shape

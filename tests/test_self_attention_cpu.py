@@ -398,7 +398,7 @@ def test_half_precision_runs_in_float32():
 
 def test_errors_and_what_runs_the_reference():
     args, _ = make_case("padding")
-    cases.check_errors_and_what_runs_the_reference(args, "cpu", cpu_sa._CPU)
+    cases.check_errors_and_what_runs_the_reference(args, "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -435,23 +435,10 @@ def test_memory_at_step_allocates_no_map(perturbation):
 
 # ------------------------------------------------------------------------------------------ fused dropout
 
-def _dropout_seed(generator_seed: int) -> int:
-    """The dropout seed a call draws first from torch.Generator().manual_seed(generator_seed)."""
-    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(generator_seed)).item())
-
-
 def test_dropout_mask_is_seeded_and_has_the_dropout_distribution():
-    q, k = torch.zeros(2, 3, 67, 1, dtype=F64), torch.zeros(2, 3, 600, 1, dtype=F64)
-    m = cpu_sa.dropout_mask(q, k, 0.3, 2**40 + 7)
-    assert set(m.unique().tolist()) == {0.0, 1 / 0.7}
-    kept = (m > 0).double().mean().item()
-    assert abs(kept - 0.7) < 0.01  # 241k entries: sd of the share 0.0009
-    assert torch.equal(m, cpu_sa.dropout_mask(q, k, 0.3, 2**40 + 7))
-    assert not torch.equal(m, cpu_sa.dropout_mask(q, k, 0.3, 2**40 + 8))
-    # another stream than the RP noise of the same seed, and no dropout at p = 0
-    z = cpu_sa.rp_noise(q, k, 2**40 + 7)
-    assert abs(torch.corrcoef(torch.stack([z.flatten(), m.flatten()]))[0, 1].item()) < 0.01
-    assert torch.equal(cpu_sa.dropout_mask(q, k, 0.0, 5), torch.ones(2, 3, 67, 600, dtype=F64))
+    m = cases.check_dropout_mask(cpu_sa.dropout_mask, F64)
+    z = cpu_sa.rp_noise(torch.zeros(2, 3, 67, 1, dtype=F64), torch.zeros(2, 3, 300, 1, dtype=F64), 2**40 + 7)
+    assert abs(torch.corrcoef(torch.stack([z.flatten(), m.flatten()]))[0, 1].item()) < 0.015
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -460,62 +447,16 @@ def test_dropout_values_and_gradients_vs_reference_given_the_mask(name, kind):
     """With dropout_p > 0 the cpu kernels hash the mask; the reference fed that mask (sa_dropout_mask) gives the
     same values and gradients. RP draws its seed after the dropout's from the same generator."""
     args, kw = make_case(name)
-    q, k = args[0].detach(), args[1].detach()
-    extra = dict(perturbation="rp", eps=0.9) if kind == "rp" else {}
-    out = fused_attn_at.perturbed_attention(*args, **kw, dropout_p=0.3, backend="cpu",
-                                            generator=torch.Generator().manual_seed(3), **extra)
-    g = torch.Generator().manual_seed(3)
-    dseed = int(torch.randint(0, 2**62, (1,), generator=g).item())
-    if kind == "rp":
-        extra["noise"] = cpu_sa.rp_noise(q, k, int(torch.randint(0, 2**62, (1,), generator=g).item()))
-    ref = python_ref.perturbed_attention(*args, **kw, dropout_p=0.3, dropout_mask=cpu_sa.dropout_mask(q, k, 0.3, dseed),
-                                         **extra)
+    out, ref = cases.dropout_vs_reference(args, kw, "cpu", cpu_sa.dropout_mask,
+                                          cpu_sa.rp_noise if kind == "rp" else None)
     _compare(out, ref, args, kw)
-    # the mask matters: without it the output differs
-    assert (out - python_ref.perturbed_attention(*args, **kw, **extra)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", ["padding", "causal_bias", "cross_fullymasked_bias_inf"])
 @pytest.mark.parametrize("same_mask", [True, False])
 def test_dropout_at_step_recomputes_g_with_the_clean_mask(name, same_mask):
-    """An AT step with dropout: the clean call (record) and the adversarial call each hash their mask; G is
-    recomputed with the clean call's mask. Reference: G = dL_clean/dS through the clean mask, then the AT call fed
-    G and the adversarial mask; values and gradients in fp64."""
     args, kw = make_case(name)
-    q, k, v, m = args
-    w_clean = _t(*q.shape[:3], v.shape[3], seed=41)
-    rec = fused_attn_at.CleanPassRecord()
-    clean = fused_attn_at.perturbed_attention(*args, **kw, record=rec, dropout_p=0.25, backend="cpu",
-                                              generator=torch.Generator().manual_seed(11))
-    leaves = _leaves(args, kw)
-    g_clean = torch.autograd.grad((clean * w_clean).sum(), leaves)
-    rec.mark_backward_done()
-    adv_seed = 11 if same_mask else 12
-    adv = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec, eps=1.3, dropout_p=0.25,
-                                            backend="cpu", generator=torch.Generator().manual_seed(adv_seed))
-    w_adv = _t(*adv.shape, seed=50)
-    g_adv = torch.autograd.grad((adv * w_adv).sum(), leaves)
-
-    mask_clean = cpu_sa.dropout_mask(q.detach(), k.detach(), 0.25, _dropout_seed(11))
-    mask_adv = cpu_sa.dropout_mask(q.detach(), k.detach(), 0.25, _dropout_seed(adv_seed))
-    assert torch.equal(mask_clean, mask_adv) == same_mask
-    ref_clean = python_ref.perturbed_attention(*args, **kw, dropout_p=0.25, dropout_mask=mask_clean)
-    torch.testing.assert_close(clean, ref_clean, atol=1e-10, rtol=1e-9)
-    allowed, _ = python_ref.self_attention_masks(q, k, m, causal=kw["causal"], attn_mask=kw["attn_mask"],
-                                                 bias=kw["bias"])
-    s = python_ref.attention_scores(q.detach(), k.detach(), None if kw["bias"] is None else kw["bias"].detach(),
-                                    None).requires_grad_(True)
-    o_ref, _ = python_ref.self_attention.attend(s, allowed, v.detach(), 0.25, mask_clean)
-    G = torch.autograd.grad((o_ref * w_clean).sum(), s)[0]
-    ref_adv = python_ref.perturbed_attention(*args, **kw, perturbation="at", grad=G, eps=1.3, dropout_p=0.25,
-                                             dropout_mask=mask_adv)
-    torch.testing.assert_close(adv, ref_adv, atol=1e-10, rtol=1e-9)
-    g_ref = torch.autograd.grad((ref_clean * w_clean).sum() + (ref_adv * w_adv).sum(), leaves)
-    for a, b in zip([x + y for x, y in zip(g_clean, g_adv)], g_ref):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
-    # G with the clean mask, materialised by the record, is the reference's G
-    torch.testing.assert_close(torch.where(allowed, rec.fused.grad_map(), 0.0), torch.where(allowed, G, 0.0),
-                               atol=1e-10, rtol=1e-9)
+    cases.dropout_at_step(args, kw, "cpu", cpu_sa.dropout_mask, same_mask)
 
 
 def test_dropout_gradcheck_and_opcheck():
@@ -555,7 +496,7 @@ def test_dropout_float32_row_kernels_keep_the_masks_entries():
     for (q, k, v), p, seed in ((short, 0.3, 8), (long, 0.5, 9)):
         out = fused_attn_at.perturbed_attention(q, k, v, dropout_p=p, backend="cpu",
                                                 generator=torch.Generator().manual_seed(seed))
-        mask = cpu_sa.dropout_mask(q, k, p, _dropout_seed(seed))
+        mask = cpu_sa.dropout_mask(q, k, p, cases.drawn_seed(seed))
         ref = python_ref.perturbed_attention(q.double(), k.double(), v.double(), dropout_p=p,
                                              dropout_mask=mask.double())
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)

@@ -301,4 +301,42 @@ def test_errors_and_what_runs_the_reference():
     padded_nan = k.detach().clone()
     padded_nan[-1, :, -1] = math.nan  # a padded key: never part of a score
     assert torch.isfinite(fused_attn_at.perturbed_attention(q, padded_nan, v, m, backend="triton")).all()
-    cases.check_errors_and_what_runs_the_reference(args, "triton", tsa._TRITON)
+    cases.check_errors_and_what_runs_the_reference(args, "triton")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused dropout: the kernels' Philox mask, checked by feeding it (sa_dropout_mask) to the reference
+
+def test_dropout_mask_is_seeded_and_has_the_dropout_distribution():
+    with tsa.launch_overrides(block_m=32, block_n=32):
+        cases.check_dropout_mask(tsa.dropout_mask, F64)
+
+
+@pytest.mark.parametrize("name", ["padding", "cross_fullymasked_bias_inf", "b1_causal_pad_tq_gt_tk"])
+@pytest.mark.parametrize("kind", [None, "rp"])
+def test_dropout_values_and_gradients_vs_reference_given_the_mask(name, kind):
+    args, kw = make_case(name)
+    out, ref = cases.dropout_vs_reference(args, kw, "triton", tsa.dropout_mask,
+                                          tsa.rp_noise if kind == "rp" else None)
+    _compare(out, ref, args, kw)
+
+
+@pytest.mark.parametrize("name,same_mask", [("padding", True), ("causal_bias", False),
+                                            ("cross_fullymasked_bias_inf", False)])
+def test_dropout_at_step_recomputes_g_with_the_clean_mask(name, same_mask):
+    args, kw = make_case(name)
+    cases.dropout_at_step(args, kw, "triton", tsa.dropout_mask, same_mask)
+
+
+def test_dropout_opcheck_and_float32():
+    args, _ = make_case("padding")
+    q, k, v, m = (x.detach().float() if x.is_floating_point() else x for x in args)
+    torch.library.opcheck(torch.ops.fused_attn_at_triton.sa_dropout_mask, (q, k, 0.4, 123), test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.fused_attn_at_triton.sa_fwd,
+                          (q, k, v, m, None, False, 0.5, 0, None, None, 0) + (None,) * 7 + (0.4, 123, 0.0, 0),
+                          test_utils=OPCHECK_UTILS)
+    out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.4, backend="triton",
+                                            generator=torch.Generator().manual_seed(2))
+    mask = tsa.dropout_mask(q, k, 0.4, cases.drawn_seed(2)).double()
+    ref = python_ref.perturbed_attention(q.double(), k.double(), v.double(), m, dropout_p=0.4, dropout_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)

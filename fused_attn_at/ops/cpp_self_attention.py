@@ -29,12 +29,11 @@ Kernels compute in float32 (float16/bfloat16/float32 inputs) or float64.
 
 What this backend hands to the reference (materialised maps, python_ref): iAT (its O(B^2 nh Tq Tk) work and the
 [B, B, ...] differences; the existing memory limit FUSED_ATTN_AT_IAT_MAX_BYTES / iat_max_bytes applies) and
-return_attention=True (the map is the result). The triton backend also hands it dropout_p > 0.
+return_attention=True (the map is the result).
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -185,6 +184,11 @@ class FusedCleanPass:
         """The backend's sa_bwd op (a subclass of another backend names its own)."""
         return _ops.sa_bwd(*args)
 
+    @staticmethod
+    def _dropout_mask(q, k, dropout_p, dropout_seed):
+        """The backend's dropout multipliers (a subclass of another backend names its own)."""
+        return dropout_mask(q, k, dropout_p, dropout_seed)
+
     def clean_args(self) -> tuple:
         return (self.q, self.k, self.v, self.delta, self.dout, self.lse, self.bias)
 
@@ -212,7 +216,7 @@ class FusedCleanPass:
             p = torch.where(allowed, torch.exp(s - self.lse[..., None]), 0.0)
             dp = self.dout @ self.v.transpose(-1, -2)
             if self.dropout[0] > 0:
-                dp = dp * dropout_mask(self.q, self.k, *self.dropout)
+                dp = dp * self._dropout_mask(self.q, self.k, *self.dropout).to(dp.dtype)
             return p * (dp - self.delta[..., None])
 
 
@@ -312,25 +316,16 @@ class FusedBackend:
     autograd.Function, and the dtype their kernels read (the cpu kernels compute in float32 for half inputs, so
     they are given float32 copies; the triton kernels read half precision themselves)."""
 
-    def __init__(self, name, sa_fwd, sa_rowsq, clean_pass, kernel_dtype, require, fused_dropout):
+    def __init__(self, name, sa_fwd, sa_rowsq, clean_pass, kernel_dtype, require):
         self.name, self.sa_fwd, self.sa_rowsq, self.clean_pass = name, sa_fwd, sa_rowsq, clean_pass
         self.kernel_dtype, self.require = kernel_dtype, require
-        self.fused_dropout = fused_dropout  # the kernels hash attention dropout masks themselves
-        self.warned_dropout = False
 
 
 def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask,
               query_mask, dropout_p, generator, record, iat_max_bytes):
     """The backend-module call of a fused backend `impl`: (O [B, nh, Tq, dv], None); `grad` is a tensor G or the
     CleanPassRecord of the same layer's clean call. What the kernels do not fuse runs the reference."""
-    unfused_dropout = dropout_p > 0 and not impl.fused_dropout
-    if kind == "iat" or unfused_dropout or (record is not None and record.keep_scores):
-        if unfused_dropout and not impl.warned_dropout and not torch.compiler.is_compiling():
-            impl.warned_dropout = True
-            warnings.warn(f"fused_attn_at: the {impl.name} self-attention backend has no fused attention dropout yet; "
-                          "calls with dropout_p > 0 run the reference, which materialises [B, nh, Tq, Tk] maps (set "
-                          "the model's attention dropout to 0 to keep the fused kernels)", RuntimeWarning,
-                          stacklevel=5)
+    if kind == "iat" or (record is not None and record.keep_scores):
         return _reference.perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm,
                                               attn_mask, query_mask, dropout_p, generator, record, iat_max_bytes)
     impl.require()
@@ -402,7 +397,7 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
 
 
 _CPU = FusedBackend("cpu", lambda *a: _ops.sa_fwd(*a), lambda *a: _ops.sa_rowsq(*a),
-                    lambda *a: _CleanPass.apply(*a), _compute_dtype, _require, fused_dropout=True)
+                    lambda *a: _CleanPass.apply(*a), _compute_dtype, _require)
 
 
 def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,

@@ -8,6 +8,7 @@ Ops, in the namespace fused_attn_at_triton (the schemas of the cpu backend's fus
         sa_fwd>) -> (dq, dk, dv, dbias (bias's shape, or [0]), gsq [B, nh, Tq] = sum_j dS^2)
     sa_rowsq(q, k, key_mask?, bias?, causal, dense?, seed) -> [B, nh, Tq]: sum over the allowed j of X^2
     sa_rp_noise(q, k, seed) -> [B, nh, Tq, Tk]: the in-kernel RP noise, materialised (for tests)
+    sa_fwd and sa_bwd end with dropout_p, dropout_seed, cdropout_p, cdropout_seed (defaults 0: no dropout).
 The perturbation is r[b, h, i, j] = coef[b, h, i] * X[b, h, i, j] on the allowed entries, X by `kind` (the cpu
 backend's numbering): 0 none, 1 `dense` (a given [B, nh, Tq, Tk] tensor: the user's G or noise), 2 standard
 normal noise generated in the kernels from (seed, b nh + h, i, j) (Philox-4x32 and Box-Muller, as tl.randn: the
@@ -28,8 +29,11 @@ passes, which already are maps). Scores and softmax statistics are float32 for f
 (float32 matmuls with input_precision="ieee": no TF32) and float64 for float64; Q K^T reads the inputs' dtype
 (tensor cores for half precision), P V and the backward matmuls round P and dS to it (as flash attention does).
 
-What this backend hands to the reference (python_ref, materialised maps), as the cpu backend does: iAT,
-dropout_p > 0 and return_attention=True (the last in fused_attn_at.self_attention). Without a GPU the kernels
+Attention dropout (dropout_p > 0) is fused: each kernel regenerates the keep mask of its block from the dropout
+seed by Philox (P M / (1 - p) reaches O and dV, dP is masked the same way); kind 3 recomputes the clean pass's
+G with the clean call's mask (cdropout_p, cdropout_seed). sa_dropout_mask(q, k, p, seed) materialises the
+multipliers (for tests). What this backend hands to the reference (python_ref, materialised maps), as the cpu
+backend does: iAT and return_attention=True (the last in fused_attn_at.self_attention). Without a GPU the kernels
 run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), which is how the
 tests run them; the ops are then opaque custom ops whose fake implementation is the launcher (see
 triton_attention_pool._define_op).
@@ -164,6 +168,18 @@ if AVAILABLE:
         return n1
 
     @triton.jit
+    def _dropout_mult(dseed, dp, dscale, bh64, offs_m, offs_n, ACC: tl.constexpr):
+        """Attention dropout's multipliers of a block: 1 / (1 - p) (dscale, in ACC) where a uniform from Philox-4x32
+        keyed by the dropout seed with the counter (col, row, bh, 1) is >= p, else 0; the forward and both
+        backward kernels regenerate the same mask (the counter's last word keeps it apart from RP's noise)."""
+        c0 = (offs_n[None, :] + 0 * offs_m[:, None]).to(tl.uint32)
+        c1 = (offs_m[:, None] + 0 * offs_n[None, :]).to(tl.uint32)
+        c2 = (tl.zeros_like(c0) + bh64).to(tl.uint32)
+        i1, _, _, _ = tl.philox(dseed, c0, c1, c2, tl.zeros_like(c0) + 1)
+        keep = tl.random.uint_to_uniform_float(i1) >= dp
+        return tl.where(keep, dscale, tl.zeros([], ACC))
+
+    @triton.jit
     def _load_rows(ptr, bh64, offs_r, R, offs_c, C):
         """Rows offs_r, columns offs_c of the [R, C] slice bh64 of a contiguous [.., R, C] tensor (0 outside)."""
         mask = (offs_r[:, None] < R) & (offs_c[None, :] < C)
@@ -191,8 +207,9 @@ if AVAILABLE:
     @triton.jit
     def _direction(allowed, dense_ptr, seed, cq_ptr, ck_ptr, cv_ptr, co_ptr, cdo_ptr, clse_ptr, cbias_ptr, km_ptr,
                    b64, h64, bh64, offs_m, offs_n, offs_d, offs_dv, Tq, Tk, D, Dv, scale, cb0, cb1,
+                   cdseed, cdp, cdscale,
                    KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_KM: tl.constexpr, HAS_CBIAS: tl.constexpr,
-                   ACC: tl.constexpr, PREC: tl.constexpr):
+                   CDROPOUT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
         """X [BLOCK_M, BLOCK_N] of the perturbation r = coef X (KIND 1, 2 or 3), zero where not allowed."""
         if KIND == 1:
             x = tl.load(dense_ptr + (bh64 * Tq + offs_m[:, None]) * Tk + offs_n[None, :], mask=allowed,
@@ -212,14 +229,17 @@ if AVAILABLE:
             dc = tl.load(co_ptr + bh64 * Tq + offs_m, mask=offs_m < Tq, other=0).to(ACC)  # rowsum(dO_c * O_c)
             cv = _load_rows(cv_ptr, bh64, offs_n, Tk, offs_dv, Dv)
             dpc = _dot(cdo, tl.trans(cv), ACC, PREC)
+            if CDROPOUT:  # the clean call's dropout: G = P_c ((dO_c V_c^T) M_c - delta)
+                dpc = dpc * _dropout_mult(cdseed, cdp, cdscale, bh64, offs_m, offs_n, ACC)
             x = pc * (dpc - dc[:, None])
         return tl.where(allowed, x, 0.0)
 
     @triton.jit
     def _scores_block(q, k, km_ptr, bias_ptr, coef, dense_ptr, seed, cq_ptr, ck_ptr, cv_ptr, co_ptr, cdo_ptr,
                       clse_ptr, cbias_ptr, b64, h64, bh64, offs_m, offs_n, offs_d, offs_dv, Tq, Tk, D, Dv, scale,
-                      sb0, sb1, cb0, cb1, KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_KM: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_CBIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                      sb0, sb1, cb0, cb1, cdseed, cdp, cdscale, KIND: tl.constexpr, CAUSAL: tl.constexpr,
+                      HAS_KM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CBIAS: tl.constexpr,
+                      CDROPOUT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
         """(S + r with -inf where not allowed, allowed, S before r) of one [BLOCK_M, BLOCK_N] block."""
         s = _dot(q, tl.trans(k), ACC, PREC) * scale
         s, allowed = _mask_scores(s, km_ptr, bias_ptr, b64, h64, offs_m, offs_n, Tq, Tk, sb0, sb1,
@@ -228,7 +248,7 @@ if AVAILABLE:
         if KIND != 0:
             x = _direction(allowed, dense_ptr, seed, cq_ptr, ck_ptr, cv_ptr, co_ptr, cdo_ptr, clse_ptr, cbias_ptr,
                            km_ptr, b64, h64, bh64, offs_m, offs_n, offs_d, offs_dv, Tq, Tk, D, Dv, scale, cb0, cb1,
-                           KIND, CAUSAL, HAS_KM, HAS_CBIAS, ACC, PREC)
+                           cdseed, cdp, cdscale, KIND, CAUSAL, HAS_KM, HAS_CBIAS, CDROPOUT, ACC, PREC)
             s = s + coef[:, None] * x
         return tl.where(allowed, s, float("-inf")), allowed, clean
 
@@ -271,22 +291,31 @@ if AVAILABLE:
         return lse, tl.load(delta_ptr + bh64 * Tq + offs_m, mask=in_m, other=0)
 
     @triton.jit
-    def _p_ds(s, allowed, lse, delta, do, v, ACC: tl.constexpr, PREC: tl.constexpr):
-        """(P recomputed from the lse, dS = P (dO V^T - delta)) of one block, 0 where not allowed."""
+    def _p_ds(s, allowed, lse, delta, do, v, mult, ACC: tl.constexpr, PREC: tl.constexpr, DROPOUT: tl.constexpr):
+        """(P recomputed from the lse, times the dropout multipliers `mult` with DROPOUT: the P that reached O;
+        dS = P ((dO V^T) mult - delta)) of one block, 0 where not allowed."""
         p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), ACC, PREC)
-        return p, tl.where(allowed, p * (dp - delta[:, None]), 0.0)
+        if DROPOUT:
+            dp = dp * mult
+        ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
+        if DROPOUT:
+            p = p * mult
+        return p, ds
 
     @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, v_ptr, km_ptr, bias_ptr, coef_ptr, dense_ptr, cq_ptr, ck_ptr, cv_ptr, co_ptr,
                     cdo_ptr, clse_ptr, cbias_ptr, out_ptr, lse_ptr, flag_ptr, seed, scale_hi, scale_lo,
-                    H, Tq, Tk, D, Dv, sb0, sb1, cb0, cb1,
+                    H, Tq, Tk, D, Dv, sb0, sb1, cb0, cb1, dseed, dp, dscale_hi, dscale_lo, cdseed, cdp, cdscale_hi,
+                    cdscale_lo,
                     KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_KM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_CBIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, LOW_P: tl.constexpr,
+                    HAS_CBIAS: tl.constexpr, DROPOUT: tl.constexpr, CDROPOUT: tl.constexpr, ACC: tl.constexpr,
+                    PREC: tl.constexpr, LOW_P: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
         b64, h64, bh64, offs_m, offs_d, offs_dv, scale = _program(H, scale_hi, scale_lo, ACC, BLOCK_M, BLOCK_D,
                                                                   BLOCK_DV)
         in_m = offs_m < Tq
+        dscale, cdscale = _eps(dscale_hi, dscale_lo, ACC), _eps(cdscale_hi, cdscale_lo, ACC)
         q = _load_rows(q_ptr, bh64, offs_m, Tq, offs_d, D)
         coef = _row_coef(coef_ptr, bh64, offs_m, Tq, KIND, ACC, BLOCK_M)
         m_i = tl.full([BLOCK_M], float("-inf"), ACC)
@@ -299,7 +328,7 @@ if AVAILABLE:
             s, allowed, clean = _scores_block(
                 q, k, km_ptr, bias_ptr, coef, dense_ptr, seed, cq_ptr, ck_ptr, cv_ptr, co_ptr, cdo_ptr, clse_ptr,
                 cbias_ptr, b64, h64, bh64, offs_m, offs_n, offs_d, offs_dv, Tq, Tk, D, Dv, scale, sb0, sb1, cb0,
-                cb1, KIND, CAUSAL, HAS_KM, HAS_BIAS, HAS_CBIAS, ACC, PREC)
+                cb1, cdseed, cdp, cdscale, KIND, CAUSAL, HAS_KM, HAS_BIAS, HAS_CBIAS, CDROPOUT, ACC, PREC)
             nonfinite = allowed & ((clean != clean) | (tl.abs(clean) == float("inf")))
             bad = tl.maximum(bad, tl.max(tl.max(tl.where(nonfinite, 1, 0), 1), 0))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -307,6 +336,8 @@ if AVAILABLE:
             p = tl.where(allowed, tl.exp(s - m_safe[:, None]), 0.0)
             alpha = tl.exp(m_i - m_safe)  # 0 while the row has seen no allowed key (m_i = -inf)
             l_i = l_i * alpha + tl.sum(p, 1)
+            if DROPOUT:  # the normaliser sums kept and dropped entries; only O sees the mask
+                p = p * _dropout_mult(dseed, dp, dscale, bh64, offs_m, offs_n, ACC)
             v = _load_rows(v_ptr, bh64, offs_n, Tk, offs_dv, Dv)
             acc = acc * alpha[:, None] + _dot_p(p, v, ACC, PREC, LOW_P)
             m_i = m_new
@@ -322,13 +353,16 @@ if AVAILABLE:
     @triton.jit
     def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, km_ptr, bias_ptr, coef_ptr, dense_ptr,
                          cq_ptr, ck_ptr, cv_ptr, co_ptr, cdo_ptr, clse_ptr, cbias_ptr, dk_ptr, dv_ptr,
-                         seed, scale_hi, scale_lo, H, Tq, Tk, D, Dv, sb0, sb1, cb0, cb1,
+                         seed, scale_hi, scale_lo, H, Tq, Tk, D, Dv, sb0, sb1, cb0, cb1, dseed, dp, dscale_hi,
+                         dscale_lo, cdseed, cdp, cdscale_hi, cdscale_lo,
                          KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_KM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         HAS_CBIAS: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, LOW_P: tl.constexpr,
+                         HAS_CBIAS: tl.constexpr, DROPOUT: tl.constexpr, CDROPOUT: tl.constexpr,
+                         ACC: tl.constexpr, PREC: tl.constexpr, LOW_P: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr):
         b64, h64, bh64, offs_n, offs_d, offs_dv, scale = _program(H, scale_hi, scale_lo, ACC, BLOCK_N, BLOCK_D,
                                                                   BLOCK_DV)
+        dscale, cdscale = _eps(dscale_hi, dscale_lo, ACC), _eps(cdscale_hi, cdscale_lo, ACC)
         k = _load_rows(k_ptr, bh64, offs_n, Tk, offs_d, D)
         v = _load_rows(v_ptr, bh64, offs_n, Tk, offs_dv, Dv)
         dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
@@ -345,8 +379,11 @@ if AVAILABLE:
             s, allowed, _ = _scores_block(
                 q, k, km_ptr, bias_ptr, coef, dense_ptr, seed, cq_ptr, ck_ptr, cv_ptr, co_ptr, cdo_ptr, clse_ptr,
                 cbias_ptr, b64, h64, bh64, offs_m, offs_n, offs_d, offs_dv, Tq, Tk, D, Dv, scale, sb0, sb1, cb0,
-                cb1, KIND, CAUSAL, HAS_KM, HAS_BIAS, HAS_CBIAS, ACC, PREC)
-            p, ds = _p_ds(s, allowed, lse, delta, do, v, ACC, PREC)
+                cb1, cdseed, cdp, cdscale, KIND, CAUSAL, HAS_KM, HAS_BIAS, HAS_CBIAS, CDROPOUT, ACC, PREC)
+            mult = dscale
+            if DROPOUT:
+                mult = _dropout_mult(dseed, dp, dscale, bh64, offs_m, offs_n, ACC)
+            p, ds = _p_ds(s, allowed, lse, delta, do, v, mult, ACC, PREC, DROPOUT)
             dv += _dot_p(tl.trans(p), do, ACC, PREC, LOW_P)
             dk += _dot_p(tl.trans(ds), q, ACC, PREC, LOW_P)
         in_n = offs_n < Tk
@@ -358,14 +395,17 @@ if AVAILABLE:
     @triton.jit
     def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, km_ptr, bias_ptr, coef_ptr, dense_ptr,
                        cq_ptr, ck_ptr, cv_ptr, co_ptr, cdo_ptr, clse_ptr, cbias_ptr, dq_ptr, gsq_ptr, dbias_ptr,
-                       seed, scale_hi, scale_lo, H, Tq, Tk, D, Dv, sb0, sb1, cb0, cb1,
+                       seed, scale_hi, scale_lo, H, Tq, Tk, D, Dv, sb0, sb1, cb0, cb1, dseed, dp, dscale_hi,
+                       dscale_lo, cdseed, cdp, cdscale_hi, cdscale_lo,
                        KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_KM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       HAS_CBIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                       HAS_CBIAS: tl.constexpr, DROPOUT: tl.constexpr, CDROPOUT: tl.constexpr,
+                       BIAS_GRAD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                        LOW_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_DV: tl.constexpr):
         b64, h64, bh64, offs_m, offs_d, offs_dv, scale = _program(H, scale_hi, scale_lo, ACC, BLOCK_M, BLOCK_D,
                                                                   BLOCK_DV)
         in_m = offs_m < Tq
+        dscale, cdscale = _eps(dscale_hi, dscale_lo, ACC), _eps(cdscale_hi, cdscale_lo, ACC)
         q = _load_rows(q_ptr, bh64, offs_m, Tq, offs_d, D)
         do = _load_rows(do_ptr, bh64, offs_m, Tq, offs_dv, Dv)
         lse, delta = _row_stats(lse_ptr, delta_ptr, bh64, offs_m, Tq)
@@ -379,8 +419,11 @@ if AVAILABLE:
             s, allowed, _ = _scores_block(
                 q, k, km_ptr, bias_ptr, coef, dense_ptr, seed, cq_ptr, ck_ptr, cv_ptr, co_ptr, cdo_ptr, clse_ptr,
                 cbias_ptr, b64, h64, bh64, offs_m, offs_n, offs_d, offs_dv, Tq, Tk, D, Dv, scale, sb0, sb1, cb0,
-                cb1, KIND, CAUSAL, HAS_KM, HAS_BIAS, HAS_CBIAS, ACC, PREC)
-            _, ds = _p_ds(s, allowed, lse, delta, do, v, ACC, PREC)
+                cb1, cdseed, cdp, cdscale, KIND, CAUSAL, HAS_KM, HAS_BIAS, HAS_CBIAS, CDROPOUT, ACC, PREC)
+            mult = dscale
+            if DROPOUT:
+                mult = _dropout_mult(dseed, dp, dscale, bh64, offs_m, offs_n, ACC)
+            _, ds = _p_ds(s, allowed, lse, delta, do, v, mult, ACC, PREC, DROPOUT)
             gsq += tl.sum(ds * ds, 1)
             if BIAS_GRAD:
                 tl.store(dbias_ptr + (bh64 * Tq + offs_m[:, None]) * Tk + offs_n[None, :], ds,
@@ -408,6 +451,16 @@ if AVAILABLE:
                            offs_n[None, :] + 0 * offs_m[:, None]).to(ACC)
             rows += tl.sum(tl.where(allowed, x * x, 0.0), 1)
         tl.store(rows_ptr + bh64 * Tq + offs_m, rows, mask=offs_m < Tq)
+
+    @triton.jit
+    def _dropout_mask_kernel(out_ptr, dseed, dp, dscale_hi, dscale_lo, Tq, Tk, ACC: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        bh64 = tl.program_id(0).to(tl.int64)
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        z = _dropout_mult(dseed, dp, _eps(dscale_hi, dscale_lo, ACC), bh64, offs_m, offs_n, ACC)
+        tl.store(out_ptr + (bh64 * Tq + offs_m[:, None]) * Tk + offs_n[None, :], z,
+                 mask=(offs_m[:, None] < Tq) & (offs_n[None, :] < Tk))
 
     @triton.jit
     def _rp_noise_kernel(out_ptr, seed, Tq, Tk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -472,8 +525,21 @@ def _raise_if_nonfinite(flags: torch.Tensor) -> None:
     torch._assert_async(flags.eq(0).all(), _SCORES_MESSAGE)
 
 
-def _forward(q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo, clse, cbias):
+def _dropout_args(dropout_p, dropout_seed, cdropout_p, cdropout_seed, kind):
+    """The kernels' dropout scalars (seed, p, 1 / (1 - p) as two float32 parts) of the call and of the clean call
+    (kind 3 only), and their DROPOUT / CDROPOUT flags."""
+    def one(p, seed):
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+        return (int(seed), float(p), *_eps_parts(1.0 / (1.0 - p)))
+    cp = cdropout_p if kind == KIND_CLEAN else 0.0
+    return (*one(dropout_p, dropout_seed), *one(cp, cdropout_seed)), dict(DROPOUT=dropout_p > 0, CDROPOUT=cp > 0)
+
+
+def _forward(q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo, clse, cbias,
+             dropout_p=0.0, dropout_seed=0, cdropout_p=0.0, cdropout_seed=0):
     clean = (cq, ck, cv, co, cdo, clse, cbias)
+    drop, drop_flags = _dropout_args(dropout_p, dropout_seed, cdropout_p, cdropout_seed, kind)
     _check_kind(kind, coef, dense, clean)
     B, H, Tq, D = q.shape
     Tk, Dv = k.shape[2], v.shape[3]
@@ -491,7 +557,8 @@ def _forward(q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq
     flags = torch.zeros(grid, dtype=torch.int32, device=q.device)
     torch.library.wrap_triton(_fwd_kernel)[grid](
         q, k, v, km, b, *tensors, out, lse, flags, int(seed), *_eps_parts(scale), H, Tq, Tk, D, Dv, sb0, sb1,
-        cb0, cb1, KIND=kind, CAUSAL=causal, HAS_KM=has_km, HAS_BIAS=has_bias, HAS_CBIAS=has_cbias,
+        cb0, cb1, *drop, **drop_flags, KIND=kind, CAUSAL=causal, HAS_KM=has_km, HAS_BIAS=has_bias,
+        HAS_CBIAS=has_cbias,
         ACC=_TL_ACC[acc], PREC=_prec(q.dtype), LOW_P=bool(p["low_p"]), BLOCK_M=p["block_m"], BLOCK_N=p["block_n"],
         BLOCK_D=_block_d(D),
         BLOCK_DV=_block_d(Dv), num_warps=p["num_warps"], num_stages=p["num_stages"])
@@ -500,8 +567,9 @@ def _forward(q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq
 
 
 def _backward(dout, q, k, v, out, lse, key_mask, bias, causal, scale, bias_grad, kind, coef, dense, seed, cq, ck,
-              cv, co, cdo, clse, cbias):
+              cv, co, cdo, clse, cbias, dropout_p=0.0, dropout_seed=0, cdropout_p=0.0, cdropout_seed=0):
     clean = (cq, ck, cv, co, cdo, clse, cbias)
+    drop, drop_flags = _dropout_args(dropout_p, dropout_seed, cdropout_p, cdropout_seed, kind)
     _check_kind(kind, coef, dense, clean)
     if bias_grad and bias is None:
         raise ValueError("bias_grad=True needs a bias")
@@ -523,11 +591,11 @@ def _backward(dout, q, k, v, out, lse, key_mask, bias, causal, scale, bias_grad,
     km, has_km = _key_mask_arg(key_mask, q)
     b, sb0, sb1, has_bias = _bias_arg(bias, q)
     tensors, (cb0, cb1, has_cbias) = _pert_args(q, kind, coef, dense, cq, ck, cv, co, cdo, clse, cbias)
-    common = dict(KIND=kind, CAUSAL=causal, HAS_KM=has_km, HAS_BIAS=has_bias, HAS_CBIAS=has_cbias,
+    common = dict(KIND=kind, CAUSAL=causal, HAS_KM=has_km, HAS_BIAS=has_bias, HAS_CBIAS=has_cbias, **drop_flags,
                   ACC=_TL_ACC[acc], PREC=_prec(q.dtype), LOW_P=bool(p["low_p"]), BLOCK_M=p["block_m"],
                   BLOCK_N=p["block_n"],
                   BLOCK_D=_block_d(D), BLOCK_DV=_block_d(Dv), num_warps=p["num_warps"], num_stages=p["num_stages"])
-    sizes = (int(seed), *_eps_parts(scale), H, Tq, Tk, D, Dv, sb0, sb1, cb0, cb1)
+    sizes = (int(seed), *_eps_parts(scale), H, Tq, Tk, D, Dv, sb0, sb1, cb0, cb1, *drop)
     if B * H * Tk:
         if Tq:
             torch.library.wrap_triton(_bwd_dkdv_kernel)[(B * H, triton.cdiv(Tk, p["block_n"]))](
@@ -565,6 +633,19 @@ def _rowsq(q, k, key_mask, bias, causal, dense, seed):
     return rows
 
 
+def _dropout_mask(q, k, dropout_p, dropout_seed):
+    B, H, Tq, _ = q.shape
+    acc = _acc_dtype(q.dtype)
+    z = torch.ones((B, H, Tq, k.shape[2]), dtype=acc, device=q.device)
+    dseed, p, *scale = _dropout_args(dropout_p, dropout_seed, 0.0, 0, KIND_NONE)[0][:4]
+    if not _skip_launch(q) and z.numel() and dropout_p > 0:
+        bm, bn = 32, 128
+        grid = (B * H, triton.cdiv(Tq, bm), triton.cdiv(k.shape[2], bn))
+        torch.library.wrap_triton(_dropout_mask_kernel)[grid](z, dseed, p, *scale, Tq, k.shape[2],
+                                                              ACC=_TL_ACC[acc], BLOCK_M=bm, BLOCK_N=bn)
+    return z
+
+
 def _rp_noise(q, k, seed):
     B, H, Tq, _ = q.shape
     z = torch.empty((B, H, Tq, k.shape[2]), dtype=torch.float32, device=q.device)
@@ -577,11 +658,6 @@ def _rp_noise(q, k, seed):
 
 # -------------------------------------------------------------------------------------- torch.library ops
 
-def _no_dropout(dropout_p: float, cdropout_p: float) -> None:
-    if dropout_p != 0 or cdropout_p != 0:
-        raise ValueError(f"the triton self-attention kernels have no fused attention dropout: dropout_p and "
-                         f"cdropout_p must be 0, got {dropout_p} and {cdropout_p}")
-
 
 if AVAILABLE:
 
@@ -593,12 +669,10 @@ if AVAILABLE:
                clse: Optional[torch.Tensor], cbias: Optional[torch.Tensor], dropout_p: float = 0.0,
                dropout_seed: int = 0, cdropout_p: float = 0.0, cdropout_seed: int = 0
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(out [B, nh, Tq, dv] in q's dtype, lse [B, nh, Tq] in the accumulation dtype). No fused dropout here:
-        the dropout arguments (the cpu op's schema) must be 0 (perturbed_attention runs the reference instead)."""
-        _no_dropout(dropout_p, cdropout_p)
+        """(out [B, nh, Tq, dv] in q's dtype, lse [B, nh, Tq] in the accumulation dtype)."""
         with _device_guard(q.device):
             return _forward(q, k, v, key_mask, bias, causal, scale, kind, coef, dense, seed, cq, ck, cv, co, cdo,
-                            clse, cbias)
+                            clse, cbias, dropout_p, dropout_seed, cdropout_p, cdropout_seed)
 
     @_define_op("sa_bwd")
     def sa_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -611,10 +685,10 @@ if AVAILABLE:
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq, dk, dv, dbias (bias's shape, or [0] without bias_grad), gsq [B, nh, Tq] = sum_j dS^2); `out` may
         be O [B, nh, Tq, dv] or rowsum(dout * O) [B, nh, Tq]."""
-        _no_dropout(dropout_p, cdropout_p)
         with _device_guard(q.device):
             return _backward(dout, q, k, v, out, lse, key_mask, bias, causal, scale, bias_grad, kind, coef, dense,
-                             seed, cq, ck, cv, co, cdo, clse, cbias)
+                             seed, cq, ck, cv, co, cdo, clse, cbias, dropout_p, dropout_seed, cdropout_p,
+                             cdropout_seed)
 
     @_define_op("sa_rowsq")
     def sa_rowsq(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -622,6 +696,13 @@ if AVAILABLE:
         """sum over the allowed keys of X^2 [B, nh, Tq] (X = dense, or the in-kernel noise of `seed`)."""
         with _device_guard(q.device):
             return _rowsq(q, k, key_mask, bias, causal, dense, seed)
+
+    @_define_op("sa_dropout_mask")
+    def sa_dropout_mask(q: torch.Tensor, k: torch.Tensor, dropout_p: float, dropout_seed: int) -> torch.Tensor:
+        """The dropout multipliers [B, nh, Tq, Tk] (0 or 1 / (1 - p)) the kernels generate from `dropout_seed`
+        (float32, float64 for float64 q)."""
+        with _device_guard(q.device):
+            return _dropout_mask(q, k, dropout_p, dropout_seed)
 
     @_define_op("sa_rp_noise")
     def sa_rp_noise(q: torch.Tensor, k: torch.Tensor, seed: int) -> torch.Tensor:
@@ -660,6 +741,10 @@ class TritonCleanPass(FusedCleanPass):
     def _sa_bwd(*args):
         return sa_bwd(*args)
 
+    @staticmethod
+    def _dropout_mask(q, k, dropout_p, dropout_seed):
+        return dropout_mask(q, k, dropout_p, dropout_seed)
+
 
 _CleanPass = clean_pass_function(lambda *a: sa_fwd(*a), lambda *a: sa_bwd(*a), TritonCleanPass)
 
@@ -668,7 +753,7 @@ _CleanPass = clean_pass_function(lambda *a: sa_fwd(*a), lambda *a: sa_bwd(*a), T
 # The backend-module calls of fused_attn_at.self_attention
 
 _TRITON = FusedBackend("triton", lambda *a: sa_fwd(*a), lambda *a: sa_rowsq(*a), lambda *a: _CleanPass.apply(*a),
-                       lambda dtype: dtype, _require, fused_dropout=False)
+                       lambda dtype: dtype, _require)
 
 
 def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask, query_mask,
@@ -682,3 +767,9 @@ def rp_noise(q: torch.Tensor, k: torch.Tensor, seed: int) -> torch.Tensor:
     """The standard normal noise [B, nh, Tq, Tk] the kernels generate from `seed` (materialised: for tests)."""
     _require()
     return sa_rp_noise(q, k, int(seed))
+
+
+def dropout_mask(q: torch.Tensor, k: torch.Tensor, dropout_p: float, dropout_seed: int) -> torch.Tensor:
+    """The attention-dropout multipliers [B, nh, Tq, Tk] the kernels generate from `dropout_seed` (for tests)."""
+    _require()
+    return sa_dropout_mask(q, k, float(dropout_p), int(dropout_seed))
