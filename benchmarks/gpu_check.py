@@ -399,9 +399,38 @@ def _sa_outputs(fn, inputs: dict) -> list:
     return [out.detach()] + list(torch.autograd.grad(out, (inputs["q"], inputs["k"], inputs["v"]), inputs["dout"]))
 
 
+# the fused backends' modules, whose dropout_mask materialises the mask their kernels draw
+SA_DROPOUT_MASKS = {"cpu": "cpp_self_attention", "triton": "triton_self_attention"}
+
+
+def _sa_dropout_error(args, inputs: dict) -> float:
+    """Attention dropout 0.1 in the kernels vs python_ref fed the kernels' own mask (the backend's dropout_mask
+    materialises it from the seed the call drew from the global generator), float32; the largest relative error
+    of O, dq, dk, dv."""
+    import importlib
+
+    import torch
+
+    import fused_attn_at
+    import python_ref
+
+    dropout_mask = importlib.import_module(f"fused_attn_at.ops.{SA_DROPOUT_MASKS[args.sa_backend]}").dropout_mask
+    torch.manual_seed(5)
+    got = _sa_outputs(lambda: fused_attn_at.perturbed_attention(inputs["q"], inputs["k"], inputs["v"], dropout_p=0.1,
+                                                                backend=args.sa_backend), inputs)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # the first draw of the call: its dropout seed
+    q32, k32, v32 = (inputs[n].detach().float().requires_grad_(True) for n in ("q", "k", "v"))
+    mask = dropout_mask(q32.detach(), k32.detach(), 0.1, seed).float()
+    ref = python_ref.perturbed_attention(q32, k32, v32, dropout_p=0.1, dropout_mask=mask)
+    want = [ref.detach()] + list(torch.autograd.grad(ref, (q32, k32, v32), inputs["dout"].float()))
+    return max(benchlib.relative_error(a, b) for a, b in zip(got, want))
+
+
 def check_self_attention(args, T: int) -> dict:
     """The numerical check at T: the fused backend (no perturbation) vs SDPA, and with a dense-G AT perturbation
-    vs python_ref in float32; each of O, dq, dk, dv within SA_CHECK_RTOL of max |reference|."""
+    and with attention dropout vs python_ref in float32; each of O, dq, dk, dv within SA_CHECK_RTOL of
+    max |reference|."""
     import torch
 
     import python_ref
@@ -419,6 +448,8 @@ def check_self_attention(args, T: int) -> dict:
         want = [ref.detach()] + list(torch.autograd.grad(ref, (q32, k32, v32), inputs["dout"].float()))
         got = _sa_outputs(fns["fused_at"], inputs)
         errors["at_vs_reference"] = max(benchlib.relative_error(a, b) for a, b in zip(got, want))
+        if args.sa_backend in SA_DROPOUT_MASKS:  # the reference's dropout is torch's draw: nothing to feed it
+            errors["dropout_vs_reference"] = _sa_dropout_error(args, inputs)
     del inputs, fns
     return dict(T=T, B=B, dtype=args.sa_dtype, backend=args.sa_backend, rtol=tol, errors=errors,
                 check_ok=all(e <= tol for e in errors.values()))

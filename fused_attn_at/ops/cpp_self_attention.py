@@ -301,7 +301,9 @@ def perturbation_coefficients(rows: torch.Tensor, query_valid, eps: float, norm:
 
 
 def _draw_seed(generator) -> int:
-    return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    """A kernel seed from `generator` (a CUDA generator draws on its device), or from the global CPU generator."""
+    device = "cpu" if generator is None else generator.device
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=device).item())
 
 
 def _check_dense_finite(name, x, q, k, key_mask, causal, bias, query_mask):
