@@ -84,6 +84,8 @@ def _bad_pool_calls(inputs):
 _CASES = sorted(_bad_pool_calls(make_inputs(B, T, H, "padding")))
 
 
+# Triton's interpreter computes the NaN/inf the op then rejects in numpy, which warns about it
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("case", _CASES)
 def test_attention_pool_rejects_bad_input(backend, inputs, case):
     overrides, error, message = _bad_pool_calls(inputs)[case]
