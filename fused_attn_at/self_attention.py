@@ -187,8 +187,8 @@ def perturbed_attention(
     backend: None (the best for the device: "cpu" for CPU tensors when built, "triton" for CUDA tensors when
     triton is importable, else "reference"), "cpu", "triton" (CUDA tensors, or CPU tensors under
     TRITON_INTERPRET=1) or "reference". The fused backends run the reference for iAT and return_attention=True;
-    their attention dropout draws its mask in the kernels from a seed drawn from `generator` (not
-    torch.nn.functional.dropout's draw).
+    their attention dropout draws its mask in the kernels from a seed drawn from the global generator (not
+    torch.nn.functional.dropout's numbers; under torch.compile, dropout calls run the reference).
     """
     if _INTERCEPTORS and perturbation is None and grad is None and noise is None and record is None:
         kwargs = dict(causal=causal, bias=bias, scale=scale, norm=norm, attn_mask=attn_mask, query_mask=query_mask,

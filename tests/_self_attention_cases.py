@@ -80,11 +80,10 @@ def rp_seeded_vs_reference(args, kw, backend, rp_noise, **extra):
     return out, ref
 
 
-def drawn_seed(generator_seed: int, nth: int = 0) -> int:
-    """The nth seed a fused call draws from torch.Generator().manual_seed(generator_seed) (dropout's first, then
-    RP's)."""
-    g = torch.Generator().manual_seed(generator_seed)
-    return [int(torch.randint(0, 2**62, (1,), generator=g).item()) for _ in range(nth + 1)][nth]
+def drawn_seed(generator_seed: int) -> int:
+    """The seed a fused call draws first from a generator seeded with generator_seed: its RP seed from the call's
+    `generator`, its dropout seed from the global generator after torch.manual_seed(generator_seed)."""
+    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(generator_seed)).item())
 
 
 def dropout_vs_reference(args, kw, backend, dropout_mask, rp_noise=None):
@@ -92,10 +91,11 @@ def dropout_vs_reference(args, kw, backend, dropout_mask, rp_noise=None):
     mask (dropout_mask materialises it) and noise): the same values and gradients are expected."""
     q, k = args[0].detach(), args[1].detach()
     extra = dict(perturbation="rp", eps=0.9) if rp_noise is not None else {}
+    torch.manual_seed(3)  # the dropout seed: the global generator's; RP's: the call's generator
     out = fused_attn_at.perturbed_attention(*args, **kw, dropout_p=0.3, backend=backend,
-                                            generator=torch.Generator().manual_seed(3), **extra)
+                                            generator=torch.Generator().manual_seed(4), **extra)
     if rp_noise is not None:
-        extra["noise"] = rp_noise(q, k, drawn_seed(3, 1))
+        extra["noise"] = rp_noise(q, k, drawn_seed(4))
     mask = dropout_mask(q, k, 0.3, drawn_seed(3)).to(q.dtype)
     ref = python_ref.perturbed_attention(*args, **kw, dropout_p=0.3, dropout_mask=mask, **extra)
     # the mask matters: without it the output differs
@@ -111,14 +111,15 @@ def dropout_at_step(args, kw, backend, dropout_mask, same_mask, atol=1e-10):
     q, k, v, m = args
     w_clean = t(*q.shape[:3], v.shape[3], seed=41)
     rec = fused_attn_at.CleanPassRecord()
-    clean = fused_attn_at.perturbed_attention(*args, **kw, record=rec, dropout_p=0.25, backend=backend,
-                                              generator=torch.Generator().manual_seed(11))
+    torch.manual_seed(11)
+    clean = fused_attn_at.perturbed_attention(*args, **kw, record=rec, dropout_p=0.25, backend=backend)
     grad_leaves = leaves(args, kw)
     g_clean = torch.autograd.grad((clean * w_clean).sum(), grad_leaves)
     rec.mark_backward_done()
     adv_seed = 11 if same_mask else 12
+    torch.manual_seed(adv_seed)
     adv = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec, eps=1.3, dropout_p=0.25,
-                                            backend=backend, generator=torch.Generator().manual_seed(adv_seed))
+                                            backend=backend)
     w_adv = t(*adv.shape, seed=50)
     g_adv = torch.autograd.grad((adv * w_adv).sum(), grad_leaves)
 

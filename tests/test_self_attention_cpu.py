@@ -382,6 +382,22 @@ def test_compile_fullgraph_matches_eager(kind):
     _compare(out, ref, args, kw)
 
 
+def test_compile_fullgraph_with_dropout_runs_the_reference():
+    """Under torch.compile a call with dropout_p > 0 runs the reference (its dropout is traceable; the kernels'
+    seed would be a traced host value): fullgraph compiles, the output and gradients are finite and follow the
+    dropout (p -> the output differs from the eager call without dropout)."""
+    args, kw = make_case("padding")
+    q, k, v, m = args
+
+    def f(q, k, v):
+        return fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.3, backend="cpu")
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+    assert (out - fused_attn_at.perturbed_attention(q, k, v, m, backend="cpu")).abs().max() > 1e-3
+
+
 def test_half_precision_runs_in_float32():
     args, kw = make_case("padding")
     q, k, v, m = (x.detach().to(torch.bfloat16) if x.dtype == F64 else x for x in args)
@@ -467,8 +483,8 @@ def test_dropout_gradcheck_and_opcheck():
                   for x in args)
 
     def f(q, k, v):
-        return fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.4, backend="cpu",
-                                                 generator=torch.Generator().manual_seed(5))
+        torch.manual_seed(5)  # the same mask at every call
+        return fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.4, backend="cpu")
 
     assert torch.autograd.gradcheck(f, (q, k, v))
     qd, kd, vd = q.detach(), k.detach(), v.detach()
@@ -494,8 +510,8 @@ def test_dropout_float32_row_kernels_keep_the_masks_entries():
     long = tuple(torch.randn(*shape, generator=torch.Generator().manual_seed(i))
                  for i, shape in enumerate([(1, 1, 70, 4), (1, 1, 1037, 4), (1, 1, 1037, 3)]))
     for (q, k, v), p, seed in ((short, 0.3, 8), (long, 0.5, 9)):
-        out = fused_attn_at.perturbed_attention(q, k, v, dropout_p=p, backend="cpu",
-                                                generator=torch.Generator().manual_seed(seed))
+        torch.manual_seed(seed)
+        out = fused_attn_at.perturbed_attention(q, k, v, dropout_p=p, backend="cpu")
         mask = cpu_sa.dropout_mask(q, k, p, cases.drawn_seed(seed))
         ref = python_ref.perturbed_attention(q.double(), k.double(), v.double(), dropout_p=p,
                                              dropout_mask=mask.double())

@@ -173,15 +173,18 @@ def test_records_are_freed_after_the_step():
     assert not fused_attn_at.self_attention._INTERCEPTORS
 
 
-def test_dropout_is_replayed_in_the_adversarial_pass():
-    """With eps = 0 the adversarial pass is the clean pass again when the random state is replayed."""
+@pytest.mark.parametrize("kind,generator", [("at", False), ("at", True), ("rp", True)])
+def test_dropout_is_replayed_in_the_adversarial_pass(kind, generator):
+    """With eps = 0 the adversarial pass is the clean pass again when the random state is replayed, also with a
+    generator for RP's noise (the dropout masks come from the global generator, which the step replays)."""
     model = make_model(dropout=0.5)
     model.train()
     ids, mask, y = batch()
-    at = fused_attn_at.SelfAttentionAT(model, "at", eps=0.0)
+    gen = torch.Generator().manual_seed(4) if generator else None
+    at = fused_attn_at.SelfAttentionAT(model, kind, eps=0.0, generator=gen)
     step = at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y))
     assert step.adversarial_loss == step.clean_loss
-    at = fused_attn_at.SelfAttentionAT(model, "at", eps=0.0, same_dropout=False)
+    at = fused_attn_at.SelfAttentionAT(model, kind, eps=0.0, same_dropout=False, generator=gen)
     step = at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y))
     assert step.adversarial_loss != step.clean_loss
 

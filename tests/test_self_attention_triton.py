@@ -337,8 +337,8 @@ def test_dropout_opcheck_and_float32():
     torch.library.opcheck(torch.ops.fused_attn_at_triton.sa_fwd,
                           (q, k, v, m, None, False, 0.5, 0, None, None, 0) + (None,) * 7 + (0.4, 123, 0.0, 0),
                           test_utils=OPCHECK_UTILS)
-    out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.4, backend="triton",
-                                            generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(2)
+    out = fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.4, backend="triton")
     mask = tsa.dropout_mask(q, k, 0.4, cases.drawn_seed(2)).double()
     ref = python_ref.perturbed_attention(q.double(), k.double(), v.double(), m, dropout_p=0.4, dropout_mask=mask)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)

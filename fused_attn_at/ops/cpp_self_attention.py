@@ -327,13 +327,17 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
               query_mask, dropout_p, generator, record, iat_max_bytes):
     """The backend-module call of a fused backend `impl`: (O [B, nh, Tq, dv], None); `grad` is a tensor G or the
     CleanPassRecord of the same layer's clean call. What the kernels do not fuse runs the reference."""
-    if kind == "iat" or (record is not None and record.keep_scores):
+    # under torch.compile a kernel seed would be a traced .item(): dropout there is torch's, in the reference
+    traced_dropout = dropout_p > 0 and torch.compiler.is_compiling()
+    if kind == "iat" or traced_dropout or (record is not None and record.keep_scores):
         return _reference.perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm,
                                               attn_mask, query_mask, dropout_p, generator, record, iat_max_bytes)
     impl.require()
-    # drawn before RP's seed: a replayed random state (SelfAttentionAT's same_dropout) gives the adversarial call
-    # the clean call's mask whatever its perturbation draws
-    dropout = (float(dropout_p), _draw_seed(generator) if dropout_p > 0 else 0)
+    # The dropout seed comes from the global CPU generator, as torch's dropout draws from the global one (not from
+    # `generator`, which is RP's): SelfAttentionAT's same_dropout replays that state, so an adversarial call draws
+    # its clean call's mask when the calls before it drew the same numbers (RP from the global generator draws
+    # more, so with RP pass a generator to keep the masks of later layers).
+    dropout = (float(dropout_p), _draw_seed(None) if dropout_p > 0 else 0)
     B, H, Tq, d = q.shape
     Tk = k.shape[2]
     dtype = impl.kernel_dtype(q.dtype)
