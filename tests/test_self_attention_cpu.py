@@ -382,15 +382,17 @@ def test_compile_fullgraph_matches_eager(kind):
     _compare(out, ref, args, kw)
 
 
-def test_compile_fullgraph_with_dropout_runs_the_reference():
-    """Under torch.compile a call with dropout_p > 0 runs the reference (its dropout is traceable; the kernels'
-    seed would be a traced host value): fullgraph compiles, the output and gradients are finite and follow the
-    dropout (p -> the output differs from the eager call without dropout)."""
+@pytest.mark.parametrize("extra", [dict(dropout_p=0.3), dict(perturbation="rp", eps=0.5)])
+def test_compile_fullgraph_with_drawn_seeds_runs_the_reference(extra):
+    """Under torch.compile a call that would draw a kernel seed (dropout_p > 0, RP without noise) runs the
+    reference (its random numbers are traceable; the kernels' seed would be a traced host value): fullgraph
+    compiles, the output and gradients are finite and show the randomness (the output differs from the eager call
+    without it)."""
     args, kw = make_case("padding")
     q, k, v, m = args
 
     def f(q, k, v):
-        return fused_attn_at.perturbed_attention(q, k, v, m, dropout_p=0.3, backend="cpu")
+        return fused_attn_at.perturbed_attention(q, k, v, m, backend="cpu", **extra)
 
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
     grads = torch.autograd.grad(out.sum(), (q, k, v))

@@ -327,9 +327,10 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
               query_mask, dropout_p, generator, record, iat_max_bytes):
     """The backend-module call of a fused backend `impl`: (O [B, nh, Tq, dv], None); `grad` is a tensor G or the
     CleanPassRecord of the same layer's clean call. What the kernels do not fuse runs the reference."""
-    # under torch.compile a kernel seed would be a traced .item(): dropout there is torch's, in the reference
-    traced_dropout = dropout_p > 0 and torch.compiler.is_compiling()
-    if kind == "iat" or traced_dropout or (record is not None and record.keep_scores):
+    # under torch.compile a kernel seed would be a traced .item(): dropout, and RP's noise when none is given, are
+    # torch's there, in the reference
+    traced_seed = torch.compiler.is_compiling() and (dropout_p > 0 or (kind == "rp" and noise is None))
+    if kind == "iat" or traced_seed or (record is not None and record.keep_scores):
         return _reference.perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm,
                                               attn_mask, query_mask, dropout_p, generator, record, iat_max_bytes)
     impl.require()
