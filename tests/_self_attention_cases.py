@@ -11,6 +11,7 @@ import torch
 
 import fused_attn_at
 import python_ref
+from fused_attn_at.ops.cpp_self_attention import _draw_seed
 
 F64 = torch.float64
 
@@ -83,7 +84,7 @@ def rp_seeded_vs_reference(args, kw, backend, rp_noise, **extra):
 def drawn_seed(generator_seed: int) -> int:
     """The seed a fused call draws first from a generator seeded with generator_seed: its RP seed from the call's
     `generator`, its dropout seed from the global generator after torch.manual_seed(generator_seed)."""
-    return int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(generator_seed)).item())
+    return _draw_seed(torch.Generator().manual_seed(generator_seed))
 
 
 def dropout_vs_reference(args, kw, backend, dropout_mask, rp_noise=None):

@@ -192,10 +192,6 @@ class FusedCleanPass:
     def clean_args(self) -> tuple:
         return (self.q, self.k, self.v, self.delta, self.dout, self.lse, self.bias)
 
-    def clean_dropout(self) -> tuple:
-        """(cdropout_p, cdropout_seed): the clean call's dropout, for the kernels' recomputation of G."""
-        return self.dropout
-
     def share_inputs(self, q, k, v) -> None:
         """Drops the record's own Q, K, V for q, k, v when they hold the same numbers (the adversarial call of the
         first perturbed layer sees the clean pass's inputs again, bit for bit, when nothing before it is
@@ -376,7 +372,7 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
             else:
                 fused.share_inputs(qc.detach(), kc.detach(), vc.detach())
                 pkind, rows, clean = KIND_CLEAN, fused.row_sq_norms(), fused.clean_args()
-                clean_dropout = fused.clean_dropout()
+                clean_dropout = fused.dropout
         else:
             g = grad if isinstance(grad, torch.Tensor) else grad.gradient()  # a tensor, or a reference record
             if tuple(g.shape) != (B, H, Tq, Tk):
