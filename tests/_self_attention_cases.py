@@ -271,3 +271,98 @@ def check_errors_and_what_runs_the_reference(args, backend):
         fused_attn_at.perturbed_attention(q, k, v, backend="flash")
     with pytest.raises(NotImplementedError, match="not built yet"):
         fused_attn_at.perturbed_attention(q, k, v, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hypothesis: random self-attention calls of a fused backend against the reference, float64
+
+
+def sa_cases(max_batch=3, max_heads=3, max_length=80, max_dim=9, dropout=True):
+    """A hypothesis strategy of dict(args=(q, k, v, key_mask), kw, kind, norm, eps, dropout_p): sizes (Tq != Tk
+    allowed), q/k/v contiguous or heads split off a [B, T, nh, d] tensor (strided), a key mask (none, right padding
+    with possibly empty examples, or any pattern), causal, a bias (none, broadcast or per example and head, with
+    -inf entries), score magnitudes 0.1-10, and kind None / "at" (a given G) / "rp" (given noise) / "at_record"
+    (G recomputed from a clean call's CleanPassRecord) / "rp_seeded" (the kernels' own noise)."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def draw_case(draw):
+        B, nh = draw(st.integers(1, max_batch)), draw(st.integers(1, max_heads))
+        Tq = draw(st.integers(1, max_length))
+        Tk = draw(st.one_of(st.just(Tq), st.integers(1, max_length)))
+        d, dv = draw(st.integers(1, max_dim)), draw(st.integers(1, max_dim))
+        seed = draw(st.integers(0, 2**16))
+        magnitude = draw(st.sampled_from((0.1, 1.0, 3.0, 10.0)))
+        strided = draw(st.booleans())
+
+        def head_tensor(T, width, s):
+            if strided:  # [B, T, nh, width] viewed as [B, nh, T, width]: the layout a fused projection gives
+                base = (t(B, T, nh, width, seed=s) * magnitude ** 0.5).requires_grad_(True)
+                return base.transpose(1, 2)
+            return (t(B, nh, T, width, seed=s) * magnitude ** 0.5).requires_grad_(True)
+
+        q, k, v = head_tensor(Tq, d, seed), head_tensor(Tk, d, seed + 1), head_tensor(Tk, dv, seed + 2)
+        mask_kind = draw(st.sampled_from(("none", "lengths", "any")))
+        key_mask = None
+        if mask_kind == "lengths":  # right padding; a length may be 0 (every row of that example fully masked)
+            lengths = draw(st.lists(st.integers(0, Tk), min_size=B, max_size=B))
+            key_mask = torch.arange(Tk)[None, :] < torch.tensor(lengths)[:, None]
+        elif mask_kind == "any":
+            bits = draw(st.lists(st.booleans(), min_size=B * Tk, max_size=B * Tk))
+            key_mask = torch.tensor(bits, dtype=torch.bool).reshape(B, Tk)
+        bias_shape = draw(st.sampled_from((None, (1, 1), (1, nh), (B, nh))))
+        bias = None
+        if bias_shape is not None:
+            bias = t(*bias_shape, Tq, Tk, seed=seed + 3)
+            if draw(st.booleans()):
+                bias[..., ::3] = -math.inf  # every third key masked out by the bias
+            bias.requires_grad_(draw(st.booleans()))
+        kw = dict(causal=draw(st.booleans()), bias=bias, attn_mask=None)
+        kind = draw(st.sampled_from((None, "at", "rp", "at_record", "rp_seeded")))
+        norm = draw(st.sampled_from(("example", "row")))
+        eps = draw(st.one_of(st.sampled_from((0.0, 1.0)), st.floats(0.0, 20.0)))
+        dropout_p = draw(st.sampled_from((0.0, 0.0, 0.3))) if dropout and kind in (None, "at", "rp") else 0.0
+        return dict(args=(q, k, v, key_mask), kw=kw, kind=kind, norm=norm, eps=eps, dropout_p=dropout_p,
+                    seed=seed)
+
+    return draw_case()
+
+
+def _outputs_and_gradients(out, args, kw, w):
+    grad_leaves = leaves(args, kw)
+    grads = torch.autograd.grad((out * w).sum(), grad_leaves, allow_unused=True)
+    return [out.detach()] + [torch.zeros_like(x) if g is None else g for g, x in zip(grads, grad_leaves)]
+
+
+def fuzz_vs_reference(case, backend, dropout_mask, rp_noise, atol=1e-9):
+    """One sa_cases() case: the backend's output and gradients (of <w, out>, or of L_clean + L_adv for
+    "at_record") against the reference's, fed the same G / noise / dropout mask."""
+    args, kw, kind, norm, eps, p = (case[k] for k in ("args", "kw", "kind", "norm", "eps", "dropout_p"))
+    q, k = args[0].detach(), args[1].detach()
+    if kind == "at_record":
+        w = t(*q.shape[:3], args[2].shape[3], seed=case["seed"] + 5)
+        out, got, _ = clean_then_adv(args, kw, backend, norm, w)
+        ref, want, _ = clean_then_adv(args, kw, "reference", norm, w)
+        got, want = [out.detach(), *got], [ref.detach(), *want]
+    else:
+        extra = dict(perturbation=kind, norm=norm, eps=eps)
+        ref_extra = dict(extra)
+        if kind == "at":
+            extra["grad"] = ref_extra["grad"] = t(*map_shape(args), seed=case["seed"] + 7)
+        elif kind == "rp":
+            extra["noise"] = ref_extra["noise"] = t(*map_shape(args), seed=case["seed"] + 8)
+        elif kind == "rp_seeded":
+            extra["perturbation"] = ref_extra["perturbation"] = "rp"
+            extra["generator"] = torch.Generator().manual_seed(case["seed"])
+            ref_extra["noise"] = rp_noise(q, k, drawn_seed(case["seed"]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(case["seed"])  # the dropout seed the fused call draws
+            out = fused_attn_at.perturbed_attention(*args, **kw, **extra, dropout_p=p, backend=backend)
+        if p > 0:
+            ref_extra["dropout_mask"] = dropout_mask(q, k, p, drawn_seed(case["seed"])).to(q.dtype)
+        ref = python_ref.perturbed_attention(*args, **kw, **ref_extra, dropout_p=p)
+        w = t(*out.shape, seed=case["seed"] + 9)
+        got, want = _outputs_and_gradients(out, args, kw, w), _outputs_and_gradients(ref, args, kw, w)
+    assert all(torch.isfinite(x).all() for x in got), f"{backend}: a non-finite output or gradient"
+    for name, a, b in zip(["out", "q", "k", "v", "bias"], got, want):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-8, msg=lambda m: f"{backend} {name}: {m}")

@@ -3,13 +3,15 @@ the reference with materialised maps (python_ref), in float64: values and gradie
 fully masked rows, causal, bias (broadcast, -inf entries, learnable), attn_mask, Tq != Tk, B = 1, odd sizes
 crossing the 64-query and 128-key block edges; the AT step through a CleanPassRecord (G recomputed from the clean
 pass's saved tensors) and through SelfAttentionAT; gradcheck with r held fixed; opcheck of every op;
-torch.compile(fullgraph=True); and a memory trace: at T = 2048 the AT step allocates nothing of B*nh*T*T."""
+torch.compile(fullgraph=True); a memory trace: at T = 2048 the AT step allocates nothing of B*nh*T*T; and
+hypothesis fuzzing (random sizes, layouts, masks, causal, bias, kinds, eps and dropout against the reference).""""""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings
 
 import fused_attn_at
 import python_ref
@@ -518,3 +520,13 @@ def test_dropout_float32_row_kernels_keep_the_masks_entries():
         ref = python_ref.perturbed_attention(q.double(), k.double(), v.double(), dropout_p=p,
                                              dropout_mask=mask.double())
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Property test (hypothesis): random calls against the reference
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(case=cases.sa_cases())
+def test_random_calls_match_reference(case):
+    cases.fuzz_vs_reference(case, "cpu", cpu_sa.dropout_mask, cpu_sa.rp_noise)

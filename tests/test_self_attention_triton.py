@@ -6,7 +6,8 @@ materialisation)/iAT (routed to the reference), with padding, a fully masked row
 entries, learnable), attn_mask, Tq != Tk, B = 1 and odd sizes crossing 16-query/16-key block edges; float32 under
 the tolerance rule and bfloat16/float16 under the ulp rule (tests/_helpers.py); gradcheck; opcheck of every op;
 torch.compile(fullgraph=True) with aot_eager; and a profiler trace of the AT-record path that allocates nothing of
-B*nh*Tq*Tk elements. The interpreter is slow: the shapes are small and the blocks 16 x 16."""
+B*nh*Tq*Tk elements; hypothesis fuzzing of random calls against the reference. The interpreter is slow: the
+shapes are small and the blocks 16 x 16.""""""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
 
 import fused_attn_at
 import python_ref
@@ -342,3 +344,13 @@ def test_dropout_opcheck_and_float32():
     mask = tsa.dropout_mask(q, k, 0.4, cases.drawn_seed(2)).double()
     ref = python_ref.perturbed_attention(q.double(), k.double(), v.double(), m, dropout_p=0.4, dropout_mask=mask)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Property test (hypothesis): random calls against the reference (few and small: the interpreter is slow)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, database=None)
+@given(case=cases.sa_cases(max_batch=2, max_heads=2, max_length=40, max_dim=6))
+def test_random_calls_match_reference(case):
+    cases.fuzz_vs_reference(case, "triton", tsa.dropout_mask, tsa.rp_noise)
