@@ -4,7 +4,7 @@ fully masked rows, causal, bias (broadcast, -inf entries, learnable), attn_mask,
 crossing the 64-query and 128-key block edges; the AT step through a CleanPassRecord (G recomputed from the clean
 pass's saved tensors) and through SelfAttentionAT; gradcheck with r held fixed; opcheck of every op;
 torch.compile(fullgraph=True); a memory trace: at T = 2048 the AT step allocates nothing of B*nh*T*T; and
-hypothesis fuzzing (random sizes, layouts, masks, causal, bias, kinds, eps and dropout against the reference).""""""
+hypothesis fuzzing (random sizes, layouts, masks, causal, bias, kinds, eps and dropout against the reference)."""
 from __future__ import annotations
 
 import math

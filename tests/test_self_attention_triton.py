@@ -7,7 +7,7 @@ entries, learnable), attn_mask, Tq != Tk, B = 1 and odd sizes crossing 16-query/
 the tolerance rule and bfloat16/float16 under the ulp rule (tests/_helpers.py); gradcheck; opcheck of every op;
 torch.compile(fullgraph=True) with aot_eager; and a profiler trace of the AT-record path that allocates nothing of
 B*nh*Tq*Tk elements; hypothesis fuzzing of random calls against the reference. The interpreter is slow: the
-shapes are small and the blocks 16 x 16.""""""
+shapes are small and the blocks 16 x 16."""
 from __future__ import annotations
 
 import math
