@@ -8,10 +8,11 @@ Backends: "reference" (materialised maps, `ops/reference_self_attention.py`), "c
 `ops/cpp_self_attention.py`, the default for CPU tensors when fused_attn_at._C has them) and "triton"
 (flash-attention-2 style Triton kernels, `ops/triton_self_attention.py`, the default for CUDA tensors when triton
 is importable; CPU tensors under TRITON_INTERPRET=1, as the tests run it). Both fused backends run the reference
-for iAT and return_attention=True (attention dropout is fused: the kernels hash or Philox their mask). A model whose attention calls this op can be trained with
+for return_attention=True; iAT materialises a few [B, nh, Tq, Tk] maps (S, G, its direction u) and then runs the
+kernels (attention dropout is fused: the kernels hash or Philox their mask). A model whose attention calls this op can be trained with
 `fused_attn_at.SelfAttentionAT` (one AT/iAT/RP step over chosen layers) without ever handling G: the helper
 gives each call of its clean pass a `CleanPassRecord`, which the backend fills with what the adversarial pass
-needs (the reference: G itself, and the clean scores for iAT), and passes the record back as `grad=`.
+needs (the reference: G itself, and the clean scores for iAT; the fused backends: what recomputes both), and passes the record back as `grad=`.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class CleanPassRecord:
     __slots__ = ("grad", "scores", "keep_scores", "backward_done", "shape", "fused")
 
     def __init__(self, keep_scores: bool = False):
-        self.keep_scores = keep_scores  # iAT needs the clean S, AT and RP do not
+        self.keep_scores = keep_scores  # iAT needs the clean S, AT and RP do not (the reference keeps it then)
         self.grad: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self.shape: tuple | None = None
@@ -70,6 +71,16 @@ class CleanPassRecord:
             raise RuntimeError("no gradient has reached the clean scores of this attention call: back-propagate the "
                                "clean loss (and mark_backward_done()) before the adversarial call")
         return torch.zeros(self.shape)
+
+    def clean_scores(self) -> torch.Tensor:
+        """The clean call's scores S [B, nh, Tq, Tk] (what iAT needs besides G): kept by the reference
+        (keep_scores=True), or recomputed from a fused backend's record (scale Q K^T + bias)."""
+        if self.scores is not None:
+            return self.scores
+        if self.fused is not None:
+            return self.fused.scores()
+        raise ValueError("perturbation='iat' with a CleanPassRecord needs the clean scores: with the reference "
+                         "backend create it with CleanPassRecord(keep_scores=True)")
 
     def mark_backward_done(self) -> None:
         self.backward_done = True
@@ -177,8 +188,9 @@ def perturbed_attention(
     perturbation: None; "at" / "iat" with grad = dL_clean/dS [B, nh, Tq, Tk] (or the CleanPassRecord of the
     same layer's clean call); "rp" with noise [B, nh, Tq, Tk] standard normal, or drawn from `generator`.
     r has norm eps per example over the layer's valid entries (norm="row": per example, head and query row)
-    and is a constant for autograd. iAT here materialises [B, B, ...]: above iat_max_bytes
-    (default $FUSED_ATTN_AT_IAT_MAX_BYTES, else 2 GiB) it raises MemoryError.
+    and is a constant for autograd. iAT materialises maps (the reference [B, B, nh*Tq*Tk] differences, the
+    fused backends a few [B, nh, Tq, Tk] maps and one chunk of differences): above iat_max_bytes (default
+    $FUSED_ATTN_AT_IAT_MAX_BYTES, else 2 GiB) it raises MemoryError.
     dropout_p: dropout of the attention probabilities (the caller decides; pass 0 in eval).
     record: a CleanPassRecord to fill during this (clean) call. layer: a name or module identifying the
     calling layer to fused_attn_at.SelfAttentionAT (ignored otherwise).
@@ -186,7 +198,7 @@ def perturbed_attention(
     Returns O [B, nh, Tq, dv], or SelfAttentionOutput(output, attention) with return_attention=True.
     backend: None (the best for the device: "cpu" for CPU tensors when built, "triton" for CUDA tensors when
     triton is importable, else "reference"), "cpu", "triton" (CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1) or "reference". The fused backends run the reference for iAT and return_attention=True;
+    TRITON_INTERPRET=1) or "reference". The fused backends run the reference for return_attention=True;
     their attention dropout draws its mask in the kernels from a seed drawn from the global generator (not
     torch.nn.functional.dropout's numbers; under torch.compile, dropout calls run the reference).
     """
@@ -217,9 +229,6 @@ def _perturbed_attention(q, k, v, key_mask=None, *, causal=False, bias=None, sca
                                 query_mask=query_mask, dropout_p=dropout_p, grad_is_tensor=not is_record)
     if record is not None and not isinstance(record, CleanPassRecord):
         raise TypeError(f"record must be a fused_attn_at.CleanPassRecord, got {type(record).__name__}")
-    if perturbation == "iat" and is_record and not grad.keep_scores:
-        raise ValueError("perturbation='iat' with a CleanPassRecord needs the clean scores: create it with "
-                         "CleanPassRecord(keep_scores=True)")
     out, attention = impl.perturbed_attention(
         q, k, v, key_mask, causal, bias, scale, perturbation, grad, noise, float(eps), norm, attn_mask, query_mask,
         float(dropout_p), generator, record, iat_max_bytes)

@@ -159,15 +159,15 @@ def check_dropout_mask(dropout_mask, dtype):
     return m
 
 
-def clean_then_adv(args, kw, backend, norm, clean_loss_w):
-    """Clean call with a record, backward of a clean loss, adversarial call with the record; returns (out_adv,
-    grads of L_clean + L_adv wrt the leaves, the record)."""
-    rec = fused_attn_at.CleanPassRecord()
+def clean_then_adv(args, kw, backend, norm, clean_loss_w, kind="at", eps=1.3):
+    """Clean call with a record, backward of a clean loss, adversarial call (`kind` "at" or "iat") with the record;
+    returns (out_adv, grads of L_clean + L_adv wrt the leaves, the record)."""
+    rec = fused_attn_at.CleanPassRecord(keep_scores=kind == "iat")
     clean = fused_attn_at.perturbed_attention(*args, **kw, record=rec, backend=backend)
     grad_leaves = leaves(args, kw)
     g_clean = torch.autograd.grad((clean * clean_loss_w).sum(), grad_leaves)
     rec.mark_backward_done()
-    adv = fused_attn_at.perturbed_attention(*args, **kw, perturbation="at", grad=rec, eps=1.3, norm=norm,
+    adv = fused_attn_at.perturbed_attention(*args, **kw, perturbation=kind, grad=rec, eps=eps, norm=norm,
                                             backend=backend)
     g_adv = torch.autograd.grad((adv * t(*adv.shape, seed=50)).sum(), grad_leaves)
     return adv, [a + b for a, b in zip(g_clean, g_adv)], rec
@@ -277,12 +277,16 @@ def check_errors_and_what_runs_the_reference(args, backend):
 # Hypothesis: random self-attention calls of a fused backend against the reference, float64
 
 
-def sa_cases(max_batch=3, max_heads=3, max_length=80, max_dim=9, dropout=True):
+FUZZ_KINDS = (None, "at", "rp", "at_record", "rp_seeded", "iat", "iat_record")
+
+
+def sa_cases(kind, max_batch=3, max_heads=3, max_length=80, max_dim=9, dropout=True):
     """A hypothesis strategy of dict(args=(q, k, v, key_mask), kw, kind, norm, eps, dropout_p): sizes (Tq != Tk
     allowed), q/k/v contiguous or heads split off a [B, T, nh, d] tensor (strided), a key mask (none, right padding
     with possibly empty examples, or any pattern), causal, a bias (none, broadcast or per example and head, with
-    -inf entries), score magnitudes 0.1-10, and kind None / "at" (a given G) / "rp" (given noise) / "at_record"
-    (G recomputed from a clean call's CleanPassRecord) / "rp_seeded" (the kernels' own noise)."""
+    -inf entries), score magnitudes 0.1-10, eps, norm and dropout, for `kind` (FUZZ_KINDS): None / "at" or "iat"
+    (a given G) / "rp" (given noise) / "at_record" or "iat_record" (G from a clean call's CleanPassRecord) /
+    "rp_seeded" (the kernels' own noise)."""
     from hypothesis import strategies as st
 
     @st.composite
@@ -318,10 +322,9 @@ def sa_cases(max_batch=3, max_heads=3, max_length=80, max_dim=9, dropout=True):
                 bias[..., ::3] = -math.inf  # every third key masked out by the bias
             bias.requires_grad_(draw(st.booleans()))
         kw = dict(causal=draw(st.booleans()), bias=bias, attn_mask=None)
-        kind = draw(st.sampled_from((None, "at", "rp", "at_record", "rp_seeded")))
         norm = draw(st.sampled_from(("example", "row")))
         eps = draw(st.one_of(st.sampled_from((0.0, 1.0)), st.floats(0.0, 20.0)))
-        dropout_p = draw(st.sampled_from((0.0, 0.0, 0.3))) if dropout and kind in (None, "at", "rp") else 0.0
+        dropout_p = draw(st.sampled_from((0.0, 0.0, 0.3))) if dropout and kind in (None, "at", "rp", "iat") else 0.0
         return dict(args=(q, k, v, key_mask), kw=kw, kind=kind, norm=norm, eps=eps, dropout_p=dropout_p,
                     seed=seed)
 
@@ -339,15 +342,18 @@ def fuzz_vs_reference(case, backend, dropout_mask, rp_noise, atol=1e-9):
     "at_record") against the reference's, fed the same G / noise / dropout mask."""
     args, kw, kind, norm, eps, p = (case[k] for k in ("args", "kw", "kind", "norm", "eps", "dropout_p"))
     q, k = args[0].detach(), args[1].detach()
-    if kind == "at_record":
+    if kind in ("at_record", "iat_record"):
         w = t(*q.shape[:3], args[2].shape[3], seed=case["seed"] + 5)
-        out, got, _ = clean_then_adv(args, kw, backend, norm, w)
-        ref, want, _ = clean_then_adv(args, kw, "reference", norm, w)
+        kind = kind.split("_")[0]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "iAT perturbation with a batch of one")  # r = 0: still compared
+            out, got, _ = clean_then_adv(args, kw, backend, norm, w, kind, eps)
+            ref, want, _ = clean_then_adv(args, kw, "reference", norm, w, kind, eps)
         got, want = [out.detach(), *got], [ref.detach(), *want]
     else:
         extra = dict(perturbation=kind, norm=norm, eps=eps)
         ref_extra = dict(extra)
-        if kind == "at":
+        if kind in ("at", "iat"):
             extra["grad"] = ref_extra["grad"] = t(*map_shape(args), seed=case["seed"] + 7)
         elif kind == "rp":
             extra["noise"] = ref_extra["noise"] = t(*map_shape(args), seed=case["seed"] + 8)
@@ -355,12 +361,13 @@ def fuzz_vs_reference(case, backend, dropout_mask, rp_noise, atol=1e-9):
             extra["perturbation"] = ref_extra["perturbation"] = "rp"
             extra["generator"] = torch.Generator().manual_seed(case["seed"])
             ref_extra["noise"] = rp_noise(q, k, drawn_seed(case["seed"]))
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "iAT perturbation with a batch of one")  # r = 0: still compared
             torch.manual_seed(case["seed"])  # the dropout seed the fused call draws
             out = fused_attn_at.perturbed_attention(*args, **kw, **extra, dropout_p=p, backend=backend)
-        if p > 0:
-            ref_extra["dropout_mask"] = dropout_mask(q, k, p, drawn_seed(case["seed"])).to(q.dtype)
-        ref = python_ref.perturbed_attention(*args, **kw, **ref_extra, dropout_p=p)
+            if p > 0:
+                ref_extra["dropout_mask"] = dropout_mask(q, k, p, drawn_seed(case["seed"])).to(q.dtype)
+            ref = python_ref.perturbed_attention(*args, **kw, **ref_extra, dropout_p=p)
         w = t(*out.shape, seed=case["seed"] + 9)
         got, want = _outputs_and_gradients(out, args, kw, w), _outputs_and_gradients(ref, args, kw, w)
     assert all(torch.isfinite(x).all() for x in got), f"{backend}: a non-finite output or gradient"

@@ -53,7 +53,7 @@ def _compare(out, ref, args, kw, atol=1e-10):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("kind,norm", [(None, "example"), ("at", "example"), ("at", "row"), ("rp", "example"),
-                                       ("rp", "row"), ("iat", "example")])
+                                       ("rp", "row"), ("iat", "example"), ("iat", "row")])
 def test_values_and_gradients_vs_reference(name, kind, norm):
     args, kw = make_case(name)
     if kind == "iat" and args[0].shape[0] == 1:  # no other example: r = 0, said by a warning (kernel and reference)
@@ -453,6 +453,38 @@ def test_memory_at_step_allocates_no_map(perturbation):
         assert allocated >= map_numel * 4 and numel >= map_numel
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+@pytest.mark.parametrize("norm", ["example", "row"])
+def test_iat_in_chunks_of_examples_matches_reference(monkeypatch, chunk, norm):
+    """The differences D_ij formed for `chunk` examples i at a time (5 = 2 + 2 + 1: a short last chunk)."""
+    from fused_attn_at.ops import self_attention_iat
+
+    B, nh, T, d = 5, 2, 9, 4
+    monkeypatch.setattr(self_attention_iat, "CHUNK_BYTES", chunk * B * nh * T * T * 8)
+    q, k, v = (_t(B, nh, T, d, seed=s, grad=True) for s in (1, 2, 3))
+    key_mask = torch.arange(T)[None, :] < torch.tensor([9, 7, 0, 9, 3])[:, None]  # example 2 fully masked
+    grad = _t(B, nh, T, T, seed=4)
+    out = fused_attn_at.perturbed_attention(q, k, v, key_mask, perturbation="iat", grad=grad, eps=2.0, norm=norm,
+                                            backend="cpu")
+    ref = python_ref.perturbed_attention(q, k, v, key_mask, perturbation="iat", grad=grad, eps=2.0, norm=norm)
+    _compare(out, ref, ((q, k, v, key_mask)), dict(bias=None))
+    assert (out - python_ref.perturbed_attention(q, k, v, key_mask)).abs().max() > 1e-3  # r is not zero
+
+
+def test_memory_iat_step_holds_maps_not_batch_squared_differences(monkeypatch):
+    """iAT on the cpu backend materialises a few [B, nh, T, T] maps (S, G, u) and the differences of a chunk of
+    examples at a time (here one: CHUNK_BYTES below one map), never the reference's [B, B, nh*T*T]."""
+    from fused_attn_at.ops import self_attention_iat
+
+    B, T, D, nh = 4, 256, 16, 1
+    map_bytes = B * nh * T * T * 4
+    monkeypatch.setattr(self_attention_iat, "CHUNK_BYTES", 1)
+    allocated, _ = _largest_tensors("cpu", "iat", B, T, D, nh)
+    assert allocated <= map_bytes, f"an op allocated {allocated} bytes (one map is {map_bytes})"
+    allocated, _ = _largest_tensors("reference", "iat", B, T, D, nh)  # the measurement sees the differences
+    assert allocated >= B * map_bytes
+
+
 # ------------------------------------------------------------------------------------------ fused dropout
 
 def test_dropout_mask_is_seeded_and_has_the_dropout_distribution():
@@ -526,7 +558,11 @@ def test_dropout_float32_row_kernels_keep_the_masks_entries():
 # Property test (hypothesis): random calls against the reference
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None)
-@given(case=cases.sa_cases())
-def test_random_calls_match_reference(case):
-    cases.fuzz_vs_reference(case, "cpu", cpu_sa.dropout_mask, cpu_sa.rp_noise)
+@pytest.mark.parametrize("kind", cases.FUZZ_KINDS)
+def test_random_calls_match_reference(kind):
+    @settings(max_examples=12, deadline=None, derandomize=True, database=None)
+    @given(case=cases.sa_cases(kind))
+    def check(case):
+        cases.fuzz_vs_reference(case, "cpu", cpu_sa.dropout_mask, cpu_sa.rp_noise)
+
+    check()

@@ -27,9 +27,11 @@ sa_fwd's derivative (sa_bwd) is registered with torch.library.register_autograd;
 the record (and drops O from it). sa_bwd's `out` may also be rowsum(dout * out) [B, nh, Tq].
 Kernels compute in float32 (float16/bfloat16/float32 inputs) or float64.
 
-What this backend hands to the reference (materialised maps, python_ref): iAT (its O(B^2 nh Tq Tk) work and the
-[B, B, ...] differences; the existing memory limit FUSED_ATTN_AT_IAT_MAX_BYTES / iat_max_bytes applies) and
-return_attention=True (the map is the result).
+iAT materialises maps (self_attention_iat.py: the clean S and G, recomputed from a fused record, and u, formed
+from the differences of a chunk of examples at a time; O(B^2 nh Tq Tk) work, a few [B, nh, Tq, Tk] maps, never
+[B, B, ...]; FUSED_ATTN_AT_IAT_MAX_BYTES / iat_max_bytes bounds them) and then runs the kernels as AT with G := u.
+What this backend hands to the reference (materialised maps, python_ref): return_attention=True (the map is the
+result), and under torch.compile dropout and RP without noise= (a kernel seed would be a traced host value).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from python_ref.self_attention import self_attention_perturbation  # noqa: F401 
 
 from . import cpp
 from . import reference_self_attention as _reference
+from .self_attention_iat import iat_direction
 
 KIND_NONE, KIND_DENSE, KIND_HASH, KIND_CLEAN = 0, 1, 2, 3
 _OPS = ("sa_fwd", "sa_bwd", "sa_rowsq", "sa_rp_noise", "sa_dropout_mask")
@@ -204,6 +207,11 @@ class FusedCleanPass:
         if same:
             self.q, self.k, self.v = q, k, v
 
+    def scores(self) -> torch.Tensor:
+        """The clean scores S = scale Q K^T + bias [B, nh, Tq, Tk] materialised (iAT's other input)."""
+        with torch.no_grad():
+            return _scores(self.q, self.k, self.bias, self.scale)
+
     def grad_map(self) -> torch.Tensor:
         """G [B, nh, Tq, Tk] materialised (for a consumer that wants the map: the reference backend)."""
         with torch.no_grad():
@@ -326,7 +334,7 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
     # under torch.compile a kernel seed would be a traced .item(): dropout, and RP's noise when none is given, are
     # torch's there, in the reference
     traced_seed = torch.compiler.is_compiling() and (dropout_p > 0 or (kind == "rp" and noise is None))
-    if kind == "iat" or traced_seed or (record is not None and record.keep_scores):
+    if traced_seed:
         return _reference.perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm,
                                               attn_mask, query_mask, dropout_p, generator, record, iat_max_bytes)
     impl.require()
@@ -379,6 +387,9 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
                 raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(g.shape)}; this call's scores "
                                  f"are {(B, H, Tq, Tk)}: pass the record of the same layer's clean call")
             dense = g.detach().to(device=q.device, dtype=acc)
+    elif kind == "iat":  # u from S and G (a few maps, no [B, B, ...]), then normalised as AT normalises G
+        dense = _iat_direction(q, k, key_mask, causal, b, scale, attn_mask, query_mask, grad, norm, iat_max_bytes,
+                               (B, H, Tq, Tk))
     elif kind == "rp":
         if noise is not None:
             dense = noise.detach().to(acc)
@@ -386,7 +397,7 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
             pkind, seed = KIND_HASH, _draw_seed(generator)
             rows = impl.sa_rowsq(qc.detach(), kc.detach(), km, bd, causal, None, seed)
     if dense is not None:
-        _check_dense_finite("grad" if kind == "at" else "noise", dense, qc.detach(), kc.detach(), km, causal, bd,
+        _check_dense_finite("noise" if kind == "rp" else "grad", dense, qc.detach(), kc.detach(), km, causal, bd,
                             query_mask)
         pkind = KIND_DENSE
         rows = impl.sa_rowsq(qc.detach(), kc.detach(), km, bd, causal, dense, 0)
@@ -397,6 +408,27 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
     out, _ = impl.sa_fwd(qc, kc, vc, km, b, causal, scale, pkind, coef, dense, seed, *clean, *dropout,
                          *clean_dropout)
     return out.to(q.dtype), None
+
+
+def _iat_direction(q, k, key_mask, causal, bias, scale, attn_mask, query_mask, grad, norm, iat_max_bytes, shape):
+    """iAT's u [B, nh, Tq, Tk] in the accumulation dtype: from this call's scores and a given G, or from the clean
+    scores and G of a CleanPassRecord (materialised from a fused record: S = scale Q K^T + bias, G block formula)."""
+    if isinstance(grad, torch.Tensor):
+        g, scores = grad, None
+    else:
+        g, scores = grad.gradient(), grad.clean_scores()
+    for name, x in (("grad", g), ("scores", scores)):
+        if x is not None and tuple(x.shape) != shape:
+            raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(x.shape)}; this call's scores "
+                             f"are {shape}: pass the record of the same layer's clean call")
+    with torch.no_grad():
+        if scores is None:
+            scores = _scores(q.detach(), k.detach(), None if bias is None else bias.detach(), scale)
+        _, valid = self_attention_masks(q, k, key_mask, causal=causal, attn_mask=attn_mask, query_mask=query_mask,
+                                        bias=bias)
+        _check_finite_at("grad", g, valid)
+        return iat_direction(scores.to(q.device), g.to(q.device), valid, norm, iat_max_bytes).to(
+            _compute_dtype(q.dtype))
 
 
 _CPU = FusedBackend("cpu", lambda *a: _ops.sa_fwd(*a), lambda *a: _ops.sa_rowsq(*a),

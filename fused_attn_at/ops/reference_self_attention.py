@@ -28,7 +28,7 @@ def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, nois
         clean_scores = s.detach()
         if kind != "rp" and not isinstance(grad, torch.Tensor):  # a CleanPassRecord
             if kind == "iat":
-                clean_scores = grad.scores
+                clean_scores = grad.clean_scores()
             g = grad.gradient()
             if tuple(g.shape) != tuple(s.shape) or (kind == "iat" and tuple(clean_scores.shape) != tuple(s.shape)):
                 raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(g.shape)}; this call's scores "

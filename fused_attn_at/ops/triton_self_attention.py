@@ -32,8 +32,10 @@ passes, which already are maps). Scores and softmax statistics are float32 for f
 Attention dropout (dropout_p > 0) is fused: each kernel regenerates the keep mask of its block from the dropout
 seed by Philox (P M / (1 - p) reaches O and dV, dP is masked the same way); kind 3 recomputes the clean pass's
 G with the clean call's mask (cdropout_p, cdropout_seed). sa_dropout_mask(q, k, p, seed) materialises the
-multipliers (for tests). What this backend hands to the reference (python_ref, materialised maps), as the cpu
-backend does: iAT and return_attention=True (the last in fused_attn_at.self_attention). Without a GPU the kernels
+multipliers (for tests). iAT materialises S, G and its direction u (a few maps, as
+the cpu backend does: ops/self_attention_iat.py) and runs the kernels as AT with G := u. What this backend hands to
+the reference (python_ref, materialised maps), as the cpu backend does: return_attention=True (in
+fused_attn_at.self_attention). Without a GPU the kernels
 run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported), which is how the
 tests run them; the ops are then opaque custom ops whose fake implementation is the launcher (see
 triton_attention_pool._define_op).
