@@ -231,9 +231,10 @@ def op_args(ops, nh, kind, dtype=F64):
 
 
 def compiled_and_eager(args, kw, kind, backend, compile_backend="inductor"):
-    """(torch.compile(fullgraph=True)'s output, eager's) of a causal call with a bias, clean or AT (norm="row")."""
+    """(torch.compile(fullgraph=True)'s output, eager's) of a causal call with a bias, clean or AT/iAT (a given G,
+    norm="row")."""
     torch._dynamo.reset()
-    extra = {} if kind is None else dict(perturbation="at", grad=t(*map_shape(args), seed=5), norm="row")
+    extra = {} if kind is None else dict(perturbation=kind, grad=t(*map_shape(args), seed=5), norm="row")
 
     def f(q, k, v, key_mask, bias):
         return fused_attn_at.perturbed_attention(q, k, v, key_mask, causal=True, bias=bias, backend=backend,

@@ -377,7 +377,7 @@ def test_opcheck_sa_bwd_rowsq_noise(kind):
     torch.library.opcheck(torch.ops.fused_attn_at.sa_rp_noise, (q, k, 9))
 
 
-@pytest.mark.parametrize("kind", [None, "at"])
+@pytest.mark.parametrize("kind", [None, "at", "iat"])
 def test_compile_fullgraph_matches_eager(kind):
     args, kw = make_case("causal_bias")
     out, ref = cases.compiled_and_eager(args, kw, kind, "cpu")

@@ -268,7 +268,7 @@ def test_opcheck(kind):
         torch.library.opcheck(ops.sa_rp_noise, (q, k, 9), test_utils=OPCHECK_UTILS)
 
 
-@pytest.mark.parametrize("kind", [None, "at"])
+@pytest.mark.parametrize("kind", [None, "at", "iat"])
 def test_compile_fullgraph_matches_eager(kind):
     args, kw = make_case("causal_bias")
     out, ref = cases.compiled_and_eager(args, kw, kind, "triton", compile_backend="aot_eager")
