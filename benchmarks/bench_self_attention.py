@@ -19,8 +19,12 @@
         vanilla-reference  as vanilla-cpu on the reference backend (maps materialised)
         at-reference       as at-cpu on the reference backend: what an eager materialised implementation keeps
         at-cpu-dropout     at-cpu with attention dropout 0.1 (a BERT's; the kernels hash the mask)
-        at-reference-dropout  at-reference with attention dropout 0.1 (what the cpu backend ran before it fused
-                           dropout, and what the triton backend still runs)
+        at-reference-dropout  at-reference with attention dropout 0.1 (what the fused backends ran before they
+                           fused dropout)
+        iat-cpu            SelfAttentionAT(model, "iat") on the cpu backend: S, G and iAT's direction u
+                           materialised as [B,nh,T,T] maps (differences formed a chunk of examples at a time),
+                           then the AT kernels
+        iat-reference      as iat-cpu on the reference backend ([B,B,nh*T*T] differences)
     Time: pytest-benchmark rounds in this process. Peak memory: a fresh subprocess per variant (`--memory-worker`)
     builds the model, runs one warm-up step at T=16 (Adam's state, thread pools, lazy library set-up), then
     reads its peak resident set (VmHWM in /proc/self/status; getrusage's ru_maxrss elsewhere) before and after
@@ -63,6 +67,9 @@ STEP_VARIANTS = {
     # a BERT trains with attention dropout 0.1: fused in the cpu kernels, materialised by the reference
     "at-cpu-dropout": "SelfAttentionAT('at') step, cpu backend, attention dropout 0.1 (mask hashed in the kernels)",
     "at-reference-dropout": "SelfAttentionAT('at') step, reference backend, attention dropout 0.1",
+    # iAT is not fused: S, G and its direction u are maps; the reference also forms [B, B, ...] differences
+    "iat-cpu": "SelfAttentionAT('iat') step, cpu backend (S, G, u materialised, then the AT kernels)",
+    "iat-reference": "SelfAttentionAT('iat') step, reference backend ([B,B,nh*T*T] differences)",
 }
 ATTENTION_DROPOUT = 0.1
 
@@ -202,7 +209,7 @@ def make_step(variant: str, B, T, dim, heads, ff, seed=0):
                        dropout=ATTENTION_DROPOUT if "dropout" in extra else 0.0)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    at = fused_attn_at.SelfAttentionAT(model, "at", eps=1.0, lam=1.0) if kind == "at" else None
+    at = fused_attn_at.SelfAttentionAT(model, kind, eps=1.0, lam=1.0) if kind in ("at", "iat") else None
 
     def step(ids, mask, y):
         optimizer.zero_grad(set_to_none=True)
@@ -277,11 +284,12 @@ def test_sa_step(benchmark, sa_variant, bench_settings, roofline):
     B, T = dims["B"], dims["T"]
     step, model = make_step(sa_variant, **dims)
     batch = step_batch(B, T)
-    if sa_variant == "at-reference" and not _cpu_reason():
-        # the two AT steps compute the same loss from the same start (untimed; tests/ checks the gradients)
-        cpu_step, _ = make_step("at-cpu", **dims)
+    if sa_variant in ("at-reference", "iat-reference") and not _cpu_reason():
+        # the two steps compute the same loss from the same start (untimed; tests/ checks the gradients)
+        cpu_variant = sa_variant.replace("reference", "cpu")
+        cpu_step, _ = make_step(cpu_variant, **dims)
         a, b = float(step(*batch)), float(cpu_step(*batch))
-        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), f"at-reference loss {a} != at-cpu loss {b}"
+        assert math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5), f"{sa_variant} loss {a} != {cpu_variant} loss {b}"
 
     benchmark.group = (f"2-layer Transformer classifier step (cpu, float32, B={B} T={T} d_model={dims['dim']} "
                        f"heads={dims['heads']} ff={dims['ff']})")
