@@ -399,6 +399,19 @@ def _sa_outputs(fn, inputs: dict) -> list:
     return [out.detach()] + list(torch.autograd.grad(out, (inputs["q"], inputs["k"], inputs["v"]), inputs["dout"]))
 
 
+def _sa_reference_error(got: list, inputs: dict, **kwargs) -> float:
+    """The largest relative error of `got` (O, dq, dk, dv of a fused call) against python_ref.perturbed_attention
+    (q, k, v, **kwargs) in float32 with the same dO."""
+    import torch
+
+    import python_ref
+
+    q32, k32, v32 = (inputs[n].detach().float().requires_grad_(True) for n in ("q", "k", "v"))
+    ref = python_ref.perturbed_attention(q32, k32, v32, **kwargs)
+    want = [ref.detach()] + list(torch.autograd.grad(ref, (q32, k32, v32), inputs["dout"].float()))
+    return max(benchlib.relative_error(a, b) for a, b in zip(got, want))
+
+
 # the fused backends' modules, whose dropout_mask materialises the mask their kernels draw
 SA_DROPOUT_MASKS = {"cpu": "cpp_self_attention", "triton": "triton_self_attention"}
 
@@ -412,7 +425,6 @@ def _sa_dropout_error(args, inputs: dict) -> float:
     import torch
 
     import fused_attn_at
-    import python_ref
     from fused_attn_at.ops.cpp_self_attention import _draw_seed
 
     dropout_mask = importlib.import_module(f"fused_attn_at.ops.{SA_DROPOUT_MASKS[args.sa_backend]}").dropout_mask
@@ -421,21 +433,14 @@ def _sa_dropout_error(args, inputs: dict) -> float:
                                                                 backend=args.sa_backend), inputs)
     torch.manual_seed(5)
     seed = _draw_seed(None)  # the call's first draw: its dropout seed
-    q32, k32, v32 = (inputs[n].detach().float().requires_grad_(True) for n in ("q", "k", "v"))
-    mask = dropout_mask(q32.detach(), k32.detach(), 0.1, seed).float()
-    ref = python_ref.perturbed_attention(q32, k32, v32, dropout_p=0.1, dropout_mask=mask)
-    want = [ref.detach()] + list(torch.autograd.grad(ref, (q32, k32, v32), inputs["dout"].float()))
-    return max(benchlib.relative_error(a, b) for a, b in zip(got, want))
+    mask = dropout_mask(inputs["q"].detach().float(), inputs["k"].detach().float(), 0.1, seed).float()
+    return _sa_reference_error(got, inputs, dropout_p=0.1, dropout_mask=mask)
 
 
 def check_self_attention(args, T: int) -> dict:
     """The numerical check at T: the fused backend (no perturbation) vs SDPA, and with a dense-G AT perturbation
     and with attention dropout vs python_ref in float32; each of O, dq, dk, dv within SA_CHECK_RTOL of
     max |reference|."""
-    import torch
-
-    import python_ref
-
     B = args.sa_batch or min(4, max(1, 16384 // T))
     inputs = _sa_inputs(args, B, T, seed=2)
     fns = _sa_functions(args, inputs, B, T)
@@ -444,11 +449,8 @@ def check_self_attention(args, T: int) -> dict:
     got, want = _sa_outputs(fns["fused"], inputs), _sa_outputs(fns["sdpa"], inputs)
     errors["none_vs_sdpa"] = max(benchlib.relative_error(a, b) for a, b in zip(got, want))
     if "fused_at" in fns:
-        q32, k32, v32 = (inputs[n].detach().float().requires_grad_(True) for n in ("q", "k", "v"))
-        ref = python_ref.perturbed_attention(q32, k32, v32, perturbation="at", grad=inputs["grad"], eps=1.0)
-        want = [ref.detach()] + list(torch.autograd.grad(ref, (q32, k32, v32), inputs["dout"].float()))
-        got = _sa_outputs(fns["fused_at"], inputs)
-        errors["at_vs_reference"] = max(benchlib.relative_error(a, b) for a, b in zip(got, want))
+        errors["at_vs_reference"] = _sa_reference_error(_sa_outputs(fns["fused_at"], inputs), inputs,
+                                                        perturbation="at", grad=inputs["grad"], eps=1.0)
         if args.sa_backend in SA_DROPOUT_MASKS:  # the reference's dropout is torch's draw: nothing to feed it
             errors["dropout_vs_reference"] = _sa_dropout_error(args, inputs)
     del inputs, fns
