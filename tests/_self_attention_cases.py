@@ -374,3 +374,17 @@ def fuzz_vs_reference(case, backend, dropout_mask, rp_noise, atol=1e-9):
     assert all(torch.isfinite(x).all() for x in got), f"{backend}: a non-finite output or gradient"
     for name, a, b in zip(["out", "q", "k", "v", "bias"], got, want):
         torch.testing.assert_close(a, b, atol=atol, rtol=1e-8, msg=lambda m: f"{backend} {name}: {m}")
+
+
+def check_not_differentiable(ops, test_utils=None):
+    """sa_rowsq, sa_rp_noise and sa_dropout_mask of the namespace `ops` with q, k (and the dense tensor) that
+    require grad: outputs that do not require grad, and opcheck's autograd registration test passes."""
+    q, k = t(2, 2, 5, 3, seed=1, grad=True), t(2, 2, 7, 3, seed=2, grad=True)
+    dense = t(2, 2, 5, 7, seed=3, grad=True)
+    calls = {ops.sa_rowsq: (q, k, None, None, False, dense, 0), ops.sa_rp_noise: (q, k, 9),
+             ops.sa_dropout_mask: (q, k, 0.3, 9)}
+    for op, args in calls.items():
+        out = op(*args)
+        assert not out.requires_grad, f"{op}: the output requires grad"
+        kwargs = {} if test_utils is None else dict(test_utils=test_utils)
+        torch.library.opcheck(op, args, **kwargs)

@@ -566,3 +566,7 @@ def test_random_calls_match_reference(kind):
         cases.fuzz_vs_reference(case, "cpu", cpu_sa.dropout_mask, cpu_sa.rp_noise)
 
     check()
+
+
+def test_mask_noise_and_rowsq_ops_are_not_differentiable():
+    cases.check_not_differentiable(torch.ops.fused_attn_at)

@@ -358,3 +358,7 @@ def test_random_calls_match_reference(kind):
         cases.fuzz_vs_reference(case, "triton", tsa.dropout_mask, tsa.rp_noise)
 
     check()
+
+
+def test_mask_noise_and_rowsq_ops_are_not_differentiable():
+    cases.check_not_differentiable(torch.ops.fused_attn_at_triton, OPCHECK_UTILS)

@@ -103,6 +103,19 @@ def sa_fwd_autograd(sa_bwd) -> tuple:
     return backward, setup_context
 
 
+def register_not_differentiable(op) -> None:
+    """Autograd of an op whose output carries no gradient (sa_rowsq's row sums of a constant perturbation, the
+    materialised noise and dropout mask): the output is marked non-differentiable, so a q that requires grad
+    neither makes it require grad nor reaches torch's "autograd kernel was not registered" fallback."""
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output)
+
+    def backward(ctx, grad):  # never runs: the output is not differentiable
+        raise RuntimeError(f"{op} has no derivative")
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 if AVAILABLE:
     _ops = torch.ops.fused_attn_at
 
@@ -133,6 +146,8 @@ if AVAILABLE:
 
     _sa_fwd_backward, _sa_fwd_setup = sa_fwd_autograd(lambda *a: _ops.sa_bwd(*a))
     torch.library.register_autograd("fused_attn_at::sa_fwd", _sa_fwd_backward, setup_context=_sa_fwd_setup)
+    for _name in ("sa_rowsq", "sa_rp_noise", "sa_dropout_mask"):
+        register_not_differentiable(f"fused_attn_at::{_name}")
 
 
 def _require() -> None:
