@@ -72,6 +72,10 @@ class CleanPassRecord:
                                "clean loss (and mark_backward_done()) before the adversarial call")
         return torch.zeros(self.shape)
 
+    def has_gradient(self) -> bool:
+        """Whether the clean backward reached this call's scores (if not, G = 0 and r = 0)."""
+        return self.grad is not None or (self.fused is not None and self.fused.dout is not None)
+
     def clean_scores(self) -> torch.Tensor:
         """The clean call's scores S [B, nh, Tq, Tk] (what iAT needs besides G): kept by the reference
         (keep_scores=True), or recomputed from a fused backend's record (scale Q K^T + bias)."""

@@ -570,3 +570,57 @@ def test_random_calls_match_reference(kind):
 
 def test_mask_noise_and_rowsq_ops_are_not_differentiable():
     cases.check_not_differentiable(torch.ops.fused_attn_at)
+
+
+# ------------------------------------------------------------------------------------------ iAT through records
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("clean_backend,adv_backend", [("cpu", "reference"), ("reference", "cpu"), ("cpu", "cpu")])
+def test_iat_record_across_backends_in_half_precision(dtype, clean_backend, adv_backend):
+    """A record filled by one backend serves the other's iAT call (the fused record's S is float32: the reference
+    casts it to the call's dtype); all pairs give the fp64 reference's values within half precision."""
+    args, kw = make_case("padding")
+    w = _t(*args[0].shape[:3], args[2].shape[3], seed=31)
+    ref, _, _ = cases.clean_then_adv(args, kw, "reference", "example", w, "iat", eps=8.0)
+    low = tuple(x.detach().to(dtype).requires_grad_(True) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                else x for x in args)
+    rec = fused_attn_at.CleanPassRecord(keep_scores=True)
+    clean = fused_attn_at.perturbed_attention(*low, **kw, record=rec, backend=clean_backend)
+    (clean.double() * w).sum().backward()
+    rec.mark_backward_done()
+    adv = fused_attn_at.perturbed_attention(*low, **kw, perturbation="iat", grad=rec, eps=8.0, backend=adv_backend)
+    assert adv.dtype == dtype
+    torch.testing.assert_close(adv.double(), ref.detach(), atol=3e-2, rtol=3e-2)
+    assert (ref - python_ref.perturbed_attention(*args, **kw)).abs().max() > 0.1  # r matters at this tolerance
+
+
+@pytest.mark.parametrize("clean_backend,adv_backend", [("cpu", "cpu"), ("cpu", "reference"), ("reference", "cpu"),
+                                                       ("reference", "reference")])
+def test_iat_record_of_a_call_the_clean_loss_does_not_reach_gives_r_zero(clean_backend, adv_backend):
+    """A frozen layer (no input requires grad) or one the clean loss does not use: G = 0, so r = 0 and the
+    adversarial call returns the clean output, as AT does (no request for the clean scores)."""
+    args, kw = make_case("padding")
+    frozen = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in args)
+    rec = fused_attn_at.CleanPassRecord(keep_scores=True)
+    fused_attn_at.perturbed_attention(*frozen, **kw, record=rec, backend=clean_backend)
+    rec.mark_backward_done()
+    adv = fused_attn_at.perturbed_attention(*frozen, **kw, perturbation="iat", grad=rec, backend=adv_backend)
+    torch.testing.assert_close(adv, fused_attn_at.perturbed_attention(*frozen, **kw, backend="reference"),
+                               atol=1e-12, rtol=1e-10)
+
+
+def test_iat_memory_limit_is_checked_before_any_map(monkeypatch):
+    args, kw = make_case("padding")
+    w = _t(*args[0].shape[:3], args[2].shape[3], seed=31)
+    rec = fused_attn_at.CleanPassRecord(keep_scores=True)
+    (fused_attn_at.perturbed_attention(*args, **kw, record=rec, backend="cpu") * w).sum().backward()
+    rec.mark_backward_done()
+
+    def materialises(self):
+        raise AssertionError("a map was materialised before the memory check")
+
+    monkeypatch.setattr(cpu_sa.FusedCleanPass, "grad_map", materialises)
+    monkeypatch.setattr(cpu_sa.FusedCleanPass, "scores", materialises)
+    with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):
+        fused_attn_at.perturbed_attention(*args, **kw, perturbation="iat", grad=rec, backend="cpu", iat_max_bytes=1)

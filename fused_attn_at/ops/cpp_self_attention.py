@@ -46,7 +46,7 @@ from python_ref.self_attention import self_attention_perturbation  # noqa: F401 
 
 from . import cpp
 from . import reference_self_attention as _reference
-from .self_attention_iat import iat_direction
+from .self_attention_iat import check_iat_memory, iat_direction
 
 KIND_NONE, KIND_DENSE, KIND_HASH, KIND_CLEAN = 0, 1, 2, 3
 _OPS = ("sa_fwd", "sa_bwd", "sa_rowsq", "sa_rp_noise", "sa_dropout_mask")
@@ -428,22 +428,29 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
 def _iat_direction(q, k, key_mask, causal, bias, scale, attn_mask, query_mask, grad, norm, iat_max_bytes, shape):
     """iAT's u [B, nh, Tq, Tk] in the accumulation dtype: from this call's scores and a given G, or from the clean
     scores and G of a CleanPassRecord (materialised from a fused record: S = scale Q K^T + bias, G block formula)."""
-    if isinstance(grad, torch.Tensor):
-        g, scores = grad, None
-    else:
-        g, scores = grad.gradient(), grad.clean_scores()
-    for name, x in (("grad", g), ("scores", scores)):
-        if x is not None and tuple(x.shape) != shape:
-            raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(x.shape)}; this call's scores "
-                             f"are {shape}: pass the record of the same layer's clean call")
+    acc = _compute_dtype(q.dtype)
+    is_record = not isinstance(grad, torch.Tensor)
+    if is_record and grad.shape is not None and tuple(grad.shape) != shape:
+        raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(grad.shape)}; this call's scores are "
+                         f"{shape}: pass the record of the same layer's clean call")
+    # before any map exists; a fused record's G is recomputed through a few more maps (S, P, dP)
+    check_iat_memory(shape, acc, iat_max_bytes, extra_maps=3 if is_record else 0)
     with torch.no_grad():
-        if scores is None:
-            scores = _scores(q.detach(), k.detach(), None if bias is None else bias.detach(), scale)
+        if is_record:
+            g = grad.gradient()  # raises when the clean backward has not run
+            if not grad.has_gradient():  # the clean loss did not reach this call: G = 0, so u = 0 and r = 0
+                return torch.zeros(shape, dtype=acc, device=q.device)
+            scores = grad.clean_scores()
+        else:
+            g, scores = grad, _scores(q.detach(), k.detach(), None if bias is None else bias.detach(), scale)
+        g = g.to(q.device)
+        if tuple(g.shape) != shape:
+            raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(g.shape)}; this call's scores are "
+                             f"{shape}: pass the record of the same layer's clean call")
         _, valid = self_attention_masks(q, k, key_mask, causal=causal, attn_mask=attn_mask, query_mask=query_mask,
                                         bias=bias)
         _check_finite_at("grad", g, valid)
-        return iat_direction(scores.to(q.device), g.to(q.device), valid, norm, iat_max_bytes).to(
-            _compute_dtype(q.dtype))
+        return iat_direction(scores.to(q.device), g, valid, norm, iat_max_bytes).to(acc)
 
 
 _CPU = FusedBackend("cpu", lambda *a: _ops.sa_fwd(*a), lambda *a: _ops.sa_rowsq(*a),

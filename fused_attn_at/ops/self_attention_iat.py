@@ -11,6 +11,7 @@ caller normalises it as AT normalises G (the same norm over the same valid entri
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -23,24 +24,32 @@ from python_ref.self_attention import IAT_MAX_BYTES_ENV, _units, iat_max_bytes
 CHUNK_BYTES = 64 * 2**20
 
 
-def iat_direction(scores: torch.Tensor, grad: torch.Tensor, valid: torch.Tensor, norm: str,
-                  max_bytes: int | None = None) -> torch.Tensor:
-    """u [B, nh, Tq, Tk] (float32 for half inputs, else their dtype) of the clean scores S and G = dL_clean/dS
-    [B, nh, Tq, Tk] over the valid entries (bool, broadcastable); zero outside them. Raises MemoryError when
-    the maps it holds would pass the iAT byte limit (max_bytes, else $FUSED_ATTN_AT_IAT_MAX_BYTES, else 2 GiB)."""
-    shape = scores.shape
-    B = shape[0]
-    dtype = _accumulation_dtype(scores)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    map_bytes = scores.numel() * itemsize
-    # S, G, u in the accumulation dtype, the valid mask, and at least one example's differences with its mask
-    needed = 3 * map_bytes + scores.numel() + 2 * map_bytes
+def check_iat_memory(shape, dtype: torch.dtype, max_bytes: int | None = None, extra_maps: int = 0) -> None:
+    """MemoryError when iat_direction's maps for scores of `shape` in `dtype` (plus `extra_maps` more, e.g. a
+    record's G recomputation) would pass the iAT byte limit (max_bytes, else $FUSED_ATTN_AT_IAT_MAX_BYTES, else
+    2 GiB); called before any map exists."""
+    numel = math.prod(shape)
+    map_bytes = numel * torch.empty((), dtype=dtype).element_size()
+    # S, G, u, at least one example's differences, and their valid masks (bool)
+    needed = (4 + extra_maps) * map_bytes + 2 * numel
     limit = iat_max_bytes(max_bytes)
     if needed > limit:
         raise MemoryError(
-            f"iAT on the fused backends holds a few [B, nh, Tq, Tk] maps: ~{needed / 2**20:.0f} MiB for B={B}, "
-            f"map {list(shape[1:])}, above the limit of {limit / 2**20:.0f} MiB; raise it with "
+            f"iAT on the fused backends holds a few [B, nh, Tq, Tk] maps: ~{needed / 2**20:.0f} MiB for "
+            f"B={shape[0]}, map {list(shape[1:])}, above the limit of {limit / 2**20:.0f} MiB; raise it with "
             f"{IAT_MAX_BYTES_ENV}=BYTES (or the iat_max_bytes argument), or use a smaller batch")
+
+
+def iat_direction(scores: torch.Tensor, grad: torch.Tensor, valid: torch.Tensor, norm: str,
+                  max_bytes: int | None = None) -> torch.Tensor:
+    """u [B, nh, Tq, Tk] (float32 for half inputs, else their dtype) of the clean scores S and G = dL_clean/dS
+    [B, nh, Tq, Tk] over the valid entries (bool, broadcastable); zero outside them. Raises MemoryError (as
+    check_iat_memory) when its maps would pass the iAT byte limit."""
+    shape = scores.shape
+    B = shape[0]
+    dtype = _accumulation_dtype(scores)
+    check_iat_memory(shape, dtype, max_bytes)
+    map_bytes = scores.numel() * torch.empty((), dtype=dtype).element_size()
     if B == 1:
         warnings.warn("iAT perturbation with a batch of one: there are no other examples to take score "
                       "differences from, so r = 0", stacklevel=4)
