@@ -227,16 +227,22 @@ class FusedCleanPass:
         with torch.no_grad():
             return _scores(self.q, self.k, self.bias, self.scale)
 
-    def grad_map(self) -> torch.Tensor:
-        """G [B, nh, Tq, Tk] materialised (for a consumer that wants the map: the reference backend)."""
+    def grad_map(self, with_scores: bool = False):
+        """G [B, nh, Tq, Tk] materialised (for a consumer that wants the map: the reference backend, iAT), or
+        (S, G) with_scores (S is formed on the way). In place where it can: every map here is as large as the
+        attention, and a fresh one faults its pages in."""
         with torch.no_grad():
             s = _scores(self.q, self.k, self.bias, self.scale)
+            acc = torch.promote_types(s.dtype, self.lse.dtype)  # half inputs: the softmax statistics' float32
+            s = s.to(acc)
+            scores = s.clone() if with_scores else None
             allowed, _ = self_attention_masks(self.q, self.k, self.key_mask, causal=self.causal, bias=self.bias)
-            p = torch.where(allowed, torch.exp(s - self.lse[..., None]), 0.0)
-            dp = self.dout @ self.v.transpose(-1, -2)
+            p = s.sub_(self.lse[..., None]).exp_().masked_fill_(~allowed, 0.0)  # a row with no key: 0, not NaN
+            dp = (self.dout @ self.v.transpose(-1, -2)).to(acc)
             if self.dropout[0] > 0:
-                dp = dp * self._dropout_mask(self.q, self.k, *self.dropout).to(dp.dtype)
-            return p * (dp - self.delta[..., None])
+                dp.mul_(self._dropout_mask(self.q, self.k, *self.dropout).to(acc))
+            g = p.mul_(dp.sub_(self.delta[..., None]))
+            return (scores, g) if with_scores else g
 
 
 def _own(x: torch.Tensor) -> torch.Tensor:
@@ -437,10 +443,14 @@ def _iat_direction(q, k, key_mask, causal, bias, scale, attn_mask, query_mask, g
     check_iat_memory(shape, acc, iat_max_bytes, extra_maps=3 if is_record else 0)
     with torch.no_grad():
         if is_record:
-            g = grad.gradient()  # raises when the clean backward has not run
-            if not grad.has_gradient():  # the clean loss did not reach this call: G = 0, so u = 0 and r = 0
+            if not grad.has_gradient():
+                grad.gradient()  # raises unless the clean backward ran
+                # it ran and did not reach this call: G = 0, so u = 0 and r = 0
                 return torch.zeros(shape, dtype=acc, device=q.device)
-            scores = grad.clean_scores()
+            if grad.grad is None:  # filled by a fused backend: S is formed on the way to G
+                scores, g = grad.fused.grad_map(with_scores=True)
+            else:
+                g, scores = grad.grad, grad.clean_scores()
         else:
             g, scores = grad, _scores(q.detach(), k.detach(), None if bias is None else bias.detach(), scale)
         g = g.to(q.device)
