@@ -56,6 +56,8 @@ SA_LENGTHS_GPU = (1024, 2048, 4096, 8192, 16384)
 SA_HEADS, SA_DIM = 8, 64
 SA_DENSE_G_MAX_BYTES = 8 << 30
 SA_CHECK_RTOL = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-4}
+# the iAT row compares with python_ref's iAT, whose [B, B, nh*T*T] differences must fit its default limit
+SA_IAT_BATCH, SA_IAT_REFERENCE_MAX_BYTES = 2, 2 << 30
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -437,10 +439,29 @@ def _sa_dropout_error(args, inputs: dict) -> float:
     return _sa_reference_error(got, inputs, dropout_p=0.1, dropout_mask=mask)
 
 
+def _sa_iat_error(args, T: int) -> float | None:
+    """iAT (a dense G, batch SA_IAT_BATCH: iAT needs other examples) in the fused backend (S, G and u as maps, then
+    the AT kernels) vs python_ref in float32; None where the reference's differences would not fit its limit."""
+    import torch
+
+    import fused_attn_at
+
+    B = SA_IAT_BATCH
+    if 3 * B * B * args.sa_heads * T * T * 4 > SA_IAT_REFERENCE_MAX_BYTES:
+        return None
+    inputs = _sa_inputs(args, B, T, seed=3)
+    g = torch.randn((B, args.sa_heads, T, T), generator=torch.Generator(device=args.device).manual_seed(4),
+                    device=args.device, dtype=torch.float32)
+    got = _sa_outputs(lambda: fused_attn_at.perturbed_attention(inputs["q"], inputs["k"], inputs["v"],
+                                                                perturbation="iat", grad=g, eps=1.0,
+                                                                backend=args.sa_backend), inputs)
+    return _sa_reference_error(got, inputs, perturbation="iat", grad=g, eps=1.0)
+
+
 def check_self_attention(args, T: int) -> dict:
-    """The numerical check at T: the fused backend (no perturbation) vs SDPA, and with a dense-G AT perturbation
-    and with attention dropout vs python_ref in float32; each of O, dq, dk, dv within SA_CHECK_RTOL of
-    max |reference|."""
+    """The numerical check at T: the fused backend (no perturbation) vs SDPA, and with a dense-G AT perturbation,
+    with attention dropout and (where the reference's iAT fits) with a dense-G iAT perturbation vs python_ref in
+    float32; each of O, dq, dk, dv within SA_CHECK_RTOL of max |reference|."""
     B = args.sa_batch or min(4, max(1, 16384 // T))
     inputs = _sa_inputs(args, B, T, seed=2)
     fns = _sa_functions(args, inputs, B, T)
@@ -453,6 +474,10 @@ def check_self_attention(args, T: int) -> dict:
                                                         perturbation="at", grad=inputs["grad"], eps=1.0)
         if args.sa_backend in SA_DROPOUT_MASKS:  # the reference's dropout is torch's draw: nothing to feed it
             errors["dropout_vs_reference"] = _sa_dropout_error(args, inputs)
+    if args.sa_backend != "reference":
+        iat = _sa_iat_error(args, T)
+        if iat is not None:
+            errors["iat_vs_reference"] = iat
     del inputs, fns
     return dict(T=T, B=B, dtype=args.sa_dtype, backend=args.sa_backend, rtol=tol, errors=errors,
                 check_ok=all(e <= tol for e in errors.values()))

@@ -523,7 +523,8 @@ def test_gpu_check_self_attention_rows_on_cpu(gpu_check, tmp_path, monkeypatch):
     assert gpu_check.parse_args([]).sa_lengths == gpu_check.SA_LENGTHS_GPU
     assert gpu_check.main(argv + ["--out", str(tmp_path / "ok")]) == 0
     sa = json.loads((tmp_path / "ok" / "gpu_check.json").read_text())["self_attention"]
-    expected = {"none_vs_sdpa", "at_vs_reference"} | ({"dropout_vs_reference"} if sa_backend == "cpu" else set())
+    expected = {"none_vs_sdpa", "at_vs_reference"} | (
+        {"dropout_vs_reference", "iat_vs_reference"} if sa_backend == "cpu" else set())
     assert sa["check"]["check_ok"] and set(sa["check"]["errors"]) == expected
     timed = [c for c in sa["cases"] if "ms" in c]
     assert {(c["name"], c["T"], c["mode"]) for c in timed} == {
