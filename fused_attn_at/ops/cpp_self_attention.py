@@ -418,8 +418,9 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
             pkind, seed = KIND_HASH, _draw_seed(generator)
             rows = impl.sa_rowsq(qc.detach(), kc.detach(), km, bd, causal, None, seed)
     if dense is not None:
-        _check_dense_finite("noise" if kind == "rp" else "grad", dense, qc.detach(), kc.detach(), km, causal, bd,
-                            query_mask)
+        if kind != "iat":  # iAT's u is finite when its G is, checked in _iat_direction
+            _check_dense_finite("noise" if kind == "rp" else "grad", dense, qc.detach(), kc.detach(), km, causal,
+                                bd, query_mask)
         pkind = KIND_DENSE
         rows = impl.sa_rowsq(qc.detach(), kc.detach(), km, bd, causal, dense, 0)
     coef = None
@@ -453,10 +454,7 @@ def _iat_direction(q, k, key_mask, causal, bias, scale, attn_mask, query_mask, g
                 g, scores = grad.grad, grad.clean_scores()
         else:
             g, scores = grad, _scores(q.detach(), k.detach(), None if bias is None else bias.detach(), scale)
-        g = g.to(q.device)
-        if tuple(g.shape) != shape:
-            raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(g.shape)}; this call's scores are "
-                             f"{shape}: pass the record of the same layer's clean call")
+        g = g.to(q.device)  # its shape: a record's was checked above, a tensor's by check_self_attention_inputs
         _, valid = self_attention_masks(q, k, key_mask, causal=causal, attn_mask=attn_mask, query_mask=query_mask,
                                         bias=bias)
         _check_finite_at("grad", g, valid)
