@@ -86,6 +86,12 @@ class CleanPassRecord:
         raise ValueError("perturbation='iat' with a CleanPassRecord needs the clean scores: with the reference "
                          "backend create it with CleanPassRecord(keep_scores=True)")
 
+    def check_shape(self, shape) -> None:
+        """ValueError unless the clean call this record came from had scores of `shape` [B, nh, Tq, Tk]."""
+        if self.shape is not None and tuple(self.shape) != tuple(shape):
+            raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(self.shape)}; this call's scores are "
+                             f"{tuple(shape)}: pass the record of the same layer's clean call")
+
     def mark_backward_done(self) -> None:
         self.backward_done = True
 

@@ -3,6 +3,9 @@ the argument and what was expected, before any kernel sees it."""
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 
 import torch
 
@@ -15,6 +18,28 @@ def _is_compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - older torch
         return False
+
+
+# frames in these folders are this library's or torch's dispatch, not the caller's
+_LIBRARY_DIRS = tuple(os.path.dirname(os.path.abspath(p)) + os.sep for p in (
+    __file__, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fused_attn_at", "x"),
+    torch.__file__))
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """warnings.warn pointing at the first frame outside python_ref, fused_attn_at and torch (the user's call),
+    however deep the dispatch (custom op, autograd, backend) went."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
+
+
+def warn_iat_batch_of_one() -> None:
+    """iAT's direction lies in the span of the batch's score differences: with one example it is 0, and so is r."""
+    if not _is_compiling():
+        warn_at_caller("iAT perturbation with a batch of one: there are no other examples to take score "
+                       "differences from, so r = 0")
 
 
 def _check_tensor(name: str, x, ndim: int, shape_text: str) -> None:

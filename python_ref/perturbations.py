@@ -5,11 +5,9 @@ into or through it. Values at padded positions (mask False) are never read, so t
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from .checks import check_perturbation_inputs
+from .checks import check_perturbation_inputs, warn_iat_batch_of_one
 
 # Guards every division by a norm; a zero vector normalises to zero (SPEC).
 DELTA = 1e-12
@@ -55,11 +53,7 @@ def iat_perturbation(
     """
     m = valid_mask(mask, scores)
     if scores.shape[0] == 1:
-        warnings.warn(
-            "iAT perturbation with a batch of one: there are no other examples to take score differences "
-            "from, so r = 0",
-            stacklevel=3,
-        )
+        warn_iat_batch_of_one()
     dtype = _accumulation_dtype(scores)
     s = scores.detach().to(dtype).masked_fill(~m, 0.0)
     g = grad.detach().to(dtype).masked_fill(~m, 0.0)

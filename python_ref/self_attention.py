@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import NamedTuple
 
 import torch
 
 from .attention import masked_softmax
-from .checks import FLOAT_DTYPES, PERTURBATIONS, _is_compiling, check_eps
+from .checks import FLOAT_DTYPES, PERTURBATIONS, _is_compiling, check_eps, warn_iat_batch_of_one
 from .perturbations import DELTA, _accumulation_dtype
 
 NORMS = ("example", "row")
@@ -230,8 +229,7 @@ def self_attention_perturbation(kind: str, scores: torch.Tensor, valid: torch.Te
         return (eps * _normalize(g)).reshape(shape).to(scores.dtype)
     B = shape[0]
     if B == 1:
-        warnings.warn("iAT perturbation with a batch of one: there are no other examples to take score "
-                      "differences from, so r = 0", stacklevel=2)
+        warn_iat_batch_of_one()
     itemsize = torch.empty((), dtype=dtype).element_size()
     needed = 3 * B * B * g.shape[1] * g.shape[2] * itemsize
     limit = iat_max_bytes(max_bytes)

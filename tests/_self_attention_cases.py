@@ -183,8 +183,9 @@ def check_record_errors_and_zero_gradient(args, backend, other_shape):
     rec.mark_backward_done()  # the clean loss did not use this call: G = 0, r = 0
     out = fused_attn_at.perturbed_attention(*args, perturbation="at", grad=rec, backend=backend)
     torch.testing.assert_close(out, fused_attn_at.perturbed_attention(*args, backend=backend))
-    with pytest.raises(ValueError, match="CleanPassRecord holds a map of shape"):
-        fused_attn_at.perturbed_attention(*other_shape(args), perturbation="at", grad=rec, backend=backend)
+    for kind in ("at", "iat"):
+        with pytest.raises(ValueError, match="CleanPassRecord holds a map of shape"):
+            fused_attn_at.perturbed_attention(*other_shape(args), perturbation=kind, grad=rec, backend=backend)
 
 
 def largest_sizes(prof):

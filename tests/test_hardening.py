@@ -261,3 +261,27 @@ def test_autocast_bfloat16_mixed_dtypes(backend_name):
     torch.testing.assert_close(out.context, expected.context, rtol=1e-5, atol=1e-6)
     out.context.sum().backward()
     assert scores.grad is not None and proj.weight.grad is not None and torch.isfinite(proj.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Warnings point at the user's call, however deep the dispatch (custom op, autograd function, backend) went
+
+
+@pytest.mark.parametrize("op", ["attention_pool", "perturbed_attention"])
+@pytest.mark.parametrize("backend_name", ["cpu", "triton", "reference"])
+def test_iat_batch_of_one_warning_points_at_the_caller(op, backend_name):
+    if backend_name != "reference":
+        require_backend(backend_name)
+    gen = torch.Generator().manual_seed(0)
+    if op == "attention_pool":
+        h, scores, grad = (torch.randn(*s, generator=gen) for s in ((1, 5, 3), (1, 5), (1, 5)))
+        call = lambda: fused_attn_at.attention_pool(h, scores, None, perturbation="iat", grad=grad,  # noqa: E731
+                                                     backend=backend_name)
+    else:
+        q, grad = torch.randn(1, 2, 5, 4, generator=gen), torch.randn(1, 2, 5, 5, generator=gen)
+        call = lambda: fused_attn_at.perturbed_attention(q, q, q, perturbation="iat", grad=grad,  # noqa: E731
+                                                         backend=backend_name)
+    with pytest.warns(UserWarning, match="iAT perturbation with a batch of one") as caught:
+        call()
+    files = {os.path.abspath(w.filename) for w in caught if "batch of one" in str(w.message)}
+    assert files == {os.path.abspath(__file__)}, f"the warning points at {files}, not at the calling test"

@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+import _self_attention_cases as cases
 import fused_attn_at
 import python_ref
 from python_ref.self_attention import IAT_MAX_BYTES_ENV
@@ -351,6 +352,13 @@ def test_clean_pass_record_equals_materialised_grad():
         adv = fused_attn_at.perturbed_attention(q, k, v, **kw, perturbation=kind, grad=rec)
         ref = python_ref.perturbed_attention(q, k, v, **kw, perturbation=kind, grad=G_true)
         torch.testing.assert_close(adv, ref)
+
+
+def test_record_errors_and_zero_gradient():
+    q, k, v, kw, G, Z = make_case("causal_left_padding")
+    args = (q, k, v, kw["key_mask"])
+    cases.check_record_errors_and_zero_gradient(args, "reference", lambda a: (a[0][:, :1], a[1][:, :1],
+                                                                              a[2][:, :1], a[3]))
 
 
 # ---------------------------------------------------------------------------------------------------------

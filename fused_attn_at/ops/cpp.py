@@ -26,9 +26,9 @@ where the CPU has it (cpu_isa() says which). Environment, read at every call:
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
+from python_ref.checks import warn_iat_batch_of_one
 
 from .. import _build
 
@@ -102,12 +102,8 @@ if _C is not None:
 
 
 def _warn_iat_batch_of_one(kind: int, scores: torch.Tensor) -> None:
-    if kind == 2 and scores.shape[0] == 1 and not torch.compiler.is_compiling():
-        warnings.warn(
-            "iAT perturbation with a batch of one: there are no other examples to take score differences "
-            "from, so r = 0",
-            stacklevel=4,
-        )
+    if kind == 2 and scores.shape[0] == 1:
+        warn_iat_batch_of_one()
 
 
 def _require_extension() -> None:

@@ -389,9 +389,7 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
     if kind == "at":
         fused = getattr(grad, "fused", None)
         if fused is not None:  # a CleanPassRecord filled by a fused backend: recompute G block by block
-            if record_shape(grad) != (B, H, Tq, Tk):
-                raise ValueError(f"the CleanPassRecord holds a map of shape {record_shape(grad)}; this call's scores "
-                                 f"are {(B, H, Tq, Tk)}: pass the record of the same layer's clean call")
+            grad.check_shape((B, H, Tq, Tk))
             if fused.dout is None:
                 if not grad.backward_done:
                     raise RuntimeError("no gradient has reached the clean scores of this attention call: "
@@ -403,10 +401,9 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
                 pkind, rows, clean = KIND_CLEAN, fused.row_sq_norms(), fused.clean_args()
                 clean_dropout = fused.dropout
         else:
-            g = grad if isinstance(grad, torch.Tensor) else grad.gradient()  # a tensor, or a reference record
-            if tuple(g.shape) != (B, H, Tq, Tk):
-                raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(g.shape)}; this call's scores "
-                                 f"are {(B, H, Tq, Tk)}: pass the record of the same layer's clean call")
+            if not isinstance(grad, torch.Tensor):  # a reference record (a tensor's shape is checked on entry)
+                grad.check_shape((B, H, Tq, Tk))
+            g = grad if isinstance(grad, torch.Tensor) else grad.gradient()
             dense = g.detach().to(device=q.device, dtype=acc)
     elif kind == "iat":  # u from S and G (a few maps, no [B, B, ...]), then normalised as AT normalises G
         dense = _iat_direction(q, k, key_mask, causal, b, scale, attn_mask, query_mask, grad, norm, iat_max_bytes,
@@ -437,9 +434,8 @@ def _iat_direction(q, k, key_mask, causal, bias, scale, attn_mask, query_mask, g
     scores and G of a CleanPassRecord (materialised from a fused record: S = scale Q K^T + bias, G block formula)."""
     acc = _compute_dtype(q.dtype)
     is_record = not isinstance(grad, torch.Tensor)
-    if is_record and grad.shape is not None and tuple(grad.shape) != shape:
-        raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(grad.shape)}; this call's scores are "
-                         f"{shape}: pass the record of the same layer's clean call")
+    if is_record:
+        grad.check_shape(shape)
     # before any map exists; a fused record's G is recomputed through a few more maps (S, P, dP)
     check_iat_memory(shape, acc, iat_max_bytes, extra_maps=3 if is_record else 0)
     with torch.no_grad():
@@ -470,10 +466,6 @@ def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, nois
     """(O [B, nh, Tq, dv], None); `grad` is a tensor G or the CleanPassRecord of the same layer's clean call."""
     return run_fused(_CPU, q, k, v, key_mask, causal, bias, scale, kind, grad, noise, eps, norm, attn_mask,
                      query_mask, dropout_p, generator, record, iat_max_bytes)
-
-
-def record_shape(record) -> tuple | None:
-    return None if record.shape is None else tuple(record.shape)
 
 
 def rp_noise(q: torch.Tensor, k: torch.Tensor, seed: int) -> torch.Tensor:

@@ -27,12 +27,10 @@ def perturbed_attention(q, k, v, key_mask, causal, bias, scale, kind, grad, nois
     if kind is not None:
         clean_scores = s.detach()
         if kind != "rp" and not isinstance(grad, torch.Tensor):  # a CleanPassRecord
+            grad.check_shape(s.shape)
             g = grad.gradient()
             if kind == "iat" and grad.has_gradient():  # else G = 0: r = 0 whatever the scores
                 clean_scores = grad.clean_scores().to(device=s.device, dtype=s.dtype)
-            if tuple(g.shape) != tuple(s.shape) or (kind == "iat" and tuple(clean_scores.shape) != tuple(s.shape)):
-                raise ValueError(f"the CleanPassRecord holds a map of shape {tuple(g.shape)}; this call's scores "
-                                 f"are {tuple(s.shape)}: pass the record of the same layer's clean call")
             grad = g.to(device=s.device, dtype=s.dtype)
         if grad is not None:
             _check_finite_at("grad", grad, valid)

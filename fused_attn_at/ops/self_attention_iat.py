@@ -12,10 +12,10 @@ caller normalises it as AT normalises G (the same norm over the same valid entri
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
+from python_ref.checks import warn_iat_batch_of_one
 from python_ref.perturbations import DELTA, _accumulation_dtype
 from python_ref.self_attention import IAT_MAX_BYTES_ENV, _units, iat_max_bytes
 
@@ -51,8 +51,7 @@ def iat_direction(scores: torch.Tensor, grad: torch.Tensor, valid: torch.Tensor,
     check_iat_memory(shape, dtype, max_bytes)
     map_bytes = scores.numel() * torch.empty((), dtype=dtype).element_size()
     if B == 1:
-        warnings.warn("iAT perturbation with a batch of one: there are no other examples to take score "
-                      "differences from, so r = 0", stacklevel=4)
+        warn_iat_batch_of_one()
     m = valid.expand(shape)
     mu = _units(m, norm)  # [B, U, L]
     s = _units(scores.detach().to(dtype).masked_fill(~m, 0.0), norm)

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from python_ref.checks import warn_iat_batch_of_one
 
 try:
     import triton
@@ -872,9 +872,8 @@ def _require_available() -> None:
 
 
 def _warn_single_row_iat(kind: int, batch: int) -> None:
-    if kind == _KIND_IAT and batch == 1 and not torch.compiler.is_compiling():
-        warnings.warn("iAT perturbation with a batch of one: there are no other examples to take score "
-                      "differences from, so r = 0", stacklevel=3)
+    if kind == _KIND_IAT and batch == 1:
+        warn_iat_batch_of_one()
 
 
 def attention_pool(h: torch.Tensor, scores: torch.Tensor, mask: Optional[torch.Tensor],
