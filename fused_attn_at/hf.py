@@ -21,6 +21,17 @@ from .self_attention import perturbed_attention
 
 NAME = "fused_attn_at"
 
+# Arguments some models pass to their attention function that change what it computes; ignoring one would be a
+# silent wrong answer. (Others, e.g. sliding_window or cu_seq_lens_q, are already in the mask the registered
+# mask builder makes, or are flash-attention metadata, as for sdpa.)
+UNSUPPORTED_KWARGS = {
+    "softcap": "tanh soft-capping of the scores",
+    "s_aux": "per-head attention-sink logits in the softmax",
+    "sinks": "per-head attention-sink logits in the softmax",
+    "indices": "a sparse top-k selection of the keys",
+    "block_indices": "a sparse block selection of the keys",
+}
+
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, nkv, T, d] -> [B, nkv * n_rep, T, d] (grouped-query attention), like transformers' repeat_kv."""
@@ -61,8 +72,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers attention interface: query [B, nh, Tq, d], key/value [B, nkv, Tk, d] -> ([B, Tq, nh, dv],
     attention map or None). Calls fused_attn_at.perturbed_attention with layer=module, so that
     fused_attn_at.SelfAttentionAT can perturb it."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attn_implementation='fused_attn_at' does not support `softcap`; use 'eager'")
+    for name in UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='fused_attn_at' does not support `{name}` "
+                             f"({UNSUPPORTED_KWARGS[name]}), which this model passes; use 'eager'")
     n_rep = getattr(module, "num_key_value_groups", 1) or 1
     key, value = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
     B, _, Tq, _ = query.shape

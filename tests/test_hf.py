@@ -131,6 +131,53 @@ def test_user_4d_masks_equal_sdpa(name, fmt):
     compare(ref, ours, real, input_ids=ids, attention_mask=m4)
 
 
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_sliding_window_decoder_equals_eager(padding):
+    """A Mistral-like decoder with a 3-token sliding window at T=7: the window is in the mask the registered
+    mask builder makes (the attention function ignores its sliding_window argument, as sdpa does)."""
+    from transformers import MistralConfig
+
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=24, max_position_embeddings=32, pad_token_id=0,
+                        num_labels=3, sliding_window=3)
+    ref, ours = build(cfg, "eager"), build(cfg, "fused_attn_at")
+    ours.load_state_dict(ref.state_dict())
+    ids, mask, _ = inputs("llama", padding=padding)
+    compare(ref, ours, mask.bool(), input_ids=ids, attention_mask=mask)
+    # the window matters here: without it (a plain causal mask) the hidden states differ
+    wide = build(MistralConfig(**{**cfg.to_dict(), "sliding_window": None}), "fused_attn_at")
+    wide.load_state_dict(ref.state_dict())
+    assert not torch.allclose(wide(input_ids=ids, attention_mask=mask).logits,
+                              ours(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(hf.UNSUPPORTED_KWARGS))
+def test_arguments_that_change_the_attention_raise(name):
+    """An argument the op cannot honour (attention sinks, soft-capping, sparse key selection) raises, naming it,
+    rather than being ignored."""
+    q = torch.randn(1, 2, 3, 4)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match=f"does not support `{name}`"):
+        hf.attention_forward(module, q, q, q, None, **{name: torch.zeros(2)})
+    hf.attention_forward(module, q, q, q, None, **{name: None})  # None: the model does not use it
+
+
+def test_attention_sink_model_raises():
+    """gpt-oss passes its per-head sink logits as s_aux on every call: a clear error, not a silently sinkless
+    attention."""
+    from transformers import AutoModelForCausalLM, GptOssConfig
+
+    cfg = GptOssConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=4, intermediate_size=24, num_local_experts=4,
+                       num_experts_per_tok=2, max_position_embeddings=32, sliding_window=8,
+                       layer_types=["full_attention"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny config's RoPE scaling remark
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="fused_attn_at")
+    with pytest.raises(ValueError, match="does not support `s_aux`"):
+        model(torch.randint(1, VOCAB, (2, 5)))
+
+
 def test_from_pretrained_and_output_attentions(tmp_path):
     cfg = bert_config()
     build(cfg, "eager").save_pretrained(tmp_path)
