@@ -17,6 +17,12 @@ passed as `layer=`, e.g. "bert.encoder.layer.0.attention.self"; fnmatch patterns
 Under DistributedDataParallel the clean backward runs inside `model.no_sync()` and the adversarial backward
 all-reduces the accumulated gradient of L_clean + lam * L_adv once. G, and so r, are each rank's own (the
 normalisation makes r independent of the loss's scale; iAT takes differences within the rank's batch).
+
+Activation checkpointing (torch.utils.checkpoint, reentrant or not; a Hugging Face model's
+gradient_checkpointing_enable()) re-runs parts of the forward during a backward. Such a recomputed attention call
+is matched to its forward call by its `layer=` module (which must then make one call per forward) and runs as that
+call ran: the clean call with its record, the adversarial call with the same r (RP: with `generator` at the state
+the forward call found; the global generator is restored by torch.utils.checkpoint itself).
 """
 from __future__ import annotations
 
@@ -94,6 +100,7 @@ class SelfAttentionAT:
         self._names: list[str] = []
         self._chosen: list[bool] = []
         self._records: dict[int, CleanPassRecord] = {}
+        self._generator_states: dict[int, torch.Tensor] = {}  # RP: `generator`'s state at each adversarial call
         self._module_names: dict[int, str] = {}
         self._devices: set = set()
 
@@ -137,7 +144,40 @@ class SelfAttentionAT:
         return sel == index if isinstance(sel, int) else (sel == name or fnmatch.fnmatchcase(name, sel))
 
     # -- the interceptor ---------------------------------------------------------------------------------
+    def _recomputed_index(self, layer) -> int:
+        """The forward call that an attention call made during a backward (activation checkpointing recomputes
+        the forward) repeats: the one call of the same `layer=` module."""
+        name = self._name(layer, -1) if isinstance(layer, (str, torch.nn.Module)) else None
+        hits = [i for i, n in enumerate(self._names) if n == name]
+        if len(hits) != 1:
+            raise RuntimeError(
+                f"an attention call ran during the backward ({self._phase}: activation checkpointing recomputes the "
+                f"forward) and cannot be matched to one call of the forward ({name!r} is called {len(hits)} times "
+                f"among {self._names}): SelfAttentionAT needs each checkpointed attention call to pass a module as "
+                f"layer= that makes one call per forward, or no activation checkpointing")
+        return hits[0]
+
+    def _adversarial_call(self, run: Callable, index: int, recomputed: bool = False):
+        if not self._chosen[index]:
+            return run()
+        grad = None if self.perturbation == "rp" else self._records[index]
+        generator = self.generator
+        if generator is not None and self.perturbation == "rp":
+            if recomputed:  # draw the forward call's seed again, from a copy at the state it found
+                generator = torch.Generator(device=generator.device)
+                generator.set_state(self._generator_states[index])
+            else:
+                self._generator_states[index] = self.generator.get_state()
+        return run(perturbation=self.perturbation, grad=grad, eps=self.eps, norm=self.norm,
+                   generator=generator, iat_max_bytes=self.iat_max_bytes)
+
     def _intercept(self, run: Callable, layer):
+        if self._phase == "clean backward":  # a recomputed clean call: as it ran, with the same record
+            index = self._recomputed_index(layer)
+            rec = self._records.get(index)
+            return run() if rec is None else run(record=rec)
+        if self._phase == "adversarial backward":
+            return self._adversarial_call(run, self._recomputed_index(layer), recomputed=True)
         index = self._count
         self._count += 1
         if self._phase == "clean":
@@ -155,11 +195,7 @@ class SelfAttentionAT:
             raise RuntimeError(
                 f"attention call {index} ({self._name(layer, index)}) of the adversarial pass does not match the "
                 f"clean pass's calls {self._names}: forward() must run the model the same way twice")
-        if not self._chosen[index]:
-            return run()
-        grad = None if self.perturbation == "rp" else self._records[index]
-        return run(perturbation=self.perturbation, grad=grad, eps=self.eps, norm=self.norm,
-                   generator=self.generator, iat_max_bytes=self.iat_max_bytes)
+        return self._adversarial_call(run, index)
 
     @contextlib.contextmanager
     def _pass(self, phase: str):
@@ -181,7 +217,7 @@ class SelfAttentionAT:
         """Frees what the clean pass recorded (step() does this itself)."""
         for rec in self._records.values():
             rec.clear()
-        self._records, self._names, self._chosen = {}, [], []
+        self._records, self._names, self._chosen, self._generator_states = {}, [], [], {}
 
     # -- the step ----------------------------------------------------------------------------------------
     def step(self, forward: Callable[[], Any]) -> SelfAttentionATStep:
@@ -205,7 +241,7 @@ class SelfAttentionAT:
                                    "attention implementation fused_attn_at (fused_attn_at.hf.register(), "
                                    "attn_implementation='fused_attn_at')?")
             self._check_selection()
-            with self._no_sync():
+            with self._no_sync(), self._pass("clean backward"):
                 clean_loss.backward()
             for rec in self._records.values():
                 rec.mark_backward_done()
@@ -220,7 +256,8 @@ class SelfAttentionAT:
             if self._count != len(self._names):
                 raise RuntimeError(f"the adversarial pass made {self._count} attention calls, the clean pass "
                                    f"{len(self._names)}: forward() must run the model the same way twice")
-            (self.lam * adv_loss).backward()
+            with self._pass("adversarial backward"):
+                (self.lam * adv_loss).backward()
             names = tuple(n for n, c in zip(self._names, self._chosen) if c)
         finally:
             self.clear()

@@ -273,3 +273,30 @@ def test_step_through_hf_equals_reference_step(name, kind, layers, monkeypatch):
         if w is None:
             continue
         torch.testing.assert_close(got[n], w, rtol=1e-9, atol=1e-11, msg=n)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_step_with_gradient_checkpointing_equals_step_without(name, use_reentrant):
+    """model.activation_checkpointing_enable() (gradient_checkpointing_enable() before): each layer's forward re-runs in the backward, and the AT step's
+    losses and gradients are those without checkpointing (float64, attention dropout 0.2 in training)."""
+    cfg = CONFIGS[name]()
+    setattr(cfg, "attention_dropout" if name == "llama" else "attention_probs_dropout_prob", 0.2)
+    ids, mask, labels = inputs(name, padding="left" if name == "llama" else "right")
+    results = []
+    for checkpointing in (False, True):
+        model = build(cfg, "fused_attn_at", torch.float64).train()
+        if checkpointing and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+        elif checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        torch.manual_seed(11)
+        at = fused_attn_at.SelfAttentionAT(model, "at", eps=0.7, lam=0.5)
+        step = at.step(lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        results.append((step, {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    torch.testing.assert_close(ckpt.loss, plain.loss, rtol=1e-12, atol=1e-12)
+    assert ckpt.layers == plain.layers and len(plain.layers) == 2
+    for n, g in plain_grads.items():
+        if g is not None:
+            torch.testing.assert_close(ckpt_grads[n], g, rtol=1e-9, atol=1e-11, msg=n)

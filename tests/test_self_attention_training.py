@@ -18,6 +18,7 @@ import torch
 
 import fused_attn_at
 import python_ref
+from _helpers import require_backend
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -29,6 +30,7 @@ class Attention(torch.nn.Module):
         self.qkv = torch.nn.Linear(dim, 3 * dim)
         self.out = torch.nn.Linear(dim, dim)
         self.manual = None  # the hand-written reference step replaces the op by a function of (self, q, k, v, mask)
+        self.name_layer = True  # pass layer=self (what matches a call recomputed by activation checkpointing)
 
     def forward(self, x, mask):
         B, T, D = x.shape
@@ -36,7 +38,8 @@ class Attention(torch.nn.Module):
         if self.manual is not None:
             o = self.manual(self, q, k, v, mask)
         else:
-            o = fused_attn_at.perturbed_attention(q, k, v, mask, causal=self.causal, layer=self,
+            o = fused_attn_at.perturbed_attention(q, k, v, mask, causal=self.causal,
+                                                  layer=self if self.name_layer else None,
                                                   dropout_p=self.dropout if self.training else 0.0)
         return x + self.out(o.transpose(1, 2).reshape(B, T, D))
 
@@ -50,11 +53,15 @@ class Toy(torch.nn.Module):
         self.layers = torch.nn.ModuleList(Attention(dim, nh, causal, dropout) for _ in range(layers))
         self.mlp = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(layers))
         self.head = torch.nn.Linear(dim, classes)
+        self.use_reentrant = None  # True/False: each attention block under torch.utils.checkpoint
 
     def forward(self, ids, mask):
         x = self.emb(ids)
         for att, mlp in zip(self.layers, self.mlp):
-            x = att(x, mask)
+            if self.use_reentrant is None:
+                x = att(x, mask)
+            else:
+                x = torch.utils.checkpoint.checkpoint(att, x, mask, use_reentrant=self.use_reentrant)
             x = x + torch.tanh(mlp(x))
         m = mask[..., None].to(x.dtype)
         return self.head((x * m).sum(1) / m.sum(1).clamp_min(1))
@@ -187,6 +194,46 @@ def test_dropout_is_replayed_in_the_adversarial_pass(kind, generator):
     at = fused_attn_at.SelfAttentionAT(model, kind, eps=0.0, same_dropout=False, generator=gen)
     step = at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y))
     assert step.adversarial_loss != step.clean_loss
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", ["at", "iat", "rp"])
+def test_activation_checkpointing_gives_the_same_step(kind, backend, use_reentrant, monkeypatch):
+    """Every attention block under torch.utils.checkpoint (its forward re-run in each backward), in training
+    with attention dropout 0.3 and RP drawing from a generator: the step's losses and gradients equal the step
+    without checkpointing. Before the helper matched recomputed calls, checkpoint raised (the recomputation ran
+    the plain op and saved other tensors)."""
+    if backend == "cpu":
+        require_backend("cpu")
+    monkeypatch.setenv("FUSED_ATTN_AT_BACKEND", backend)
+    ids, mask, y = batch()
+    results = []
+    for reentrant in (None, use_reentrant):
+        model = make_model(dropout=0.3)
+        model.train()
+        model.use_reentrant = reentrant
+        torch.manual_seed(7)
+        step, grads, _ = helper_step(model, ids, mask, y, kind, 0.8, 0.6, seed=3)
+        results.append((step, grads))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    assert plain.adversarial_loss != plain.clean_loss
+    torch.testing.assert_close(ckpt.loss, plain.loss, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(ckpt.adversarial_loss, plain.adversarial_loss, rtol=1e-13, atol=1e-13)
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_checkpointed_call_without_a_layer_module_raises():
+    model = make_model()
+    model.use_reentrant = False
+    for att in model.layers:
+        att.name_layer = False
+    ids, mask, y = batch()
+    at = fused_attn_at.SelfAttentionAT(model, "at")
+    with pytest.raises(RuntimeError, match="cannot be matched to one call of the forward"):
+        at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y))
+    assert not fused_attn_at.self_attention._INTERCEPTORS
 
 
 def test_errors():
