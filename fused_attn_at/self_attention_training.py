@@ -76,7 +76,9 @@ class SelfAttentionAT:
     (None: a plain step, L = L_clean). eps: the norm of r per example and layer (norm="row": per query row).
     lam: weight of L_adv. layers: None (every attention call), or an iterable of call indices (int) and names /
     fnmatch patterns (str). same_dropout: replay the clean pass's random state in the adversarial pass, so that
-    dropout masks agree and r is the only difference. generator: for RP's noise.
+    dropout masks agree and r is the only difference. generator: for RP's noise (None: a generator of the step's
+    own, seeded from the global generator before its state is saved; RP drawing from the global generator
+    inside the adversarial pass would shift every later dropout mask off the clean pass's).
     """
 
     def __init__(self, model: torch.nn.Module | None = None, perturbation: str | None = "at", *, eps: float = 1.0,
@@ -100,7 +102,8 @@ class SelfAttentionAT:
         self._names: list[str] = []
         self._chosen: list[bool] = []
         self._records: dict[int, CleanPassRecord] = {}
-        self._generator_states: dict[int, torch.Tensor] = {}  # RP: `generator`'s state at each adversarial call
+        self._generator_states: dict[int, torch.Tensor] = {}  # RP: the generator's state at each adversarial call
+        self._rp_generator: torch.Generator | None = None  # RP's generator in the current step
         self._module_names: dict[int, str] = {}
         self._devices: set = set()
 
@@ -161,13 +164,13 @@ class SelfAttentionAT:
         if not self._chosen[index]:
             return run()
         grad = None if self.perturbation == "rp" else self._records[index]
-        generator = self.generator
-        if generator is not None and self.perturbation == "rp":
+        generator = self._rp_generator
+        if generator is not None:
             if recomputed:  # draw the forward call's seed again, from a copy at the state it found
                 generator = torch.Generator(device=generator.device)
                 generator.set_state(self._generator_states[index])
             else:
-                self._generator_states[index] = self.generator.get_state()
+                self._generator_states[index] = generator.get_state()
         return run(perturbation=self.perturbation, grad=grad, eps=self.eps, norm=self.norm,
                    generator=generator, iat_max_bytes=self.iat_max_bytes)
 
@@ -218,6 +221,7 @@ class SelfAttentionAT:
         for rec in self._records.values():
             rec.clear()
         self._records, self._names, self._chosen, self._generator_states = {}, [], [], {}
+        self._rp_generator = None
 
     # -- the step ----------------------------------------------------------------------------------------
     def step(self, forward: Callable[[], Any]) -> SelfAttentionATStep:
@@ -232,6 +236,11 @@ class SelfAttentionAT:
             loss = loss.detach()
             return SelfAttentionATStep(loss, loss, None, out, None, ())
         devices = {p.device for p in self.model.parameters()} if self.model is not None else set()
+        self._rp_generator = self.generator if self.perturbation == "rp" else None
+        if self.perturbation == "rp" and self.generator is None:
+            device = min(devices, key=lambda d: (d.type == "cpu", str(d)), default=torch.device("cpu"))
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            self._rp_generator = torch.Generator(device=device).manual_seed(seed)
         state = _rng_state(devices) if self.same_dropout else None
         try:
             with self._pass("clean"):

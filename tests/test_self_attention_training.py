@@ -180,10 +180,16 @@ def test_records_are_freed_after_the_step():
     assert not fused_attn_at.self_attention._INTERCEPTORS
 
 
-@pytest.mark.parametrize("kind,generator", [("at", False), ("at", True), ("rp", True)])
-def test_dropout_is_replayed_in_the_adversarial_pass(kind, generator):
-    """With eps = 0 the adversarial pass is the clean pass again when the random state is replayed, also with a
-    generator for RP's noise (the dropout masks come from the global generator, which the step replays)."""
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind,generator", [("at", False), ("at", True), ("iat", False), ("rp", True),
+                                            ("rp", False)])
+def test_dropout_is_replayed_in_the_adversarial_pass(kind, generator, backend, monkeypatch):
+    """With eps = 0 the adversarial pass is the clean pass again when the random state is replayed, with or
+    without a generator for RP's noise (the dropout masks come from the global generator, which the step
+    replays; without a generator RP draws from one of the step's own, not from the global one)."""
+    if backend == "cpu":
+        require_backend("cpu")
+    monkeypatch.setenv("FUSED_ATTN_AT_BACKEND", backend)
     model = make_model(dropout=0.5)
     model.train()
     ids, mask, y = batch()
