@@ -15,6 +15,8 @@ average: such rows are padding, which no loss reads.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .self_attention import perturbed_attention
@@ -66,6 +68,38 @@ def _masks_from_hf(attention_mask: torch.Tensor | None, B: int, dtype: torch.dty
     return key_mask, allowed, bias
 
 
+def _as_key_mask(key_mask: torch.Tensor, allowed: torch.Tensor) -> bool | None:
+    """False when `allowed` [B|1, nh|1, Tq, Tk] is key padding alone (an encoder's mask), True when it is key
+    padding and causality (a decoder's, Tq == Tk), else None. The op is then given key_mask (and causal) instead
+    of the mask, so that no [B, 1, Tq, Tk] map reaches the kernels or an AT record."""
+    pad = key_mask[:, None, None, :]  # [B, 1, 1, Tk]
+    if bool((allowed == pad).all()):
+        return False
+    Tq, Tk = allowed.shape[-2:]
+    if Tq == Tk:
+        tril = torch.ones(Tq, Tk, dtype=torch.bool, device=allowed.device).tril()
+        if bool((allowed == (pad & tril)).all()):
+            return True
+    return None
+
+
+# one entry: a model passes the same mask tensor to every layer
+_MASK_CACHE: dict = {}
+
+
+def _plain_masks(attention_mask: torch.Tensor, key_mask: torch.Tensor, allowed: torch.Tensor) -> bool | None:
+    """_as_key_mask, computed once per mask tensor (and version) rather than once per layer."""
+    if attention_mask.is_inference():  # no version counter to tell an in-place change: no caching
+        return _as_key_mask(key_mask, allowed)
+    key = (id(attention_mask), attention_mask._version, tuple(attention_mask.shape), attention_mask.device)
+    hit = _MASK_CACHE.get("entry")
+    if hit is not None and hit[0] == key and hit[1]() is attention_mask:
+        return hit[2]
+    result = _as_key_mask(key_mask, allowed)
+    _MASK_CACHE["entry"] = (key, weakref.ref(attention_mask), result)
+    return result
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs):
@@ -84,6 +118,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if causal and key.shape[2] > Tq:  # prefill of an empty static cache (as sdpa does)
         key, value = key[:, :, :Tq], value[:, :, :Tq]
     key_mask, attn_mask, bias = _masks_from_hf(attention_mask, B, query.dtype)
+    if attn_mask is not None and bias is None and not torch.compiler.is_compiling():
+        plain = _plain_masks(attention_mask, key_mask, attn_mask)
+        if plain is not None:
+            attn_mask, causal = None, plain
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias

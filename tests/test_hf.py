@@ -112,23 +112,80 @@ def test_no_padding_mask_formats(name):
     compare(ref, ours, every, input_ids=ids, attention_mask=torch.ones_like(mask))
 
 
+def spy_on_op(monkeypatch):
+    """The (attn_mask, causal, bias) of every call fused_attn_at.hf makes to the op."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("causal"), kwargs.get("bias")))
+        return fused_attn_at.perturbed_attention(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "perturbed_attention", spy)
+    return calls
+
+
 @pytest.mark.parametrize("name", ["bert", "llama"])
-@pytest.mark.parametrize("fmt", ["bool4d", "float4d"])
-def test_user_4d_masks_equal_sdpa(name, fmt):
-    """A 4D mask given by the user reaches the attention function as it is (bool, True = attend; or additive
-    float with the dtype's minimum where masked); compared with the sdpa implementation, which takes both."""
+@pytest.mark.parametrize("fmt", ["bool4d", "float4d", "prefix_bool4d", "prefix_float4d"])
+def test_user_4d_masks_equal_sdpa(name, fmt, monkeypatch):
+    """A 4D mask given by the user (bool, True = attend; or additive float with the dtype's minimum where
+    masked) gives sdpa's answer. Key padding (and causality) reach the op as key_mask (and causal=True), with no
+    [B, 1, T, T] map; another pattern (a decoder's bidirectional prefix of 3 tokens, an encoder's local window)
+    reaches it as attn_mask."""
+    calls = spy_on_op(monkeypatch)
     ref, ours = pair(name, other="sdpa")
     ids, mask, _ = inputs(name)
     T = ids.shape[1]
     allowed = mask.bool()[:, None, None, :].expand(-1, 1, T, T)
     if name == "llama":
         allowed = allowed & torch.ones(T, T, dtype=torch.bool).tril()
-    if fmt == "bool4d":
+    if fmt.startswith("prefix") and name == "llama":  # a bidirectional prefix
+        allowed = allowed | (mask.bool()[:, None, None, :] & (torch.arange(T) < 3))
+    elif fmt.startswith("prefix"):  # an encoder: a local window of 2 on either side
+        i = torch.arange(T)
+        allowed = allowed & ((i[:, None] - i[None, :]).abs() <= 2)
+    if fmt.endswith("bool4d"):
         m4 = allowed
     else:
         m4 = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
     real = mask.bool()
     compare(ref, ours, real, input_ids=ids, attention_mask=m4)
+    assert calls and all(b is None for _, _, b in calls)
+    if fmt.startswith("prefix"):
+        assert all(m is not None and not c for m, c, _ in calls)
+    else:
+        assert all(m is None and c == (name == "llama") for m, c, _ in calls)
+
+
+def test_inference_mode_and_a_mask_changed_in_place():
+    """Under torch.inference_mode (masks without a version counter) the answers are eager's; a user mask
+    changed in place between calls is read again (the per-mask cache keys on the tensor's version); against
+    sdpa, which takes bool 4D masks."""
+    ref, ours = pair("bert", other="sdpa")
+    ids, mask, _ = inputs("bert")
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
+                                   ref(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-6)
+    T = ids.shape[1]
+    m4 = mask.bool()[:, None, None, :].expand(-1, 1, T, T).clone()
+    with torch.no_grad():
+        first = ours(input_ids=ids, attention_mask=m4).logits
+        m4[0, 0, :, 1:3] = False  # now not key padding alone
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=m4).logits,
+                                   ref(input_ids=ids, attention_mask=m4).logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(first, ours(input_ids=ids, attention_mask=m4).logits)
+
+
+@pytest.mark.parametrize("name,padding", [("bert", "right"), ("llama", "right"), ("llama", "left")])
+def test_padding_masks_reach_the_op_as_key_masks(name, padding, monkeypatch):
+    """The mask transformers builds for a padded batch (bool [B, 1, T, T]) is key padding (and causality): the
+    op gets key_mask and causal, so no [B, 1, T, T] bias is formed or kept in an AT record."""
+    calls = spy_on_op(monkeypatch)
+    model = build(CONFIGS[name](), "fused_attn_at").train()
+    ids, mask, labels = inputs(name, padding=padding)
+    fused_attn_at.SelfAttentionAT(model, "at").step(lambda: model(input_ids=ids, attention_mask=mask,
+                                                                 labels=labels).loss)
+    assert len(calls) == 4  # 2 layers, clean and adversarial
+    assert all(m is None and b is None and c == (name == "llama") for m, c, b in calls)
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
