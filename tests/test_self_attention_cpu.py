@@ -1,7 +1,7 @@
 """The "cpu" backend of fused_attn_at.perturbed_attention (flash-style C++ kernels, csrc/self_attention/) against
 the reference with materialised maps (python_ref), in float64: values and gradients for none/AT/iAT/RP, padding,
 fully masked rows, causal, bias (broadcast, -inf entries, learnable), attn_mask, Tq != Tk, B = 1, odd sizes
-crossing the 64-query and 128-key block edges; the AT step through a CleanPassRecord (G recomputed from the clean
+crossing the 64-query and 512-key block edges; the AT step through a CleanPassRecord (G recomputed from the clean
 pass's saved tensors) and through SelfAttentionAT; gradcheck with r held fixed; opcheck of every op;
 torch.compile(fullgraph=True); a memory trace: at T = 2048 the AT step allocates nothing of B*nh*T*T; and
 hypothesis fuzzing (random sizes, layouts, masks, causal, bias, kinds, eps and dropout against the reference)."""
@@ -32,6 +32,9 @@ CASES = {
     "b1_causal_pad": (1, 1, 129, 129, 3, 7, "pad", True, (1, 1), False),
     "attn_mask_rows": (2, 2, 9, 130, 4, 4, "pad", False, None, True),
     "tq_gt_tk_causal": (2, 1, 131, 66, 5, 2, "pad", True, (2, 1), False),
+    # past the kernels' 512-key block: the online softmax's rescaling, the backward and G's rebuild across blocks
+    "keys_cross_512_block": (2, 2, 7, 1030, 3, 2, "pad", False, (2, 1), False),
+    "causal_cross_512_block": (1, 1, 520, 520, 2, 3, "pad", True, None, False),
 }
 
 
@@ -321,10 +324,11 @@ def test_self_attention_at_step_cpu_equals_reference(perturbation, causal):
 
 
 @pytest.mark.parametrize("kind", [None, "at", "rp_noise", "rp_seed", "at_record"])
-@pytest.mark.parametrize("size", ["small", "block_edges"])
+@pytest.mark.parametrize("size", ["small", "block_edges", "key_blocks"])
 def test_gradcheck(kind, size):
-    # block_edges crosses the 64-query and 128-key blocks (fast mode: a random projection of the Jacobian)
-    B, nh, Tq, Tk, d = (2, 2, 5, 7, 3) if size == "small" else (2, 1, 66, 130, 2)
+    # block_edges crosses the 64-query block, key_blocks the 512-key block (fast mode: a random projection of the
+    # Jacobian)
+    B, nh, Tq, Tk, d = {"small": (2, 2, 5, 7, 3), "block_edges": (2, 1, 66, 130, 2), "key_blocks": (1, 1, 5, 515, 2)}[size]
     q, k, v, key_mask, attn_mask, bias = cases.gradcheck_inputs(B, nh, Tq, Tk, d)
     kw = dict(causal=True, attn_mask=attn_mask, query_mask=torch.ones(B, Tq, dtype=torch.bool), eps=0.8)
     if kind == "at":
@@ -624,3 +628,51 @@ def test_iat_memory_limit_is_checked_before_any_map(monkeypatch):
     monkeypatch.setattr(cpu_sa.FusedCleanPass, "scores", materialises)
     with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):
         fused_attn_at.perturbed_attention(*args, **kw, perturbation="iat", grad=rec, backend="cpu", iat_max_bytes=1)
+
+
+def test_iat_memory_limit_defaults_to_2_gib_and_reads_the_environment(monkeypatch):
+    """The fused backends' iAT limit: 2 GiB unless FUSED_ATTN_AT_IAT_MAX_BYTES (or iat_max_bytes=) says
+    otherwise. check_iat_memory sizes S, G, u, one example's differences (float32 here) and their bool masks:
+    (4 * 4 + 2) bytes per map entry; nothing is allocated to check."""
+    from fused_attn_at.ops.self_attention_iat import check_iat_memory
+
+    monkeypatch.delenv("FUSED_ATTN_AT_IAT_MAX_BYTES", raising=False)
+    per_entry = 4 * 4 + 2
+    fits = (2**31 // per_entry // (12 * 128 * 128), 12, 128, 128)  # just under 2 GiB
+    check_iat_memory(fits, torch.float32)
+    with pytest.raises(MemoryError, match="above the limit of 2048 MiB"):
+        check_iat_memory((fits[0] + 1, *fits[1:]), torch.float32)
+    args, kw = make_case("padding")
+    G = _t(*_map_shape(args), seed=8)
+    monkeypatch.setenv("FUSED_ATTN_AT_IAT_MAX_BYTES", "1000")
+    with pytest.raises(MemoryError, match="FUSED_ATTN_AT_IAT_MAX_BYTES"):
+        fused_attn_at.perturbed_attention(*args, **kw, perturbation="iat", grad=G, backend="cpu")
+    fused_attn_at.perturbed_attention(*args, **kw, perturbation="iat", grad=G, backend="cpu", iat_max_bytes=2**30)
+
+
+def test_first_layer_record_shares_the_adversarial_inputs(monkeypatch):
+    """Under SelfAttentionAT the first layer's adversarial Q, K, V equal the clean ones, and its record drops its
+    own copies for them (README); the second layer's differ (the first is perturbed), and its record keeps its
+    own."""
+    shared = []
+    original = cpu_sa.FusedCleanPass.share_inputs
+
+    def spy(self, q, k, v):
+        original(self, q, k, v)
+        shared.append(self.q is q and self.k is k and self.v is v)
+
+    monkeypatch.setattr(cpu_sa.FusedCleanPass, "share_inputs", spy)
+    B, T, D = 2, 9, 8
+    projections = torch.nn.ModuleList(torch.nn.Linear(D, 3 * D) for _ in range(2)).double()
+
+    def loss():
+        x = _t(B, T, D, seed=3)
+        mask = torch.arange(T)[None, :] < torch.tensor([[T], [T - 4]])
+        for proj in projections:
+            q, k, v = proj(x).reshape(B, T, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+            o = fused_attn_at.perturbed_attention(q, k, v, mask, layer=proj, backend="cpu")
+            x = x + o.transpose(1, 2).reshape(B, T, D)
+        return x.square().mean()
+
+    fused_attn_at.SelfAttentionAT(projections, "at", eps=0.5).step(loss)
+    assert shared == [True, False]

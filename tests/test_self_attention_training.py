@@ -168,14 +168,31 @@ def test_layers_by_index_and_name(layers, chosen, names):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_records_are_freed_after_the_step():
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("kind", ["at", "iat"])
+def test_records_are_freed_after_the_step(kind, backend, monkeypatch):
+    """No record holds anything once the step is over: the reference's G and S, the fused backends' clean pass
+    (checked before the step ends too, so that the check cannot pass on records that never held anything)."""
+    if backend == "cpu":
+        require_backend("cpu")
+    monkeypatch.setenv("FUSED_ATTN_AT_BACKEND", backend)
     model = make_model()
     ids, mask, y = batch()
-    _, _, at = helper_step(model, ids, mask, y, "iat", 1.0, 1.0)
+    held = []
+    original = fused_attn_at.SelfAttentionAT.clear
+
+    def clear(self):
+        held.extend(r.grad is not None or r.scores is not None or r.fused is not None
+                    for r in self._records.values())
+        original(self)
+
+    monkeypatch.setattr(fused_attn_at.SelfAttentionAT, "clear", clear)
+    _, _, at = helper_step(model, ids, mask, y, kind, 1.0, 1.0)
+    assert held and all(held)
     assert at._records == {} and at._names == []
     gc.collect()
     alive = [o for o in gc.get_objects() if type(o) is fused_attn_at.CleanPassRecord
-             and (o.grad is not None or o.scores is not None)]
+             and (o.grad is not None or o.scores is not None or o.fused is not None)]
     assert alive == []
     assert not fused_attn_at.self_attention._INTERCEPTORS
 
