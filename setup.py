@@ -95,7 +95,7 @@ setup(
         # experiments/sweep.py --executor ray
         "cluster": ["ray>=2.9"],
         # fused_attn_at.hf: attn_implementation="fused_attn_at" (AttentionInterface + AttentionMaskInterface)
-        "transformers": ["transformers>=4.48"],
+        "transformers": ["transformers>=5.0"],  # fused_attn_at.hf: BERT-class models call AttentionInterface from 5.0
         # pytest-xdist: the suite runs on 2 workers (--dist loadfile: one file per worker, so module fixtures build once)
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "triton>=3.7", "ninja", "pybind11"],
     },

@@ -5,7 +5,8 @@
     at = fused_attn_at.SelfAttentionAT(model, "at", eps=1.0)
     step = at.step(lambda: model(**batch, labels=labels).loss)
 
-Needs the optional extra: pip install ".[transformers]" (transformers >= 4.48; the AttentionInterface API).
+Needs the optional extra: pip install ".[transformers]" (transformers >= 5.0, the first in which BERT-class models
+call the AttentionInterface; tested with 5.0.0 and 5.24.0).
 register() registers the attention function AND a mask builder for the same name (transformers' sdpa one, a
 bool [B, 1, Tq, Tk] mask, or None where the model may rely on is_causal): without a mask builder a custom
 implementation is handed attention_mask=None on padded batches and attends to the padding.
@@ -135,21 +136,30 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), attn
 
 
+# 5.0: every BERT-class model calls the AttentionInterface (4.53-4.57 had it and the mask interface, but BERT not)
+MIN_TRANSFORMERS_MAJOR = 5
+
+
+def _major(version: str) -> int:
+    try:
+        return int(version.split(".")[0])
+    except ValueError:
+        return 0
+
+
 def register(name: str = NAME) -> str:
     """Registers `name` (default "fused_attn_at") with transformers' AttentionInterface and, for its masks,
     AttentionMaskInterface (transformers' sdpa_mask). Idempotent. Returns the name for attn_implementation=."""
-    try:
-        from transformers import AttentionInterface
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("fused_attn_at.hf needs transformers with transformers.AttentionInterface: pip install "
-                          f"'fused_attn_at[transformers]' (or pip install 'transformers>=4.48'); {exc}") from exc
-    try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    import transformers
+
+    if _major(transformers.__version__) < MIN_TRANSFORMERS_MAJOR:
         raise ImportError(
-            f"fused_attn_at.hf needs transformers.masking_utils.AttentionMaskInterface, which transformers "
-            f"{getattr(__import__('transformers'), '__version__', '?')} lacks (without a mask builder a custom "
-            f"attention gets no mask on padded batches); upgrade: pip install -U transformers; {exc}") from exc
+            f"fused_attn_at.hf needs transformers >= {MIN_TRANSFORMERS_MAJOR}.0, found {transformers.__version__} "
+            "(before 5.0 BERT-class models keep their own attention classes and never call a registered "
+            "implementation): pip install 'fused_attn_at[transformers]' (or pip install -U transformers)")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, sdpa_mask)
     return name

@@ -279,17 +279,20 @@ def test_triton_nonfinite_scores_fail_on_the_gpu(mode):
 
 @needs_gpu
 def test_self_attention_seeds_from_a_cuda_generator():
-    """RP's noise and the dropout mask draw their kernel seeds from the call's generator, a CUDA one included: the
-    same generator state gives the same output, another state another one."""
+    """RP's noise draws its kernel seed from the call's generator, a CUDA one included; the dropout mask's seed
+    comes from the global CPU generator (as torch's dropout draws from the global state): the same states give
+    the same output, another state of either another one."""
     require_backend("triton", "cuda")
     q, k, v = (torch.randn(2, 2, 40, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(i))
                for i in range(3))
 
-    def call(seed):
+    def call(seed, global_seed=0):
+        torch.manual_seed(global_seed)
         return fused_attn_at.perturbed_attention(q, k, v, perturbation="rp", dropout_p=0.2, backend="triton",
                                                  generator=torch.Generator("cuda").manual_seed(seed))
 
     assert torch.equal(call(1), call(1)) and not torch.equal(call(1), call(2))
+    assert not torch.equal(call(1), call(1, global_seed=1))
 
 
 @needs_gpu

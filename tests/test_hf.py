@@ -94,6 +94,14 @@ def test_register_is_idempotent_and_registers_a_mask_builder():
     assert AttentionMaskInterface._global_mapping["fused_attn_at"] is sdpa_mask
 
 
+def test_register_refuses_transformers_before_5(monkeypatch):
+    """transformers 4.53-4.57 have both interfaces, but their BERT never calls a registered attention (a KeyError
+    at model build): register() says which version is needed instead."""
+    monkeypatch.setattr(transformers, "__version__", "4.57.0")
+    with pytest.raises(ImportError, match=r"needs transformers >= 5\.0, found 4\.57\.0"):
+        hf.register()
+
+
 @pytest.mark.parametrize("name,padding", [("bert", "right"), ("llama", "right"), ("llama", "left")])
 def test_no_perturbation_equals_eager_on_padded_batches(name, padding):
     ref, ours = pair(name)
