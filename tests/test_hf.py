@@ -365,3 +365,41 @@ def test_step_with_gradient_checkpointing_equals_step_without(name, use_reentran
     for n, g in plain_grads.items():
         if g is not None:
             torch.testing.assert_close(ckpt_grads[n], g, rtol=1e-9, atol=1e-11, msg=n)
+
+
+def test_readme_example_runs(capsys):
+    """The README's Hugging Face example, as written (a BERT in training mode, dropout 0.1, padded batch)."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Self-attention (Transformers)", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "attn_implementation=\"fused_attn_at\"" in code and "SelfAttentionAT" in code
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("L=")]
+    assert len(lines) == 3, lines
+    for line in lines:
+        fields = dict(part.split("=", 1) for part in line.split()[:3])
+        total, clean, adv = (float(fields[k]) for k in ("L", "clean", "adv"))
+        assert all(map(torch.isfinite, map(torch.tensor, (total, clean, adv))))
+        assert abs(total - (clean + adv)) < 1e-3  # lam = 1
+        assert "bert.encoder.layer.0.attention.self" in line and "bert.encoder.layer.1.attention.self" in line
+
+
+@pytest.mark.parametrize("kind", ["at", "iat", "rp"])
+def test_eps_zero_step_in_training_mode_replays_the_clean_pass(kind):
+    """A BERT with its default dropout 0.1 in training mode: at eps = 0 the adversarial loss equals the clean
+    loss exactly (the step replays the clean pass's dropout masks, hidden and attention), while two plain
+    forwards differ (dropout is on)."""
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=24, max_position_embeddings=32, num_labels=3)
+    assert cfg.attention_probs_dropout_prob == 0.1 and cfg.hidden_dropout_prob == 0.1
+    model = build(cfg, "fused_attn_at").train()
+    ids, mask, labels = inputs("bert")
+
+    def loss():
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    assert loss().item() != loss().item()
+    step = fused_attn_at.SelfAttentionAT(model, kind, eps=0.0).step(loss)
+    assert step.adversarial_loss == step.clean_loss

