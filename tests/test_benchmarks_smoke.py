@@ -419,3 +419,23 @@ def test_report_renders_the_self_attention_section(tmp_path):
     empty = report.load(_fake_json(tmp_path))
     assert report.sa_section(empty) == ["Not measured in this run (bench_self_attention.py).", ""]
     assert [r[3] for r in report.sa_goal_rows(empty)] == ["not measured"] * 3
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_iat_memory_script_runs(backend):
+    """benchmarks/iat_memory.py (the README's iAT memory numbers) at a tiny size: one line with the time and the
+    peak growth; with a 1000-byte iAT limit, the MemoryError line."""
+    import os
+    import re
+    import subprocess
+
+    if sys.platform != "linux":
+        pytest.skip("iat_memory.py reads /proc/self/status (Linux only)")
+    cmd = [sys.executable, str(BENCHMARKS / "iat_memory.py"), "--backend", backend, "--B", "3", "--heads", "2",
+           "--T", "9", "--d", "4"]
+    env = {k: v for k, v in os.environ.items() if k != "FUSED_ATTN_AT_IAT_MAX_BYTES"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=True).stdout
+    assert re.fullmatch(rf"{backend} B=3 nh=2 T=9 d=4: \d+\.\d\d s, peak growth -?\d+ MiB \(G itself 0 MiB\)\n", out), out
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True,
+                         env={**env, "FUSED_ATTN_AT_IAT_MAX_BYTES": "1000"}).stdout
+    assert out.startswith(f"{backend} B=3 nh=2 T=9 d=4: MemoryError:"), out
