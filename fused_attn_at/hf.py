@@ -6,7 +6,8 @@
     step = at.step(lambda: model(**batch, labels=labels).loss)
 
 Needs the optional extra: pip install ".[transformers]" (transformers >= 5.0, the first in which BERT-class models
-call the AttentionInterface; tested with 5.0.0 and 5.24.0).
+call the AttentionInterface; tested with 5.0.0 and 5.24.0). 4.53-4.x registers with a warning (decoders such as
+Llama call it there); older versions raise ImportError.
 register() registers the attention function AND a mask builder for the same name (transformers' sdpa one, a
 bool [B, 1, Tq, Tk] mask, or None where the model may rely on is_causal): without a mask builder a custom
 implementation is handed attention_mask=None on padded batches and attends to the padding.
@@ -16,7 +17,7 @@ average: such rows are padding, which no loss reads.
 """
 from __future__ import annotations
 
-import weakref
+import warnings
 
 import torch
 
@@ -84,23 +85,6 @@ def _as_key_mask(key_mask: torch.Tensor, allowed: torch.Tensor) -> bool | None:
     return None
 
 
-# one entry: a model passes the same mask tensor to every layer
-_MASK_CACHE: dict = {}
-
-
-def _plain_masks(attention_mask: torch.Tensor, key_mask: torch.Tensor, allowed: torch.Tensor) -> bool | None:
-    """_as_key_mask, computed once per mask tensor (and version) rather than once per layer."""
-    if attention_mask.is_inference():  # no version counter to tell an in-place change: no caching
-        return _as_key_mask(key_mask, allowed)
-    key = (id(attention_mask), attention_mask._version, tuple(attention_mask.shape), attention_mask.device)
-    hit = _MASK_CACHE.get("entry")
-    if hit is not None and hit[0] == key and hit[1]() is attention_mask:
-        return hit[2]
-    result = _as_key_mask(key_mask, allowed)
-    _MASK_CACHE["entry"] = (key, weakref.ref(attention_mask), result)
-    return result
-
-
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs):
@@ -120,7 +104,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         key, value = key[:, :, :Tq], value[:, :, :Tq]
     key_mask, attn_mask, bias = _masks_from_hf(attention_mask, B, query.dtype)
     if attn_mask is not None and bias is None and not torch.compiler.is_compiling():
-        plain = _plain_masks(attention_mask, key_mask, attn_mask)
+        # checked per call (a few passes over bools, far below the attention's cost): a cache keyed on the tensor
+        # would miss in-place writes that do not bump its version (.data, a shared numpy buffer)
+        plain = _as_key_mask(key_mask, attn_mask)
         if plain is not None:
             attn_mask, causal = None, plain
     position_bias = kwargs.get("position_bias")
@@ -136,15 +122,18 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), attn
 
 
-# 5.0: every BERT-class model calls the AttentionInterface (4.53-4.57 had it and the mask interface, but BERT not)
-MIN_TRANSFORMERS_MAJOR = 5
+# 4.53 brought the mask interface (without a mask builder a custom attention gets no mask on padded batches);
+# 5.0 made BERT-class encoders call the AttentionInterface (before, only decoders such as Llama did)
+MIN_TRANSFORMERS = (4, 53)
+ENCODERS_FROM = (5, 0)
 
 
-def _major(version: str) -> int:
+def _version(text: str) -> tuple[int, int]:
+    parts = (text.split(".") + ["0"])[:2]
     try:
-        return int(version.split(".")[0])
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
     except ValueError:
-        return 0
+        return 0, 0
 
 
 def register(name: str = NAME) -> str:
@@ -152,11 +141,17 @@ def register(name: str = NAME) -> str:
     AttentionMaskInterface (transformers' sdpa_mask). Idempotent. Returns the name for attn_implementation=."""
     import transformers
 
-    if _major(transformers.__version__) < MIN_TRANSFORMERS_MAJOR:
+    found = _version(transformers.__version__)
+    if found < MIN_TRANSFORMERS:
         raise ImportError(
-            f"fused_attn_at.hf needs transformers >= {MIN_TRANSFORMERS_MAJOR}.0, found {transformers.__version__} "
-            "(before 5.0 BERT-class models keep their own attention classes and never call a registered "
-            "implementation): pip install 'fused_attn_at[transformers]' (or pip install -U transformers)")
+            f"fused_attn_at.hf needs transformers >= 4.53 (its mask interface) and >= 5.0 for BERT-class models, "
+            f"found {transformers.__version__}: pip install 'fused_attn_at[transformers]' (or pip install -U "
+            "transformers)")
+    if found < ENCODERS_FROM:
+        warnings.warn(
+            f"transformers {transformers.__version__}: decoder models (Llama, Mistral, ...) call "
+            f"attn_implementation='{name}', but BERT-class encoders keep their own attention classes before 5.0 "
+            "and fail to build with it; pip install -U transformers for those", UserWarning, stacklevel=2)
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 

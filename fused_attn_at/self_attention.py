@@ -220,6 +220,7 @@ def perturbed_attention(
         def run(**overrides):
             return _perturbed_attention(q, k, v, key_mask, **{**kwargs, **overrides})
 
+        run.device = q.device  # where a generator for this call must live (the reference draws RP's noise there)
         return _INTERCEPTORS[-1](run, layer)
     return _perturbed_attention(q, k, v, key_mask, causal=causal, bias=bias, scale=scale, perturbation=perturbation,
                                 grad=grad, noise=noise, eps=eps, norm=norm, attn_mask=attn_mask,

@@ -102,8 +102,10 @@ class SelfAttentionAT:
         self._names: list[str] = []
         self._chosen: list[bool] = []
         self._records: dict[int, CleanPassRecord] = {}
+        self._layer_ids: list = []  # id() of each clean-pass call's layer= module (matches recomputed calls)
         self._generator_states: dict[int, torch.Tensor] = {}  # RP: the generator's state at each adversarial call
-        self._rp_generator: torch.Generator | None = None  # RP's generator in the current step
+        self._rp_seed = 0  # RP without a generator: the step's seed for its own generators, one per device
+        self._rp_generators: dict = {}
         self._module_names: dict[int, str] = {}
         self._devices: set = set()
 
@@ -149,9 +151,13 @@ class SelfAttentionAT:
     # -- the interceptor ---------------------------------------------------------------------------------
     def _recomputed_index(self, layer) -> int:
         """The forward call that an attention call made during a backward (activation checkpointing recomputes
-        the forward) repeats: the one call of the same `layer=` module."""
-        name = self._name(layer, -1) if isinstance(layer, (str, torch.nn.Module)) else None
-        hits = [i for i, n in enumerate(self._names) if n == name]
+        the forward) repeats: the one call of the same `layer=` module (or name)."""
+        if isinstance(layer, torch.nn.Module):  # by identity: a module outside `model` has no stable name
+            name = self._name(layer, -1)
+            hits = [i for i, m in enumerate(self._layer_ids) if m == id(layer)]
+        else:
+            name = layer if isinstance(layer, str) else None
+            hits = [i for i, n in enumerate(self._names) if n == name]
         if len(hits) != 1:
             raise RuntimeError(
                 f"an attention call ran during the backward ({self._phase}: activation checkpointing recomputes the "
@@ -164,7 +170,7 @@ class SelfAttentionAT:
         if not self._chosen[index]:
             return run()
         grad = None if self.perturbation == "rp" else self._records[index]
-        generator = self._rp_generator
+        generator = self._generator_for(getattr(run, "device", None)) if self.perturbation == "rp" else None
         if generator is not None:
             if recomputed:  # draw the forward call's seed again, from a copy at the state it found
                 generator = torch.Generator(device=generator.device)
@@ -173,6 +179,17 @@ class SelfAttentionAT:
                 self._generator_states[index] = generator.get_state()
         return run(perturbation=self.perturbation, grad=grad, eps=self.eps, norm=self.norm,
                    generator=generator, iat_max_bytes=self.iat_max_bytes)
+
+    def _generator_for(self, device) -> torch.Generator | None:
+        """RP's generator: the user's, else one of the step's own per device (the reference draws RP's noise on
+        the scores' device), seeded from the seed the step drew and the device."""
+        if self.generator is not None:
+            return self.generator
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device not in self._rp_generators:
+            seed = (self._rp_seed + 1_000_003 * (0 if device.index is None else device.index + 1)) % 2**63
+            self._rp_generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return self._rp_generators[device]
 
     def _intercept(self, run: Callable, layer):
         if self._phase == "clean backward":  # a recomputed clean call: as it ran, with the same record
@@ -188,6 +205,7 @@ class SelfAttentionAT:
             chosen = self._is_chosen(index, name)
             self._names.append(name)
             self._chosen.append(chosen)
+            self._layer_ids.append(id(layer) if isinstance(layer, torch.nn.Module) else None)
             if not chosen or self.perturbation == "rp":
                 return run()
             rec = CleanPassRecord(keep_scores=self.perturbation == "iat")
@@ -221,7 +239,7 @@ class SelfAttentionAT:
         for rec in self._records.values():
             rec.clear()
         self._records, self._names, self._chosen, self._generator_states = {}, [], [], {}
-        self._rp_generator = None
+        self._layer_ids, self._rp_generators = [], {}
 
     # -- the step ----------------------------------------------------------------------------------------
     def step(self, forward: Callable[[], Any]) -> SelfAttentionATStep:
@@ -236,11 +254,8 @@ class SelfAttentionAT:
             loss = loss.detach()
             return SelfAttentionATStep(loss, loss, None, out, None, ())
         devices = {p.device for p in self.model.parameters()} if self.model is not None else set()
-        self._rp_generator = self.generator if self.perturbation == "rp" else None
-        if self.perturbation == "rp" and self.generator is None:
-            device = min(devices, key=lambda d: (d.type == "cpu", str(d)), default=torch.device("cpu"))
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            self._rp_generator = torch.Generator(device=device).manual_seed(seed)
+        if self.perturbation == "rp" and self.generator is None:  # before the global state is saved
+            self._rp_seed = int(torch.randint(0, 2**62, (1,)).item())
         state = _rng_state(devices) if self.same_dropout else None
         try:
             with self._pass("clean"):

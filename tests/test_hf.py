@@ -94,11 +94,18 @@ def test_register_is_idempotent_and_registers_a_mask_builder():
     assert AttentionMaskInterface._global_mapping["fused_attn_at"] is sdpa_mask
 
 
-def test_register_refuses_transformers_before_5(monkeypatch):
-    """transformers 4.53-4.57 have both interfaces, but their BERT never calls a registered attention (a KeyError
-    at model build): register() says which version is needed instead."""
+def test_register_checks_the_transformers_version(monkeypatch):
+    """Before 4.53 (no mask interface) register() raises, naming the versions; 4.53-4.x registers with a warning
+    (their BERT never calls a registered attention: a KeyError at model build; their Llama does)."""
+    monkeypatch.setattr(transformers, "__version__", "4.52.4")
+    with pytest.raises(ImportError, match=r"needs transformers >= 4\.53 .* found 4\.52\.4"):
+        hf.register()
     monkeypatch.setattr(transformers, "__version__", "4.57.0")
-    with pytest.raises(ImportError, match=r"needs transformers >= 5\.0, found 4\.57\.0"):
+    with pytest.warns(UserWarning, match="BERT-class encoders keep their own attention classes before 5.0"):
+        assert hf.register() == "fused_attn_at"
+    monkeypatch.setattr(transformers, "__version__", "5.0.0.dev0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         hf.register()
 
 
@@ -166,8 +173,8 @@ def test_user_4d_masks_equal_sdpa(name, fmt, monkeypatch):
 
 def test_inference_mode_and_a_mask_changed_in_place():
     """Under torch.inference_mode (masks without a version counter) the answers are eager's; a user mask
-    changed in place between calls is read again (the per-mask cache keys on the tensor's version); against
-    sdpa, which takes bool 4D masks."""
+    changed in place between calls is read again, also through .data (which leaves the tensor's version as it
+    is); against sdpa, which takes bool 4D masks."""
     ref, ours = pair("bert", other="sdpa")
     ids, mask, _ = inputs("bert")
     with torch.inference_mode():
@@ -178,6 +185,9 @@ def test_inference_mode_and_a_mask_changed_in_place():
     with torch.no_grad():
         first = ours(input_ids=ids, attention_mask=m4).logits
         m4[0, 0, :, 1:3] = False  # now not key padding alone
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=m4).logits,
+                                   ref(input_ids=ids, attention_mask=m4).logits, rtol=1e-5, atol=1e-6)
+        m4.data[1, 0, :2, 0] = False  # the version counter does not move
         torch.testing.assert_close(ours(input_ids=ids, attention_mask=m4).logits,
                                    ref(input_ids=ids, attention_mask=m4).logits, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(first, ours(input_ids=ids, attention_mask=m4).logits)

@@ -247,6 +247,25 @@ def test_activation_checkpointing_gives_the_same_step(kind, backend, use_reentra
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["at", "rp"])
+def test_activation_checkpointing_without_the_model(kind):
+    """SelfAttentionAT(None, ...) (no model to name the layers by) matches a recomputed call to its forward call
+    by the module's identity: the step equals the one with the model given."""
+    ids, mask, y = batch()
+    losses, grads = [], []
+    for given in (True, False):
+        model = make_model(dropout=0.3)
+        model.train()
+        model.use_reentrant = False
+        torch.manual_seed(5)
+        at = fused_attn_at.SelfAttentionAT(model if given else None, kind, eps=0.8, lam=0.6)
+        losses.append(at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y)).loss)
+        grads.append([p.grad for p in model.parameters()])
+    assert losses[0] == losses[1]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_checkpointed_call_without_a_layer_module_raises():
     model = make_model()
     model.use_reentrant = False
