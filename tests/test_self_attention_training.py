@@ -229,6 +229,17 @@ def test_activation_checkpointing_gives_the_same_step(kind, backend, use_reentra
     the plain op and saved other tensors)."""
     if backend == "cpu":
         require_backend("cpu")
+    _checkpointed_equals_plain(kind, backend, use_reentrant, monkeypatch)
+
+
+@pytest.mark.parametrize("kind", ["at", "rp"])
+def test_activation_checkpointing_on_triton(kind, monkeypatch):
+    """As above on the triton backend (its interpreter here: one setting per kind, for time)."""
+    require_backend("triton")
+    _checkpointed_equals_plain(kind, "triton", False, monkeypatch)
+
+
+def _checkpointed_equals_plain(kind, backend, use_reentrant, monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_AT_BACKEND", backend)
     ids, mask, y = batch()
     results = []
