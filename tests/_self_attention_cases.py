@@ -414,3 +414,19 @@ def check_not_differentiable(ops, test_utils=None):
         assert not out.requires_grad, f"{op}: the output requires grad"
         kwargs = {} if test_utils is None else dict(test_utils=test_utils)
         torch.library.opcheck(op, args, **kwargs)
+
+
+def check_double_backward_raises(backend):
+    """A second derivative through a fused backend raises (plain call, and the clean call of an AT step), rather
+    than torch's fallback returning zeros for an op with no autograd kernel; the reference's is plain autograd."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 3, generator=gen, dtype=F64, requires_grad=True) for _ in range(3))
+    for record in (None, fused_attn_at.CleanPassRecord()):
+        out = fused_attn_at.perturbed_attention(q, k, v, backend=backend, record=record)
+        (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+        with pytest.raises(RuntimeError, match="has no second derivative"):
+            torch.autograd.grad(gq.square().sum(), v)
+    out = fused_attn_at.perturbed_attention(q, k, v, backend="reference")
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    (hv,) = torch.autograd.grad(gq.square().sum(), v)
+    assert hv.abs().max() > 0

@@ -676,3 +676,7 @@ def test_first_layer_record_shares_the_adversarial_inputs(monkeypatch):
 
     fused_attn_at.SelfAttentionAT(projections, "at", eps=0.5).step(loss)
     assert shared == [True, False]
+
+
+def test_double_backward_raises():
+    cases.check_double_backward_raises("cpu")

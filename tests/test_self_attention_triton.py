@@ -362,3 +362,7 @@ def test_random_calls_match_reference(kind):
 
 def test_mask_noise_and_rowsq_ops_are_not_differentiable():
     cases.check_not_differentiable(torch.ops.fused_attn_at_triton, OPCHECK_UTILS)
+
+
+def test_double_backward_raises():
+    cases.check_double_backward_raises("triton")

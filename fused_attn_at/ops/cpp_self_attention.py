@@ -116,6 +116,21 @@ def register_not_differentiable(op) -> None:
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
+def register_no_second_derivative(op) -> None:
+    """Autograd of a backward op (sa_bwd): under create_graph=True its outputs join the graph, and differentiating
+    them again raises. Without it torch's fallback for an op with no autograd kernel warns and returns zeros: a
+    gradient penalty would silently see a second derivative of 0."""
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError("perturbed_attention on the fused backends ('cpu', 'triton') has no second derivative "
+                           "(double backward, e.g. create_graph=True for a gradient penalty): use "
+                           "backend='reference', which is plain autograd")
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
 if AVAILABLE:
     _ops = torch.ops.fused_attn_at
 
@@ -146,6 +161,7 @@ if AVAILABLE:
 
     _sa_fwd_backward, _sa_fwd_setup = sa_fwd_autograd(lambda *a: _ops.sa_bwd(*a))
     torch.library.register_autograd("fused_attn_at::sa_fwd", _sa_fwd_backward, setup_context=_sa_fwd_setup)
+    register_no_second_derivative("fused_attn_at::sa_bwd")
     for _name in ("sa_rowsq", "sa_rp_noise", "sa_dropout_mask"):
         register_not_differentiable(f"fused_attn_at::{_name}")
 

@@ -57,6 +57,7 @@ from .cpp_self_attention import (
     FusedBackend,
     FusedCleanPass,
     clean_pass_function,
+    register_no_second_derivative,
     register_not_differentiable,
     run_fused,
     sa_fwd_autograd,
@@ -715,6 +716,7 @@ if AVAILABLE:
 
     _sa_fwd_backward, _sa_fwd_setup = sa_fwd_autograd(sa_bwd)
     sa_fwd.register_autograd(_sa_fwd_backward, setup_context=_sa_fwd_setup)
+    register_no_second_derivative(sa_bwd)
     for _op in (sa_rowsq, sa_rp_noise, sa_dropout_mask):
         register_not_differentiable(_op)
 
