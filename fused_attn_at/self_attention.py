@@ -40,7 +40,7 @@ class CleanPassRecord:
     need to recompute G block by block instead (`fused`). `clear()` frees it.
     """
 
-    __slots__ = ("grad", "scores", "keep_scores", "backward_done", "shape", "fused")
+    __slots__ = ("grad", "scores", "keep_scores", "backward_done", "shape", "fused", "call", "replaying")
 
     def __init__(self, keep_scores: bool = False):
         self.keep_scores = keep_scores  # iAT needs the clean S, AT and RP do not (the reference keeps it then)
@@ -51,13 +51,46 @@ class CleanPassRecord:
         # the cpu and triton backends: a FusedCleanPass (clean Q, K, V, O, log-sum-exp, bias; dO and G's row norms
         # after the backward), from which the adversarial call recomputes G block by block
         self.fused = None
+        # the clean call's (causal, scale, key_mask, attn_mask, query_mask): the adversarial call must match them,
+        # since G and the valid entries depend on them
+        self.call: tuple | None = None
+        # set by SelfAttentionAT for a call that activation checkpointing recomputes: that call may fill the
+        # record again (any other second clean call with the same record raises)
+        self.replaying = False
 
     def _set_grad(self, g: torch.Tensor) -> None:
         self.grad = g.detach() if self.grad is None else self.grad + g.detach()
 
     def clear(self) -> None:
-        self.grad = self.scores = self.fused = None
+        self.grad = self.scores = self.fused = self.call = None
         self.backward_done = False
+
+    def _begin_clean_call(self, call: tuple) -> None:
+        """Called by the op for a clean call with record=self: refuses a second clean call (the backends would
+        disagree on what it means) unless it is a recomputation of the first, and keeps the call's settings."""
+        if self.call is not None and not self.replaying:
+            raise ValueError("this CleanPassRecord already holds a clean call: pass a fresh CleanPassRecord (or "
+                             "one cleared with clear()) to each clean call")
+        self.replaying = False
+        self.call = call
+
+    def check_call(self, call: tuple, shape: tuple) -> None:
+        """ValueError unless an adversarial call's (causal, scale, key_mask, attn_mask, query_mask) are the clean
+        call's: G is recomputed (fused backends) and normalised over the valid entries with them."""
+        if self.call is None:
+            return
+        if self.shape is not None:
+            self.check_shape(shape)  # the clearer message when the call is another layer's
+        names = ("causal", "scale", "key_mask", "attn_mask", "query_mask")
+        for name, mine, theirs in zip(names, self.call, call):
+            if isinstance(mine, torch.Tensor) or isinstance(theirs, torch.Tensor):
+                same = (isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor)
+                        and mine.shape == theirs.shape and mine.device == theirs.device and torch.equal(mine, theirs))
+            else:
+                same = mine == theirs
+            if not same:
+                raise ValueError(f"{name} differs from the clean call this CleanPassRecord holds: the adversarial "
+                                 "call must use the clean call's causal, scale and masks")
 
     def gradient(self) -> torch.Tensor:
         """G of the clean pass; zeros when the backward ran but reached no score of this call."""
@@ -240,9 +273,22 @@ def _perturbed_attention(q, k, v, key_mask=None, *, causal=False, bias=None, sca
                                 query_mask=query_mask, dropout_p=dropout_p, grad_is_tensor=not is_record)
     if record is not None and not isinstance(record, CleanPassRecord):
         raise TypeError(f"record must be a fused_attn_at.CleanPassRecord, got {type(record).__name__}")
+    if record is not None or is_record:
+        # the settings G and the valid entries depend on (the default scale as the number it stands for)
+        call = (bool(causal), float(q.shape[-1] ** -0.5 if scale is None else scale), key_mask, attn_mask,
+                query_mask)
+        if record is not None:
+            if perturbation is not None:
+                raise ValueError("record= is for the clean call of an AT step (perturbation=None); pass the record "
+                                 "as grad= to the adversarial call")
+            record._begin_clean_call(call)
+        else:
+            grad.check_call(call, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
     out, attention = impl.perturbed_attention(
         q, k, v, key_mask, causal, bias, scale, perturbation, grad, noise, float(eps), norm, attn_mask, query_mask,
         float(dropout_p), generator, record, iat_max_bytes)
+    if record is not None:
+        record.call = call  # a backend may have cleared the record before filling it
     return SelfAttentionOutput(out, attention) if return_attention else out
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
+import warnings
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -91,7 +93,16 @@ class SelfAttentionAT:
             raise ValueError(f"norm must be 'example' or 'row', got {norm!r}")
         if isinstance(layers, (int, str)):
             layers = [layers]
+        if layers is not None and not isinstance(layers, Iterable):
+            raise ValueError(f"layers must be None, a call index, a name/pattern or an iterable of them, got "
+                             f"{layers!r}")
         self.layers = None if layers is None else list(layers)
+        if self.layers == []:
+            raise ValueError("layers=[] chooses no attention call (the adversarial pass would be the clean pass "
+                             "again): pass None for every call")
+        for name, value in (("eps", eps), ("lam", lam)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         for sel in self.layers or ():
             if isinstance(sel, bool) or not isinstance(sel, (int, str)) or (isinstance(sel, int) and sel < 0):
                 raise ValueError(f"layers must hold call indices >= 0 or names/patterns, got {sel!r}")
@@ -195,7 +206,10 @@ class SelfAttentionAT:
         if self._phase == "clean backward":  # a recomputed clean call: as it ran, with the same record
             index = self._recomputed_index(layer)
             rec = self._records.get(index)
-            return run() if rec is None else run(record=rec)
+            if rec is None:
+                return run()
+            rec.replaying = True
+            return run(record=rec)
         if self._phase == "adversarial backward":
             return self._adversarial_call(run, self._recomputed_index(layer), recomputed=True)
         index = self._count
@@ -248,6 +262,9 @@ class SelfAttentionAT:
         loss, or (loss, output). Returns the detached losses, the outputs and the perturbed layers' names."""
         self.clear()
         self._refresh_names()
+        if not torch.is_grad_enabled():
+            raise RuntimeError("SelfAttentionAT.step back-propagates two losses: call it with gradients enabled "
+                               "(not under torch.no_grad() or torch.inference_mode())")
         if self.perturbation is None:
             loss, out = _split(forward())
             loss.backward()
@@ -267,6 +284,9 @@ class SelfAttentionAT:
             self._check_selection()
             with self._no_sync(), self._pass("clean backward"):
                 clean_loss.backward()
+            if self._records and not any(rec.has_gradient() for rec in self._records.values()):
+                warnings.warn(f"the clean loss reached none of the perturbed attention calls' scores ({self._names}): "
+                              "G = 0 and r = 0 in every layer, so L_adv = L_clean", RuntimeWarning, stacklevel=2)
             for rec in self._records.values():
                 rec.mark_backward_done()
                 if rec.fused is not None:

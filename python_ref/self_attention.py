@@ -98,6 +98,8 @@ def check_self_attention_inputs(q, k, v, key_mask=None, *, causal=False, bias=No
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not 0 < scale < math.inf):
         raise ValueError(f"scale must be None (1/sqrt(d)) or a finite number > 0, got {scale!r}")
+    if scale is None and q.shape[-1] == 0:
+        raise ValueError("q has d = 0 features, so the default scale 1/sqrt(d) is undefined: pass scale=")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if norm not in NORMS:
@@ -180,13 +182,18 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 def iat_max_bytes(limit: int | None = None) -> int:
     """The byte limit of the materialising iAT: `limit`, else $FUSED_ATTN_AT_IAT_MAX_BYTES, else 2 GiB."""
     if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 <= limit < math.inf:
+            raise ValueError(f"iat_max_bytes must be None or a number of bytes >= 0, got {limit!r}")
         return int(limit)
     text = os.environ.get(IAT_MAX_BYTES_ENV)
     if text:
         try:
-            return int(float(text))
+            value = float(text)
         except ValueError:
-            raise ValueError(f"{IAT_MAX_BYTES_ENV}={text!r}: expected a number of bytes") from None
+            value = -1.0
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{IAT_MAX_BYTES_ENV}={text!r}: expected a number of bytes >= 0")
+        return int(value)
     return IAT_MAX_BYTES_DEFAULT
 
 

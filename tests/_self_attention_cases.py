@@ -430,3 +430,69 @@ def check_double_backward_raises(backend):
     (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     (hv,) = torch.autograd.grad(gq.square().sum(), v)
     assert hv.abs().max() > 0
+
+
+def check_record_misuse_raises(backend):
+    """Uses of a CleanPassRecord that would give a wrong G (or a silently dropped perturbation) raise, naming what
+    is wrong: record= with a perturbation; a second clean call into one record; an adversarial call whose causal,
+    scale or masks differ from the clean call's; (fused backends) a clean tensor changed in place before the
+    adversarial call."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 2, 5, 3, generator=gen, dtype=F64, requires_grad=True) for _ in range(3))
+    key_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    op = fused_attn_at.perturbed_attention
+    with pytest.raises(ValueError, match="record= is for the clean call"):
+        op(q, k, v, key_mask, perturbation="at", grad=torch.zeros(2, 2, 5, 5, dtype=F64),
+           record=fused_attn_at.CleanPassRecord(), backend=backend)
+
+    def filled(**kw):
+        rec = fused_attn_at.CleanPassRecord(keep_scores=True)
+        out = op(q, k, v, key_mask, record=rec, backend=backend, **kw)
+        out.square().sum().backward()
+        rec.mark_backward_done()
+        return rec
+
+    rec = fused_attn_at.CleanPassRecord()
+    op(q, k, v, key_mask, record=rec, backend=backend)
+    with pytest.raises(ValueError, match="already holds a clean call"):
+        op(q, k, v, key_mask, record=rec, backend=backend)
+    other_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    attn_mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    for clean, adversarial, name in (
+            (dict(causal=True), {}, "causal"), (dict(scale=0.3), {}, "scale"), ({}, dict(scale=0.3), "scale"),
+            ({}, dict(key_mask=other_mask), "key_mask"), (dict(attn_mask=attn_mask), {}, "attn_mask"),
+            ({}, dict(query_mask=key_mask), "query_mask")):
+        for kind in ("at", "iat"):
+            rec = filled(**clean)
+            kw = {"key_mask": key_mask, **adversarial}
+            with pytest.raises(ValueError, match=f"^{name} differs from the clean call"):
+                op(q, k, v, kw.pop("key_mask"), perturbation=kind, grad=rec, backend=backend, **kw)
+    rec = filled(scale=3 ** -0.5)  # the default scale, given as a number: the same call
+    op(q, k, v, key_mask, perturbation="at", grad=rec, backend=backend)
+    if backend != "reference":  # a fused record holds the clean call's tensors, in its kernel dtype
+        rec = filled()
+        with pytest.raises(TypeError, match="filled by a clean call computing in torch.float64"):
+            op(q.float(), k.float(), v.float(), key_mask, perturbation="at", grad=rec, backend=backend)
+    if backend != "reference":  # the reference's record holds G itself, not the clean tensors
+        for kind in ("at", "iat"):
+            rec = filled()
+            with torch.no_grad():
+                k.mul_(1.0)  # an in-place write (the values do not even change)
+            with pytest.raises(RuntimeError, match="the clean call's k changed in place"):
+                op(q, k, v, key_mask, perturbation=kind, grad=rec, backend=backend)
+
+
+def check_input_validation(backend):
+    """d = 0 needs an explicit scale; iat_max_bytes must be a number of bytes >= 0."""
+    z = torch.zeros(1, 1, 2, 0, dtype=F64)
+    v = torch.randn(1, 1, 2, 3, dtype=F64)
+    with pytest.raises(ValueError, match="d = 0 features"):
+        fused_attn_at.perturbed_attention(z, z, v, backend=backend)
+    out = fused_attn_at.perturbed_attention(z, z, v, scale=1.0, backend=backend)
+    torch.testing.assert_close(out, v.mean(2, keepdim=True).expand(1, 1, 2, 3))
+    q = torch.randn(2, 1, 3, 2, dtype=F64)
+    G = torch.randn(2, 1, 3, 3, dtype=F64)
+    for bad in (-1, "1e9", float("nan"), True):
+        with pytest.raises(ValueError, match="iat_max_bytes must be None or a number of bytes >= 0"):
+            fused_attn_at.perturbed_attention(q, q, q, perturbation="iat", grad=G, iat_max_bytes=bad,
+                                              backend=backend)

@@ -680,3 +680,11 @@ def test_first_layer_record_shares_the_adversarial_inputs(monkeypatch):
 
 def test_double_backward_raises():
     cases.check_double_backward_raises("cpu")
+
+
+def test_record_misuse_raises():
+    cases.check_record_misuse_raises("cpu")
+
+
+def test_input_validation():
+    cases.check_input_validation("cpu")

@@ -406,3 +406,11 @@ def test_fused_backends_not_built_yet(backend):
     with pytest.raises(ValueError, match="backend must be None, 'cpu', 'triton' or 'reference'"):
         fused_attn_at.perturbed_attention(q, k, v, backend="flash")
     fused_attn_at.perturbed_attention(q, k, v, backend="reference")
+
+
+def test_record_misuse_raises():
+    cases.check_record_misuse_raises("reference")
+
+
+def test_input_validation():
+    cases.check_input_validation("reference")

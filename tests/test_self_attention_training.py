@@ -178,12 +178,13 @@ def test_records_are_freed_after_the_step(kind, backend, monkeypatch):
     monkeypatch.setenv("FUSED_ATTN_AT_BACKEND", backend)
     model = make_model()
     ids, mask, y = batch()
-    held = []
+    held, records = [], []
     original = fused_attn_at.SelfAttentionAT.clear
 
     def clear(self):
         held.extend(r.grad is not None or r.scores is not None or r.fused is not None
                     for r in self._records.values())
+        records.extend(self._records.values())
         original(self)
 
     monkeypatch.setattr(fused_attn_at.SelfAttentionAT, "clear", clear)
@@ -191,9 +192,7 @@ def test_records_are_freed_after_the_step(kind, backend, monkeypatch):
     assert held and all(held)
     assert at._records == {} and at._names == []
     gc.collect()
-    alive = [o for o in gc.get_objects() if type(o) is fused_attn_at.CleanPassRecord
-             and (o.grad is not None or o.scores is not None or o.fused is not None)]
-    assert alive == []
+    assert all(r.grad is None and r.scores is None and r.fused is None for r in records)
     assert not fused_attn_at.self_attention._INTERCEPTORS
 
 
@@ -303,6 +302,32 @@ def test_errors():
         fused_attn_at.SelfAttentionAT(model, "word_at")
     with pytest.raises(ValueError, match="layers must hold"):
         fused_attn_at.SelfAttentionAT(model, "at", layers=[-1])
+    with pytest.raises(ValueError, match="layers must be None, a call index"):
+        fused_attn_at.SelfAttentionAT(model, "at", layers=1.0)
+    with pytest.raises(ValueError, match=r"layers=\[\] chooses no attention call"):
+        fused_attn_at.SelfAttentionAT(model, "at", layers=[])
+    for name, bad in (("eps", -1.0), ("lam", float("nan")), ("lam", "a"), ("eps", True)):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+            fused_attn_at.SelfAttentionAT(model, "at", **{name: bad})
+    at = fused_attn_at.SelfAttentionAT(model, "at")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="call it with gradients enabled"):
+        at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y))
+    assert not fused_attn_at.self_attention._INTERCEPTORS
+
+
+@pytest.mark.parametrize("kind", ["at", "iat"])
+def test_a_loss_that_reaches_no_perturbed_layer_warns(kind):
+    """If the clean loss does not depend on any perturbed call's scores, r = 0 everywhere and L_adv = L_clean:
+    the step says so (a loss computed from a detached output, a frozen encoder)."""
+    model = make_model()
+    ids, mask, y = batch()
+    at = fused_attn_at.SelfAttentionAT(model, kind)
+    with pytest.warns(RuntimeWarning, match="reached none of the perturbed attention calls"):
+        step = at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask).detach().requires_grad_(), y))
+    assert step.adversarial_loss == step.clean_loss
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        at.step(lambda: torch.nn.functional.cross_entropy(model(ids, mask), y))
 
 
 DDP_SCRIPT = r"""

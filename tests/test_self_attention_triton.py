@@ -366,3 +366,11 @@ def test_mask_noise_and_rowsq_ops_are_not_differentiable():
 
 def test_double_backward_raises():
     cases.check_double_backward_raises("triton")
+
+
+def test_record_misuse_raises():
+    cases.check_record_misuse_raises("triton")
+
+
+def test_input_validation():
+    cases.check_input_validation("triton")

@@ -186,11 +186,14 @@ class FusedCleanPass:
     cbias); co may be O [B, nh, Tq, dv] or delta [B, nh, Tq]."""
 
     __slots__ = ("q", "k", "v", "out", "lse", "bias", "key_mask", "causal", "scale", "dout", "gsq", "delta",
-                 "share", "dropout")
+                 "share", "dropout", "versions")
 
     def __init__(self, q, k, v, out, lse, bias, key_mask, causal, scale, dropout=(0.0, 0)):
         self.q, self.k, self.v, self.out, self.lse = q, k, v, out, lse
         self.bias, self.key_mask, self.causal, self.scale = bias, key_mask, causal, scale
+        # the record keeps the clean call's tensors, not copies: an in-place change of one before the adversarial
+        # call (an optimizer step, a model's own in-place op) would silently change G, so it is detected
+        self.versions = self._versions()
         self.dropout = dropout  # (dropout_p, dropout_seed) of the clean call: G sees its mask
         self.dout = self.gsq = self.delta = None
         # set by an owner that uses the record for one adversarial call and then frees it (SelfAttentionAT):
@@ -204,8 +207,26 @@ class FusedCleanPass:
             self.dout, self.delta, self.gsq = self.dout + dout, self.delta + delta, None
         self.out = None  # G needs O only through delta
 
+    def _versions(self) -> tuple:
+        def version(x):
+            if x is None or x.is_inference():  # an inference tensor has no version counter (and no backward)
+                return None
+            return x._version
+
+        return tuple(version(x) for x in (self.q, self.k, self.v, self.bias, self.key_mask))
+
+    def check_unchanged(self) -> None:
+        """RuntimeError when a clean-call tensor the record holds was changed in place since the clean call."""
+        if self._versions() != self.versions:
+            changed = [name for name, a, b in zip(("q", "k", "v", "bias", "key_mask"), self._versions(),
+                                                   self.versions) if a != b]
+            raise RuntimeError(f"the clean call's {', '.join(changed)} changed in place after the clean call (e.g. "
+                               "an optimizer step between the clean and the adversarial call): the CleanPassRecord "
+                               "keeps those tensors, not copies, and would give another G")
+
     def row_sq_norms(self) -> torch.Tensor:
         """sum_j G[b, h, i, j]^2, [B, nh, Tq]."""
+        self.check_unchanged()
         if self.gsq is None:
             with torch.no_grad():
                 self.gsq = self._sa_bwd(self.dout, self.q, self.k, self.v, self.delta, self.lse, self.key_mask,
@@ -224,6 +245,7 @@ class FusedCleanPass:
         return dropout_mask(q, k, dropout_p, dropout_seed)
 
     def clean_args(self) -> tuple:
+        self.check_unchanged()
         return (self.q, self.k, self.v, self.delta, self.dout, self.lse, self.bias)
 
     def share_inputs(self, q, k, v) -> None:
@@ -236,10 +258,13 @@ class FusedCleanPass:
         same = all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
                    for a, b in ((self.q, q), (self.k, k), (self.v, v)))
         if same:
+            self.check_unchanged()
             self.q, self.k, self.v = q, k, v
+            self.versions = self._versions()
 
     def scores(self) -> torch.Tensor:
         """The clean scores S = scale Q K^T + bias [B, nh, Tq, Tk] materialised (iAT's other input)."""
+        self.check_unchanged()
         with torch.no_grad():
             return _scores(self.q, self.k, self.bias, self.scale)
 
@@ -247,6 +272,7 @@ class FusedCleanPass:
         """G [B, nh, Tq, Tk] materialised (for a consumer that wants the map: the reference backend, iAT), or
         (S, G) with_scores (S is formed on the way). In place where it can: every map here is as large as the
         attention, and a fresh one faults its pages in."""
+        self.check_unchanged()
         with torch.no_grad():
             s = _scores(self.q, self.k, self.bias, self.scale)
             acc = torch.promote_types(s.dtype, self.lse.dtype)  # half inputs: the softmax statistics' float32
@@ -413,6 +439,9 @@ def run_fused(impl: FusedBackend, q, k, v, key_mask, causal, bias, scale, kind, 
                                        "adversarial call")
                 # the clean loss does not depend on this call: G = 0, r = 0
             else:
+                if fused.q.dtype != qc.dtype:
+                    raise TypeError(f"the CleanPassRecord was filled by a clean call computing in {fused.q.dtype}; "
+                                    f"this adversarial call computes in {qc.dtype}: run both calls in one dtype")
                 fused.share_inputs(qc.detach(), kc.detach(), vc.detach())
                 pkind, rows, clean = KIND_CLEAN, fused.row_sq_norms(), fused.clean_args()
                 clean_dropout = fused.dropout
