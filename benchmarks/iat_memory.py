@@ -5,6 +5,8 @@ process: the README's "MiniLM-like" iAT numbers (B=32, 12 heads, d=32; T=64 and 
     MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 python benchmarks/iat_memory.py --backend cpu --T 64
     MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 python benchmarks/iat_memory.py --backend reference --T 64
 
+    python benchmarks/iat_memory.py --B 2 --heads 4 --T 1024 --d 64 --repeat 7 [--heap]   # the forward's time
+
 Prints the growth of the peak resident set (VmHWM in /proc/self/status, Linux) over the call, with glibc's mmap
 threshold fixed as above so that it follows the live bytes (bench_self_attention.py's LIVE_BYTES_ENV), and the
 wall time; a MemoryError (the iAT byte limit, FUSED_ATTN_AT_IAT_MAX_BYTES) is printed as such. One thread.
@@ -34,8 +36,16 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--T", type=int, default=64)
     parser.add_argument("--d", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=0, metavar="N",
+                        help="then time N more forward calls (the same call again: its maps' sizes recur) and print "
+                             "their median")
+    parser.add_argument("--heap", action="store_true",
+                        help="fused_attn_at.cpu_allocator.tune_glibc_malloc(mmap_max=0) first: blocks of any size "
+                             "come from glibc's heap and are reused, instead of fresh mmaps that fault their pages in")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.heap and not fused_attn_at.cpu_allocator.tune_glibc_malloc(mmap_max=0):
+        print("--heap: the C library is not glibc; nothing changed")
     gen = torch.Generator().manual_seed(0)
     B, nh, T, d = args.B, args.heads, args.T, args.d
     q, k, v = (torch.randn(B, nh, T, d, generator=gen, requires_grad=True) for _ in range(3))
@@ -52,6 +62,15 @@ def main(argv=None) -> int:
         return 0
     print(f"{where}: {time.perf_counter() - start:.2f} s, peak growth {peak_mib() - before:.0f} MiB "
           f"(G itself {G.numel() * 4 / 2**20:.0f} MiB)")
+    if args.repeat > 0:
+        times = []
+        with torch.no_grad():
+            for _ in range(args.repeat):
+                start = time.perf_counter()
+                fused_attn_at.perturbed_attention(q, k, v, key_mask, perturbation="iat", grad=G, backend=args.backend)
+                times.append(time.perf_counter() - start)
+        print(f"{where}: forward median {1e3 * sorted(times)[len(times) // 2]:.0f} ms over {args.repeat} calls"
+              f"{' (heap)' if args.heap else ''}")
     return 0
 
 

@@ -436,6 +436,9 @@ def test_iat_memory_script_runs(backend):
     env = {k: v for k, v in os.environ.items() if k != "FUSED_ATTN_AT_IAT_MAX_BYTES"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=True).stdout
     assert re.fullmatch(rf"{backend} B=3 nh=2 T=9 d=4: \d+\.\d\d s, peak growth -?\d+ MiB \(G itself 0 MiB\)\n", out), out
+    out = subprocess.run(cmd + ["--repeat", "3", "--heap"], capture_output=True, text=True, timeout=300, env=env,
+                         check=True).stdout
+    assert re.search(rf"{backend} B=3 nh=2 T=9 d=4: forward median \d+ ms over 3 calls \(heap\)\n$", out), out
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True,
                          env={**env, "FUSED_ATTN_AT_IAT_MAX_BYTES": "1000"}).stdout
     assert out.startswith(f"{backend} B=3 nh=2 T=9 d=4: MemoryError:"), out
